@@ -1,0 +1,88 @@
+"""The ``onnxslim`` command line: a thin click layer over the Python API.
+
+Commands live in one module per area and are imported only when invoked, so ``onnxslim slim`` never
+pays for importing torch. Errors the user can cause are :class:`~onnxslim.errors.OnnxSlimError`: they
+print one line and exit with code 2 (click's own usage errors use 2 as well); ``check`` uses 1 for a
+failed gate.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from onnxslim import __version__
+from onnxslim.errors import OnnxSlimError
+
+# command name -> "module:attribute"; one module per area so that areas never edit the same file
+_COMMANDS = {
+    "run": "onnxslim.cli.training_cmds:run",
+    "train": "onnxslim.cli.training_cmds:train",
+    "export": "onnxslim.cli.training_cmds:export",
+    "slim": "onnxslim.cli.graph_cmds:slim",
+    "prune": "onnxslim.cli.graph_cmds:prune",
+    "inspect": "onnxslim.cli.graph_cmds:inspect",
+    "bench": "onnxslim.cli.validate_cmds:bench",
+    "check": "onnxslim.cli.validate_cmds:check",
+}
+
+_SUMMARIES = {
+    "run": "Run a recipe end to end: train, mask-train, export, slim, validate, report.",
+    "train": "Train a zoo model with channel masks and a sparsity method.",
+    "export": "Export a trained checkpoint to ONNX with masks as per-channel Mul nodes.",
+    "slim": "Delete provably-zero channels from an ONNX model (exactly equivalent output).",
+    "prune": "Choose channels to remove by a criterion on any ONNX model, then slim.",
+    "inspect": "Show channels, coupled groups, zero channels and barriers of an ONNX model.",
+    "bench": "Measure onnxruntime latency of one or more models (interleaved A/B rounds).",
+    "check": "CI gate: compare a candidate model with a reference; exit 1 when a threshold fails.",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = _COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            return _unavailable(name, module_name)
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # the summaries are static so that `onnxslim --help` does not import every command module
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, _SUMMARIES[name]) for name in _COMMANDS])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OnnxSlimError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _unavailable(name: str, module_name: str) -> click.Command:
+    @click.command(name=name, help=_SUMMARIES[name], context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        raise OnnxSlimError(f"command '{name}' is not available in this build ({module_name} is missing)")
+
+    return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxslim")
+def main() -> None:
+    """onnxslim: physically remove masked channels from CNNs and prove the result is equivalent.
+
+    Note: an unrelated ONNX simplifier on PyPI also installs an `onnxslim` command; use a separate
+    virtual environment.
+    """

@@ -1,0 +1,176 @@
+"""Datasets as plain numpy arrays, usable by PyTorch training and onnxruntime validation alike.
+
+Sources (see :func:`load_dataset` for the spec strings):
+
+* ``mnist`` — the bundled MNIST-10k (10,000 real digits, provenance in ``onnxslim/datasets/README.md``),
+  with a deterministic shuffled train/test split; ``mnist:32`` pads the 28x28 digits to 32x32.
+* ``path/to/arrays.npz`` — arrays ``images`` (N,H,W), (N,H,W,C) or (N,C,H,W) and ``labels`` (N,) or
+  per-pixel (N,H,W).
+* ``path/to/folder`` — ImageFolder layout: one sub-folder per class holding image files.
+* ``synthetic:1,3,224,224`` — random inputs with zero labels, for latency only.
+
+Images come out as float32 NCHW, scaled to [0, 1] and then normalised with the dataset's mean/std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from onnxslim.errors import OnnxSlimError
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+    """Preprocessed inputs ``images`` (N,C,H,W float32) and ``labels`` ((N,) or (N,H,W) int64)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise OnnxSlimError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.labels.ndim == 3
+
+    def subset(self, count: int | None) -> ArrayDataset:
+        """The first ``count`` samples (all when ``count`` is None)."""
+        if count is None or count >= len(self):
+            return self
+        return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count])
+
+    def batches(self, batch_size: int):
+        """Yield ``(images, labels)`` slices in order."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+
+
+def load_mnist10k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits as stored: uint8 images (10000, 28, 28) and uint8 labels (10000,)."""
+    with resources.files("onnxslim.datasets").joinpath("mnist10k.npz").open("rb") as handle:
+        with np.load(handle) as arrays:
+            return arrays["images"], arrays["labels"]
+
+
+def mnist_split(size: int = 28, test_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """Deterministic shuffled train/test split of MNIST-10k (the file is sorted by digit).
+
+    ``size`` > 28 zero-pads the digits symmetrically (32 for CIFAR-style networks).
+    """
+    images, labels = load_mnist10k_raw()
+    order = np.random.default_rng(seed).permutation(len(images))
+    images, labels = images[order], labels[order]
+    if size < 28:
+        raise OnnxSlimError(f"mnist size must be >= 28, got {size}")
+    if size > 28:
+        before = (size - 28) // 2
+        images = np.pad(images, ((0, 0), (before, size - 28 - before), (before, size - 28 - before)))
+    x = ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None]
+    y = labels.astype(np.int64)
+    n_test = int(round(len(x) * test_fraction))
+    names = tuple(str(d) for d in range(10))
+    train = ArrayDataset(x[n_test:], y[n_test:], 10, f"mnist10k-train({size}px)", names)
+    test = ArrayDataset(x[:n_test], y[:n_test], 10, f"mnist10k-test({size}px)", names)
+    return train, test
+
+
+def load_npz(path: str | Path, mean: float | None = None, std: float | None = None) -> ArrayDataset:
+    """Arrays ``images`` and ``labels`` from an ``.npz``; uint8 images are scaled to [0, 1]."""
+    path = Path(path)
+    try:
+        with np.load(path) as arrays:
+            if "images" not in arrays or "labels" not in arrays:
+                raise OnnxSlimError(f"{path}: expected arrays 'images' and 'labels', found {sorted(arrays)}")
+            images, labels = arrays["images"], arrays["labels"]
+    except (OSError, ValueError) as exc:
+        raise OnnxSlimError(f"{path}: not a readable .npz file ({exc})") from None
+    x = _to_nchw_float(images, path)
+    if mean is not None and std is not None:
+        x = (x - np.float32(mean)) / np.float32(std)
+    y = labels.astype(np.int64)
+    num_classes = int(y.max()) + 1 if y.size else 0
+    return ArrayDataset(x, y, num_classes, path.name)
+
+
+def load_image_folder(path: str | Path, size: tuple[int, int] | None = None, grayscale: bool = False,
+                      mean: float | None = None, std: float | None = None) -> ArrayDataset:
+    """ImageFolder layout: ``path/<class>/<image>``; classes sorted by name, images resized to ``size``."""
+    from PIL import Image  # pillow ships with matplotlib; only needed for this loader
+
+    root = Path(path)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise OnnxSlimError(f"{root}: no class sub-folders (expected ImageFolder layout root/<class>/<image>)")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            with Image.open(file) as img:
+                img = img.convert("L" if grayscale else "RGB")
+                if size is not None:
+                    img = img.resize((size[1], size[0]), Image.BILINEAR)
+                images.append(np.asarray(img))
+            labels.append(index)
+    if not images:
+        raise OnnxSlimError(f"{root}: no image files found under the class folders")
+    if len({a.shape for a in images}) > 1:
+        raise OnnxSlimError(f"{root}: images have different sizes; pass a size to resize them")
+    x = _to_nchw_float(np.stack(images), root)
+    if mean is not None and std is not None:
+        x = (x - np.float32(mean)) / np.float32(std)
+    return ArrayDataset(x, np.asarray(labels, np.int64), len(classes), root.name, tuple(classes))
+
+
+def synthetic(shape: tuple[int, ...], seed: int = 0) -> ArrayDataset:
+    """Random normal inputs of ``shape`` (N,C,H,W) with zero labels: for latency measurements only."""
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return ArrayDataset(x, np.zeros(shape[0], np.int64), 1, "synthetic")
+
+
+def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
+    """Resolve a dataset spec string: ``mnist``, ``mnist:32``, ``synthetic:N,C,H,W``, ``x.npz`` or a folder."""
+    if spec == "mnist" or spec.startswith("mnist:"):
+        size = int(spec.split(":", 1)[1]) if ":" in spec else 28
+        train, test = mnist_split(size=size, seed=seed)
+        if split not in ("train", "test"):
+            raise OnnxSlimError(f"unknown split {split!r} (use train or test)")
+        return train if split == "train" else test
+    if spec.startswith("synthetic:"):
+        try:
+            shape = tuple(int(v) for v in spec.split(":", 1)[1].split(","))
+        except ValueError:
+            raise OnnxSlimError(f"bad synthetic spec {spec!r}; expected synthetic:N,C,H,W") from None
+        return synthetic(shape, seed)
+    path = Path(spec)
+    if not path.exists():
+        raise OnnxSlimError(f"dataset not found: {spec} (use mnist, mnist:32, synthetic:N,C,H,W, an .npz or a folder)")
+    if path.is_dir():
+        return load_image_folder(path)
+    return load_npz(path)
+
+
+def _to_nchw_float(images: np.ndarray, source: object) -> np.ndarray:
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim != 4:
+        raise OnnxSlimError(f"{source}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(images, dtype=np.float32)
