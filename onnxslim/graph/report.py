@@ -1,0 +1,80 @@
+"""What a slim run did: per-layer channel counts, totals, and the masked channels it had to keep."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChange:
+    """Output channels of one channel-producing node (Conv, ConvTranspose, Gemm, MatMul) before and after."""
+
+    node: str
+    op_type: str
+    channels_before: int
+    channels_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptChannels:
+    """Masked (provably zero) channels of ``tensor`` that could not be deleted, and why."""
+
+    tensor: str
+    channels: tuple[int, ...]
+    reason: str
+
+
+@dataclasses.dataclass
+class SlimReport:
+    layers: list[LayerChange]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    size_before: int
+    size_after: int
+    masked_channels: int
+    deleted_masked_channels: int
+    kept: list[KeptChannels]
+    folded_masks: int
+    remaining_masks: list[str]
+    input_shapes: dict[str, list[int]]
+    removed_nodes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format_table(self, max_rows: int | None = None) -> str:
+        """A plain-text table of the layers whose channels changed, then the totals."""
+        changed = [layer for layer in self.layers if layer.channels_after != layer.channels_before]
+        rows = [(layer.node, layer.op_type, f"{layer.channels_before} -> {layer.channels_after}") for layer in changed]
+        if max_rows is not None and len(rows) > max_rows:
+            hidden = len(rows) - max_rows
+            rows = rows[:max_rows] + [(f"... {hidden} more layers", "", "")]
+        lines = []
+        if rows:
+            width = [max(len(str(r[i])) for r in rows + [("node", "op", "channels")]) for i in range(3)]
+            header = ("node", "op", "channels")
+            lines.append("  ".join(h.ljust(w) for h, w in zip(header, width)))
+            lines.append("  ".join("-" * w for w in width))
+            lines.extend("  ".join(str(c).ljust(w) for c, w in zip(r, width)) for r in rows)
+        else:
+            lines.append("no channels were removed")
+        lines.append("")
+        lines.append(_total_line("params", self.params_before, self.params_after))
+        lines.append(_total_line("MACs", self.macs_before, self.macs_after))
+        lines.append(_total_line("file size (bytes)", self.size_before, self.size_after))
+        if self.masked_channels:
+            lines.append(f"masked channels deleted: {self.deleted_masked_channels} / {self.masked_channels}")
+        if self.folded_masks or self.remaining_masks:
+            lines.append(f"mask Mul nodes folded into weights: {self.folded_masks}; kept: {len(self.remaining_masks)}")
+        for kept in self.kept:
+            shown = ",".join(str(c) for c in kept.channels[:8]) + (",..." if len(kept.channels) > 8 else "")
+            lines.append(f"kept {len(kept.channels)} masked channel(s) [{shown}] of {kept.tensor}: {kept.reason}")
+        return "\n".join(lines)
+
+
+def _total_line(label: str, before: int, after: int) -> str:
+    ratio = f"{100.0 * (before - after) / before:.1f}% removed" if before else "n/a"
+    return f"{label}: {before:,} -> {after:,} ({ratio})"
