@@ -1,0 +1,187 @@
+"""Export a (masked) PyTorch model to ONNX and prove the file computes what the model computes.
+
+The model is exported in eval mode, where both exporters fold every BatchNorm into the convolution
+before it, so a masked block becomes ``Conv -> Mul(mask constant [1,C,1,1]) -> activation``. The file is
+written atomically, then onnxruntime runs it on the example input and the largest absolute difference to
+the PyTorch output is compared with ``tolerance * max(1, max|output|)``.
+
+``dynamo=True`` (default) uses ``torch.export`` + onnxscript; ``dynamo=False`` the TorchScript exporter.
+The batch dimension is exported as dynamic (``batch``) unless ``dynamic_batch=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from onnxslim.errors import OnnxSlimError
+from onnxslim.io import save_model_atomic
+
+MIN_OPSET = 17
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    exporter: str  # "dynamo" or "torchscript"
+    opset: int
+    max_abs_diff: float | None  # None when check=False
+    mask_nodes: int  # Mul nodes by a per-channel constant
+    input_name: str
+    input_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        payload = dataclasses.asdict(self)
+        payload["path"] = str(self.path)
+        return payload
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporters' prints, warnings and log lines (they report progress, not problems)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
+                                                    "onnxscript", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, dynamo: bool = True,
+           opset: int = 18, check: bool = True, tolerance: float = 1e-4, dynamic_batch: bool = True,
+           input_name: str = "input", output_name: str = "output") -> ExportResult:
+    """Export ``model`` (eval mode) to ``path``; with ``check`` compare onnxruntime with PyTorch.
+
+    Raises :class:`OnnxSlimError` when the export fails or the outputs differ by more than
+    ``tolerance * max(1, max|output|)``. The model's train/eval mode is restored afterwards.
+    """
+    if opset < MIN_OPSET:
+        raise OnnxSlimError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    path = Path(path)
+    example_input = example_input.detach().to("cpu")
+    was_training = model.training
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    model.eval()
+    try:
+        if device.type != "cpu":
+            model.to("cpu")
+        proto = _export_proto(model, example_input, dynamo, opset, dynamic_batch, input_name, output_name)
+        save_model_atomic(proto, path)
+        max_diff = None
+        if check:
+            with torch.no_grad():
+                reference = model(example_input)
+            max_diff = _compare_with_onnxruntime(path, example_input, reference, input_name)
+            scale = max(1.0, float(reference.abs().max()))
+            if not np.isfinite(max_diff) or max_diff > tolerance * scale:
+                raise OnnxSlimError(f"{path}: onnxruntime output differs from PyTorch by {max_diff:.3g} "
+                                    f"(allowed {tolerance * scale:.3g})")
+    finally:
+        if device.type != "cpu":
+            model.to(device)
+        model.train(was_training)
+    return ExportResult(path, "dynamo" if dynamo else "torchscript", opset, max_diff, count_mask_nodes(proto),
+                        input_name, tuple(example_input.shape))
+
+
+def _export_proto(model, example_input, dynamo, opset, dynamic_batch, input_name, output_name) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory(prefix="onnxslim-export-") as folder:
+        target = Path(folder) / "model.onnx"
+        try:
+            with _quiet_exporter():
+                if dynamo:
+                    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+                    torch.onnx.export(model, (example_input,), str(target), dynamo=True, opset_version=opset,
+                                      input_names=[input_name], output_names=[output_name],
+                                      dynamic_shapes=dynamic_shapes, verbose=False, external_data=False)
+                else:
+                    dynamic_axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+                    torch.onnx.export(model, (example_input,), str(target), dynamo=False, opset_version=opset,
+                                      input_names=[input_name], output_names=[output_name],
+                                      dynamic_axes=dynamic_axes, do_constant_folding=True, verbose=False)
+        except OnnxSlimError:
+            raise
+        except Exception as exc:  # the exporters raise many types; report one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxSlimError(f"ONNX export ({'dynamo' if dynamo else 'torchscript'}) failed: {first}") from None
+        return _inline_identity_constants(onnx.load(str(target)))
+
+
+def _inline_identity_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Identity(initializer)`` nodes by the initializer itself.
+
+    The TorchScript exporter de-duplicates equal constants (e.g. two masks with the same values) through
+    Identity nodes; reading the constant directly keeps every mask a ``Mul`` by an initializer.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    outputs = {out.name for out in model.graph.output}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+        else:
+            kept.append(node)
+    if not alias:
+        return model
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in alias:
+                node.input[index] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def _compare_with_onnxruntime(path: Path, example_input: torch.Tensor, reference: torch.Tensor,
+                              input_name: str) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {input_name: example_input.numpy()})[:1]
+    expected = reference.detach().cpu().numpy()
+    if output.shape != expected.shape:
+        raise OnnxSlimError(f"{path}: onnxruntime output shape {output.shape} != PyTorch {expected.shape}")
+    return float(np.max(np.abs(output - expected))) if output.size else 0.0
+
+
+def count_mask_nodes(model: onnx.ModelProto) -> int:
+    """``Mul`` nodes whose second factor is a constant of shape [1,C,1,1], [C,1,1], [1,C] or [C] (C > 1)."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = tuple(attr.t.dims)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Mul":
+            continue
+        for name in node.input:
+            dims = shapes.get(name)
+            if dims and max(dims) > 1 and sum(1 for d in dims if d != 1) == 1 and \
+                    (len(dims) == 1 or dims[0] == 1 or len(dims) == 3):
+                count += 1
+                break
+    return count

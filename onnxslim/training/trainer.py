@@ -1,0 +1,374 @@
+"""Training in phases — ``dense``, ``sparse``, ``finetune`` — with per-epoch atomic checkpoints and resume.
+
+* ``dense``: plain training of the task loss; masks (if any) are frozen at their values.
+* ``sparse``: masks trainable; the sparsity method's hooks run (regularisation added to the loss, or its
+  own train step; ``after_step``/``after_epoch``).
+* ``finetune``: on entry the method's ``finalize_masks`` zeroes the pruned channels (once), then every
+  mask is frozen and the model is trained on the task loss alone, so zeros stay zero.
+
+Each phase builds a fresh optimizer (SGD with momentum/Nesterov or Adam) with the method's parameter
+groups; the learning rate follows ``schedule`` per step within the phase (``constant``, ``cosine`` to 0
+or ``step``: x0.1 at 50 % and 75 %).
+
+Determinism: epoch ``e`` of phase ``p`` shuffles with ``numpy.random.default_rng([seed, p, e])`` and
+seeds torch with a value derived from the same triple, so an interrupted run resumed from its last
+checkpoint gives the same weights as an uninterrupted one (on the same device and thread count).
+A checkpoint (``torch.save``, written atomically) holds the model state (masks included), optimizer,
+method state, phase/epoch position, history and the RNG states; ``extra`` lets callers store e.g. the
+model spec to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from onnxslim.data import ArrayDataset
+from onnxslim.errors import OnnxSlimError
+from onnxslim.io import write_with_atomic
+from onnxslim.training.masks import freeze_masks, has_masks
+from onnxslim.training.methods import (
+    MaskReport,
+    SetupContext,
+    SparsityMethod,
+    StepContext,
+    StepOutput,
+    default_param_groups,
+    mask_report,
+)
+from onnxslim.training.tasks import Task, task_for_dataset
+
+CHECKPOINT_FORMAT = "onnxslim-checkpoint/1"
+PHASE_KINDS = ("dense", "sparse", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+    kind: str  # "dense", "sparse" or "finetune"
+    epochs: int
+    lr: float = 0.01
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "constant", "cosine" or "step"
+
+    def __post_init__(self) -> None:
+        if self.kind not in PHASE_KINDS:
+            raise OnnxSlimError(f"unknown phase kind {self.kind!r}; use one of {', '.join(PHASE_KINDS)}")
+        if self.epochs < 0:
+            raise OnnxSlimError(f"{self.kind} phase: epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise OnnxSlimError(f"{self.kind} phase: lr must be positive, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise OnnxSlimError(f"{self.kind} phase: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.schedule not in ("constant", "cosine", "step"):
+            raise OnnxSlimError(f"{self.kind} phase: schedule must be constant, cosine or step, got {self.schedule!r}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        progress = step / max(1, total_steps)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.schedule == "step":
+            return self.lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+        return self.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    evaluate_every_epoch: bool = True
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise OnnxSlimError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class EpochRecord:
+    phase: int
+    kind: str
+    epoch: int  # 1-based within the phase
+    train_loss: float
+    train_metric: float
+    test_metric: float | None
+    lr: float
+    seconds: float
+    live_channels: int | None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[EpochRecord]
+    test_metric: float | None
+    metric_name: str
+    finalize: MaskReport | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"history": [dataclasses.asdict(r) for r in self.history], "test_metric": self.test_metric,
+                "metric_name": self.metric_name, "finalize": self.finalize.to_dict() if self.finalize else None,
+                "seconds": self.seconds}
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OnnxSlimError(f"unknown device {name!r} (use cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OnnxSlimError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+def _epoch_seed(seed: int, phase: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, phase, epoch]).integers(0, 2 ** 62))
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` through a list of phases (see the module docstring).
+
+    ``method`` is required for ``sparse``/``finetune`` phases. ``checkpoint`` (a path) is written after
+    every epoch; ``fit(phases, resume=True)`` continues from it when it exists.
+    """
+
+    def __init__(self, model: nn.Module, train_data: ArrayDataset, *, test_data: ArrayDataset | None = None,
+                 task: Task | None = None, method: SparsityMethod | None = None,
+                 options: TrainOptions = TrainOptions(), checkpoint: str | Path | None = None,
+                 extra: Mapping[str, Any] | None = None, reference_model: nn.Module | None = None):
+        if len(train_data) == 0:
+            raise OnnxSlimError(f"{train_data.name}: no training samples")
+        self.device = resolve_device(options.device)
+        self.model = model.to(self.device)
+        self.train_data = train_data
+        self.test_data = test_data
+        self.task = task or task_for_dataset(train_data)
+        self.method = method
+        self.options = options
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.extra = dict(extra or {})
+        self.reference_model = reference_model
+        self.history: list[EpochRecord] = []
+        self.finalize_report: MaskReport | None = None
+        self._finalized = False
+        self._setup_done = False
+
+    # -- public ----------------------------------------------------------------------------------------
+    def fit(self, phases: Sequence[PhaseConfig], resume: bool = False) -> TrainResult:
+        phases = list(phases)
+        for phase in phases:
+            if phase.kind in ("sparse", "finetune") and self.method is None:
+                raise OnnxSlimError(f"a {phase.kind} phase needs a sparsity method")
+            if phase.kind in ("sparse", "finetune") and not has_masks(self.model):
+                raise OnnxSlimError(f"a {phase.kind} phase needs a model with channel masks (attach_masks)")
+        started = time.perf_counter()
+        self._setup_method()
+        position = (0, 0)  # (phase index, completed epochs in it)
+        state = None
+        if resume and self.checkpoint is not None and self.checkpoint.exists():
+            state = self._load_checkpoint(phases)
+            position = (state["phase_index"], state["epoch"])
+        for index, phase in enumerate(phases):
+            if index < position[0]:
+                continue
+            start_epoch = position[1] if index == position[0] else 0
+            self._run_phase(index, phase, phases, start_epoch, state if index == position[0] else None)
+        test_metric = self.evaluate(self.test_data) if self.test_data is not None else None
+        return TrainResult(self.history, test_metric, self.task.metric_name, self.finalize_report,
+                           time.perf_counter() - started)
+
+    def evaluate(self, dataset: ArrayDataset) -> float:
+        """The task metric of the model (eval mode) on ``dataset``."""
+        metric = self.task.new_metric()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for images, labels in dataset.batches(self.options.eval_batch_size):
+                    inputs = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+                    targets = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device)
+                    metric.update(self.model(inputs), targets)
+        finally:
+            self.model.train(was_training)
+        return metric.compute()
+
+    # -- phases ----------------------------------------------------------------------------------------
+    def _setup_method(self) -> None:
+        if self.method is None or self._setup_done:
+            return
+        example = torch.from_numpy(np.ascontiguousarray(self.train_data.images[:2])).to(self.device)
+        self.method.setup(self.model, SetupContext(self.train_data, self.task, self.device, example,
+                                                   self.reference_model))
+        self._setup_done = True
+
+    def _run_phase(self, index: int, phase: PhaseConfig, phases: list[PhaseConfig], start_epoch: int,
+                   state: dict | None) -> None:
+        if phase.kind == "finetune" and not self._finalized:
+            self.finalize_report = self.method.finalize_masks(self.model)
+            self._finalized = True
+        freeze_masks(self.model, frozen=phase.kind != "sparse")
+        if phase.kind == "sparse" and self.method is not None:
+            groups = self.method.param_groups(self.model, phase)
+        else:
+            groups = default_param_groups(self.model, phase.weight_decay)
+        optimizer = _make_optimizer(phase, groups)
+        if state is not None and state.get("optimizer") is not None and start_epoch > 0:
+            optimizer.load_state_dict(state["optimizer"])
+        if start_epoch >= phase.epochs:
+            return
+        steps_per_epoch = math.ceil(len(self.train_data) / self.options.batch_size)
+        total_steps = steps_per_epoch * phase.epochs
+        global_offset = sum(p.epochs for p in phases[:index]) * steps_per_epoch
+        for epoch in range(start_epoch, phase.epochs):
+            record = self._run_epoch(index, phase, optimizer, epoch, steps_per_epoch, total_steps, global_offset)
+            self.history.append(record)
+            if self.checkpoint is not None:
+                self._save_checkpoint(phases, index, epoch + 1, optimizer)
+
+    def _run_epoch(self, index, phase, optimizer, epoch, steps_per_epoch, total_steps, global_offset) -> EpochRecord:
+        seed = self.options.seed
+        torch.manual_seed(_epoch_seed(seed, index, epoch))
+        order = np.random.default_rng([seed, index, epoch]).permutation(len(self.train_data))
+        self.model.train()
+        metric = self.task.new_metric()
+        started = time.perf_counter()
+        loss_sum, batches, lr = 0.0, 0, phase.lr
+        bar = tqdm(range(steps_per_epoch), desc=f"{phase.kind} {epoch + 1}/{phase.epochs}", leave=False,
+                   disable=not self.options.progress, unit="batch")
+        for batch_index in bar:
+            step = epoch * steps_per_epoch + batch_index
+            lr = phase.lr_at(step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            chosen = order[batch_index * self.options.batch_size:(batch_index + 1) * self.options.batch_size]
+            inputs = torch.from_numpy(self.train_data.images[chosen]).to(self.device)
+            targets = torch.from_numpy(self.train_data.labels[chosen]).to(self.device)
+            ctx = StepContext(self.model, self.task, optimizer, phase, epoch, step, global_offset + step, lr,
+                              self.device)
+            result = self._step(ctx, inputs, targets)
+            if not math.isfinite(result.loss):
+                raise OnnxSlimError(f"{phase.kind} phase, epoch {epoch + 1}: the loss is {result.loss} "
+                                    f"(training diverged; lower the learning rate)")
+            loss_sum += result.loss
+            batches += 1
+            if result.outputs is not None:
+                metric.update(result.outputs.detach(), targets)
+            if batch_index % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
+        bar.close()
+        if phase.kind == "sparse" and self.method is not None:
+            self.method.after_epoch(self.model, ctx)
+        test_metric = None
+        if self.options.evaluate_every_epoch and self.test_data is not None:
+            test_metric = self.evaluate(self.test_data)
+        live = None
+        if has_masks(self.model):
+            report = mask_report(self.model, 0)
+            live = report.channels - report.zero_total
+        return EpochRecord(index, phase.kind, epoch + 1, loss_sum / max(1, batches), metric.compute(), test_metric, lr,
+                           time.perf_counter() - started, live)
+
+    def _step(self, ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        sparse = ctx.phase.kind == "sparse" and self.method is not None
+        if sparse:
+            custom = self.method.train_step(ctx, inputs, targets)
+            if custom is not None:
+                self.method.after_step(self.model, ctx)
+                return custom
+        outputs = self.model(inputs)
+        loss = self.task.loss(outputs, targets)
+        total = loss
+        if sparse:
+            penalty = self.method.regularization(self.model, ctx)
+            if penalty is not None:
+                total = loss + penalty
+        ctx.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        ctx.optimizer.step()
+        if sparse:
+            self.method.after_step(self.model, ctx)
+        return StepOutput(float(loss.detach()), outputs)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _save_checkpoint(self, phases, index: int, epoch: int, optimizer) -> None:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "phases": [dataclasses.asdict(p) for p in phases],
+            "phase_index": index if epoch < phases[index].epochs else index + 1,
+            "epoch": epoch if epoch < phases[index].epochs else 0,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict() if epoch < phases[index].epochs else None,
+            "method_name": self.method.name if self.method is not None else None,
+            "method_params": dataclasses.asdict(self.method.params) if self.method is not None else None,
+            "method_state": self.method.state_dict() if self.method is not None else None,
+            "finalized": self._finalized,
+            "finalize_report": self.finalize_report.to_dict() if self.finalize_report else None,
+            "history": [dataclasses.asdict(r) for r in self.history],
+            "torch_rng": torch.get_rng_state(),
+            "seed": self.options.seed,
+            "batch_size": self.options.batch_size,
+            "masked": has_masks(self.model),
+            "completed": index == len(phases) - 1 and epoch >= phases[index].epochs,
+            "extra": self.extra,
+        }
+        write_with_atomic(self.checkpoint, lambda tmp: torch.save(payload, tmp))
+
+    def _load_checkpoint(self, phases: list[PhaseConfig]) -> dict:
+        state = load_checkpoint(self.checkpoint)
+        if state["phases"] != [dataclasses.asdict(p) for p in phases]:
+            raise OnnxSlimError(f"{self.checkpoint}: written for different phases; remove it or run without --resume")
+        if state["seed"] != self.options.seed or state["batch_size"] != self.options.batch_size:
+            raise OnnxSlimError(f"{self.checkpoint}: written with another seed or batch size")
+        method_name = self.method.name if self.method is not None else None
+        if state["method_name"] != method_name:
+            raise OnnxSlimError(f"{self.checkpoint}: written for method {state['method_name']}, not {method_name}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise OnnxSlimError(f"{self.checkpoint}: does not fit this model ({str(exc).splitlines()[0]})") from None
+        if self.method is not None and state.get("method_state") is not None:
+            self.method.load_state_dict(state["method_state"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self._finalized = bool(state["finalized"])
+        if state.get("finalize_report"):
+            report = state["finalize_report"]
+            self.finalize_report = MaskReport({k: tuple(v) for k, v in report["per_mask"].items()}, report["zeroed"],
+                                              report["zero_total"], report["channels"])
+        torch.set_rng_state(state["torch_rng"])
+        return state
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a trainer checkpoint (any device's tensors are mapped to the CPU)."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxSlimError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises pickle/zip/runtime errors
+        raise OnnxSlimError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise OnnxSlimError(f"{path}: not an onnxslim checkpoint")
+    return state
+
+
+def _make_optimizer(phase: PhaseConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise OnnxSlimError(f"{phase.kind} phase: nothing to train")
+    if phase.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=phase.lr)
+    return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.nesterov and phase.momentum > 0)
