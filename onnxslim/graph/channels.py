@@ -244,6 +244,15 @@ class ChannelAnalysis:
             reason_of_root[roots[ids]] = rid
         return reason_of_root[roots]
 
+    def kept_by(self, kind: str) -> np.ndarray:
+        """Per element id: True when some reason of kind ``kind`` keeps its class."""
+        roots = self.uf.roots()
+        held = np.zeros(self.uf.size, bool)
+        for ids, rid in self._keeps:
+            if self.reasons[rid].kind == kind:
+                held[roots[ids]] = True
+        return held[roots]
+
     def plan(self, round_to: int = 1) -> RemovalPlan:
         reason = self.kept_reason()
         plan = RemovalPlan(self, reason < 0, reason)

@@ -143,8 +143,9 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
         reasons = plan.reason[ids[~removed]]
         channels = site.zero_channels[~removed]
         for rid in np.unique(reasons):
-            text = analysis.reasons[rid].text
-            kept.append(KeptChannels(site.tensor, tuple(int(c) for c in channels[reasons == rid]), text))
+            reason = analysis.reasons[rid]
+            kept.append(KeptChannels(site.tensor, tuple(int(c) for c in channels[reasons == rid]), reason.text,
+                                     reason.kind))
     return total, deleted, kept, names
 
 
