@@ -214,10 +214,12 @@ def resolve_shapes(specs: Sequence[TensorSpec], overrides: Mapping[str, Sequence
                 elif axis == 0:
                     shape.append(batch_size or 1)
                 else:
+                    example = ",".join(str(d) if isinstance(d, int) and d > 0 else ("1" if i == 0 else str(d or "?"))
+                                       for i, d in enumerate(spec.shape))
                     raise OnnxSlimError(
                         f"{label}: input {spec.name!r} has a dynamic dimension {axis} ({dim!r}) in shape "
-                        f"{list(spec.shape)}; give a shape, e.g. --input-shape {spec.name}:"
-                        + ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape))
+                        f"{list(spec.shape)}; give its shape in numbers: --input-shape {spec.name}:{example} "
+                        f"(input_shapes={{{spec.name!r}: [...]}} in Python)")
         if batch_size and shape:
             declared = spec.shape[0] if spec.shape else None
             if isinstance(declared, int) and declared > 0 and declared != batch_size:
@@ -230,11 +232,15 @@ def resolve_shapes(specs: Sequence[TensorSpec], overrides: Mapping[str, Sequence
     return shapes
 
 
-def random_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs: standard normal floats, small non-negative integers, random booleans."""
+def random_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], seed: int = 0,
+                 stream: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs: standard normal floats, small non-negative integers, random booleans.
+
+    ``stream`` selects an independent draw for the same seed (the i-th random batch of a comparison).
+    """
     feeds = {}
     for position, spec in enumerate(specs):
-        rng = np.random.default_rng([seed, position])
+        rng = np.random.default_rng([seed, stream, position])
         dtype = numpy_dtype(spec)
         shape = tuple(shapes[spec.name])
         if np.issubdtype(dtype, np.floating):
