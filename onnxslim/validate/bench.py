@@ -194,10 +194,16 @@ class BenchReport:
             lines.extend(_text_table(
                 ("threads", "batch", "candidate", "speedup", "CI", "rounds", "candidate faster"),
                 [(str(c.threads), str(c.batch_size), c.candidate, f"{c.speedup:.3f}x",
-                  f"[{c.ci_low:.3f}, {c.ci_high:.3f}]", str(c.rounds), f"{c.candidate_faster_fraction:.0%}")
+                  f"[{c.ci_low:.3f}, {c.ci_high:.3f}]" + ("*" if c.coverage < c.confidence else ""),
+                  str(c.rounds), f"{c.candidate_faster_fraction:.0%}")
                  for c in comparisons]))
-        lines.append("")
-        lines.append(f"peak MB: {self.memory_method}")
+            short = [c for c in comparisons if c.coverage < c.confidence]
+            if short:
+                lines.append(f"* too few rounds for a {short[0].confidence:.0%} interval: the full range, "
+                             f"covering the median with probability {short[0].coverage:.1%}")
+        if any(t.peak_memory_mb is not None for config in self.configs for t in config.models):
+            lines.append("")
+            lines.append(f"peak MB: {self.memory_method}")
         return "\n".join(lines)
 
 
@@ -262,7 +268,7 @@ def benchmark(models: Sequence[ModelSource], options: BenchOptions = BenchOption
         "providers": list(providers),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
     }
     return BenchReport(options, tuple(results), environment)
@@ -392,6 +398,17 @@ def _peak_memory_mb(model: ModelSource, session_options: SessionOptions, specs: 
         tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
         raise OnnxSlimError(f"memory probe failed for {path.name}: {tail[0][:300]}")
     return float(json.loads(completed.stdout.strip().splitlines()[-1])["peak_growth_mb"])
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
