@@ -137,3 +137,12 @@ def test_bench_cli_mobile_converts_to_ort(two_models, tmp_path):
 def test_bench_cli_mobile_rejects_threads(two_models):
     result = CliRunner().invoke(main, ["bench", str(two_models[0]), "--mobile", "--threads", "2", "--no-progress"])
     assert result.exit_code == 2 and "one thread" in result.stderr
+
+
+def test_bench_cli_bad_model_exits_2(two_models, tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    missing = CliRunner().invoke(main, ["bench", str(tmp_path / "missing.onnx"), "--no-progress"])
+    assert missing.exit_code == 2 and "model not found" in missing.stderr
+    garbage = CliRunner().invoke(main, ["bench", str(two_models[0]), str(text), "--no-progress"])
+    assert garbage.exit_code == 2 and "not a loadable ONNX model" in garbage.stderr

@@ -84,6 +84,8 @@ def model_size_bytes(source: ModelSource) -> int:
     if isinstance(source, onnx.ModelProto):
         return source.ByteSize()
     path = Path(source)
+    if not path.is_file():
+        raise OnnxSlimError(f"model not found: {path}")
     size = path.stat().st_size
     if path.suffix.lower() == ".ort":
         return size
