@@ -82,15 +82,16 @@ def main() -> int:
                 slim = None
     variants, macs, counts = [], [], []
     for multiple in multiples:
-        rounded = round_up_kept(kept, full, multiple)
-        counts.append(sorted({len(v) for v in rounded.values()})[:6])
         if slim is not None:
             model, report = slim(masked, round_to=multiple)
             macs.append(report.macs_after)
+            counts.append(sorted({layer.channels_after for layer in report.layers})[:6])
         else:
+            rounded = round_up_kept(kept, full, multiple)
             builder = ResNetBuilder("hand", weights, rounded, full, args.size)
             model = builder.build()
             macs.append(builder.macs)
+            counts.append(sorted({len(v) for v in rounded.values()})[:6])
         variants.append(model)
     source = "engine slim(round_to=N)" if slim is not None else "hand-built (same channel counts)"
     names = [f"round_to={m}" for m in multiples]
@@ -104,12 +105,13 @@ def main() -> int:
     rows = []
     for multiple, timing, mac, count in zip(multiples, report.models, macs, counts):
         ratios = np.asarray(base.samples_ms) / np.asarray(timing.samples_ms)
-        ci_low, ci_high, _ = median_ci(ratios.tolist(), 0.95)
+        ci_low, ci_high, coverage = median_ci(ratios.tolist(), 0.95)
         speedup = float(np.median(ratios))
         verdict = ("baseline" if timing is base else "helps" if ci_low > 1 else "hurts" if ci_high < 1
                    else "no significant difference")
         print(f"round_to={multiple:<3} median {timing.median_ms:8.3f} ms  MACs {mac / 1e9:.3f} G  "
-              f"speedup vs round_to={multiples[0]}: {speedup:.3f}x [{ci_low:.3f}, {ci_high:.3f}]  {verdict}  "
+              f"speedup vs round_to={multiples[0]}: {speedup:.3f}x [{ci_low:.3f}, {ci_high:.3f}]"
+              f"{'' if coverage >= 0.95 else f' (CI coverage only {coverage:.1%})'}  {verdict}  "
               f"(smallest channel counts {count})")
         rows.append({"round_to": multiple, "median_ms": timing.median_ms, "macs": mac, "speedup": speedup,
                      "ci": [ci_low, ci_high], "verdict": verdict})

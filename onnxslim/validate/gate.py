@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxslim.data import ArrayDataset, load_dataset
 from onnxslim.errors import OnnxSlimError
@@ -311,11 +312,14 @@ def _model_stats(model: ModelSource, input_shapes: Mapping[str, Sequence[int]]) 
     except ImportError:
         return {}
     try:
-        params, macs = model_stats(model if not hasattr(model, "__fspath__") else str(model),
-                                   input_shapes=dict(input_shapes) or None)
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        stats = model_stats(proto, input_shapes=dict(input_shapes) or None)
     except Exception as exc:  # noqa: BLE001 - the counts are extra information; never fail the gate on them
         return {"error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
-    return {"params": int(params), "macs": int(macs)}
+    if isinstance(stats, tuple):
+        params, macs = stats[:2]
+        return {"params": int(params), "macs": int(macs)}
+    return {"params": int(stats.params), "macs": int(stats.macs), "macs_complete": bool(stats.macs_complete)}
 
 
 def _batch_shape(shape: Sequence[int]) -> str:
