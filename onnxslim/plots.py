@@ -3,8 +3,9 @@
 * :func:`plot_layer_channels` — output channels per layer before and after slimming (bars), from the
   slim report's ``layers`` (objects or dicts with node, op_type, channels_before, channels_after, or
   plain 4-tuples).
-* :func:`plot_latency` — latency distributions per model (box plot over the per-run samples, median
-  marked), from a :class:`~onnxslim.validate.bench.BenchReport` or ``{name: samples_ms}``.
+* :func:`plot_latency` — latency distributions per model (box plot over the per-run samples: median,
+  quartiles, p5-p95 whiskers; one panel per thread/batch configuration), from a
+  :class:`~onnxslim.validate.bench.BenchReport` or ``{name: samples_ms}``.
 * :func:`plot_accuracy_vs_macs` — accuracy against MACs, one point per run, labelled by method, from
   dicts with ``method``, ``macs`` and ``accuracy`` (0..1).
 
@@ -70,27 +71,29 @@ def plot_layer_channels(layers: Iterable[Any], path: str | os.PathLike, title: s
 
 
 def plot_latency(source: Any, path: str | os.PathLike, title: str = "Latency per run") -> Path:
-    """Box plot of per-run latency for each model (and configuration, when a report has several)."""
+    """Box plots of per-run latency per model; one panel per configuration (threads, batch) of a report."""
     if isinstance(source, Mapping):
-        series = {str(name): list(samples) for name, samples in source.items()}
+        panels = {"": {str(name): list(samples) for name, samples in source.items()}}
     else:
-        multi = len(source.configs) > 1
-        series = {}
-        for config in source.configs:
-            for timing in config.models:
-                key = f"{timing.name} t{timing.threads} b{timing.batch_size}" if multi else timing.name
-                series[key] = list(timing.samples_ms)
-    series = {k: v for k, v in series.items() if v}
-    if not series:
+        panels = {f"{c.threads} thread(s), batch {c.batch_size}": {t.name: list(t.samples_ms) for t in c.models}
+                  for c in source.configs}
+    panels = {label: {k: v for k, v in series.items() if len(v)} for label, series in panels.items()}
+    panels = {label: series for label, series in panels.items() if series}
+    if not panels:
         raise OnnxSlimError("no latency samples to plot")
-    figure = _figure(max(6.0, 1.2 * len(series) + 2), 4.5)
-    axes = figure.add_subplot(1, 1, 1)
-    axes.boxplot(list(series.values()), showfliers=True, whis=(1, 99))
-    axes.set_xticks(range(1, len(series) + 1))
-    axes.set_xticklabels(list(series), rotation=20, ha="right", fontsize=8)
-    axes.set_ylabel("ms per run (whiskers: p1-p99)")
-    axes.set_title(title)
-    axes.grid(axis="y", alpha=0.3)
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    widest = max(len(series) for series in panels.values())
+    figure = _figure(columns * max(4.0, 1.1 * widest + 1.5), rows * 4.0)
+    for index, (label, series) in enumerate(panels.items()):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        # runs beyond p5-p95 (a scheduler hiccup on a shared machine) would flatten the boxes: not drawn
+        axes.boxplot(list(series.values()), showfliers=False, whis=(5, 95))
+        axes.set_xticks(range(1, len(series) + 1))
+        axes.set_xticklabels(list(series), rotation=20, ha="right", fontsize=8)
+        axes.set_ylabel("ms per run (box p25-p75, whiskers p5-p95)", fontsize=8)
+        axes.set_title(f"{title}: {label}" if label else title, fontsize=10)
+        axes.grid(axis="y", alpha=0.3)
     return _save(figure, path)
 
 
