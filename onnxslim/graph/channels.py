@@ -138,6 +138,7 @@ class ChannelAnalysis:
         self.masks: list[MaskSite] = []
         self.barriers: list[tuple[onnx.NodeProto, str]] = []
         self.creators: dict[str, onnx.NodeProto] = {}  # tensor -> node that made its ids fresh
+        self._weight_readers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- API used by rules -------------------------------------------------------------------------
     def feature(self, name: str) -> ChannelInfo | None:
@@ -165,6 +166,16 @@ class ChannelAnalysis:
     def couple(self, a: np.ndarray, b: np.ndarray) -> None:
         self.uf.union(a, b)
 
+    def share_weight(self, weight: str, in_ids: np.ndarray, out_ids: np.ndarray) -> None:
+        """Layers reading one weight initializer must slice it alike: couple their channels.
+
+        (Slicing it differently would need one copy per reader and make the model larger.)
+        """
+        first = self._weight_readers.setdefault(weight, (in_ids, out_ids))
+        if first[0] is not in_ids:
+            self.couple(first[0], in_ids)
+            self.couple(first[1], out_ids)
+
     def keep(self, ids: np.ndarray, kind: str, text: str) -> None:
         """Channels ``ids`` (and their whole classes) must not be deleted, because of ``text``."""
         if len(ids) == 0:
@@ -179,18 +190,26 @@ class ChannelAnalysis:
         return rid
 
     def barrier(self, node: onnx.NodeProto, why: str) -> None:
-        """Keep every channel the node reads; its outputs get fresh ids that are kept too."""
+        """Keep every channel the node reads; its outputs get fresh ids that are kept too.
+
+        Nodes that touch no feature map (shape arithmetic on small int tensors) keep nothing and are
+        not reported.
+        """
         label = f"barrier {node.op_type} '{self.index.node_name(node)}': {why}"
-        self.barriers.append((node, why))
+        touched = False
         for name in node.input:
             info = self.feature(name)
             if info is not None:
                 self.keep(info.ids, BARRIER, label)
+                touched = True
         for name in node.output:
             shape = self.index.shape(name)
             if name and shape and len(shape) >= 2 and shape[1]:
                 info = self.fresh(None, name, shape[1], 1, len(shape))
                 self.keep(info.ids, BARRIER, label)
+                touched = True
+        if touched:
+            self.barriers.append((node, why))
 
     def note_mask(self, node: onnx.NodeProto, tensor: str, channels: int, zero_channels: np.ndarray) -> None:
         self.masks.append(MaskSite(node, tensor, channels, zero_channels))

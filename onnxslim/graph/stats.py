@@ -14,7 +14,6 @@ import dataclasses
 import numpy as np
 import onnx
 
-from onnxslim.graph.model import get_attr
 from onnxslim.graph.shapes import infer_shapes
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -58,15 +57,16 @@ def count_macs(model: onnx.ModelProto, shapes: dict[str, tuple]) -> tuple[int, b
 def _node_macs(node, dims) -> int | None:
     x, w = dims(node.input[0]), dims(node.input[1])
     y = dims(node.output[0])
+    if node.op_type == "Gemm" and w is not None and len(w) == 2:
+        return int(w[0] * w[1])  # K * M per row, whatever the batch
+    if node.op_type == "MatMul" and w is not None and len(w) == 2 and (x is None or len(x) == 2):
+        return int(w[0] * w[1])
     if x is None or w is None or y is None or any(d is None for d in list(x[1:]) + list(w) + list(y[1:])):
         return None
     if node.op_type == "Conv":
         return int(np.prod(y[1:], dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
     if node.op_type == "ConvTranspose":
         return int(np.prod(x[1:], dtype=np.int64) * w[1] * np.prod(w[2:], dtype=np.int64))
-    if node.op_type == "Gemm":
-        k = x[0] if get_attr(node, "transA", 0) else x[1]
-        return int(k * y[1])
     # MatMul: every leading dim but the batch multiplies
     if len(x) < 2 or len(w) < 2:
         return None

@@ -74,6 +74,7 @@ class ConvRule(Rule):
         live_in = live[(np.arange(cout) // b)[:, None] * per_group + np.arange(per_group)[None, :]]
         dead = ~np.any(nonzero & live_in, axis=1)
         out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
+        analysis.share_weight(node.input[1], x.ids, out.ids)
         if groups == 1:
             absorbs = not has_padding(node, weight.shape[2:])
             block_reduced_channels(analysis, node, node.input[0], x, np.any(nonzero, axis=0), absorbs,
@@ -137,6 +138,7 @@ class ConvTransposeRule(Rule):
         grouped = (nonzero & live[:, None]).reshape(groups, a, per_group).any(axis=1)  # (g, Cout/g)
         dead = ~grouped.reshape(-1)
         out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
+        analysis.share_weight(node.input[1], x.ids, out.ids)
         if groups == 1:
             block_reduced_channels(analysis, node, node.input[0], x, np.any(nonzero, axis=1), False,
                                    " (transposed convolution outputs overlap)")

@@ -23,6 +23,7 @@ import numpy as np
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register, register_barrier
+from onnxslim.graph.shape_values import Dim, reshape_target, shape_value
 
 
 def _feature(node, analysis, slot: int = 0):
@@ -350,34 +351,40 @@ class ReshapeRule(Rule):
     op_types = ("Reshape",)
     passthrough = True
 
-    def _kind(self, node, analysis, x) -> str:
-        in_shape = analysis.index.shape(node.input[0])
-        out_shape = analysis.index.shape(node.output[0])
-        if x.axis != 1 or in_shape is None or out_shape is None or len(in_shape) < 2:
-            return "barrier"
+    def _kind(self, node, analysis, x) -> tuple[str, list | None]:
+        """("flatten" | "same" | "barrier", resolved output dims)."""
+        index = analysis.index
+        in_shape = index.shape(node.input[0])
+        dims = reshape_target(index, node)
+        if x.axis != 1 or in_shape is None or dims is None or len(in_shape) < 2:
+            return "barrier", None
+
+        def same(d, axis):
+            return d == Dim("in", axis) or (in_shape[axis] is not None and d == in_shape[axis])
+
         block = _block_size(in_shape, x)
-        if len(out_shape) == 2 and out_shape[0] == in_shape[0] and block is not None \
-                and out_shape[1] == x.size * block:
-            return "flatten"
-        if len(out_shape) >= 2 and tuple(out_shape[:2]) == tuple(in_shape[:2]) and in_shape[1] == x.size:
-            target = analysis.index.constant(node.input[1])
-            if target is not None and target.ndim == 1 and len(target) >= 2 \
-                    and target[1] in (x.size, 0, -1) and (target[1] != -1 or -1 not in target[2:]):
-                return "same"
-        return "barrier"
+        if len(dims) == 2 and same(dims[0], 0) and block is not None and dims[1] == x.size * block:
+            return "flatten", dims
+        if len(dims) >= 2 and same(dims[0], 0) and same(dims[1], 1):
+            raw = shape_value(index, node.input[1])
+            entry = raw[1]
+            adapts = entry in (0, -1) or entry == Dim(node.input[0], 1)
+            if adapts or index.is_const(node.input[1]):
+                return "same", dims
+        return "barrier", None
 
     def propagate(self, node, analysis):
         x = _feature(node, analysis)
         if x is None:
             return
-        kind = self._kind(node, analysis, x)
+        kind, dims = self._kind(node, analysis, x)
         if kind == "barrier":
-            analysis.barrier(node, "regroups the channel axis (or shapes are unknown)")
+            analysis.barrier(node, "regroups the channel axis (or its target shape is unknown)")
         elif kind == "flatten":
             analysis.set(node.output[0], _flattened(x, _block_size(analysis.index.shape(node.input[0]), x)))
         else:
             info = x.with_values(x.const, x.value)
-            info.rank = len(analysis.index.shape(node.output[0]))
+            info.rank = len(dims)
             pass_through(node, analysis, info)
 
     def rewrite(self, node, rewriter):
@@ -385,14 +392,15 @@ class ReshapeRule(Rule):
         if keep is None or keep.all():
             return
         x = rewriter.info(node.input[0])
-        if self._kind(node, rewriter.analysis, x) == "flatten":
+        kind, _ = self._kind(node, rewriter.analysis, x)
+        if kind == "flatten":
             # a computed target (Shape -> Gather -> Concat) would still say the old size
             node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array([-1, int(keep.sum())], np.int64))
             return
         target = rewriter.index.constant(node.input[1])
-        if target[1] == x.size:
+        if target is not None and target[1] == x.size:
             target = target.copy()
-            target[1] = int(rewriter.keep(node.input[0]).sum())
+            target[1] = int(keep.sum())
             rewriter.weights.write(node, 1, target, key=("shape", target.tobytes()))
 
 

@@ -66,7 +66,8 @@ class GemmRule(Rule):
         if bias is None:
             dead[:] = False
             bias = np.zeros(outputs)
-        analysis.fresh(node, node.output[0], outputs, 1, 2, const=dead, value=bias)
+        out = analysis.fresh(node, node.output[0], outputs, 1, 2, const=dead, value=bias)
+        analysis.share_weight(node.input[1], a.ids, out.ids)
         block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1),
                                absorbs_constants=_gemm_bias(node, analysis.index, outputs) is not None)
 
@@ -125,7 +126,8 @@ class MatMulRule(Rule):
             return
         nonzero = matrix != 0
         dead = ~np.any(nonzero[~a.zero], axis=0)
-        analysis.fresh(node, node.output[0], matrix.shape[1], 1, 2, const=dead, value=np.zeros(matrix.shape[1]))
+        out = analysis.fresh(node, node.output[0], matrix.shape[1], 1, 2, const=dead, value=np.zeros(matrix.shape[1]))
+        analysis.share_weight(node.input[1], a.ids, out.ids)
         block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1), False, " (no bias)")
 
     def allows_empty_input(self, node, slot, plan):
