@@ -18,6 +18,7 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[str] = []
+        self.output_shapes: dict[str, list | None] = {}
         self._count = 0
 
     def name(self, base: str) -> str:
@@ -29,8 +30,11 @@ class GraphBuilder:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
         return name
 
-    def output(self, *names: str) -> None:
+    def output(self, *names: str, shape=None) -> None:
+        """Graph outputs; ``shape`` is used when shape inference cannot tell (computed Reshape targets)."""
         self.outputs.extend(names)
+        for name in names:
+            self.output_shapes[name] = shape
 
     def const(self, value, base: str = "c") -> str:
         name = self.name(base)
@@ -97,6 +101,9 @@ class GraphBuilder:
         for position, name in enumerate(self.outputs):
             if name in known and known[name].type.tensor_type.HasField("shape"):
                 model.graph.output[position].CopyFrom(known[name])
+            elif self.output_shapes.get(name) is not None:
+                model.graph.output[position].CopyFrom(
+                    helper.make_tensor_value_info(name, TensorProto.FLOAT, self.output_shapes[name]))
         if model.ir_version >= 4:
             onnx.checker.check_model(model, full_check=True)
         return model

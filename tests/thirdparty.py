@@ -75,7 +75,7 @@ def resnet_v1_ir3() -> onnx.ModelProto:
         cin = width
     y = g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1)
     g.output(g.gemm(y, cin, 10))
-    return to_ir3(g.model(ir_version=3))
+    return g.model()
 
 
 def mobilenet_v2_opset9() -> onnx.ModelProto:
@@ -95,8 +95,8 @@ def mobilenet_v2_opset9() -> onnx.ModelProto:
     y = g.op("GlobalAveragePool", [_conv_bn_relu(g, y, cin, 32, k=1, act="Relu6")])
     batch = g.op("Unsqueeze", [g.op("Gather", [g.op("Shape", [y]), g.const(np.int64(0))], axis=0)], axes=[0])
     target = g.op("Concat", [batch, g.const(np.array([-1], np.int64))], axis=0)
-    g.output(g.gemm(g.op("Reshape", [y, target]), 32, 10))
-    return weights_as_constant_nodes(g.model())
+    g.output(g.gemm(g.op("Reshape", [y, target]), 32, 10), shape=[1, 10])
+    return g.model()
 
 
 def squeezenet_opset9() -> onnx.ModelProto:
@@ -175,7 +175,7 @@ def mobilenet_v3_opset11() -> onnx.ModelProto:
         cin = cout
     y = g.op("Flatten", [g.op("GlobalAveragePool", [_conv_bn_relu(g, y, cin, 24, k=1, act="HardSwishDecomposed")])], axis=1)
     g.output(g.gemm(y, 24, 10))
-    return weights_as_constant_nodes(g.model(), every=3)
+    return g.model()
 
 
 def fcn_opset9() -> onnx.ModelProto:
@@ -213,13 +213,18 @@ def shufflenet_opset11() -> onnx.ModelProto:
     return g.model()
 
 
+def _identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    return model
+
+
+# name -> (graph builder, the exporter convention applied after masks are inserted)
 THIRD_PARTY = {
-    "resnet_v1_ir3": resnet_v1_ir3,
-    "mobilenet_v2_opset9": mobilenet_v2_opset9,
-    "squeezenet_opset9": squeezenet_opset9,
-    "densenet_opset9": densenet_opset9,
-    "googlenet_opset9": googlenet_opset9,
-    "mobilenet_v3_opset11": mobilenet_v3_opset11,
-    "fcn_opset9": fcn_opset9,
-    "shufflenet_opset11": shufflenet_opset11,
+    "resnet_v1_ir3": (resnet_v1_ir3, to_ir3),
+    "mobilenet_v2_opset9": (mobilenet_v2_opset9, weights_as_constant_nodes),
+    "squeezenet_opset9": (squeezenet_opset9, _identity),
+    "densenet_opset9": (densenet_opset9, _identity),
+    "googlenet_opset9": (googlenet_opset9, _identity),
+    "mobilenet_v3_opset11": (mobilenet_v3_opset11, lambda m: weights_as_constant_nodes(m, every=3)),
+    "fcn_opset9": (fcn_opset9, _identity),
+    "shufflenet_opset11": (shufflenet_opset11, _identity),
 }
