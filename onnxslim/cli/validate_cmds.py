@@ -64,7 +64,7 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
     """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
     from onnxslim.io import write_json_atomic
     from onnxslim.validate.bench import BenchOptions, benchmark
-    from onnxslim.validate.runtime import parse_input_shapes
+    from onnxslim.graph.shapes import parse_input_shapes
 
     thread_counts = _int_list(threads, "--threads")
     batch_sizes = _int_list(batch, "--batch") or (None,)
@@ -149,7 +149,7 @@ def check(ctx, reference, candidate, data, limit, batch_size, samples, input_sha
     from onnxslim.io import write_json_atomic
     from onnxslim.report import append_step_summary, write_report
     from onnxslim.validate.gate import CheckOptions, GateThresholds, run_check
-    from onnxslim.validate.runtime import parse_input_shapes
+    from onnxslim.graph.shapes import parse_input_shapes
 
     thresholds = GateThresholds(max_accuracy_drop=max_accuracy_drop, max_abs_diff=max_abs_diff, rtol=rtol,
                                 error_stat=error_stat, min_speedup=min_speedup, max_size_ratio=max_size_ratio)

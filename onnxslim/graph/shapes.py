@@ -107,3 +107,18 @@ def _strip_shape(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     if not value.type.HasField("tensor_type"):
         return value
     return helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None)
+
+
+def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+    """``["x:1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")  # the name may itself contain ':'
+        try:
+            values = [int(d) for d in dims.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v <= 0 for v in values):
+            raise OnnxSlimError(f"bad --input-shape {spec!r}; expected NAME:D0,D1,... with positive dims")
+        shapes[name] = values
+    return shapes

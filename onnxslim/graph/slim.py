@@ -52,21 +52,6 @@ def load_model(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelPr
     return loaded, path.stat().st_size
 
 
-def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
-    """``["x:1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``."""
-    shapes: dict[str, list[int]] = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition(":")
-        try:
-            values = [int(d) for d in dims.split(",")]
-        except ValueError:
-            values = []
-        if not sep or not name or not values or any(v <= 0 for v in values):
-            raise OnnxSlimError(f"bad --input-shape {spec!r}; expected NAME:D0,D1,... with positive dims")
-        shapes[name] = values
-    return shapes
-
-
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ChannelAnalysis:
     """Normalise ``model`` in place and run the channel analysis on it."""
     constants_to_initializers(model)

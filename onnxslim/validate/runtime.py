@@ -252,17 +252,3 @@ def random_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]
         else:
             feeds[spec.name] = rng.integers(0, 10, shape).astype(dtype)
     return feeds
-
-
-def parse_input_shapes(values: Sequence[str]) -> dict[str, list[int]]:
-    """``["x:1,3,224,224", ...]`` -> ``{"x": [1, 3, 224, 224]}`` (the name may itself contain ':')."""
-    shapes = {}
-    for value in values:
-        name, sep, dims = value.rpartition(":")
-        if not sep or not name:
-            raise OnnxSlimError(f"bad input shape {value!r}; expected NAME:D0,D1,... e.g. input:1,3,224,224")
-        try:
-            shapes[name] = [int(d) for d in dims.split(",")]
-        except ValueError:
-            raise OnnxSlimError(f"bad input shape {value!r}; dimensions must be integers") from None
-    return shapes

@@ -20,7 +20,14 @@ from __future__ import annotations
 import numpy as np
 
 from onnxslim.graph.model import get_attr
-from onnxslim.graph.rules.base import Rule, keep_extra_outputs, normalize_axis, pass_through, register, register_barrier
+from onnxslim.graph.rules.base import (
+    Rule,
+    keep_extra_outputs,
+    normalize_axis,
+    pass_through,
+    register,
+    register_barrier,
+)
 
 
 def _slice_parameters(node, rewriter, slots) -> None:
