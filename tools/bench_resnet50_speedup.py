@@ -44,8 +44,9 @@ class ResNetBuilder:
     """Emits one of the three forms; ``kept[key]`` are the surviving channel indices of a mask point."""
 
     def __init__(self, mode: str, weights: dict[str, np.ndarray], kept: dict[str, np.ndarray],
-                 full: dict[str, int], size: int):
+                 full: dict[str, int], size: int, stages: tuple = STAGES):
         self.mode, self.weights, self.kept, self.full, self.size = mode, weights, kept, full, size
+        self.stages = stages
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.macs = 0
@@ -105,7 +106,7 @@ class ResNetBuilder:
         hw = (hw + 2 - 3) // 2 + 1
         x = self.mask(out, "stem")
         stream_key = "stem"
-        for s, (_, blocks, first_stride) in enumerate(STAGES):
+        for s, (_, blocks, first_stride) in enumerate(self.stages):
             stage_key = f"stage{s}"
             for blk in range(blocks):
                 stride = first_stride if blk == 0 else 1
@@ -139,7 +140,7 @@ class ResNetBuilder:
         return model
 
 
-def resnet50_weights(seed: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def resnet50_weights(seed: int, stages: tuple = STAGES) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """He-initialised conv weights (BN folded: a weight and a bias per conv); widths of every mask point."""
     rng = np.random.default_rng(seed)
     weights: dict[str, np.ndarray] = {}
@@ -152,7 +153,7 @@ def resnet50_weights(seed: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
 
     conv("stem", 64, 3, 7)
     c_in = 64
-    for s, (width, blocks, _) in enumerate(STAGES):
+    for s, (width, blocks, _) in enumerate(stages):
         full[f"stage{s}"] = width * EXPANSION
         for blk in range(blocks):
             prefix = f"s{s}b{blk}"

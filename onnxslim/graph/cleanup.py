@@ -28,26 +28,28 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
     simply bypassed. Returns (number of Mul nodes removed, names of per-channel Mul nodes kept).
     """
     weights = WeightStore(index)
-    folded, kept = 0, []
+    folded, kept, removed = 0, [], set()
     for node in list(index.nodes):
         scale = _channel_scale(node, index, plan)
         if scale is None:
             continue
-        feature_slot = 0 if scale[1] == 1 else 1
-        x, y = node.input[feature_slot], node.output[0]
-        factors = scale[0]
-        if np.all(factors == 1):
-            done = _bypass(index, node, x, y)
-        elif _scale_producer(index, weights, x, factors):
-            done = _bypass(index, node, x, y)
-        elif _scale_consumers(index, weights, y, factors):
-            done = _bypass(index, node, x, y)
-        else:
-            done = False
-        if done:
+        factors, constant_slot = scale
+        x, y = node.input[1 - constant_slot], node.output[0]
+        if y in index.outputs and (x in index.outputs or len(index.uses(x)) != 1 or x not in index.producer):
+            kept.append(index.node_name(node))  # the graph output name must survive
+            continue
+        if np.all(factors == 1) or _scale_producer(index, weights, x, factors) \
+                or _scale_consumers(index, weights, y, factors):
+            _bypass(index, node, x, y)
+            removed.add(y)
             folded += 1
         else:
             kept.append(index.node_name(node))
+    if removed:
+        survivors = [n for n in index.graph.node if not (n.op_type == "Mul" and n.output[0] in removed)]
+        del index.graph.node[:]
+        index.graph.node.extend(survivors)
+        index.reindex()
     return folded, kept
 
 
@@ -71,25 +73,25 @@ def _channel_scale(node, index: Graph, plan: RemovalPlan):
     return None
 
 
-def _bypass(index: Graph, node, x: str, y: str) -> bool:
-    """Remove ``node`` and let readers of ``y`` read ``x``."""
-    graph = index.graph
+def _bypass(index: Graph, node, x: str, y: str) -> None:
+    """Let readers of ``y`` read ``x`` (or rename ``x`` to the graph output ``y``); the Mul is dropped
+    by the caller. The index is updated in place so that later decisions see the new readers."""
+    mul_use = [u for u in index.uses(x) if u.node is node]
     if y in index.outputs:
-        producer = index.producer.get(x)
-        if producer is None or x in index.outputs or len(index.uses(x)) != 1:
-            return False
+        producer = index.producer[x]
         for position, name in enumerate(producer.output):
             if name == x:
                 producer.output[position] = y
-    else:
-        for use in index.uses(y):
-            use.node.input[use.slot] = x
-    for position, candidate in enumerate(graph.node):
-        if candidate.output[:1] == node.output[:1] and candidate.op_type == "Mul":
-            del graph.node[position]
-            break
-    index.reindex()
-    return True
+        index.producer[y] = producer
+        index.producer.pop(x, None)
+        index.consumers.pop(x, None)
+        return
+    readers = index.uses(y)
+    for use in readers:
+        use.node.input[use.slot] = x
+    index.consumers[x] = [u for u in index.uses(x) if u not in mul_use] + readers
+    index.consumers.pop(y, None)
+    index.producer.pop(y, None)
 
 
 def _scale_producer(index: Graph, weights: WeightStore, x: str, s: np.ndarray) -> bool:

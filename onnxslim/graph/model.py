@@ -9,6 +9,12 @@ The engine edits the protobuf in place instead of converting to another IR: weig
 * constants: ``constant(name)`` returns an initializer's value as numpy (small ones are cached);
 * ``shape(name)`` — the static shape after inference (a tuple of int, or ``None`` per unknown dim).
 
+Memory: :func:`detach_weights` makes the working copy without the bytes of large weights (each is a
+placeholder naming its source tensor in the input model, which is only read); new values are kept as
+numpy arrays until :meth:`Graph.flush_updates`, and untouched weights are copied across once, at the end
+(:func:`attach_weights`). Protobuf arenas never give back the memory of a field that is overwritten, so
+this is what keeps a slim run near "input + output" bytes instead of several copies of the model.
+
 :class:`WeightStore` writes changed weights back. An initializer read by several nodes (a shared mask, a
 shared weight) is never edited for one reader behind another's back: a reader that needs a different
 value gets its own copy under a fresh name.
@@ -74,11 +80,14 @@ class Use:
 class Graph:
     """Producers, consumers, constants and shapes of a model's main graph."""
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None):
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None,
+                 sources: dict[str, onnx.TensorProto] | None = None):
         self.model = model
         self.graph = model.graph
         self.opset = opset_version(model)
         self.shapes: dict[str, Shape] = dict(shapes or {})
+        self.sources = sources if sources is not None else {}  # placeholder name -> tensor holding its data
+        self.updates: dict[str, np.ndarray] = {}  # new values not yet written into the protos
         self._cache: dict[str, np.ndarray] = {}
         self.reindex()
 
@@ -115,22 +124,37 @@ class Graph:
         """The value of an initializer (read-only), or None for a computed tensor or an absent input."""
         if not name or name not in self.initializers:
             return None
+        if name in self.updates:
+            return self.updates[name]
         cached = self._cache.get(name)
         if cached is not None:
             return cached
-        array = tensor_to_array(self.initializers[name])
+        source = self.sources.get(name)
+        array = tensor_to_array(source if source is not None else self.initializers[name])
         if array.size <= _CACHE_LIMIT:
             self._cache[name] = array
         return array
 
-    def constant_dims(self, name: str) -> tuple[int, ...] | None:
-        tensor = self.initializers.get(name)
-        return None if tensor is None else tuple(tensor.dims)
-
     def shape(self, name: str) -> Shape | None:
+        if name in self.updates:
+            return self.updates[name].shape
         if name in self.initializers:
             return tuple(self.initializers[name].dims)
         return self.shapes.get(name)
+
+    def update(self, name: str, value: np.ndarray) -> None:
+        """Give initializer ``name`` a new value (written into the proto by :meth:`flush_updates`)."""
+        self.updates[name] = value
+        self._cache.pop(name, None)
+
+    def flush_updates(self) -> None:
+        """Write every pending new value into its TensorProto, one at a time."""
+        for name in list(self.updates):
+            value = self.updates.pop(name)
+            if name in self.initializers:
+                store_array(self.initializers[name], value)
+            self.sources.pop(name, None)
+        self._cache.clear()
 
     def node_name(self, node: onnx.NodeProto) -> str:
         return node.name or (node.output[0] if node.output else node.op_type)
@@ -167,19 +191,17 @@ class WeightStore:
         readers = index.uses(name)
         exclusive = len(readers) == 1 and name not in index.outputs
         if exclusive:
-            store_array(tensor, value)
-            index._cache.pop(name, None)
+            index.update(name, value)
             return
         cache_key = (name, key) if key is not None else None
         new_name = self._renamed.get(cache_key) if cache_key is not None else None
         if new_name is None:
             new_name = index.fresh_name(name)
-            new_tensor = onnx.TensorProto()
+            new_tensor = index.graph.initializer.add()
             new_tensor.name = new_name
             new_tensor.data_type = tensor.data_type
-            store_array(new_tensor, value)
-            index.graph.initializer.append(new_tensor)
-            index.initializers[new_name] = index.graph.initializer[-1]
+            index.initializers[new_name] = new_tensor
+            index.update(new_name, value)
             if cache_key is not None:
                 self._renamed[cache_key] = new_name
         node.input[slot] = new_name
@@ -193,6 +215,64 @@ class WeightStore:
         self.index.graph.initializer.append(tensor)
         self.index.initializers[name] = self.index.graph.initializer[-1]
         return name
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The size of ``model`` serialised, without serialising it (upb's ByteSize() does serialise, which
+    costs a copy of the weights). Exact for the usual raw-data tensors up to a few bytes of headers."""
+    structure = onnx.ModelProto()
+    _copy_fields(model, structure, skip={"graph"})
+    _copy_fields(model.graph, structure.graph, skip={"initializer"})
+    total = structure.ByteSize()
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        dtype = _NP_DTYPE.get(tensor.data_type)
+        data = count * (np.dtype(dtype).itemsize if dtype is not None else 4)
+        header = len(tensor.name) + 2 * len(tensor.dims) * 5 + 16
+        total += data + header
+    return total
+
+
+def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A working copy of ``model`` whose large initializers are placeholders (name, type, dims only).
+
+    Returns the copy and ``sources``: placeholder name -> the input's tensor that holds the data. The
+    input model is only read.
+    """
+    working = onnx.ModelProto()
+    _copy_fields(model, working, skip={"graph"})
+    _copy_fields(model.graph, working.graph, skip={"initializer"})
+    sources: dict[str, onnx.TensorProto] = {}
+    for tensor in model.graph.initializer:
+        target = working.graph.initializer.add()
+        size = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        if size <= _CACHE_LIMIT or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            target.CopyFrom(tensor)
+            continue
+        target.name, target.data_type = tensor.name, tensor.data_type
+        target.dims.extend(tensor.dims)
+        sources[tensor.name] = tensor
+    return working, sources
+
+
+def attach_weights(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto]) -> None:
+    """Fill the placeholders still in ``model`` with their data (after dead weights were dropped)."""
+    for tensor in model.graph.initializer:
+        source = sources.get(tensor.name)
+        if source is not None:
+            tensor.CopyFrom(source)
+
+
+def _copy_fields(source, target, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def opset_version(model: onnx.ModelProto) -> int:

@@ -23,8 +23,11 @@ _NOT_FOLDED = {
 _GROWTH_LIMIT = 1 << 20  # a folded result may be at most this many elements larger than its inputs
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Fold every all-constant node into initializers, in place; returns the number of nodes folded."""
+def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto] | None = None) -> int:
+    """Fold every all-constant node into initializers, in place; returns the number of nodes folded.
+
+    ``sources`` holds the data of placeholder initializers (see :func:`onnxslim.graph.model.detach_weights`).
+    """
     graph = model.graph
     known = {t.name: None for t in graph.initializer}
     values: dict[str, np.ndarray] = {}
@@ -35,7 +38,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     for node in graph.node:
         if _foldable(node, known, graph_outputs):
             if index is None:
-                index = Graph(model)
+                index = Graph(model, sources=sources)
             inputs = []
             for name in node.input:
                 if not name:

@@ -46,7 +46,7 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None =
     if model.ir_version < 4:
         # IR 3 requires every initializer to be a graph input as well
         inputs.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in small)
-    outputs = [_strip_shape(o) for o in graph.output]
+    outputs = list(graph.output)  # their channels are never deleted, so their shapes stay valid
     skel_graph = helper.make_graph(list(graph.node), graph.name or "main", inputs, outputs, initializer=small)
     skel = helper.make_model(skel_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     skel.functions.extend(model.functions)
@@ -101,12 +101,6 @@ def _with_shape(value: onnx.ValueInfoProto, dims: list[int]) -> onnx.ValueInfoPr
         if declared_dim is not None and declared_dim != dim:
             raise OnnxSlimError(f"input {value.name!r} has fixed shape {list(declared)}; cannot use {dims}")
     return helper.make_tensor_value_info(value.name, tensor_type.elem_type, dims)
-
-
-def _strip_shape(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
-    if not value.type.HasField("tensor_type"):
-        return value
-    return helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, None)
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ import onnx
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.channels import ChannelAnalysis, RemovalPlan
 from onnxslim.graph.cleanup import fold_channel_scales, refresh_shapes, remove_dead_code, sync_ir3_inputs
-from onnxslim.graph.model import Graph
+from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
 from onnxslim.graph.normalize import constants_to_initializers
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
@@ -31,15 +31,18 @@ from onnxslim.io import save_model_atomic
 
 # above this size the checker runs on the weight-free skeleton (plus our own tensor-size check),
 # so that checking never holds a second serialised copy of a large model
-_FULL_CHECK_LIMIT = 256 << 20
+_FULL_CHECK_LIMIT = 16 << 20
 
 
-def load_model(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, int]:
-    """A private copy of the model (the caller's object and file are never modified) and its size."""
+def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) -> tuple[onnx.ModelProto, int]:
+    """The model (a private copy of a caller's object unless ``copy`` is False: then it must only be
+    read) and its size in bytes. Files are never modified."""
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy, model.ByteSize()
+        if not copy:
+            return model, serialized_size(model)
+        duplicate = onnx.ModelProto()
+        duplicate.CopyFrom(model)
+        return duplicate, serialized_size(model)
     path = Path(model)
     if not path.is_file():
         raise OnnxSlimError(f"model file not found: {path}")
@@ -52,11 +55,15 @@ def load_model(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelPr
     return loaded, path.stat().st_size
 
 
-def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> ChannelAnalysis:
-    """Normalise ``model`` in place and run the channel analysis on it."""
-    constants_to_initializers(model)
+def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+            sources: dict[str, onnx.TensorProto] | None = None) -> ChannelAnalysis:
+    """Normalise ``model`` in place and run the channel analysis on it.
+
+    ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
+    """
+    constants_to_initializers(model, sources)
     shapes = infer_shapes(model, input_shapes)
-    return ChannelAnalysis(Graph(model, shapes)).run()
+    return ChannelAnalysis(Graph(model, shapes, sources)).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
@@ -71,11 +78,12 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     """
     if round_to < 1:
         raise OnnxSlimError(f"round_to must be >= 1, got {round_to}")
-    model, size_before = load_model(model)
+    source, size_before = load_model(model, copy=False)
+    model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
     original_inputs = [i.name for i in model.graph.input]
 
-    analysis = analyse(model, input_shapes)
+    analysis = analyse(model, input_shapes, sources)
     index = analysis.index
     before = model_stats(model, shapes=index.shapes)
     plan = analysis.plan(round_to=round_to)
@@ -85,7 +93,10 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
+    index.flush_updates()
     removed_nodes += remove_dead_code(model)
+    attach_weights(model, index.sources)
+    del source, sources
     sync_ir3_inputs(model, original_inputs)
     refresh_shapes(model)
     if check:
@@ -101,7 +112,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         layers=layers,
         params_before=before.params, params_after=after.params,
         macs_before=before.macs, macs_after=after.macs,
-        size_before=size_before, size_after=model.ByteSize(),
+        size_before=size_before, size_after=serialized_size(model),
         masked_channels=mask_summary[0], deleted_masked_channels=mask_summary[1], kept=mask_summary[2],
         folded_masks=folded, remaining_masks=[m for m in kept_masks if m in mask_summary[3]],
         input_shapes={k: list(v) for k, v in (input_shapes or {}).items()},
@@ -135,9 +146,10 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` with full shape checking; large models are checked through their skeleton."""
+    """``onnx.checker`` with full shape checking; large models are checked through their skeleton
+    (structure, types and shapes, without serialising the weights again) plus a tensor size check."""
     try:
-        if model.ByteSize() <= _FULL_CHECK_LIMIT:
+        if serialized_size(model) <= _FULL_CHECK_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
             onnx.checker.check_model(skeleton(model), full_check=True)

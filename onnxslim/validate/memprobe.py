@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 
-def _proc_status_kib(field: str) -> int | None:
+def proc_status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -26,7 +26,7 @@ def _proc_status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -35,7 +35,7 @@ def _reset_high_water_mark() -> bool:
         return False
 
 
-def _ru_maxrss_bytes() -> int:
+def ru_maxrss_bytes() -> int:
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -55,12 +55,12 @@ def main(argv: list[str]) -> None:
     specs = [TensorSpec(name, dtype, tuple(shape)) for name, dtype, shape in request["inputs"]]
     feeds = random_feeds(specs, request["shapes"], seed=request["seed"])
 
-    use_proc = _proc_status_kib("VmRSS") is not None and _reset_high_water_mark()
-    before = _proc_status_kib("VmRSS") * 1024 if use_proc else _ru_maxrss_bytes()
+    use_proc = proc_status_kib("VmRSS") is not None and reset_high_water_mark()
+    before = proc_status_kib("VmRSS") * 1024 if use_proc else ru_maxrss_bytes()
     session = ort.InferenceSession(request["model"], sess_options=so, providers=list(options.providers))
     for _ in range(request["runs"]):
         session.run(None, feeds)
-    after = _proc_status_kib("VmHWM") * 1024 if use_proc else _ru_maxrss_bytes()
+    after = proc_status_kib("VmHWM") * 1024 if use_proc else ru_maxrss_bytes()
     method = "VmHWM (reset) - VmRSS" if use_proc else "ru_maxrss growth"
     print(json.dumps({"peak_growth_mb": max(after - before, 0) / 2**20, "before_mb": before / 2**20,
                       "after_mb": after / 2**20, "method": method}))
