@@ -2,6 +2,7 @@
 
 * :func:`fold_channel_scales` — a per-channel ``Mul`` by constant ``s`` (a mask whose zeros are gone)
   disappears into neighbouring weights.
+* :func:`remove_identities` — ``Identity`` nodes are bypassed (Dropout in inference, dropped operands).
 * :func:`remove_dead_code` — nodes no output depends on, and initializers nothing reads, are dropped.
 * :func:`refresh_shapes` — stale ``value_info`` is cleared and shapes re-inferred.
 * :func:`sync_ir3_inputs` — IR < 4 models list every initializer as a graph input too; keep that true.
@@ -178,6 +179,26 @@ def _scale_vector(index: Graph, weights: WeightStore, node, slot: int, s: np.nda
     if len(node.input) > slot and node.input[slot]:
         value = index.constant(node.input[slot])
         _write_scaled(weights, node, slot, value, s.reshape(value.shape) if value.size == len(s) else s)
+
+
+def remove_identities(index: Graph) -> int:
+    """Bypass every ``Identity`` whose output is not a graph output; returns how many went."""
+    removed = set()
+    for node in list(index.nodes):
+        if node.op_type != "Identity" or node.output[0] in index.outputs or node.output[0] in index.subgraph_reads:
+            continue
+        source, target = node.input[0], node.output[0]
+        for use in index.uses(target):
+            use.node.input[use.slot] = source
+        index.consumers.setdefault(source, []).extend(index.uses(target))
+        index.consumers.pop(target, None)
+        removed.add(target)
+    if removed:
+        survivors = [n for n in index.graph.node if not (n.op_type == "Identity" and n.output[0] in removed)]
+        del index.graph.node[:]
+        index.graph.node.extend(survivors)
+        index.reindex()
+    return len(removed)
 
 
 def remove_dead_code(model: onnx.ModelProto) -> int:

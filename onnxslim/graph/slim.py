@@ -20,7 +20,13 @@ import onnx
 
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.channels import ChannelAnalysis, RemovalPlan
-from onnxslim.graph.cleanup import fold_channel_scales, refresh_shapes, remove_dead_code, sync_ir3_inputs
+from onnxslim.graph.cleanup import (
+    fold_channel_scales,
+    refresh_shapes,
+    remove_dead_code,
+    remove_identities,
+    sync_ir3_inputs,
+)
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
 from onnxslim.graph.normalize import constants_to_initializers
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
@@ -93,6 +99,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
+    removed_nodes += remove_identities(index)
     index.flush_updates()
     removed_nodes += remove_dead_code(model)
     attach_weights(model, index.sources)

@@ -181,6 +181,31 @@ def _per_channel(constant: np.ndarray, axis: int, channels: int) -> tuple[np.nda
     return uniform, moved[:, 0]
 
 
+def _drop_zero_operands(node, rewriter) -> None:
+    """``Add(x, 0) = x``: a feature operand that is zero in every channel is dropped from Add / Sum (and
+    from Sub as the subtrahend). With one operand left the node becomes an Identity, which cleanup
+    removes; the zero branch then has no reader and goes as dead code (a pruned residual branch)."""
+    if node.op_type not in ("Add", "Sum", "Sub"):
+        return
+    index = rewriter.index
+    out_shape = index.shape(node.output[0])
+    zero = [bool(info is not None and info.size and info.zero.all())
+            for info in (rewriter.info(name) if not index.is_const(name) else None for name in node.input)]
+    if node.op_type == "Sub":
+        zero[0] = False
+    survivors = [name for name, z in zip(node.input, zero) if not z]
+    if not any(zero) or not survivors or out_shape is None or None in out_shape:
+        return
+    if len(survivors) == 1 and tuple(index.shape(survivors[0]) or ()) != tuple(out_shape):
+        return  # the zero operand carried the broadcast shape
+    del node.input[:]
+    node.input.extend(survivors)
+    if len(survivors) == 1 and node.op_type != "Sub":
+        node.op_type = "Identity"
+    elif len(survivors) == 2 and node.op_type == "Sum":
+        node.op_type = "Add"
+
+
 @register
 class NaryRule(Rule):
     """Add, Sub, Mul, Div, Pow, Max, Min, Sum, Mean, PRelu with broadcasting."""
@@ -267,6 +292,7 @@ class NaryRule(Rule):
         analysis.note_mask(node, node.output[0], channels, zero)
 
     def rewrite(self, node, rewriter):
+        _drop_zero_operands(node, rewriter)
         keep = rewriter.keep(node.output[0])
         if keep is None or keep.all():
             return

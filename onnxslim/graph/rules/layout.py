@@ -126,6 +126,9 @@ class ConcatRule(Rule):
             if len(names) != len(node.input):
                 del node.input[:]
                 node.input.extend(names)
+                if len(names) == 1:  # a Concat of one input is that input
+                    node.op_type = "Identity"
+                    del node.attribute[:]
             return
         keep = rewriter.keep(node.output[0])
         if keep is None or keep.all():
