@@ -30,11 +30,13 @@ def masked_model(tmp_path):
 
 
 def test_slim_command_writes_model_table_and_json(masked_model, tmp_path):
-    out, report = tmp_path / "slim.onnx", tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["slim", str(masked_model), "-o", str(out), "--json", str(report)])
+    out, report, plot = tmp_path / "slim.onnx", tmp_path / "report.json", tmp_path / "layers.png"
+    result = CliRunner().invoke(main, ["slim", str(masked_model), "-o", str(out), "--json", str(report),
+                                       "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert "8 -> 5" in result.output and "params:" in result.output and "MACs:" in result.output
     assert "barrier LRN" in result.output  # the masked channel held by the LRN, with the reason
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
     data = json.loads(report.read_text())
     assert data["masked_channels"] == 4 and data["deleted_masked_channels"] == 3
     assert_equivalent(onnx.load(masked_model), onnx.load(out))

@@ -43,8 +43,10 @@ def _write_json(path: Path | None, payload: dict) -> None:
               help="Fold the remaining mask scales into neighbouring weights.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Run onnx.checker (full check) on the result.")
 @_json_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG of the channels per layer before and after.")
 @_rows_option
-def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, show_all):
+def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, plot_path, show_all):
     """Delete every provably-zero channel of MODEL; the result computes the same outputs.
 
     Prints the channels per layer before and after, params, MACs and file size, and any masked
@@ -59,6 +61,10 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, sh
     click.echo(report.format_table(max_rows=None if show_all else 40))
     click.echo(f"wrote {output}")
     _write_json(json_path, report.to_dict())
+    if plot_path is not None:
+        from onnxslim.plots import plot_layer_channels
+
+        plot_layer_channels(report.layers, plot_path, title=f"Channels per layer: {model.name}")
 
 
 @click.command()

@@ -62,9 +62,9 @@ _input_shape_option = click.option(
 def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
           confidence, seed, mobile, mobile_dir, json_path, plot_path, progress):
     """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
+    from onnxslim.graph.shapes import parse_input_shapes
     from onnxslim.io import write_json_atomic
     from onnxslim.validate.bench import BenchOptions, benchmark
-    from onnxslim.graph.shapes import parse_input_shapes
 
     thread_counts = _int_list(threads, "--threads")
     batch_sizes = _int_list(batch, "--batch") or (None,)
@@ -146,10 +146,10 @@ def check(ctx, reference, candidate, data, limit, batch_size, samples, input_sha
 
     Prints a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set).
     """
+    from onnxslim.graph.shapes import parse_input_shapes
     from onnxslim.io import write_json_atomic
     from onnxslim.report import append_step_summary, write_report
     from onnxslim.validate.gate import CheckOptions, GateThresholds, run_check
-    from onnxslim.graph.shapes import parse_input_shapes
 
     thresholds = GateThresholds(max_accuracy_drop=max_accuracy_drop, max_abs_diff=max_abs_diff, rtol=rtol,
                                 error_stat=error_stat, min_speedup=min_speedup, max_size_ratio=max_size_ratio)
