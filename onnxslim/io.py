@@ -72,8 +72,10 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> int:
 
     Models beyond protobuf's 2 GiB limit are written with their weights in ``<name>.data`` beside them.
     """
+    from onnxslim.graph.model import serialized_size
+
     path = Path(path)
-    if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+    if serialized_size(model) > _EXTERNAL_DATA_THRESHOLD:
         data_name = path.name + ".data"
 
         def _write(tmp: Path) -> None:

@@ -23,6 +23,7 @@ class KeptChannels:
     tensor: str
     channels: tuple[int, ...]
     reason: str
+    kind: str = "live"  # barrier | live | constant | structural (see onnxslim.graph.channels)
 
 
 @dataclasses.dataclass
@@ -41,6 +42,16 @@ class SlimReport:
     remaining_masks: list[str]
     input_shapes: dict[str, list[int]]
     removed_nodes: int = 0
+
+    @property
+    def masked_behind_barriers(self) -> int:
+        return sum(len(k.channels) for k in self.kept if k.kind == "barrier")
+
+    @property
+    def deletion_rate(self) -> float:
+        """Deleted masked channels over the masked channels not held by a barrier (1.0 when none)."""
+        reachable = self.masked_channels - self.masked_behind_barriers
+        return self.deleted_masked_channels / reachable if reachable else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

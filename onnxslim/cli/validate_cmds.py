@@ -1,0 +1,171 @@
+"""``onnxslim bench`` and ``onnxslim check``: thin click wrappers over :mod:`onnxslim.validate`.
+
+Exit codes: 0 success / every threshold holds; 1 ``check`` found a threshold that does not hold;
+2 bad input (raised as :class:`OnnxSlimError`, printed by the command group) or a bad option (click).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import click
+
+from onnxslim.errors import OnnxSlimError
+
+
+def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
+    if not numbers:
+        raise click.BadParameter("expected at least one integer", param_hint=option)
+    return numbers
+
+
+_input_shape_option = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+    help="Shape of an input with dynamic dimensions, e.g. input:1,3,224,224 (repeatable).")
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--threads", default="1", show_default=True, help="Intra-op thread counts, comma-separated (1,2,4).")
+@click.option("--batch", "batch", default=None, help="Batch sizes, comma-separated (1,8); default: the model's.")
+@_input_shape_option
+@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="onnxruntime graph optimisation level.")
+@click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
+              help="Execution provider (cpu, xnnpack, ... or the full onnxruntime name); repeatable.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
+@click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds; each round runs every model once, order alternating.")
+@click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Session creations per model for the session-time median.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure peak memory in a child process per model.")
+@click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999),
+              help="Confidence level of the A/B ratio interval.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--mobile", is_flag=True,
+              help="One thread, models converted to ORT format with onnxruntime's tools, plus its mobile-usability check.")
+@click.option("--mobile-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the converted .ort files here (default: a temporary folder).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write all figures as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a latency box plot (PNG).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
+          confidence, seed, mobile, mobile_dir, json_path, plot_path, progress):
+    """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
+    from onnxslim.graph.shapes import parse_input_shapes
+    from onnxslim.io import write_json_atomic
+    from onnxslim.validate.bench import BenchOptions, benchmark
+
+    thread_counts = _int_list(threads, "--threads")
+    batch_sizes = _int_list(batch, "--batch") or (None,)
+    if mobile and thread_counts != (1,):
+        raise OnnxSlimError("--mobile measures one thread (as on a phone); leave out --threads")
+    options = BenchOptions(threads=thread_counts, batch_sizes=batch_sizes, input_shapes=parse_input_shapes(input_shapes),
+                           opt_level=opt_level, providers=tuple(providers), warmup=warmup, repeat=repeat,
+                           session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed)
+    artifacts = []
+    with tempfile.TemporaryDirectory(prefix="onnxslim-ort-") as tmp:
+        targets = list(models)
+        if mobile:
+            from onnxslim.validate.mobile import prepare_mobile
+
+            for model in models:
+                if not Path(model).is_file():
+                    raise OnnxSlimError(f"model not found: {model}")
+            artifacts = prepare_mobile(targets, mobile_dir or tmp)
+            targets = [Path(a.ort_path) for a in artifacts]
+        report = benchmark(targets, options, progress=progress)
+    click.echo(report.format_table())
+    if artifacts:
+        from onnxslim.validate.mobile import usability_summary
+
+        click.echo("")
+        click.echo("mobile (ORT format, converted with onnxruntime.tools.convert_onnx_models_to_ort):")
+        for artifact in artifacts:
+            kept = f" -> {artifact.ort_path}" if mobile_dir else ""
+            click.echo(f"  {artifact.source}: .onnx {artifact.onnx_size_bytes:,} B, .ort {artifact.ort_size_bytes:,} B{kept}")
+            for line in usability_summary(artifact.usability_log):
+                click.echo(f"    {line}")
+    if json_path:
+        payload = report.to_dict()
+        payload["mobile"] = [
+            {**dataclasses.asdict(a), "usability_summary": usability_summary(a.usability_log),
+             "ort_path": a.ort_path if mobile_dir else None} for a in artifacts] if artifacts else None
+        write_json_atomic(json_path, payload)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        from onnxslim.plots import plot_latency
+
+        plot_latency(report, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+@click.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", default=None,
+              help="Labelled data: mnist, mnist:32, an ImageFolder directory or an .npz (default: random inputs).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Number of seeded random inputs when no --data is given.")
+@_input_shape_option
+@click.option("--max-accuracy-drop", type=float, default=None, help="Fail if accuracy drops by more (percentage points).")
+@click.option("--max-abs-diff", type=click.FloatRange(min=0), default=None,
+              help="Absolute tolerance on outputs (an element fails only if it also exceeds --rtol).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Relative tolerance on outputs.")
+@click.option("--error-stat", type=click.Choice(["elemwise", "max", "mean", "median"]), default="elemwise",
+              show_default=True, help="Which error statistic is compared with the tolerances.")
+@click.option("--min-speedup", type=click.FloatRange(min=0), default=None,
+              help="Fail if the candidate is not this many times faster (median of interleaved-round ratios).")
+@click.option("--max-size-ratio", type=click.FloatRange(min=0), default=None,
+              help="Fail if candidate bytes / reference bytes is larger.")
+@click.option("--speed", is_flag=True, help="Measure the speedup even without --min-speedup.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0), help="onnxruntime intra-op threads.")
+@click.option("--rounds", default=50, show_default=True, type=click.IntRange(min=1), help="Timed A/B rounds.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON.")
+@click.option("--report-dir", type=click.Path(path_type=Path), default=None, help="Write check.md and check.json here.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
+@click.pass_context
+def check(ctx, reference, candidate, data, limit, batch_size, samples, input_shapes, max_accuracy_drop, max_abs_diff,
+          rtol, error_stat, min_speedup, max_size_ratio, speed, threads, rounds, warmup, seed, json_path, report_dir,
+          progress):
+    """CI gate: compare CANDIDATE with REFERENCE; exit 1 when a threshold fails, 2 on bad input.
+
+    Prints a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set).
+    """
+    from onnxslim.graph.shapes import parse_input_shapes
+    from onnxslim.io import write_json_atomic
+    from onnxslim.report import append_step_summary, write_report
+    from onnxslim.validate.gate import CheckOptions, GateThresholds, run_check
+
+    thresholds = GateThresholds(max_accuracy_drop=max_accuracy_drop, max_abs_diff=max_abs_diff, rtol=rtol,
+                                error_stat=error_stat, min_speedup=min_speedup, max_size_ratio=max_size_ratio)
+    options = CheckOptions(data=data, limit=limit, batch_size=batch_size, random_samples=samples, seed=seed,
+                           input_shapes=parse_input_shapes(input_shapes), threads=threads, measure_speed=speed,
+                           bench_warmup=warmup, bench_repeat=rounds, progress=progress)
+    result = run_check(reference, candidate, thresholds, options)
+    markdown = result.to_markdown()
+    click.echo(markdown)
+    append_step_summary(markdown)
+    payload = result.to_dict()
+    if json_path:
+        write_json_atomic(json_path, payload)
+    if report_dir:
+        write_report(report_dir, "check", markdown, payload)
+    for failed in result.failures():
+        click.echo(failed.message(), err=True)
+    if not result.passed:
+        ctx.exit(1)

@@ -1,0 +1,186 @@
+"""``prune``: choose channels to remove from any ONNX model by a criterion, then slim.
+
+1. The channel analysis of the unmasked model gives the coupled classes and the barriers. Classes held
+   by a barrier (graph inputs/outputs, unknown ops) are never chosen.
+2. Every channel-creating layer (Conv, ConvTranspose, Gemm, MatMul) scores its output channels —
+   ``l1``: L1 norm of the filter, ``l2``: its L2 norm, ``bn``: |gamma| of the BatchNormalization that
+   follows (L1 when there is none), ``random`` (seeded). A class's score is the sum over the layers
+   that create it, so a residual group is judged by all its convolutions.
+3. ``scope="layer"``: each layer loses the ``ratio`` lowest-scoring of its prunable channels (keeping
+   ``min_channels``); ``scope="global"``: the ``ratio`` lowest classes of the whole network, scores
+   normalised by each layer's mean.
+4. The choice becomes **masks**: a per-channel ``Mul`` with zeros is inserted where a reducing layer
+   reads a chosen channel (``placement="consumers"``), or right after each creating layer and its
+   BatchNormalization (``placement="after_bn"``, where mask training puts them). That masked model is
+   the exact meaning of the pruning; :func:`onnxslim.graph.slim.slim` then deletes the channels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.channels import BARRIER, ChannelAnalysis
+from onnxslim.graph.model import get_attr
+from onnxslim.graph.report import SlimReport
+from onnxslim.graph.rules import rule_for
+from onnxslim.graph.slim import analyse, load_model, slim
+from onnxslim.io import save_model_atomic
+
+CRITERIA = ("l1", "l2", "bn", "random")
+_REDUCING = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def channel_scores(analysis: ChannelAnalysis, criterion: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per creating layer (keyed by its output tensor): one score per output channel."""
+    if criterion not in CRITERIA:
+        raise OnnxSlimError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    rng = np.random.default_rng(seed)
+    index = analysis.index
+    scores = {}
+    for name, node in analysis.creators.items():
+        size = analysis.info[name].size
+        if criterion == "random":
+            scores[name] = rng.random(size)
+            continue
+        if criterion == "bn":
+            gamma = _following_bn_gamma(index, name, size)
+            if gamma is not None:
+                scores[name] = np.abs(gamma)
+                continue
+        base = rule_for(node).channel_scores(node, analysis)
+        if base is None:
+            continue
+        if criterion == "l2":
+            weight = index.constant(node.input[1])
+            if node.op_type == "Conv":
+                base = np.sqrt((weight.reshape(weight.shape[0], -1).astype(np.float64) ** 2).sum(axis=1))
+        scores[name] = base
+    return scores
+
+
+def _following_bn_gamma(index, name: str, size: int) -> np.ndarray | None:
+    uses = index.uses(name)
+    if len(uses) == 1 and uses[0].node.op_type == "BatchNormalization":
+        gamma = index.constant(uses[0].node.input[1])
+        if gamma is not None and gamma.size == size:
+            return gamma.astype(np.float64)
+    return None
+
+
+def choose_classes(analysis: ChannelAnalysis, ratio: float, criterion: str = "l1", scope: str = "layer",
+                   min_channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Element ids (one per chosen class) to remove."""
+    if not 0.0 <= ratio < 1.0:
+        raise OnnxSlimError(f"ratio must be in [0, 1), got {ratio}")
+    if scope not in ("layer", "global"):
+        raise OnnxSlimError(f"scope must be 'layer' or 'global', got {scope!r}")
+    roots = analysis.uf.roots()
+    locked = analysis.kept_by(BARRIER)
+    scores = channel_scores(analysis, criterion, seed)
+    class_score: dict[int, float] = {}
+    for name, layer_scores in scores.items():
+        ids = analysis.info[name].ids
+        mean = float(np.mean(layer_scores)) or 1.0
+        normalised = layer_scores / mean if scope == "global" else layer_scores
+        for root, value in zip(roots[ids], normalised):
+            class_score[int(root)] = class_score.get(int(root), 0.0) + float(value)
+    chosen: set[int] = set()
+    if scope == "global":
+        candidates = sorted((s, r) for r, s in class_score.items() if not locked[r])
+        chosen.update(r for _, r in candidates[: int(round(ratio * len(candidates)))])
+    else:
+        for name in scores:
+            layer_roots = roots[analysis.info[name].ids]
+            free = [int(r) for r in dict.fromkeys(layer_roots.tolist()) if not locked[r]]
+            budget = min(int(ratio * len(layer_roots)), len(layer_roots) - min_channels)
+            free.sort(key=lambda r: class_score[r])
+            chosen.update(free[: max(budget, 0)])
+    # never empty a layer completely
+    for name in scores:
+        layer_roots = roots[analysis.info[name].ids]
+        alive = [r for r in layer_roots if int(r) not in chosen]
+        if len(alive) < min_channels:
+            for r in sorted(dict.fromkeys(layer_roots.tolist()), key=lambda r: -class_score.get(r, 0.0)):
+                chosen.discard(int(r))
+                if sum(int(x) not in chosen for x in layer_roots) >= min_channels:
+                    break
+    return np.array(sorted(chosen), np.int64)
+
+
+def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots: np.ndarray,
+                 placement: str = "consumers") -> int:
+    """Insert per-channel zero masks for the chosen classes into ``model`` (in place); returns the count."""
+    if placement not in ("consumers", "after_bn"):
+        raise OnnxSlimError(f"placement must be 'consumers' or 'after_bn', got {placement!r}")
+    index = analysis.index
+    roots = analysis.uf.roots()
+    chosen = np.zeros(analysis.uf.size, bool)
+    chosen[chosen_roots] = True
+    targets: list[str] = []
+    if placement == "consumers":
+        for name, info in analysis.info.items():
+            if not chosen[roots[info.ids]].any():
+                continue
+            readers = [u for u in index.uses(name) if u.node.op_type in _REDUCING and u.slot == 0
+                       and get_attr(u.node, "group", 1) == 1]
+            if readers:
+                targets.append(name)
+    else:
+        for name in analysis.creators:
+            info = analysis.info[name]
+            if chosen[roots[info.ids]].any():
+                uses = index.uses(name)
+                if len(uses) == 1 and uses[0].node.op_type == "BatchNormalization" and name not in index.outputs:
+                    name = uses[0].node.output[0]
+                targets.append(name)
+    graph = model.graph
+    positions = {node.output[0]: position for position, node in enumerate(graph.node) if node.output}
+    inserted, added = [], []
+    for name in targets:
+        info = analysis.info[name]
+        values = np.where(chosen[roots[info.ids]], 0.0, 1.0).astype(np.float32)
+        shape = [1] * info.rank
+        shape[info.axis] = info.size
+        mask_name = index.fresh_name(f"{name}_prune_mask")
+        graph.initializer.append(numpy_helper.from_array(values.reshape(shape), mask_name))
+        added.append(graph.initializer[-1])
+        masked = index.fresh_name(f"{name}_pruned")
+        mul = helper.make_node("Mul", [name, mask_name], [masked], name=masked)
+        if placement == "consumers":
+            readers = [u for u in index.uses(name) if u.node.op_type in _REDUCING and u.slot == 0]
+        else:
+            readers = [u for u in index.uses(name)]
+        for use in readers:
+            use.node.input[use.slot] = masked
+        inserted.append((positions.get(name, -1), mul))
+        index.producer[masked] = mul  # reserve the names
+        index.initializers[mask_name] = graph.initializer[-1]
+    for position, mul in sorted(inserted, key=lambda item: -item[0]):
+        graph.node.insert(position + 1, mul)
+    if model.ir_version < 4:  # IR 3 lists every initializer as an input
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
+    return len(inserted)
+
+
+def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+          ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
+          input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
+          placement: str = "consumers", masked_path: str | os.PathLike | None = None,
+          ) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
+    """Prune ``ratio`` of the prunable channels; returns (slimmed model, report, masked model).
+
+    The masked model is the unslimmed reference that the slimmed model reproduces exactly.
+    """
+    masked, _ = load_model(model)
+    analysis = analyse(masked, input_shapes)
+    chosen = choose_classes(analysis, ratio, criterion, scope, min_channels, seed)
+    insert_masks(masked, analysis, chosen, placement)
+    if masked_path is not None:
+        save_model_atomic(masked, masked_path)
+    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to)
+    return slimmed, report, masked

@@ -1,0 +1,174 @@
+"""Conv and ConvTranspose: they create output channels and reduce over input channels.
+
+Conv, weight W (Cout, Cin/g, k...), g groups of a = Cin/g inputs and b = Cout/g outputs::
+
+    y[o] = b[o] + sum_{i in group(o)} W[o, i] * x[i]
+
+* Output ``o`` is the constant ``b[o]`` when ``W[o, i] = 0`` for every input ``i`` that is not zero
+  (a dead filter, or a filter reading only deleted channels).
+* g = 1: input ``i`` may go when it is zero, when column ``W[:, i]`` is all zero (unused), or when it is a
+  constant ``v`` and the conv has no spatial padding: then ``b'[o] = b[o] + v * sum_k W[o, i, k]`` exactly.
+* g > 1 (grouped, depthwise): the inputs and outputs of one group form one unit, deleted as a whole
+  (the group count shrinks), so that the remaining groups keep equal sizes. For depthwise convs
+  (a = b = 1) this ties input channel ``i`` to output channel ``i``.
+
+ConvTranspose, W (Cin, Cout/g, k...): the same with the roles of the weight axes swapped; its outputs
+overlap, so constants cannot be absorbed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxslim.graph.channels import ChannelAnalysis
+from onnxslim.graph.model import get_attr, set_attr
+from onnxslim.graph.rules.base import Rule, block_reduced_channels, keep_all, register
+
+
+def _bias(analysis_or_index, node, channels: int) -> np.ndarray:
+    index = getattr(analysis_or_index, "index", analysis_or_index)
+    bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return np.zeros(channels) if bias is None else bias.astype(np.float64)
+
+
+def has_padding(node, kernel: tuple[int, ...]) -> bool:
+    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return False
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        strides = get_attr(node, "strides") or [1] * len(kernel)
+        return any(k > 1 for k in kernel) or any(s > 1 for s in strides)
+    return any(p != 0 for p in (get_attr(node, "pads") or []))
+
+
+def _group_units(analysis: ChannelAnalysis, in_ids: np.ndarray, out_ids: np.ndarray, groups: int) -> None:
+    """Couple each group's inputs and outputs into one unit."""
+    a, b = len(in_ids) // groups, len(out_ids) // groups
+    representative = in_ids[::a]  # first input channel of every group
+    analysis.couple(in_ids, np.repeat(representative, a))
+    analysis.couple(out_ids, np.repeat(representative, b))
+
+
+@register
+class ConvRule(Rule):
+    op_types = ("Conv",)
+
+    def propagate(self, node, analysis):
+        index = analysis.index
+        x = analysis.feature(node.input[0])
+        weight = index.constant(node.input[1])
+        if x is None or weight is None or x.axis != 1:
+            analysis.barrier(node, "input without channel facts or weights that are not constant")
+            return
+        groups = get_attr(node, "group", 1)
+        cout, per_group = weight.shape[0], weight.shape[1]
+        if per_group * groups != x.size or cout % groups:
+            analysis.barrier(node, "weight shape does not match the input channels")
+            return
+        bias = _bias(analysis, node, cout)
+        nonzero = np.any(weight.reshape(cout, per_group, -1) != 0, axis=2)  # (Cout, Cin/g)
+        # live input of (o, j): input channel (o // b) * a + j
+        b = cout // groups
+        live = ~x.zero
+        live_in = live[(np.arange(cout) // b)[:, None] * per_group + np.arange(per_group)[None, :]]
+        dead = ~np.any(nonzero & live_in, axis=1)
+        out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
+        analysis.share_weight(node.input[1], x.ids, out.ids)
+        if groups == 1:
+            absorbs = not has_padding(node, weight.shape[2:])
+            block_reduced_channels(analysis, node, node.input[0], x, np.any(nonzero, axis=0), absorbs,
+                                   " (spatial padding)")
+        else:
+            _group_units(analysis, x.ids, out.ids, groups)
+
+    def channel_scores(self, node, analysis):
+        weight = analysis.index.constant(node.input[1])
+        return np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1, dtype=np.float64)
+
+    def rewrite(self, node, rewriter):
+        keep_out = rewriter.keep(node.output[0])
+        keep_in = rewriter.keep(node.input[0])
+        if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+            return
+        weights = rewriter.weights
+        weight = weights.read(node, 1)
+        groups = get_attr(node, "group", 1)
+        cout = weight.shape[0]
+        bias = _bias(rewriter, node, cout)
+        if groups == 1:
+            x = rewriter.info(node.input[0])
+            absorb = ~keep_in & x.const & (x.value != 0)
+            if absorb.any():
+                sums = weight[:, absorb].reshape(cout, int(absorb.sum()), -1).sum(axis=2, dtype=np.float64)
+                bias = bias + sums @ x.value[absorb]
+                rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
+            elif len(node.input) > 2 and node.input[2]:
+                weights.write(node, 2, weights.read(node, 2)[keep_out], key=("take", 0, keep_out.tobytes()))
+            new_weight = weight[keep_out][:, keep_in]
+            weights.write(node, 1, new_weight, key=("conv", keep_out.tobytes(), keep_in.tobytes()))
+        else:
+            b = cout // groups
+            kept_groups = int(keep_out[::b].sum())
+            weights.write(node, 1, weight[keep_out], key=("take", 0, keep_out.tobytes()))
+            if len(node.input) > 2 and node.input[2]:
+                weights.write(node, 2, weights.read(node, 2)[keep_out], key=("take", 0, keep_out.tobytes()))
+            set_attr(node, "group", kept_groups)
+
+
+@register
+class ConvTransposeRule(Rule):
+    op_types = ("ConvTranspose",)
+
+    def propagate(self, node, analysis):
+        index = analysis.index
+        x = analysis.feature(node.input[0])
+        weight = index.constant(node.input[1])
+        if x is None or weight is None or x.axis != 1 or weight.shape[0] != x.size:
+            analysis.barrier(node, "input without channel facts or weights that are not constant")
+            return
+        groups = get_attr(node, "group", 1)
+        cin, per_group = weight.shape[0], weight.shape[1]
+        cout = per_group * groups
+        a = cin // groups
+        bias = _bias(analysis, node, cout)
+        nonzero = np.any(weight.reshape(cin, per_group, -1) != 0, axis=2)  # (Cin, Cout/g)
+        live = ~x.zero
+        # output o = k * per_group + j reads inputs k*a .. k*a+a-1 through W[i, j]
+        grouped = (nonzero & live[:, None]).reshape(groups, a, per_group).any(axis=1)  # (g, Cout/g)
+        dead = ~grouped.reshape(-1)
+        out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
+        analysis.share_weight(node.input[1], x.ids, out.ids)
+        if groups == 1:
+            block_reduced_channels(analysis, node, node.input[0], x, np.any(nonzero, axis=1), False,
+                                   " (transposed convolution outputs overlap)")
+        else:
+            _group_units(analysis, x.ids, out.ids, groups)
+        output_shape = get_attr(node, "output_shape")
+        if output_shape is not None and len(output_shape) == x.rank:  # non-standard: includes N and C
+            keep_all(analysis, node, out, "output_shape fixes the channel count")
+
+    def channel_scores(self, node, analysis):
+        weight = analysis.index.constant(node.input[1])
+        groups = get_attr(node, "group", 1)
+        cin, per_group = weight.shape[0], weight.shape[1]
+        per = np.abs(weight.reshape(groups, cin // groups, per_group, -1)).sum(axis=(1, 3), dtype=np.float64)
+        return per.reshape(-1)
+
+    def rewrite(self, node, rewriter):
+        keep_out = rewriter.keep(node.output[0])
+        keep_in = rewriter.keep(node.input[0])
+        if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+            return
+        weights = rewriter.weights
+        weight = weights.read(node, 1)
+        groups = get_attr(node, "group", 1)
+        per_group = weight.shape[1]
+        if groups == 1:
+            new_weight = weight[keep_in][:, keep_out]
+        else:
+            new_weight = weight[keep_in]
+            set_attr(node, "group", int(keep_out[::per_group].sum()))
+        weights.write(node, 1, new_weight, key=("convT", keep_out.tobytes(), keep_in.tobytes()))
+        if len(node.input) > 2 and node.input[2]:
+            weights.write(node, 2, weights.read(node, 2)[keep_out], key=("take", 0, keep_out.tobytes()))

@@ -1,0 +1,473 @@
+"""Ops that move, cut, join or regroup channels.
+
+* Concat on the channel axis: the output's channels are the inputs' channels end to end (offsets);
+  an input that loses every channel is dropped from the Concat. Concat on another axis couples the
+  inputs' channels.
+* Split / Slice / Gather on the channel axis: each output takes a sub-range (or a list) of the input's
+  channels; sizes, bounds and indices are recomputed in the kept numbering. On other axes they pass
+  channels through.
+* Flatten (axis 1) and a Reshape of a static (N, C, H, W) map to (N, C*H*W): feature ``c*H*W + s``
+  belongs to channel ``c``, so a channel becomes a block of H*W features that a Gemm / MatMul reads; the
+  Reshape target is rewritten to ``[-1, C'*H*W]``. A Reshape that keeps (N, C) and regroups the rest
+  passes channels through. Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
+  later op expects channels on axis 1 (it only moves the axis here).
+* Squeeze / Unsqueeze / Transpose keep channels and move the channel axis.
+* Shape reads no channel values: it does not keep anything (Reshape targets computed from it are
+  handled by the Reshape rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxslim.graph.channels import BARRIER
+from onnxslim.graph.model import get_attr, set_attr
+from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register, register_barrier
+from onnxslim.graph.shape_values import Dim, reshape_target, shape_value
+
+
+def _feature(node, analysis, slot: int = 0):
+    x = analysis.feature(node.input[slot])
+    if x is None:
+        analysis.barrier(node, "input has no known channel axis")
+    return x
+
+
+def _new_positions(keep: np.ndarray) -> np.ndarray:
+    """Index of each old channel in the kept numbering (valid where kept)."""
+    return np.cumsum(keep) - 1
+
+
+def _input_or_attr(node, analysis, attr: str, slot: int):
+    """An operand given as an attribute (old opsets) or as a constant input (new ones).
+
+    Returns (value or None, known): known is False when the input is computed.
+    """
+    value = get_attr(node, attr)
+    if value is not None:
+        return np.asarray(value, np.int64), True
+    if len(node.input) > slot and node.input[slot]:
+        constant = analysis.index.constant(node.input[slot])
+        return (None, False) if constant is None else (np.asarray(constant, np.int64).reshape(-1), True)
+    return None, True
+
+
+def _write_operand(node, rewriter, attr: str, slot: int, value: np.ndarray) -> None:
+    """Store a recomputed attribute-or-input operand the way the node carries it."""
+    if get_attr(node, attr) is not None:
+        set_attr(node, attr, [int(v) for v in value])
+    elif len(node.input) > slot and node.input[slot]:
+        rewriter.weights.write(node, slot, np.asarray(value, np.int64), key=(attr, np.asarray(value).tobytes()))
+    else:
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
+
+
+@register
+class ConcatRule(Rule):
+    op_types = ("Concat",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        index = analysis.index
+        out_shape = index.shape(node.output[0])
+        infos = [analysis.feature(name) for name in node.input]
+        features = [i for i in infos if i is not None]
+        if not features:
+            analysis.barrier(node, "no feature-map input")
+            return
+        rank = features[0].rank
+        axis = normalize_axis(get_attr(node, "axis", 0), rank)
+        channel_axis = features[0].axis
+        if any(i.axis != channel_axis or i.rank != rank for i in features):
+            analysis.barrier(node, "inputs disagree on the channel axis")
+            return
+        if axis != channel_axis:
+            for other in features[1:]:
+                if other.size != features[0].size:
+                    analysis.barrier(node, "inputs have different channel counts")
+                    return
+                analysis.couple(features[0].ids, other.ids)
+            const = np.logical_and.reduce([i.const for i in features])
+            const &= np.logical_and.reduce([i.value == features[0].value for i in features])
+            pass_through(node, analysis, features[0].with_values(const, features[0].value))
+            return
+        parts = []
+        for name, info in zip(node.input, infos):
+            if info is not None:
+                parts.append(info)
+                continue
+            shape = index.shape(name)
+            if not index.is_const(name) or shape is None or len(shape) != rank:
+                analysis.barrier(node, "an input has no known channel axis")
+                return
+            const_part = analysis.fresh(None, "", shape[channel_axis], channel_axis, rank)
+            analysis.keep(const_part.ids, BARRIER, f"constant input '{name}' of Concat '{index.node_name(node)}'")
+            parts.append(const_part)
+        ids = np.concatenate([p.ids for p in parts])
+        if out_shape is not None and out_shape[axis] not in (None, len(ids)):
+            analysis.barrier(node, "output channel count does not add up")
+            return
+        info = features[0].with_values(np.concatenate([p.const for p in parts]), np.concatenate([p.value for p in parts]))
+        info.ids = ids
+        analysis.set(node.output[0], info)
+
+    def allows_empty_input(self, node, slot, plan):
+        return True
+
+    def rewrite(self, node, rewriter):
+        out = rewriter.info(node.output[0])
+        if out is None:
+            return
+        first = next(rewriter.info(n) for n in node.input if rewriter.info(n) is not None)
+        if normalize_axis(get_attr(node, "axis", 0), out.rank) == first.axis:
+            names = [name for name in node.input if not rewriter.plan.is_empty(name)]
+            if len(names) != len(node.input):
+                del node.input[:]
+                node.input.extend(names)
+                if len(names) == 1:  # a Concat of one input is that input
+                    node.op_type = "Identity"
+                    del node.attribute[:]
+            return
+        keep = rewriter.keep(node.output[0])
+        if keep is None or keep.all():
+            return
+        for slot, name in enumerate(node.input):
+            constant = rewriter.index.constant(name)
+            if constant is not None:
+                rewriter.weights.write(node, slot, np.compress(keep, constant, axis=out.axis),
+                                       key=("take", out.axis, keep.tobytes()))
+
+
+def _split_sizes(node, analysis, x):
+    axis = normalize_axis(get_attr(node, "axis", 0), x.rank)
+    sizes, known = _input_or_attr(node, analysis, "split", 1)
+    if not known:
+        return axis, None
+    outputs = len(node.output)
+    if sizes is None:
+        dim = x.size if axis == x.axis else None
+        if dim is None:
+            return axis, []  # not needed off the channel axis
+        chunk = -(-dim // outputs)
+        sizes = np.array([min(chunk, dim - k * chunk) for k in range(outputs)], np.int64)
+    return axis, sizes
+
+
+@register
+class SplitRule(Rule):
+    op_types = ("Split",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        axis, sizes = _split_sizes(node, analysis, x)
+        if axis != x.axis:
+            pass_through(node, analysis, x, outputs=len(node.output))
+            return
+        if sizes is None or int(np.sum(sizes)) != x.size:
+            analysis.barrier(node, "split sizes are computed or do not add up")
+            return
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        for position, name in enumerate(node.output):
+            analysis.set(name, x.take(np.arange(offsets[position], offsets[position + 1])))
+
+    def allows_empty_output(self, node, position, plan):
+        return plan.is_empty(node.input[0]) or not self._on_channel_axis(node, plan)
+
+    def _on_channel_axis(self, node, plan) -> bool:
+        x = plan.analysis.info.get(node.input[0])
+        return x is not None and normalize_axis(get_attr(node, "axis", 0), x.rank) == x.axis
+
+    def rewrite(self, node, rewriter):
+        if not self._on_channel_axis(node, rewriter.plan):
+            return
+        keep = rewriter.keep(node.input[0])
+        if keep is None or keep.all():
+            return
+        sizes = np.array([int(rewriter.keep(name).sum()) for name in node.output], np.int64)
+        if get_attr(node, "num_outputs") is not None:
+            node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
+        if rewriter.index.opset >= 13:
+            if len(node.input) > 1 and node.input[1]:
+                rewriter.weights.write(node, 1, sizes, key=("split", sizes.tobytes()))
+            else:
+                _write_operand(node, rewriter, "split", 1, sizes)
+        else:
+            set_attr(node, "split", [int(s) for s in sizes])
+
+
+class _ChannelSelection(Rule):
+    """Slice and Gather on the channel axis select channel positions of the input."""
+
+    passthrough = True
+
+    def allows_empty_output(self, node, position, plan):
+        return plan.is_empty(node.input[0]) or not self.selects_channels(node, plan.analysis)
+
+    def selects_channels(self, node, analysis) -> bool:
+        raise NotImplementedError
+
+
+@register
+class SliceRule(_ChannelSelection):
+    op_types = ("Slice",)
+
+    def _operands(self, node, analysis, rank):
+        starts, known_s = _input_or_attr(node, analysis, "starts", 1)
+        ends, known_e = _input_or_attr(node, analysis, "ends", 2)
+        axes, known_a = _input_or_attr(node, analysis, "axes", 3)
+        steps, known_t = (None, True) if analysis.index.opset < 10 else _input_or_attr(node, analysis, "steps", 4)
+        if not (known_a and known_s and known_e and known_t) or starts is None or ends is None:
+            return None
+        axes = list(range(len(starts))) if axes is None else [normalize_axis(int(a), rank) for a in axes]
+        steps = np.ones(len(starts), np.int64) if steps is None else steps
+        return starts, ends, axes, steps
+
+    def selects_channels(self, node, analysis) -> bool:
+        x = analysis.info.get(node.input[0])
+        operands = self._operands(node, analysis, x.rank) if x is not None else None
+        return operands is not None and x.axis in operands[2]
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        operands = self._operands(node, analysis, x.rank)
+        if operands is None:
+            axes, known = _input_or_attr(node, analysis, "axes", 3)
+            if known and axes is not None and x.axis not in [normalize_axis(int(a), x.rank) for a in axes]:
+                pass_through(node, analysis, x)
+                return
+            analysis.barrier(node, "slice bounds are computed")
+            return
+        starts, ends, axes, steps = operands
+        if x.axis not in axes:
+            pass_through(node, analysis, x)
+            return
+        position = axes.index(x.axis)
+        if steps[position] != 1:
+            analysis.barrier(node, "strided slice of the channel axis")
+            return
+        chosen = np.arange(x.size)[slice(int(starts[position]), int(ends[position]))]
+        analysis.set(node.output[0], x.take(chosen))
+
+    def rewrite(self, node, rewriter):
+        if not self.selects_channels(node, rewriter.analysis):
+            return
+        keep = rewriter.keep(node.input[0])
+        if keep is None or keep.all():
+            return
+        x = rewriter.info(node.input[0])
+        starts, ends, axes, _ = self._operands(node, rewriter.analysis, x.rank)
+        position = axes.index(x.axis)
+        chosen = np.arange(x.size)[slice(int(starts[position]), int(ends[position]))]
+        kept = chosen[keep[chosen]]
+        new = _new_positions(keep)
+        starts, ends = starts.copy(), ends.copy()
+        starts[position], ends[position] = new[kept[0]], new[kept[-1]] + 1
+        _write_operand(node, rewriter, "starts", 1, starts)
+        _write_operand(node, rewriter, "ends", 2, ends)
+
+
+@register
+class GatherRule(_ChannelSelection):
+    op_types = ("Gather",)
+
+    def selects_channels(self, node, analysis) -> bool:
+        x = analysis.info.get(node.input[0])
+        return x is not None and normalize_axis(get_attr(node, "axis", 0), x.rank) == x.axis
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        indices = analysis.index.constant(node.input[1])
+        axis = normalize_axis(get_attr(node, "axis", 0), x.rank)
+        if indices is None:
+            if axis == x.axis:
+                analysis.barrier(node, "gather indices are computed")
+                return
+            indices_rank = len(analysis.index.shape(node.input[1]) or ())
+        else:
+            indices_rank = indices.ndim
+        if axis != x.axis:
+            info = x.with_values(x.const, x.value)
+            info.rank = x.rank - 1 + indices_rank
+            info.axis = x.axis - 1 + indices_rank if axis < x.axis else x.axis
+            pass_through(node, analysis, info)
+            return
+        if indices.ndim != 1:
+            analysis.barrier(node, "gathers channels with non 1-D indices")
+            return
+        analysis.set(node.output[0], x.take(np.where(indices < 0, indices + x.size, indices)))
+
+    def rewrite(self, node, rewriter):
+        if not self.selects_channels(node, rewriter.analysis):
+            return
+        keep = rewriter.keep(node.input[0])
+        if keep is None or keep.all():
+            return
+        x = rewriter.info(node.input[0])
+        indices = rewriter.index.constant(node.input[1])
+        positions = np.where(indices < 0, indices + x.size, indices)
+        kept = positions[keep[positions]]
+        new = _new_positions(keep)[kept].astype(indices.dtype)
+        rewriter.weights.write(node, 1, new, key=("gather", new.tobytes()))
+
+
+@register
+class FlattenRule(Rule):
+    op_types = ("Flatten",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        axis = normalize_axis(get_attr(node, "axis", 1), x.rank)
+        block = _block_size(analysis.index.shape(node.input[0]), x)
+        if axis != 1 or x.axis != 1 or block is None:
+            analysis.barrier(node, "flattens across the batch or over dynamic spatial dims")
+            return
+        analysis.set(node.output[0], _flattened(x, block))
+
+
+def _block_size(shape, x) -> int | None:
+    """H*W... of a (N, C, H, W...) map when static."""
+    if shape is None or len(shape) != x.rank or any(d is None for d in shape[2:]):
+        return None
+    return int(np.prod(shape[2:], dtype=np.int64)) if x.rank > 2 else 1
+
+
+def _flattened(x, block: int):
+    info = x.with_values(np.repeat(x.const, block), np.repeat(x.value, block))
+    info.ids, info.rank, info.axis = np.repeat(x.ids, block), 2, 1
+    return info
+
+
+@register
+class ReshapeRule(Rule):
+    op_types = ("Reshape",)
+    passthrough = True
+
+    def _kind(self, node, analysis, x) -> tuple[str, list | None]:
+        """("flatten" | "same" | "barrier", resolved output dims)."""
+        index = analysis.index
+        in_shape = index.shape(node.input[0])
+        dims = reshape_target(index, node)
+        if x.axis != 1 or in_shape is None or dims is None or len(in_shape) < 2:
+            return "barrier", None
+
+        def same(d, axis):
+            return d == Dim("in", axis) or (in_shape[axis] is not None and d == in_shape[axis])
+
+        block = _block_size(in_shape, x)
+        if len(dims) == 2 and same(dims[0], 0) and block is not None and dims[1] == x.size * block:
+            return "flatten", dims
+        if len(dims) >= 2 and same(dims[0], 0) and same(dims[1], 1):
+            raw = shape_value(index, node.input[1])
+            entry = raw[1]
+            adapts = entry in (0, -1) or entry == Dim(node.input[0], 1)
+            if adapts or index.is_const(node.input[1]):
+                return "same", dims
+        return "barrier", None
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        kind, dims = self._kind(node, analysis, x)
+        if kind == "barrier":
+            analysis.barrier(node, "regroups the channel axis (or its target shape is unknown)")
+        elif kind == "flatten":
+            analysis.set(node.output[0], _flattened(x, _block_size(analysis.index.shape(node.input[0]), x)))
+        else:
+            info = x.with_values(x.const, x.value)
+            info.rank = len(dims)
+            pass_through(node, analysis, info)
+
+    def rewrite(self, node, rewriter):
+        keep = rewriter.keep(node.output[0])
+        if keep is None or keep.all():
+            return
+        x = rewriter.info(node.input[0])
+        kind, _ = self._kind(node, rewriter.analysis, x)
+        if kind == "flatten":
+            # a computed target (Shape -> Gather -> Concat) would still say the old size
+            node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array([-1, int(keep.sum())], np.int64))
+            return
+        target = rewriter.index.constant(node.input[1])
+        if target is not None and target[1] == x.size:
+            target = target.copy()
+            target[1] = int(keep.sum())
+            rewriter.weights.write(node, 1, target, key=("shape", target.tobytes()))
+
+
+@register
+class SqueezeRule(Rule):
+    op_types = ("Squeeze", "Unsqueeze")
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        axes, known = _input_or_attr(node, analysis, "axes", 1)
+        out_shape = analysis.index.shape(node.output[0])
+        if not known or (axes is None and out_shape is None):
+            analysis.barrier(node, "axes are computed")
+            return
+        if node.op_type == "Squeeze":
+            if axes is None:
+                in_shape = analysis.index.shape(node.input[0]) or ()
+                axes = [a for a, d in enumerate(in_shape) if d == 1]
+            axes = [normalize_axis(int(a), x.rank) for a in axes]
+            if x.axis in axes:
+                analysis.barrier(node, "squeezes the channel axis")
+                return
+            axis, rank = x.axis - sum(1 for a in axes if a < x.axis), x.rank - len(axes)
+        else:
+            rank = x.rank + len(axes)
+            inserted = sorted(normalize_axis(int(a), rank) for a in axes)
+            kept = [p for p in range(rank) if p not in inserted]
+            axis = kept[x.axis]
+        info = x.with_values(x.const, x.value)
+        info.axis, info.rank = axis, rank
+        pass_through(node, analysis, info)
+
+
+@register
+class TransposeRule(Rule):
+    op_types = ("Transpose",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        perm = get_attr(node, "perm") or list(reversed(range(x.rank)))
+        info = x.with_values(x.const, x.value)
+        info.axis = list(perm).index(x.axis)
+        pass_through(node, analysis, info)
+
+
+@register
+class ShapeRule(Rule):
+    """Shape reads only dims; nothing it does depends on channel values."""
+
+    op_types = ("Shape",)
+
+    def propagate(self, node, analysis):
+        return None
+
+    def allows_empty_input(self, node, slot, plan):
+        return False
+
+
+register_barrier("Size", "its value counts the channels")
+register_barrier("DepthToSpace", "moves channels into space")
+register_barrier("SpaceToDepth", "moves space into channels")

@@ -1,0 +1,148 @@
+"""Gemm and MatMul: fully connected layers over a (N, K) feature.
+
+Gemm ``Y = alpha * A @ B' + beta * C`` with B' = B or B^T (K, M):
+
+* output neuron ``m`` is the constant ``beta * C[m]`` when ``B'[k, m] = 0`` for every non-zero input ``k``;
+* input feature ``k`` may go when it is zero, unused (row ``B'[k]`` all zero), or a constant ``v``:
+  ``C'[m] = beta * C[m] + alpha * v * B'[k, m]`` (written with beta = 1) absorbs it exactly.
+
+A (N, C, H, W) map flattened into A carries each channel as a block of H*W features (see layout), so a
+deleted channel removes a block of rows of B'.
+
+MatMul ``Y = A @ B`` with constant 2-D B: on a rank-2 A it is Gemm without bias (constants cannot be
+absorbed); on a higher-rank A whose channel axis is not the last it acts on each channel separately
+(``(N, C, L) @ (L, M)``) and passes channels through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxslim.graph.model import get_attr, set_attr
+from onnxslim.graph.rules.base import Rule, block_reduced_channels, pass_through, register
+
+
+def _gemm_matrix(node, analysis_or_rewriter) -> np.ndarray | None:
+    """B' = B or B^T, shape (K, M)."""
+    index = analysis_or_rewriter.index
+    weight = index.constant(node.input[1])
+    if weight is None or weight.ndim != 2:
+        return None
+    return weight.T if get_attr(node, "transB", 0) else weight
+
+
+def _gemm_bias(node, index, outputs: int) -> np.ndarray | None:
+    """beta * C as a length-M vector, or None when C is not per-neuron (e.g. (N, M) with N > 1)."""
+    beta = get_attr(node, "beta", 1.0)
+    if len(node.input) < 3 or not node.input[2]:
+        return np.zeros(outputs)
+    bias = index.constant(node.input[2])
+    if bias is None:
+        return None
+    if bias.size == 1:
+        return np.full(outputs, beta * float(bias.reshape(-1)[0]))
+    if bias.shape[-1] == outputs and bias.size == outputs:
+        return beta * bias.reshape(-1).astype(np.float64)
+    return None
+
+
+@register
+class GemmRule(Rule):
+    op_types = ("Gemm",)
+
+    def propagate(self, node, analysis):
+        a = analysis.feature(node.input[0])
+        matrix = _gemm_matrix(node, analysis)
+        if a is None or matrix is None or get_attr(node, "transA", 0) or a.rank != 2 or a.axis != 1:
+            analysis.barrier(node, "needs a (N, K) feature input and a constant weight")
+            return
+        if matrix.shape[0] != a.size:
+            analysis.barrier(node, "weight shape does not match the input features")
+            return
+        outputs = matrix.shape[1]
+        bias = _gemm_bias(node, analysis.index, outputs)
+        nonzero = matrix != 0
+        dead = ~np.any(nonzero[~a.zero], axis=0)
+        if bias is None:
+            dead[:] = False
+            bias = np.zeros(outputs)
+        out = analysis.fresh(node, node.output[0], outputs, 1, 2, const=dead, value=bias)
+        analysis.share_weight(node.input[1], a.ids, out.ids)
+        block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1),
+                               absorbs_constants=_gemm_bias(node, analysis.index, outputs) is not None)
+
+    def channel_scores(self, node, analysis):
+        return np.abs(_gemm_matrix(node, analysis)).sum(axis=0, dtype=np.float64)
+
+    def rewrite(self, node, rewriter):
+        keep_out = rewriter.keep(node.output[0])
+        keep_in = rewriter.keep(node.input[0])
+        if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+            return
+        index = rewriter.index
+        weight = index.constant(node.input[1])
+        trans_b = get_attr(node, "transB", 0)
+        matrix = weight.T if trans_b else weight
+        outputs = matrix.shape[1]
+        a = rewriter.info(node.input[0])
+        absorb = ~keep_in & a.const & (a.value != 0)
+        new_matrix = matrix[keep_in][:, keep_out]
+        rewriter.weights.write(node, 1, new_matrix.T if trans_b else new_matrix,
+                               key=("gemm", trans_b, keep_out.tobytes(), keep_in.tobytes()))
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if absorb.any():
+            alpha = get_attr(node, "alpha", 1.0)
+            bias = _gemm_bias(node, index, outputs) + alpha * (a.value[absorb] @ matrix[absorb].astype(np.float64))
+            rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
+            set_attr(node, "beta", 1.0)
+        elif has_bias and not keep_out.all():
+            bias = index.constant(node.input[2])
+            if bias.size > 1 and bias.shape[-1] == outputs:
+                rewriter.weights.write(node, 2, np.compress(keep_out, bias, axis=bias.ndim - 1),
+                                       key=("take", bias.ndim - 1, keep_out.tobytes()))
+
+
+def _channelwise(node, info: dict) -> bool:
+    a = info.get(node.input[0])
+    return a is not None and a.axis != a.rank - 1
+
+
+@register
+class MatMulRule(Rule):
+    op_types = ("MatMul",)
+
+    def propagate(self, node, analysis):
+        a = analysis.feature(node.input[0])
+        matrix = analysis.index.constant(node.input[1])
+        if a is None or matrix is None or matrix.ndim != 2:
+            analysis.barrier(node, "needs a feature input and a constant 2-D weight")
+            return
+        if a.axis != a.rank - 1:  # (N, C, L) @ (L, M): per-channel, channels pass through
+            zero = a.zero
+            pass_through(node, analysis, a.with_values(zero, np.zeros(a.size)))
+            return
+        if a.rank != 2 or matrix.shape[0] != a.size:
+            analysis.barrier(node, "only (N, K) @ (K, M) is modelled on the feature axis")
+            return
+        nonzero = matrix != 0
+        dead = ~np.any(nonzero[~a.zero], axis=0)
+        out = analysis.fresh(node, node.output[0], matrix.shape[1], 1, 2, const=dead, value=np.zeros(matrix.shape[1]))
+        analysis.share_weight(node.input[1], a.ids, out.ids)
+        block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1), False, " (no bias)")
+
+    def allows_empty_input(self, node, slot, plan):
+        return _channelwise(node, plan.analysis.info)
+
+    def channel_scores(self, node, analysis):
+        return np.abs(analysis.index.constant(node.input[1])).sum(axis=0, dtype=np.float64)
+
+    def rewrite(self, node, rewriter):
+        keep_out = rewriter.keep(node.output[0])
+        keep_in = rewriter.keep(node.input[0])
+        if keep_out is None or keep_in is None or _channelwise(node, rewriter.analysis.info):
+            return
+        if keep_out.all() and keep_in.all():
+            return
+        matrix = rewriter.index.constant(node.input[1])
+        rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out],
+                               key=("matmul", keep_out.tobytes(), keep_in.tobytes()))

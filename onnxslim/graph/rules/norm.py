@@ -1,0 +1,111 @@
+"""Normalisations.
+
+BatchNormalization (inference form) is a per-channel affine map, channels pass through::
+
+    y[c] = scale[c] * (x[c] - mean[c]) / sqrt(var[c] + eps) + B[c]
+
+so a constant channel ``v`` stays constant, and zero becomes the shift ``B - scale * mean / sigma`` —
+usually not zero, which is why masks belong *after* BN. Its four parameter vectors are sliced.
+
+InstanceNormalization normalises each channel over space: a constant channel normalises to 0, so its
+output is the constant ``B[c]``; parameters are sliced.
+
+LayerNormalization over axes that exclude the channel axis passes channels through (its parameters are
+not per channel). Normalisations that mix channels — LRN, GroupNormalization, LayerNormalization over the
+channel axis — are barriers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxslim.graph.model import get_attr
+from onnxslim.graph.rules.base import (
+    Rule,
+    keep_extra_outputs,
+    normalize_axis,
+    pass_through,
+    register,
+    register_barrier,
+)
+
+
+def _slice_parameters(node, rewriter, slots) -> None:
+    keep = rewriter.keep(node.output[0])
+    if keep is None or keep.all():
+        return
+    for slot in slots:
+        if slot < len(node.input) and node.input[slot]:
+            value = rewriter.index.constant(node.input[slot])
+            if value is not None and value.ndim >= 1 and value.shape[0] == len(keep):
+                rewriter.weights.write(node, slot, value[keep], key=("take", 0, keep.tobytes()))
+
+
+@register
+class BatchNormRule(Rule):
+    op_types = ("BatchNormalization",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = analysis.feature(node.input[0])
+        params = [analysis.index.constant(name) for name in node.input[1:5]]
+        if x is None or x.axis != 1 or any(p is None for p in params) or len(params) != 4:
+            analysis.barrier(node, "needs a feature input and constant parameters")
+            return
+        if get_attr(node, "training_mode", 0):
+            analysis.barrier(node, "training mode")
+            return
+        if keep_extra_outputs(node, analysis, 1, "training outputs are read"):
+            return
+        scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+        eps = get_attr(node, "epsilon", 1e-5)
+        with np.errstate(all="ignore"):
+            value = scale * (x.value - mean) / np.sqrt(var + eps) + bias
+        pass_through(node, analysis, x.with_values(x.const & np.isfinite(value), value))
+
+    def rewrite(self, node, rewriter):
+        _slice_parameters(node, rewriter, (1, 2, 3, 4))
+
+
+@register
+class InstanceNormRule(Rule):
+    op_types = ("InstanceNormalization",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = analysis.feature(node.input[0])
+        scale, bias = (analysis.index.constant(name) for name in node.input[1:3])
+        if x is None or x.axis != 1 or scale is None or bias is None:
+            analysis.barrier(node, "needs a feature input and constant parameters")
+            return
+        # (v - mean) is exactly 0 only for a zero channel; other constants could round to tiny values
+        pass_through(node, analysis, x.with_values(x.zero, bias.astype(np.float64)))
+
+    def rewrite(self, node, rewriter):
+        _slice_parameters(node, rewriter, (1, 2))
+
+
+@register
+class LayerNormRule(Rule):
+    op_types = ("LayerNormalization",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = analysis.feature(node.input[0])
+        if x is None:
+            analysis.barrier(node, "input has no known channel axis")
+            return
+        axis = normalize_axis(get_attr(node, "axis", -1), x.rank)
+        if axis <= x.axis:
+            analysis.barrier(node, "normalises over the channel axis")
+            return
+        if keep_extra_outputs(node, analysis, 1, "mean / inv-std outputs are read"):
+            return
+        bias = analysis.index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zero_bias = bias is None or not np.any(bias)
+        pass_through(node, analysis, x.with_values(x.zero & zero_bias, np.zeros(x.size)))
+
+
+register_barrier("LRN", "normalises across neighbouring channels")
+register_barrier("GroupNormalization", "normalises across groups of channels")
+register_barrier("MeanVarianceNormalization", "may normalise across channels")

@@ -1,0 +1,196 @@
+"""Ops that work on each channel's spatial plane separately: channels pass through one-to-one.
+
+Constant channels: ``max``/``min``/``mean`` of a constant is that constant, so MaxPool, global pooling,
+AveragePool that excludes padding, and ReduceMean/Max/Min over non-channel axes keep them. AveragePool
+counting zero padding, LpPool and other reductions keep only zero. Resize (nearest or linear) and
+Upsample interpolate between equal values and keep constants; cubic keeps only zero. Pad keeps a
+constant ``v`` when it pads with ``v`` (or replicates edges) and never pads the channel axis.
+
+Softmax and the like over a spatial axis pass channels through; over the channel axis they are barriers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxslim.graph.model import get_attr
+from onnxslim.graph.rules.base import Rule, keep_extra_outputs, normalize_axis, pass_through, register
+
+
+def _string(value) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _feature_or_barrier(node, analysis):
+    x = analysis.feature(node.input[0])
+    if x is None:
+        analysis.barrier(node, "input has no known channel axis")
+    return x
+
+
+@register
+class PoolRule(Rule):
+    op_types = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        if x.axis != 1:
+            analysis.barrier(node, "channel axis is not axis 1")
+            return
+        if keep_extra_outputs(node, analysis, 1, "its indices output is read"):
+            return
+        keeps_constants = node.op_type in ("MaxPool", "GlobalAveragePool", "GlobalMaxPool")
+        if node.op_type == "AveragePool":
+            padded = any(get_attr(node, "pads") or []) or _string(get_attr(node, "auto_pad", b"NOTSET")).startswith("SAME")
+            keeps_constants = not (padded and get_attr(node, "count_include_pad", 0))
+        const = x.const if keeps_constants else x.zero
+        pass_through(node, analysis, x.with_values(const, x.value))
+
+
+@register
+class ReduceRule(Rule):
+    """Reductions over non-channel axes (ReduceMean over H, W is a global average pool)."""
+
+    op_types = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
+                "ReduceSumSquare", "ReduceLogSumExp")
+    passthrough = True
+
+    def _axes(self, node, analysis, rank):
+        axes = get_attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            constant = analysis.index.constant(node.input[1])
+            if constant is None:
+                return None
+            axes = constant.reshape(-1).tolist()
+        if not axes:
+            return None if not get_attr(node, "noop_with_empty_axes", 0) else []
+        return sorted(normalize_axis(int(a), rank) for a in axes)
+
+    def propagate(self, node, analysis):
+        x = _feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        axes = self._axes(node, analysis, x.rank)
+        if axes is None or x.axis in axes:
+            analysis.barrier(node, "reduces over the channel axis (or over unknown axes)")
+            return
+        keepdims = get_attr(node, "keepdims", 1)
+        axis = x.axis if keepdims else x.axis - sum(1 for a in axes if a < x.axis)
+        rank = x.rank if keepdims else x.rank - len(axes)
+        keeps_constants = node.op_type in ("ReduceMean", "ReduceMax", "ReduceMin")
+        info = x.with_values(x.const if keeps_constants else x.zero, x.value)
+        info.axis, info.rank = axis, rank
+        pass_through(node, analysis, info)
+
+
+@register
+class ResizeRule(Rule):
+    """Resize (opset 10+: X, roi, scales, sizes) and Upsample (scales attribute or input)."""
+
+    op_types = ("Resize", "Upsample")
+    passthrough = True
+
+    def _scales_and_sizes(self, node, analysis):
+        index = analysis.index
+        scales = get_attr(node, "scales")
+        sizes = None
+        if node.op_type == "Upsample" or index.opset == 10:
+            if scales is None and len(node.input) > 1:
+                scales = index.constant(node.input[1])
+        else:
+            if len(node.input) > 2 and node.input[2]:
+                scales = index.constant(node.input[2])
+                if scales is None:
+                    return None, None, False
+            if len(node.input) > 3 and node.input[3]:
+                sizes = index.constant(node.input[3])
+                if sizes is None:
+                    return None, None, False
+        return scales, sizes, True
+
+    def propagate(self, node, analysis):
+        x = _feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        scales, sizes, known = self._scales_and_sizes(node, analysis)
+        axes = get_attr(node, "axes")
+        if not known or axes is not None:
+            analysis.barrier(node, "scales/sizes are computed, or axes are given")
+            return
+        if scales is not None and len(np.reshape(scales, -1)) and np.reshape(scales, -1)[x.axis] != 1:
+            analysis.barrier(node, "resizes the channel axis")
+            return
+        if sizes is not None and np.reshape(sizes, -1)[x.axis] != x.size:
+            analysis.barrier(node, "resizes the channel axis")
+            return
+        mode = _string(get_attr(node, "mode", b"nearest"))
+        const = x.const if mode in ("nearest", "linear", "bilinear") else x.zero
+        pass_through(node, analysis, x.with_values(const, x.value))
+
+    def rewrite(self, node, rewriter):
+        keep = rewriter.keep(node.output[0])
+        if keep is None or keep.all() or node.op_type != "Resize" or len(node.input) < 4 or not node.input[3]:
+            return
+        sizes = rewriter.index.constant(node.input[3]).copy()
+        sizes[rewriter.info(node.output[0]).axis] = int(keep.sum())
+        rewriter.weights.write(node, 3, sizes, key=("sizes", sizes.tobytes()))
+
+
+@register
+class PadRule(Rule):
+    op_types = ("Pad",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        index = analysis.index
+        pads = get_attr(node, "pads")
+        fill = get_attr(node, "value", 0.0)
+        if pads is None:
+            pads = index.constant(node.input[1]) if len(node.input) > 1 else None
+            if len(node.input) > 2 and node.input[2]:
+                fill_value = index.constant(node.input[2])
+                fill = None if fill_value is None else float(np.reshape(fill_value, -1)[0]) if np.size(fill_value) else 0.0
+            axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if len(node.input) > 3 and node.input[3] and axes is None:
+                pads = None
+        else:
+            axes = None
+        if pads is None or fill is None:
+            analysis.barrier(node, "pads or fill value are computed")
+            return
+        pads = np.reshape(pads, -1)
+        axes = list(range(x.rank)) if axes is None else [normalize_axis(int(a), x.rank) for a in np.reshape(axes, -1)]
+        half = len(pads) // 2
+        for position, axis in enumerate(axes[:half]):
+            if axis == x.axis and (pads[position] or pads[position + half]):
+                analysis.barrier(node, "pads the channel axis")
+                return
+        mode = _string(get_attr(node, "mode", b"constant"))
+        const = x.const & (x.value == fill) if mode == "constant" else x.const
+        pass_through(node, analysis, x.with_values(const, x.value))
+
+
+@register
+class SoftmaxRule(Rule):
+    op_types = ("Softmax", "LogSoftmax", "Hardmax")
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        default = -1 if analysis.index.opset >= 13 else 1
+        axis = normalize_axis(get_attr(node, "axis", default), x.rank)
+        if analysis.index.opset < 13 and axis <= x.axis:  # old softmax flattens from `axis` on
+            analysis.barrier(node, "normalises across the channel axis")
+            return
+        if axis == x.axis:
+            analysis.barrier(node, "normalises across the channel axis")
+            return
+        pass_through(node, analysis, x.unknown_values())

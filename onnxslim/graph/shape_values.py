@@ -1,0 +1,132 @@
+"""Values of small integer shape tensors, computed symbolically.
+
+Exporters spell ``x.view(x.size(0), -1)`` as ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``, and
+ONNX data propagation does not always follow it. This evaluator does, for the ops such subgraphs use.
+A dimension is an ``int`` when static, or a :class:`Dim` ``(tensor, axis)`` when it is "whatever that
+tensor's axis is at run time" — enough to recognise a Reshape that keeps the batch dimension without
+fixing the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onnxslim.graph.model import Graph, get_attr
+
+
+@dataclasses.dataclass(frozen=True)
+class Dim:
+    tensor: str
+    axis: int
+
+
+Value = list  # list[int | Dim]
+_UNKNOWN = None
+
+
+def shape_value(index: Graph, name: str, depth: int = 0) -> Value | None:
+    """The entries of the 1-D (or scalar) int tensor ``name``, or None when not computable."""
+    constant = index.constant(name)
+    if constant is not None:
+        if constant.dtype.kind not in "iu" or constant.ndim > 1 or constant.size > 16:
+            return None
+        return [int(v) for v in constant.reshape(-1)]
+    node = index.producer.get(name)
+    if node is None or depth > 32:
+        return None
+    op = node.op_type
+
+    def arg(slot: int) -> Value | None:
+        return shape_value(index, node.input[slot], depth + 1) if len(node.input) > slot and node.input[slot] else None
+
+    if op == "Shape":
+        shape = index.shape(node.input[0])
+        if shape is None:
+            return None
+        dims = [d if d is not None else Dim(node.input[0], axis) for axis, d in enumerate(shape)]
+        start, end = get_attr(node, "start", 0), get_attr(node, "end")
+        return dims[start:end]
+    if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+        return arg(0)
+    if op == "Concat":
+        parts = [shape_value(index, n, depth + 1) for n in node.input]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if op == "Gather":
+        data, indices = arg(0), index.constant(node.input[1])
+        if data is None or indices is None or get_attr(node, "axis", 0) != 0:
+            return None
+        try:
+            return [data[int(i)] for i in np.reshape(indices, -1)]
+        except IndexError:
+            return None
+    if op == "Slice":
+        data = arg(0)
+        starts, ends = arg(1), arg(2)
+        axes, steps = arg(3), arg(4)
+        if data is None or starts is None or ends is None or any(isinstance(v, Dim) for v in starts + ends):
+            return None
+        if (axes is not None and axes != [0]) or (steps is not None and steps != [1]):
+            return None
+        return data[starts[0]:ends[0]]
+    if op in ("Mul", "Add", "Sub", "Div"):
+        a, b = arg(0), arg(1)
+        if a is None or b is None:
+            return None
+        if len(a) == 1:
+            a = a * len(b)
+        if len(b) == 1:
+            b = b * len(a)
+        if any(isinstance(v, Dim) for v in a + b):
+            return None
+        ops = {"Mul": lambda p, q: p * q, "Add": lambda p, q: p + q, "Sub": lambda p, q: p - q,
+               "Div": lambda p, q: p // q if q else 0}
+        return [ops[op](p, q) for p, q in zip(a, b)]
+    if op == "ReduceProd":
+        data = arg(0)
+        if data is None or any(isinstance(v, Dim) for v in data):
+            return None
+        return [int(np.prod(data))]
+    return None
+
+
+def reshape_target(index: Graph, node) -> list | None:
+    """Reshape's output dims as ints or ``Dim`` of its input, resolving 0 (copy) and -1 (infer)."""
+    target = shape_value(index, node.input[1])
+    in_shape = index.shape(node.input[0])
+    if target is None or in_shape is None:
+        return None
+    allow_zero = get_attr(node, "allowzero", 0)
+    dims: list = []
+    for position, entry in enumerate(target):
+        if isinstance(entry, Dim):
+            if entry.tensor == node.input[0]:
+                entry = in_shape[entry.axis] if in_shape[entry.axis] is not None else Dim("in", entry.axis)
+            else:
+                static = (index.shape(entry.tensor) or [None] * (entry.axis + 1))[entry.axis]
+                if static is None:
+                    return None
+                entry = static
+        elif entry == 0 and not allow_zero:
+            entry = in_shape[position] if in_shape[position] is not None else Dim("in", position)
+        dims.append(entry)
+    if dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        where = dims.index(-1)
+        symbolic = [d for d in dims if isinstance(d, Dim)]
+        if symbolic:
+            # only "the batch stays the batch": dim 0 copied from the input, everything else static
+            if where == 0 or symbolic != [Dim("in", 0)] or dims[0] != Dim("in", 0):
+                return None
+            total_dims, known_dims = in_shape[1:], [d for d in dims[1:] if d != -1]
+        else:
+            total_dims, known_dims = in_shape, [d for d in dims if d != -1]
+        if any(d is None for d in total_dims):
+            return None
+        total, known = int(np.prod(total_dims, dtype=np.int64)), int(np.prod(known_dims, dtype=np.int64))
+        if known == 0 or total % known:
+            return None
+        dims[where] = total // known
+    return dims

@@ -1,0 +1,118 @@
+"""Static shapes for every tensor, inferred on a weight-free skeleton of the model.
+
+ONNX shape inference only needs the *dims* of large weights, not their bytes, so the skeleton replaces
+every initializer above a small size by a graph input of the same type and shape (small ones, such as
+Reshape targets, Slice bounds or Resize scales, stay as data so that data propagation can use them).
+That keeps inference fast and memory-flat on 100 MB models.
+
+Exported ``value_info`` is never trusted: after channels shrink it is stale, so the skeleton drops it
+and the result is recomputed from the graph inputs (optionally overridden by the user's shapes).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnxslim.errors import OnnxSlimError
+
+_SMALL = 4096  # elements; constants up to this size keep their data for data propagation
+
+
+def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` without large weights' data and without value_info, for inference and checking."""
+    graph = model.graph
+    initializer_names = {t.name for t in graph.initializer}
+    inputs = []
+    for value in graph.input:
+        if value.name in initializer_names:
+            continue
+        value = _with_shape(value, input_shapes.get(value.name)) if input_shapes and value.name in input_shapes else value
+        inputs.append(value)
+    if input_shapes:
+        unknown = set(input_shapes) - {i.name for i in inputs}
+        if unknown:
+            names = ", ".join(i.name for i in inputs)
+            raise OnnxSlimError(f"--input-shape names unknown input(s) {sorted(unknown)}; the model's inputs are: {names}")
+    small = []
+    for tensor in graph.initializer:
+        size = 1
+        for dim in tensor.dims:
+            size *= dim
+        if size <= _SMALL and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            small.append(tensor)
+        else:
+            inputs.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    if model.ir_version < 4:
+        # IR 3 requires every initializer to be a graph input as well
+        inputs.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in small)
+    outputs = list(graph.output)  # their channels are never deleted, so their shapes stay valid
+    skel_graph = helper.make_graph(list(graph.node), graph.name or "main", inputs, outputs, initializer=small)
+    skel = helper.make_model(skel_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    skel.functions.extend(model.functions)
+    return skel
+
+
+def infer_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """The weight-free skeleton of ``model`` with inferred value_info."""
+    skel = skeleton(model, input_shapes)
+    try:
+        return onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    except Exception as exc:  # onnx raises several types; the message is what matters to the user
+        raise OnnxSlimError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+def shapes_of(inferred: onnx.ModelProto) -> dict[str, tuple]:
+    """Shapes of all tensors of an inferred graph; unknown dims are None, unknown shapes absent."""
+    shapes: dict[str, tuple] = {}
+    graph = inferred.graph
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        shape = value_shape(value)
+        if shape is not None:
+            shapes[value.name] = shape
+    for tensor in graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, tuple]:
+    """Shapes of all tensors of the main graph; unknown dims are None, unknown shapes absent."""
+    return shapes_of(infer_model(model, input_shapes))
+
+
+def value_shape(value: onnx.ValueInfoProto) -> tuple | None:
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim)
+
+
+def input_signature(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Declared shapes of the real graph inputs (initializers excluded)."""
+    initializer_names = {t.name for t in model.graph.initializer}
+    return {i.name: value_shape(i) or () for i in model.graph.input if i.name not in initializer_names}
+
+
+def _with_shape(value: onnx.ValueInfoProto, dims: list[int]) -> onnx.ValueInfoProto:
+    tensor_type = value.type.tensor_type
+    declared = value_shape(value)
+    if declared is not None and len(declared) != len(dims):
+        raise OnnxSlimError(f"input {value.name!r} has rank {len(declared)}, but --input-shape gives {len(dims)} dims")
+    for declared_dim, dim in zip(declared or (), dims):
+        if declared_dim is not None and declared_dim != dim:
+            raise OnnxSlimError(f"input {value.name!r} has fixed shape {list(declared)}; cannot use {dims}")
+    return helper.make_tensor_value_info(value.name, tensor_type.elem_type, dims)
+
+
+def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
+    """``["x:1,3,224,224"]`` -> ``{"x": [1, 3, 224, 224]}``."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")  # the name may itself contain ':'
+        try:
+            values = [int(d) for d in dims.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v <= 0 for v in values):
+            raise OnnxSlimError(f"bad --input-shape {spec!r}; expected NAME:D0,D1,... with positive dims")
+        shapes[name] = values
+    return shapes

@@ -1,0 +1,175 @@
+"""``slim``: delete every provably-zero channel from an ONNX model; the output is equivalent.
+
+Pipeline (each step in its own module):
+
+1. :mod:`normalize` — constants become initializers (Constant nodes, Identity of weights ...);
+2. :mod:`shapes` — static shapes on a weight-free skeleton (value_info from the exporter is ignored);
+3. :mod:`channels` + :mod:`rules` — the channel dataflow analysis and the removal plan;
+4. :mod:`rewrite` — every rule slices its weights and attributes;
+5. :mod:`cleanup` — mask scales folded into weights, dead code dropped, shapes re-inferred;
+6. ``onnx.checker`` (full check) on the result; opset and IR version are those of the input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.channels import ChannelAnalysis, RemovalPlan
+from onnxslim.graph.cleanup import (
+    fold_channel_scales,
+    refresh_shapes,
+    remove_dead_code,
+    remove_identities,
+    sync_ir3_inputs,
+)
+from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
+from onnxslim.graph.normalize import constants_to_initializers
+from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
+from onnxslim.graph.rewrite import Rewriter
+from onnxslim.graph.shapes import infer_shapes, skeleton
+from onnxslim.graph.stats import model_stats
+from onnxslim.io import save_model_atomic
+
+# above this size the checker runs on the weight-free skeleton (plus our own tensor-size check),
+# so that checking never holds a second serialised copy of a large model
+_FULL_CHECK_LIMIT = 16 << 20
+
+
+def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) -> tuple[onnx.ModelProto, int]:
+    """The model (a private copy of a caller's object unless ``copy`` is False: then it must only be
+    read) and its size in bytes. Files are never modified."""
+    if isinstance(model, onnx.ModelProto):
+        if not copy:
+            return model, serialized_size(model)
+        duplicate = onnx.ModelProto()
+        duplicate.CopyFrom(model)
+        return duplicate, serialized_size(model)
+    path = Path(model)
+    if not path.is_file():
+        raise OnnxSlimError(f"model file not found: {path}")
+    try:
+        loaded = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise OnnxSlimError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not loaded.graph.node:
+        raise OnnxSlimError(f"{path}: not an ONNX model with a graph (no nodes)")
+    return loaded, path.stat().st_size
+
+
+def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+            sources: dict[str, onnx.TensorProto] | None = None) -> ChannelAnalysis:
+    """Normalise ``model`` in place and run the channel analysis on it.
+
+    ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
+    """
+    constants_to_initializers(model, sources)
+    shapes = infer_shapes(model, input_shapes)
+    return ChannelAnalysis(Graph(model, shapes, sources)).run()
+
+
+def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+         input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int = 1,
+         check: bool = True) -> tuple[onnx.ModelProto, SlimReport]:
+    """Delete every provably-zero channel; returns the slimmed model and a report.
+
+    ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
+    ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
+    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` (full check).
+    The output is written atomically when ``output_path`` is given.
+    """
+    if round_to < 1:
+        raise OnnxSlimError(f"round_to must be >= 1, got {round_to}")
+    source, size_before = load_model(model, copy=False)
+    model, sources = detach_weights(source)
+    ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
+    original_inputs = [i.name for i in model.graph.input]
+
+    analysis = analyse(model, input_shapes, sources)
+    index = analysis.index
+    before = model_stats(model, shapes=index.shapes)
+    plan = analysis.plan(round_to=round_to)
+    layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size)
+                     for name, node in analysis.creators.items()}
+    mask_summary = _mask_summary(analysis, plan)
+
+    removed_nodes = Rewriter(analysis, plan).run()
+    folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
+    removed_nodes += remove_identities(index)
+    index.flush_updates()
+    removed_nodes += remove_dead_code(model)
+    attach_weights(model, index.sources)
+    del source, sources
+    sync_ir3_inputs(model, original_inputs)
+    refresh_shapes(model)
+    if check:
+        check_model(model)
+    assert model.ir_version == ir_version and [(o.domain, o.version) for o in model.opset_import] == opset_imports
+
+    after = model_stats(model, input_shapes)
+    layers = []
+    for name, (node_name, op_type, channels) in layers_before.items():
+        keep = plan.keep(name)
+        layers.append(LayerChange(node_name, op_type, channels, int(keep.sum())))
+    report = SlimReport(
+        layers=layers,
+        params_before=before.params, params_after=after.params,
+        macs_before=before.macs, macs_after=after.macs,
+        size_before=size_before, size_after=serialized_size(model),
+        masked_channels=mask_summary[0], deleted_masked_channels=mask_summary[1], kept=mask_summary[2],
+        folded_masks=folded, remaining_masks=[m for m in kept_masks if m in mask_summary[3]],
+        input_shapes={k: list(v) for k, v in (input_shapes or {}).items()},
+        removed_nodes=removed_nodes,
+    )
+    if output_path is not None:
+        report.size_after = save_model_atomic(model, output_path)
+    return model, report
+
+
+def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
+    """(masked channels, deleted ones, KeptChannels list, names of mask nodes)."""
+    total = deleted = 0
+    kept: list[KeptChannels] = []
+    names = set()
+    for site in analysis.masks:
+        names.add(analysis.index.node_name(site.node))
+        if not len(site.zero_channels):
+            continue
+        ids = analysis.info[site.tensor].ids[site.zero_channels]
+        removed = plan.removed[ids]
+        total += len(ids)
+        deleted += int(removed.sum())
+        reasons = plan.reason[ids[~removed]]
+        channels = site.zero_channels[~removed]
+        for rid in np.unique(reasons):
+            reason = analysis.reasons[rid]
+            kept.append(KeptChannels(site.tensor, tuple(int(c) for c in channels[reasons == rid]), reason.text,
+                                     reason.kind))
+    return total, deleted, kept, names
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` with full shape checking; large models are checked through their skeleton
+    (structure, types and shapes, without serialising the weights again) plus a tensor size check."""
+    try:
+        if serialized_size(model) <= _FULL_CHECK_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            onnx.checker.check_model(skeleton(model), full_check=True)
+            _check_tensor_sizes(model)
+    except onnx.checker.ValidationError as exc:
+        raise OnnxSlimError(f"internal error: the slimmed model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    except onnx.shape_inference.InferenceError as exc:
+        raise OnnxSlimError(f"internal error: the slimmed model fails shape inference: {str(exc).splitlines()[0]}") from None
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data"):
+            expected = int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            if len(tensor.raw_data) != expected:
+                raise onnx.checker.ValidationError(f"initializer {tensor.name} holds the wrong number of bytes")

@@ -1,0 +1,127 @@
+"""`onnxslim check`: exit 0 when every threshold holds, 1 naming the failed one, 2 on bad input."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from _validate_models import conv_net, fitted_linear_weights, linear_classifier
+from click.testing import CliRunner
+
+from onnxslim.cli import main
+from onnxslim.data import mnist_split
+from onnxslim.validate.gate import CheckOptions, GateThresholds, run_check
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("check")
+    train, _ = mnist_split()
+    weight, bias = fitted_linear_weights(train.images[:2000], train.labels[:2000])
+    perturbed = weight.copy()
+    perturbed[:, 3] += 1e-3  # tiny output change, accuracy essentially unchanged
+    broken = weight.copy()
+    broken[:, :5] = 0.0  # classes 0-4 mostly lose their score: accuracy collapses
+    paths = {}
+    for name, w in (("reference", weight), ("same", weight), ("perturbed", perturbed), ("broken", broken)):
+        paths[name] = folder / f"{name}.onnx"
+        onnx.save(linear_classifier(w, bias), paths[name])
+    paths["other_input"] = folder / "other_input.onnx"
+    onnx.save(conv_net(8, size=32), paths["other_input"])
+    paths["text"] = folder / "notes.onnx"
+    paths["text"].write_text("this is not a model\n")
+    return paths
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, ["check", *map(str, args), "--no-progress"], env=env)
+
+
+def test_passes_with_every_threshold(models, tmp_path):
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n")
+    out, report_dir = tmp_path / "check.json", tmp_path / "report"
+    result = invoke(models["reference"], models["same"], "--data", "mnist", "--limit", "300",
+                    "--max-accuracy-drop", "0", "--max-abs-diff", "0", "--max-size-ratio", "1.0",
+                    "--min-speedup", "0.01", "--rounds", "5", "--warmup", "1",
+                    "--json", out, "--report-dir", report_dir, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert result.exit_code == 0, result.output
+    assert "## onnxslim check: PASS" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["passed"] and [c["name"] for c in data["checks"]] == [
+        "accuracy drop", "output difference", "speedup", "size ratio"]
+    assert data["accuracy"]["prediction_agreement"] == 1.0
+    assert data["equivalence"]["max_abs"] == 0.0
+    text = summary.read_text()
+    assert text.startswith("# earlier step\n") and "## onnxslim check: PASS" in text  # appended, not replaced
+    assert (report_dir / "check.md").read_text().startswith("## onnxslim check: PASS")
+    assert json.loads((report_dir / "check.json").read_text())["passed"]
+
+
+def test_random_inputs_without_data(models):
+    result = invoke(models["reference"], models["perturbed"], "--samples", "3", "--max-abs-diff", "0.1")
+    assert result.exit_code == 0, result.output
+    assert "3 seeded random inputs" in result.stdout
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--data", "mnist", "--limit", "300", "--max-accuracy-drop", "1"], "accuracy drop"),
+    (["--max-abs-diff", "1e-6"], "output difference"),
+    (["--rtol", "1e-9"], "output difference"),
+    (["--max-size-ratio", "0.5"], "size ratio"),
+    (["--min-speedup", "1000", "--rounds", "3", "--warmup", "0"], "speedup"),
+])
+def test_each_failing_threshold_exits_1_and_names_it(models, args, name):
+    candidate = models["broken"] if "--max-accuracy-drop" in args else models["perturbed"]
+    result = invoke(models["reference"], candidate, *args)
+    assert result.exit_code == 1, result.output
+    assert f"FAILED: {name}" in result.stderr
+    assert "## onnxslim check: FAIL" in result.stdout and "**FAIL**" in result.stdout
+
+
+def test_failure_message_carries_the_figure(models):
+    result = run_check(models["reference"], models["broken"], GateThresholds(max_accuracy_drop=1.0),
+                       CheckOptions(data="mnist", limit=300, progress=False))
+    (failed,) = result.failures()
+    drop = 100 * (result.reference_accuracy.value - result.candidate_accuracy.value)
+    assert failed.value == pytest.approx(drop) and drop > 1.0
+    assert f"{drop:.2f} pp" in failed.message()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "model not found"),
+    ("text", "not a loadable ONNX model"),
+    ("other_input", "incompatible"),
+    ("bad_option", "Invalid value"),
+    ("bad_data", "dataset not found"),
+    ("drop_without_data", "needs labelled data"),
+    ("data_shape", "expects"),
+])
+def test_bad_input_exits_2(models, tmp_path, case, message):
+    ref, same = models["reference"], models["same"]
+    args = {
+        "missing": [ref, tmp_path / "missing.onnx"],
+        "text": [ref, models["text"]],
+        "other_input": [ref, models["other_input"]],
+        "bad_option": [ref, same, "--max-abs-diff", "-1"],
+        "bad_data": [ref, same, "--data", tmp_path / "nothing-here"],
+        "drop_without_data": [ref, same, "--max-accuracy-drop", "1"],
+        "data_shape": [ref, same, "--data", "mnist:32", "--limit", "10"],
+    }[case]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_segmentation_gate_uses_miou(tmp_path):
+    from _validate_models import segmenter
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "seg.npz"
+    np.savez(data, images=rng.random((5, 8, 8)).astype(np.float32), labels=rng.integers(0, 3, (5, 8, 8)))
+    model = tmp_path / "seg.onnx"
+    onnx.save(segmenter(3), model)
+    result = run_check(model, model, GateThresholds(max_accuracy_drop=0.0),
+                       CheckOptions(data=str(data), progress=False))
+    assert result.passed and result.reference_accuracy.metric == "miou"
+    assert result.reference_accuracy.dice is not None

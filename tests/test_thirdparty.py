@@ -1,0 +1,45 @@
+"""Acceptance on third-party style graphs: masks after every conv's BN (zeros chosen per coupled class,
+as mask training produces them), then slim. The output must match the masked model, and at least 95 %
+of the masked channels that are not held by a barrier must be deleted."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import assert_equivalent
+from thirdparty import THIRD_PARTY
+
+from onnxslim.graph.prune import insert_masks
+from onnxslim.graph.slim import analyse, slim
+
+
+def mask_after_every_conv(model: onnx.ModelProto, fraction: float, seed: int) -> onnx.ModelProto:
+    """Zero a random ``fraction`` of every layer's channel classes (barrier-held ones included)."""
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    analysis = analyse(masked)
+    roots = analysis.uf.roots()
+    rng = np.random.default_rng(seed)
+    chosen = set()
+    for name in analysis.creators:
+        layer = list(dict.fromkeys(roots[analysis.info[name].ids].tolist()))
+        chosen.update(rng.choice(layer, int(fraction * len(layer)), replace=False).tolist())
+    insert_masks(masked, analysis, np.array(sorted(chosen), np.int64), placement="after_bn")
+    return masked
+
+
+@pytest.mark.parametrize("name", list(THIRD_PARTY))
+def test_third_party_graph(name):
+    build, convention = THIRD_PARTY[name]
+    masked = convention(mask_after_every_conv(build(), fraction=0.4, seed=0))
+    onnx.checker.check_model(masked)
+    slimmed, report = slim(masked)
+    assert_equivalent(masked, slimmed)
+    assert slimmed.ir_version == masked.ir_version
+    assert slimmed.opset_import[0].version == masked.opset_import[0].version
+    assert report.masked_channels > 0
+    assert report.deletion_rate >= 0.95, report.format_table()
+    assert report.params_after < report.params_before
+    if name in ("googlenet_opset9", "shufflenet_opset11", "squeezenet_opset9"):
+        assert report.masked_behind_barriers > 0  # LRN, channel shuffle, Softmax output
