@@ -303,7 +303,7 @@ def mask_report(model: nn.Module, zeroed: int) -> MaskReport:
 def soft_threshold_(tensor: torch.Tensor, threshold: float) -> None:
     """In place: ``t <- sign(t) * max(|t| - threshold, 0)`` (the proximal operator of threshold*|t|)."""
     with torch.no_grad():
-        tensor.copy_(torch.sign(tensor) * torch.clamp(tensor.abs() - threshold, min=0.0))
+        tensor.copy_(torch.nn.functional.softshrink(tensor, threshold))
 
 
 def l1_of_masks(model: nn.Module) -> torch.Tensor:
