@@ -223,7 +223,8 @@ def masked_summary(model: nn.Module, example_input: torch.Tensor) -> MaskedSumma
         norm = analysis.producers[layer.producer].norm if layer.producer in analysis.producers else None
         params, macs = _layer_cost(module, kind, in_total, out_total, layer.output_shape, norm is not None)
         params_live, macs_live = _layer_cost(module, kind, in_live, out_live, layer.output_shape, norm is not None)
-        layers.append(LayerSummary(layer.producer, kind, in_total, in_live, out_total, out_live, params, params_live,
+        name = layer.producer.removesuffix(".module")  # a producer wrapped by MaskedSite
+        layers.append(LayerSummary(name, kind, in_total, in_live, out_total, out_live, params, params_live,
                                    macs, macs_live))
     masks = channel_masks(model)
     return MaskedSummary(

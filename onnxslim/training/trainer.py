@@ -186,6 +186,8 @@ class Trainer:
                 continue
             start_epoch = position[1] if index == position[0] else 0
             self._run_phase(index, phase, phases, start_epoch, state if index == position[0] else None)
+        if phases:  # also when every phase was restored from a completed checkpoint
+            freeze_masks(self.model, frozen=phases[-1].kind != "sparse")
         test_metric = self.evaluate(self.test_data) if self.test_data is not None else None
         return TrainResult(self.history, test_metric, self.task.metric_name, self.finalize_report,
                            time.perf_counter() - started)
@@ -372,3 +374,36 @@ def _make_optimizer(phase: PhaseConfig, groups: list[dict]) -> torch.optim.Optim
     if phase.optimizer == "adam":
         return torch.optim.Adam(groups, lr=phase.lr)
     return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.nesterov and phase.momentum > 0)
+
+
+def model_from_checkpoint(path: str | Path, model_name: str | None = None,
+                          params: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a trainer checkpoint was written for and load its weights (eval mode, CPU).
+
+    The zoo model comes from the checkpoint's ``extra["model_spec"]`` unless ``model_name`` (and
+    ``params``) are given; masks are attached first when the checkpoint holds a masked model.
+    Returns the model and the checkpoint dict.
+    """
+    from onnxslim.training.masks import attach_masks
+    from onnxslim.zoo import ModelSpec
+
+    state = load_checkpoint(path)
+    recorded = state.get("extra", {}).get("model_spec")
+    if model_name is not None:
+        spec = ModelSpec(model_name, dict(params or {}))
+    elif recorded is not None:
+        spec = ModelSpec.from_dict(recorded)
+        if params:
+            spec = ModelSpec(spec.name, {**spec.params, **params})
+    else:
+        raise OnnxSlimError(f"{path}: the checkpoint does not record its model; pass the model name")
+    model = spec.build()
+    if state.get("masked"):
+        example = torch.zeros((2, *spec.input_shape()))
+        attach_masks(model, example)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise OnnxSlimError(f"{path}: weights do not fit model {spec.name} ({str(exc).splitlines()[0]})") from None
+    state.setdefault("extra", {})["model_spec"] = spec.to_dict()
+    return model.eval(), state
