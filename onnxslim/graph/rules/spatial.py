@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxslim.graph.model import get_attr
-from onnxslim.graph.shape_values import as_int, is_dim_of, shape_value
 from onnxslim.graph.rules.base import Rule, keep_extra_outputs, normalize_axis, pass_through, register
+from onnxslim.graph.shape_values import as_int, is_dim_of, shape_value
 
 
 def _string(value) -> str:
