@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.training.coupling import _Tracer, analyze_coupling
+from onnxslim.training.coupling import analyze_coupling, trace
 from onnxslim.training.masks import (
     ChannelMask,
     MaskedSite,
@@ -41,8 +41,8 @@ def upstream_mask(node: fx.Node, modules: dict) -> ChannelMask:
             raise AssertionError(f"no mask upstream of {node}")
 
 
-def residual_adds(model: nn.Module):
-    graph = _Tracer().trace(model)
+def residual_adds(model: nn.Module, example: torch.Tensor):
+    graph = trace(model, example).graph
     modules = dict(model.named_modules(remove_duplicate=False))
     adds = [n for n in graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
     return adds, modules
@@ -55,8 +55,8 @@ def residual_adds(model: nn.Module):
     ("mobilenet_v2", {"width": 0.25, "input_size": 32}),
 ])
 def test_both_inputs_of_every_residual_add_share_one_mask(name, params):
-    model, _, masks = masked(name, params)
-    adds, modules = residual_adds(model)
+    model, example, masks = masked(name, params)
+    adds, modules = residual_adds(model, example)
     assert adds
     for add in adds:
         left, right = (upstream_mask(arg, modules) for arg in add.args[:2])

@@ -121,3 +121,16 @@ def test_recipe_errors_are_one_line(raw, message):
 def test_missing_recipe_file_exits_2(tmp_path):
     result = CliRunner().invoke(main, ["run", str(tmp_path / "none.toml")])
     assert result.exit_code == 2 and "recipe not found" in result.output
+
+
+def test_train_then_export_cli(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.replace("epochs = 2", "epochs = 1"))
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", str(recipe), "--out", str(tmp_path / "t"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "masked top1" in result.output and "params:" in result.output
+    assert not (tmp_path / "t" / "baseline.pt").exists()  # --no-baseline is the default for train
+    result = runner.invoke(main, ["export", str(tmp_path / "t" / "masked.pt"), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").exists()

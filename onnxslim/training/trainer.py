@@ -222,11 +222,7 @@ class Trainer:
             self.finalize_report = self.method.finalize_masks(self.model)
             self._finalized = True
         freeze_masks(self.model, frozen=phase.kind != "sparse")
-        if phase.kind == "sparse" and self.method is not None:
-            groups = self.method.param_groups(self.model, phase)
-        else:
-            groups = default_param_groups(self.model, phase.weight_decay)
-        optimizer = _make_optimizer(phase, groups)
+        optimizer = self.optimizer_for(phase)
         if state is not None and state.get("optimizer") is not None and start_epoch > 0:
             optimizer.load_state_dict(state["optimizer"])
         if start_epoch >= phase.epochs:
@@ -260,7 +256,7 @@ class Trainer:
             targets = torch.from_numpy(self.train_data.labels[chosen]).to(self.device)
             ctx = StepContext(self.model, self.task, optimizer, phase, epoch, step, global_offset + step, lr,
                               self.device)
-            result = self._step(ctx, inputs, targets)
+            result = self.step(ctx, inputs, targets)
             if not math.isfinite(result.loss):
                 raise OnnxSlimError(f"{phase.kind} phase, epoch {epoch + 1}: the loss is {result.loss} "
                                     f"(training diverged; lower the learning rate)")
@@ -283,7 +279,14 @@ class Trainer:
         return EpochRecord(index, phase.kind, epoch + 1, loss_sum / max(1, batches), metric.compute(), test_metric, lr,
                            time.perf_counter() - started, live)
 
-    def _step(self, ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+    def optimizer_for(self, phase: PhaseConfig) -> torch.optim.Optimizer:
+        """The optimizer ``fit`` builds for ``phase`` (the method's parameter groups in a sparse phase)."""
+        if phase.kind == "sparse" and self.method is not None:
+            return _make_optimizer(phase, self.method.param_groups(self.model, phase))
+        return _make_optimizer(phase, default_param_groups(self.model, phase.weight_decay))
+
+    def step(self, ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        """One training step on a batch, exactly as ``fit`` runs it (method hooks included)."""
         sparse = ctx.phase.kind == "sparse" and self.method is not None
         if sparse:
             custom = self.method.train_step(ctx, inputs, targets)
