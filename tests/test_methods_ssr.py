@@ -4,7 +4,12 @@ exact zero masks after a short LeNet-5 run, exact checkpoint resume, and an exac
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -346,3 +351,24 @@ def test_state_loaded_before_setup_is_applied_on_setup():
         other = get_method("ssr_l21")
         other.setup(model)
         other.load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_bench_aulm_tool_runs_and_reports_both_solvers(tmp_path):
+    """Smoke run of tools/bench_aulm.py on a tiny setting (figures are not asserted, only reported)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(root) + (os.pathsep + os.environ["PYTHONPATH"]
+                                                    if os.environ.get("PYTHONPATH") else "")}
+    completed = subprocess.run(
+        [sys.executable, str(root / "tools" / "bench_aulm.py"), "--width", "0.5", "--train-samples", "1000",
+         "--test-samples", "300", "--dense-epochs", "1", "--max-steps", "100", "--update-every", "5",
+         "--target", "0.2", "--lr", "0.05", "--lams", "features.conv2=0.3,classifier.fc1=0.3", "--json", str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert [r["solver"] for r in figures["results"]] == ["aulm", "prox"]
+    for result in figures["results"]:
+        assert result["steps"] >= 1 and result["seconds"] > 0 and 0.0 <= result["accuracy"] <= 1.0
+        assert (result["sparsity"] >= 0.2) == result["reached"]
+    assert "ratio" in completed.stdout
