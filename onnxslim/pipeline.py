@@ -15,7 +15,9 @@ training steps from their per-epoch checkpoints):
 6. **validate**: accuracy of dense / masked / slimmed ONNX with onnxruntime on the test split,
    ``max_abs_diff`` between the PyTorch masked model and ``slim.onnx`` over the whole test split,
    latency of the three ONNX files (interleaved rounds, median).
-7. **report**: a table on stdout and ``REPORT.json`` with the figures, the targets and whether each holds.
+7. **report**: a table on stdout, ``REPORT.json`` and ``REPORT.md`` with the figures, the targets and
+   whether each holds, ``slim_report.txt``, and the plots ``layers.png`` (channels per layer before and
+   after) and ``latency.png`` (latency distributions of the three models).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import torch
 
 from onnxslim.data import ArrayDataset, load_dataset
 from onnxslim.errors import OnnxSlimError
-from onnxslim.io import write_json_atomic, write_text_atomic
+from onnxslim.io import write_text_atomic
+from onnxslim.plots import plot_latency, plot_layer_channels
 from onnxslim.recipes import Recipe
+from onnxslim.report import write_report
 from onnxslim.training.export import export
 from onnxslim.training.masks import attach_masks, masked_summary
 from onnxslim.training.methods import get_method
@@ -81,6 +85,32 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_markdown(self) -> str:
+        """REPORT.md: the same figures as REPORT.json, for people."""
+        from onnxslim.report import markdown_table
+
+        pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+        verdict = "all targets met" if self.targets_met else "**a target FAILED**"
+        lines = [f"# onnxslim run: {self.recipe.get('name', '')} ({verdict})", "",
+                 markdown_table(("", "dense baseline", "masked", "slimmed"), [
+                     ("params", f"{self.params_before:,}", "", f"{self.params_after:,}"),
+                     ("MACs", f"{self.macs_before:,}", "", f"{self.macs_after:,}"),
+                     (f"accuracy ({self.accuracy_metric})", pct(self.accuracy_before), pct(self.accuracy_masked),
+                      pct(self.accuracy_after)),
+                     ("latency (ms, median)", f"{self.latency_ms_before:.4f}", f"{self.latency_ms_masked:.4f}",
+                      f"{self.latency_ms_after:.4f}"),
+                 ], align="lrrr"), "",
+                 f"Params removed {pct(self.params_removed)}, MACs removed {pct(self.macs_removed)}, accuracy drop "
+                 f"{100 * self.accuracy_drop:.2f} pt; max |PyTorch masked - slimmed ONNX| = {self.max_abs_diff:.3g} "
+                 f"({self.deleted_masked_channels} of {self.masked_channels} masked channels deleted).", ""]
+        if self.targets:
+            lines += ["## Targets", "", markdown_table(("target", "required", "measured", "result"), [
+                (c.name, f"{c.target:.4g}", f"{c.value:.4g}", "ok" if c.ok else "**FAILED**") for c in self.targets]), ""]
+        lines += ["## Live channels per mask", "", markdown_table(("mask", "live", "channels"), [
+            (name, str(live), str(total)) for name, (live, total) in self.live_channels.items()]), ""]
+        lines += ["Plots: `layers.png` (channels per layer), `latency.png` (latency distributions)."]
+        return "\n".join(lines) + "\n"
 
     def format_table(self) -> str:
         pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
@@ -268,8 +298,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
     )
     report.targets = check_targets(recipe, report)
     report.targets_met = all(check.ok for check in report.targets)
-    write_json_atomic(out / REPORT_FILE, report.to_dict())
+    write_report(out, Path(REPORT_FILE).stem, report.to_markdown(), report.to_dict())
     write_text_atomic(out / "slim_report.txt", slim_report.format_table() + "\n")
+    plot_layer_channels(slim_report.layers, out / "layers.png", title=f"Channels per layer: {recipe.name}")
+    plot_latency(bench, out / "latency.png", title=f"onnxruntime latency: {recipe.name}")
     return report
 
 

@@ -72,6 +72,10 @@ def test_run_tiny_recipe_end_to_end_and_resume(tmp_path):
     assert report["targets_met"] is True
     for name in ("dense.pt", "baseline.pt", "masked.pt", "dense.onnx", "masked.onnx", "slim.onnx"):
         assert (out / name).exists(), name
+    markdown = (out / "REPORT.md").read_text()
+    assert "| params |" in markdown and "Targets" in markdown
+    for plot in ("layers.png", "latency.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG" and (out / plot).stat().st_size > 5000
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
     # resuming a finished run trains nothing and reproduces the figures
