@@ -123,6 +123,22 @@ def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name
                       f"non-zero constant in '{name}' that {label} cannot absorb{constant_why}")
 
 
+def layer_keeps(node: onnx.NodeProto, rewriter: Rewriter) -> tuple[np.ndarray, np.ndarray] | None:
+    """(kept output channels, kept input channels) of a channel-creating layer, or None if unchanged."""
+    keep_out, keep_in = rewriter.keep(node.output[0]), rewriter.keep(node.input[0])
+    if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+        return None
+    return keep_out, keep_in
+
+
+def slice_bias(node: onnx.NodeProto, rewriter: Rewriter, keep_out: np.ndarray, slot: int = 2) -> None:
+    """Keep the bias entries of the kept output channels (when the layer has a bias)."""
+    if len(node.input) > slot and node.input[slot] and not keep_out.all():
+        bias = rewriter.weights.read(node, slot)
+        rewriter.weights.write(node, slot, np.compress(keep_out, bias, axis=bias.ndim - 1),
+                               key=("take", bias.ndim - 1, keep_out.tobytes()))
+
+
 def aligned_axis(axis: int, rank: int, out_rank: int) -> int:
     """Index in a broadcast output of an input's axis (numpy-style right alignment)."""
     return axis + (out_rank - rank)

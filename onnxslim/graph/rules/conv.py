@@ -22,7 +22,14 @@ import numpy as np
 
 from onnxslim.graph.channels import ChannelAnalysis
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import Rule, block_reduced_channels, keep_all, register
+from onnxslim.graph.rules.base import (
+    Rule,
+    block_reduced_channels,
+    keep_all,
+    layer_keeps,
+    register,
+    slice_bias,
+)
 
 
 def _bias(analysis_or_index, node, channels: int) -> np.ndarray:
@@ -87,10 +94,10 @@ class ConvRule(Rule):
         return np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1, dtype=np.float64)
 
     def rewrite(self, node, rewriter):
-        keep_out = rewriter.keep(node.output[0])
-        keep_in = rewriter.keep(node.input[0])
-        if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+        keeps = layer_keeps(node, rewriter)
+        if keeps is None:
             return
+        keep_out, keep_in = keeps
         weights = rewriter.weights
         weight = weights.read(node, 1)
         groups = get_attr(node, "group", 1)
@@ -103,16 +110,15 @@ class ConvRule(Rule):
                 sums = weight[:, absorb].reshape(cout, int(absorb.sum()), -1).sum(axis=2, dtype=np.float64)
                 bias = bias + sums @ x.value[absorb]
                 rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
-            elif len(node.input) > 2 and node.input[2]:
-                weights.write(node, 2, weights.read(node, 2)[keep_out], key=("take", 0, keep_out.tobytes()))
+            else:
+                slice_bias(node, rewriter, keep_out)
             new_weight = weight[keep_out][:, keep_in]
             weights.write(node, 1, new_weight, key=("conv", keep_out.tobytes(), keep_in.tobytes()))
         else:
             b = cout // groups
             kept_groups = int(keep_out[::b].sum())
             weights.write(node, 1, weight[keep_out], key=("take", 0, keep_out.tobytes()))
-            if len(node.input) > 2 and node.input[2]:
-                weights.write(node, 2, weights.read(node, 2)[keep_out], key=("take", 0, keep_out.tobytes()))
+            slice_bias(node, rewriter, keep_out)
             set_attr(node, "group", kept_groups)
 
 
@@ -156,10 +162,10 @@ class ConvTransposeRule(Rule):
         return per.reshape(-1)
 
     def rewrite(self, node, rewriter):
-        keep_out = rewriter.keep(node.output[0])
-        keep_in = rewriter.keep(node.input[0])
-        if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+        keeps = layer_keeps(node, rewriter)
+        if keeps is None:
             return
+        keep_out, keep_in = keeps
         weights = rewriter.weights
         weight = weights.read(node, 1)
         groups = get_attr(node, "group", 1)
@@ -170,5 +176,4 @@ class ConvTransposeRule(Rule):
             new_weight = weight[keep_in]
             set_attr(node, "group", int(keep_out[::per_group].sum()))
         weights.write(node, 1, new_weight, key=("convT", keep_out.tobytes(), keep_in.tobytes()))
-        if len(node.input) > 2 and node.input[2]:
-            weights.write(node, 2, weights.read(node, 2)[keep_out], key=("take", 0, keep_out.tobytes()))
+        slice_bias(node, rewriter, keep_out)

@@ -19,7 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import Rule, block_reduced_channels, pass_through, register
+from onnxslim.graph.rules.base import (
+    Rule,
+    block_reduced_channels,
+    layer_keeps,
+    pass_through,
+    register,
+    slice_bias,
+)
 
 
 def _gemm_matrix(node, analysis_or_rewriter) -> np.ndarray | None:
@@ -75,10 +82,10 @@ class GemmRule(Rule):
         return np.abs(_gemm_matrix(node, analysis)).sum(axis=0, dtype=np.float64)
 
     def rewrite(self, node, rewriter):
-        keep_out = rewriter.keep(node.output[0])
-        keep_in = rewriter.keep(node.input[0])
-        if keep_out is None or keep_in is None or (keep_out.all() and keep_in.all()):
+        keeps = layer_keeps(node, rewriter)
+        if keeps is None:
             return
+        keep_out, keep_in = keeps
         index = rewriter.index
         weight = index.constant(node.input[1])
         trans_b = get_attr(node, "transB", 0)
@@ -95,11 +102,8 @@ class GemmRule(Rule):
             bias = _gemm_bias(node, index, outputs) + alpha * (a.value[absorb] @ matrix[absorb].astype(np.float64))
             rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
             set_attr(node, "beta", 1.0)
-        elif has_bias and not keep_out.all():
-            bias = index.constant(node.input[2])
-            if bias.size > 1 and bias.shape[-1] == outputs:
-                rewriter.weights.write(node, 2, np.compress(keep_out, bias, axis=bias.ndim - 1),
-                                       key=("take", bias.ndim - 1, keep_out.tobytes()))
+        elif has_bias and index.constant(node.input[2]).shape[-1:] == (outputs,):
+            slice_bias(node, rewriter, keep_out)
 
 
 def _channelwise(node, info: dict) -> bool:
@@ -137,12 +141,10 @@ class MatMulRule(Rule):
         return np.abs(analysis.index.constant(node.input[1])).sum(axis=0, dtype=np.float64)
 
     def rewrite(self, node, rewriter):
-        keep_out = rewriter.keep(node.output[0])
-        keep_in = rewriter.keep(node.input[0])
-        if keep_out is None or keep_in is None or _channelwise(node, rewriter.analysis.info):
+        keeps = layer_keeps(node, rewriter)
+        if keeps is None or _channelwise(node, rewriter.analysis.info):
             return
-        if keep_out.all() and keep_in.all():
-            return
+        keep_out, keep_in = keeps
         matrix = rewriter.index.constant(node.input[1])
         rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out],
                                key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
