@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -42,18 +43,21 @@ from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions
 from onnxslim.zoo import get_model
 
 DEFAULTS = {
-    # epochs (dense, sparse, finetune), dense lr, method params
-    "lenet5": dict(dense=5, sparse=10, finetune=5, lr=0.01, size=28,
-                   params={"lam_channel": 0.02, "mask_step": 1}),
-    "resnet20": dict(dense=4, sparse=3, finetune=3, lr=0.05, size=32,
+    # epochs per phase, learning rates (dense and finetune: cosine; sparse: constant), GAL params
+    "lenet5": dict(dense=5, sparse=4, finetune=11, lr=0.01, sparse_lr=0.01, finetune_lr=0.05, size=28,
+                   params={"lam_channel": 0.03, "mask_step": 1}),
+    "resnet20": dict(dense=4, sparse=3, finetune=3, lr=0.05, sparse_lr=0.01, finetune_lr=0.05, size=32,
                      params={"lam_channel": 0.1, "lam_structure": 0.8, "mask_step": 1}),
 }
 
 
-def run(name: str, width: float, epochs: tuple[int, int, int], lr: float, params: dict, seed: int,
-        batch_size: int, progress: bool) -> dict:
+def run(name: str, width: float, epochs: tuple[int, int, int], params: dict, seed: int, batch_size: int,
+        progress: bool) -> dict:
     dense_epochs, sparse_epochs, finetune_epochs = epochs
-    size = DEFAULTS[name]["size"]
+    defaults = DEFAULTS[name]
+    size, lr, sparse_lr, finetune_lr = defaults["size"], defaults["lr"], defaults["sparse_lr"], defaults["finetune_lr"]
+    sparse_phase = PhaseConfig(kind="sparse", epochs=sparse_epochs, lr=sparse_lr, schedule="constant")
+    finetune_phase = PhaseConfig(kind="finetune", epochs=finetune_epochs, lr=finetune_lr, schedule="cosine")
     train, test = mnist_split(size)
     options = TrainOptions(batch_size=batch_size, seed=seed, progress=progress)
     torch.manual_seed(seed)
@@ -63,16 +67,15 @@ def run(name: str, width: float, epochs: tuple[int, int, int], lr: float, params
     Trainer(dense, train, test_data=test, options=options).fit(
         [PhaseConfig(kind="dense", epochs=dense_epochs, lr=lr, schedule="cosine")])
     baseline = copy.deepcopy(dense)
+    # the same phases (learning rates, schedules, epochs) as GAL's, trained densely with labels
     baseline_result = Trainer(baseline, train, test_data=test, options=options).fit(
-        [PhaseConfig(kind="dense", epochs=sparse_epochs, lr=0.01, schedule="constant"),
-         PhaseConfig(kind="dense", epochs=finetune_epochs, lr=lr, schedule="cosine")])
+        [dataclasses.replace(sparse_phase, kind="dense"), dataclasses.replace(finetune_phase, kind="dense")])
     example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
     masked = copy.deepcopy(dense)
     attach_masks(masked, example)
     method = get_method("gal", params)
     gal_result = Trainer(masked, train, test_data=test, method=method, options=options, reference_model=dense).fit(
-        [PhaseConfig(kind="sparse", epochs=sparse_epochs, lr=0.01, schedule="constant"),
-         PhaseConfig(kind="finetune", epochs=finetune_epochs, lr=lr, schedule="cosine")])
+        [sparse_phase, finetune_phase])
     train_seconds = time.perf_counter() - started
 
     zero_channels = sum(int((m.weight == 0).sum()) for _, m in iter_masks(masked))
@@ -136,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = (args.dense if args.dense is not None else defaults["dense"],
               args.sparse if args.sparse is not None else defaults["sparse"],
               args.finetune if args.finetune is not None else defaults["finetune"])
-    result = run(args.model, args.width, epochs, defaults["lr"], args.params or defaults["params"], args.seed,
-                 args.batch_size, not args.no_progress)
+    result = run(args.model, args.width, epochs, args.params or defaults["params"], args.seed, args.batch_size,
+                 not args.no_progress)
     for key, value in result.items():
         print(f"{key}: {value}")
     if args.json:

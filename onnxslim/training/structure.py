@@ -208,24 +208,37 @@ def _traced_structures(model: nn.Module, example_input: torch.Tensor) -> list[St
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
         return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-    def producers_in(scope: str) -> int:
-        return sum(1 for n in scope_nodes[scope]
-                   if n.op == "call_module" and isinstance(modules.get(n.target), _PRODUCERS))
+    def ancestors(node: fx.Node) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        pending = [node]
+        while pending:
+            for parent in pending.pop().all_input_nodes:
+                if parent not in seen:
+                    seen.add(parent)
+                    pending.append(parent)
+        return seen
 
-    def branch_of(operand, merge: fx.Node) -> str | None:
-        """The outermost single-output submodule whose output is ``operand``, read only by ``merge``."""
-        if not isinstance(operand, fx.Node) or set(operand.users) != {merge}:
+    def own_nodes(operands: list[fx.Node]) -> list[set[fx.Node]]:
+        """Per operand, the nodes only it depends on (itself included): its branch."""
+        cones = [ancestors(o) | {o} for o in operands]
+        return [cone.difference(*(c for j, c in enumerate(cones) if j != i)) for i, cone in enumerate(cones)]
+
+    def producers(branch: set[fx.Node]) -> int:
+        return sum(1 for n in branch if n.op == "call_module" and isinstance(modules.get(n.target), _PRODUCERS))
+
+    def wrapper_of(operand: fx.Node, merge: fx.Node, branch: set[fx.Node]) -> str | None:
+        """The outermost submodule, called once inside the merging module, whose only output is
+        ``operand`` (read by ``merge`` alone) and whose nodes all belong to the branch."""
+        if set(operand.users) != {merge}:
             return None
         outer = set(stacks[merge])
         for scope in stacks[operand]:  # outermost first
             if scope in outer or "@" in scope or scope in repeated or scope not in modules:
                 continue
             members = set(scope_nodes[scope])
-            last = max(members, key=position.__getitem__)
-            if last is not operand:
+            if not members <= branch:
                 continue
-            escapes = [n for n in members if any(user not in members for user in n.users)]
-            if escapes == [operand] and producers_in(scope) > 0:
+            if [n for n in members if any(user not in members for user in n.users)] == [operand]:
                 return scope
         return None
 
@@ -235,29 +248,32 @@ def _traced_structures(model: nn.Module, example_input: torch.Tensor) -> list[St
             continue
         is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
                  (node.op == "call_method" and node.target in _ADD_METHODS)
+        is_cat = node.op == "call_function" and node.target is torch.cat
+        out = shape(node)
         if is_add:
             operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-            out = shape(node)
             if len(operands) != 2 or out is None or any(shape(a) != out for a in operands) or "alpha" in node.kwargs:
                 continue
-            branches = [(branch_of(a, node), a) for a in operands]
-            branches = [(b, producers_in(b)) for b, _ in branches if b is not None]
-            if len(branches) == 2:
-                if branches[0][1] == branches[1][1]:
-                    continue  # two equal branches: no way to tell the residual from the shortcut
-                branches = [max(branches, key=lambda item: item[1])]
-            for name, count in branches:
-                sites.setdefault(name, StructureSite(name, "residual", count))
-        elif node.op == "call_function" and node.target is torch.cat:
+            counts = [producers(branch) for branch in own_nodes(operands)]
+            if counts[0] == counts[1]:
+                continue  # two identities, or two equal branches: no way to tell the residual one
+            chosen = 0 if counts[0] > counts[1] else 1
+            candidates = [(operands[chosen], counts[chosen], "residual")]
+            branches = [own_nodes(operands)[chosen]]
+        elif is_cat:
             tensors = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            out = shape(node)
-            if not isinstance(tensors, (list, tuple)) or out is None or len(out) < 2 or int(dim) % len(out) != 1:
+            if not isinstance(tensors, (list, tuple)) or out is None or len(out) < 2 or int(dim) % len(out) != 1 \
+                    or not all(isinstance(t, fx.Node) for t in tensors):
                 continue
-            for operand in tensors:
-                name = branch_of(operand, node)
-                if name is not None:
-                    sites.setdefault(name, StructureSite(name, "concat", producers_in(name)))
+            branches = own_nodes(list(tensors))
+            candidates = [(t, producers(b), "concat") for t, b in zip(tensors, branches)]
+        else:
+            continue
+        for (operand, count, kind), branch in zip(candidates, branches):
+            name = wrapper_of(operand, node, branch) if count > 0 else None
+            if name is not None:
+                sites.setdefault(name, StructureSite(name, kind, count))
     return sorted(sites.values(), key=lambda site: min(position[n] for n in scope_nodes[site.name]))
 
 

@@ -230,8 +230,8 @@ class GAL(SparsityMethod):
         if not any(True for _ in iter_masks(model)):
             raise OnnxSlimError("gal: the model has no channel masks (attach_masks first)")
         if self.params.structure_masks and not has_structure_masks(model):
-            attach_structure_masks(model, ctx.example_input.cpu())
-            model.to(ctx.device)
+            attach_structure_masks(model, ctx.example_input)
+            model.to(ctx.device)  # the new scales are created on the CPU
         freeze_structure_masks(model, True)  # trained only in the sparse phase (param_groups releases them)
         self._student = model
         self._device = ctx.device
