@@ -47,7 +47,7 @@ DEFAULTS = {
     "lenet5": dict(dense=5, sparse=4, finetune=11, lr=0.01, sparse_lr=0.01, finetune_lr=0.05, size=28,
                    params={"lam_channel": 0.03, "mask_step": 1}),
     "resnet20": dict(dense=4, sparse=3, finetune=3, lr=0.05, sparse_lr=0.01, finetune_lr=0.05, size=32,
-                     params={"lam_channel": 0.1, "lam_structure": 0.8, "mask_step": 1}),
+                     params={"lam_channel": 0.1, "lam_structure": 0.8, "mask_step": 4}),
 }
 
 

@@ -10,20 +10,24 @@ A :class:`StructureMask` holds one number ``s`` (a 0-d parameter, initialised to
 Exported in eval mode, ``s`` is one ``Mul`` by a constant of shape ``[]``. The slim engine reads it as a
 scale of the whole tensor: ``s = 0`` makes every channel of the branch the constant 0, so a residual
 ``Add(x, 0)`` becomes ``x`` and the branch's nodes go as dead code, and a zero ``Concat`` input is
-dropped together with its slice of every reader's weights; ``s != 0`` is folded into the branch's last
-layer like a per-channel mask. In PyTorch ``0 * v = 0`` exactly, so a zero scalar is a real zero.
+dropped together with its slice of every reader's weights. A non-zero ``s`` right after a conv (a BN is
+folded into it on export) is folded into that conv by the engine like a per-channel mask; behind a ReLU
+or pooling (an Inception branch ends in ReLU) the engine keeps the ``Mul``, so
+:func:`fold_structure_scales` moves positive scales into the branch's last conv/BN in PyTorch first
+(GAL does this before fine-tuning). In PyTorch ``0 * v = 0`` exactly, so a zero scalar is a real zero.
 
 **Where the branches are** (no per-model table): the model is traced with ``torch.fx`` (as for channel
 coupling, :func:`onnxslim.training.coupling.trace`). For every ``add`` of two equally shaped tensors
-and every ``cat`` along the channel axis, each operand ``o`` is traced back to the outermost submodule
-``M`` with these properties: ``M`` is called inside the module that performs the add/cat (not ``M``
-itself), ``M`` is called exactly once in the whole forward, ``o`` is ``M``'s only output and ``o`` is
-read by the add/cat alone (so scaling ``M``'s output scales nothing else), and ``M`` contains at
-least one convolution or linear layer (an identity or pooling-only shortcut is not a branch). For an
-add whose two operands both qualify (a projection shortcut next to the residual branch), the operand
-with more conv/linear layers is the residual branch; a tie is ambiguous and skipped. When the model
-cannot be traced, the zoo's named hook points are used instead: every submodule named ``residual``
-(ResNet blocks) and ``branch1``, ``branch2``, ... (Inception modules).
+and every ``cat`` along the channel axis, the *branch* of an operand is the set of graph nodes that only
+this operand depends on (its ancestors minus those of the other operands). A branch must contain a
+convolution or linear layer, so an identity or pooling-only shortcut is never one; for an add whose two
+operands both have one (a projection shortcut next to the residual branch), the branch with more
+conv/linear layers is the residual one, and a tie is skipped as ambiguous. The mask wraps the outermost
+submodule that lies inside the branch, is called once, and whose only output is the operand, read by the
+add/cat alone: the zoo's ``residual`` Sequential, an Inception ``branchN``, or just the last BN of a
+torchvision-style block whose layers are direct children of the block. When the model cannot be traced,
+the zoo's named hook points are used instead: every submodule named ``residual`` (ResNet blocks) and
+``branch1``, ``branch2``, ... (Inception modules).
 """
 
 from __future__ import annotations
