@@ -346,3 +346,15 @@ def test_gal_checkpoint_resume_is_exact(tmp_path):
     for name, tensor in straight_method.discriminator.state_dict().items():
         assert torch.equal(tensor, resumed_method.discriminator.state_dict()[name])
     assert any(isinstance(m, MaskedStructure) for m in resumed_model.modules())
+
+
+def test_gal_checkpoint_rebuilds_with_its_structure_masks(tmp_path):
+    from onnxslim.training.trainer import model_from_checkpoint
+
+    train, _ = mnist_split(size=28)
+    model, _ = _gal_run(train.subset(96), tmp_path / "gal.pt", None)
+    rebuilt, _ = model_from_checkpoint(tmp_path / "gal.pt", "resnet20", {"width": 0.25, "in_channels": 1, "input_size": 28})
+    assert any(isinstance(m, MaskedStructure) for m in rebuilt.modules())
+    x = torch.from_numpy(train.images[:4])
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-6)

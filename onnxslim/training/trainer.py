@@ -384,10 +384,12 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     """Rebuild the model a trainer checkpoint was written for and load its weights (eval mode, CPU).
 
     The zoo model comes from the checkpoint's ``extra["model_spec"]`` unless ``model_name`` (and
-    ``params``) are given; masks are attached first when the checkpoint holds a masked model.
+    ``params``) are given; channel masks (and structure masks, when saved) are attached first when the
+    checkpoint holds a masked model.
     Returns the model and the checkpoint dict.
     """
     from onnxslim.training.masks import attach_masks
+    from onnxslim.training.structure import restore_structure_masks
     from onnxslim.zoo import ModelSpec
 
     state = load_checkpoint(path)
@@ -404,6 +406,7 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     if state.get("masked"):
         example = torch.zeros((2, *spec.input_shape()))
         attach_masks(model, example)
+        restore_structure_masks(model, state["model"], example)  # GAL's per-block / per-branch scalars
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
