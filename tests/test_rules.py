@@ -580,3 +580,14 @@ def test_a_non_zero_structure_mask_is_folded_into_the_branch():
     head(g, g.op("Relu", [g.op("Add", [stem, branch])]), 8)
     slimmed, report = slim_checked(g.model())
     assert "Mul" not in ops(slimmed) and report.folded_masks == 1
+
+
+def test_a_positive_scale_after_relu_and_pooling_folds_into_the_conv_before():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    a = g.op("MaxPool", [g.op("Relu", [g.bn(g.conv(x, 4, 6), 6)])], kernel_shape=[2, 2], strides=[2, 2])
+    a = g.op("Mul", [a, g.const(np.array([0.5], np.float32))])  # an Inception branch's structure scale
+    b = g.op("MaxPool", [g.op("Relu", [g.conv(x, 4, 5)])], kernel_shape=[2, 2], strides=[2, 2])
+    head(g, g.op("Concat", [a, b], axis=1), 11)
+    slimmed, report = slim_checked(g.model())
+    assert "Mul" not in ops(slimmed) and report.folded_masks == 1

@@ -23,7 +23,8 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
     """Fold ``y = x * s`` (s constant, varying only along the channel axis) into weights.
 
     Into the producer of ``x`` when ``x`` feeds only this Mul (Conv, ConvTranspose, Gemm:
-    ``W[o] *= s[o], b[o] *= s[o]``; BatchNormalization, InstanceNormalization: ``scale *= s, B *= s``),
+    ``W[o] *= s[o], b[o] *= s[o]``; BatchNormalization, InstanceNormalization: ``scale *= s, B *= s``) —
+    for a positive ``s`` also through Relu, LeakyRelu, PRelu and pooling, since ``f(s x) = s f(x)``;
     else into every consumer of ``y`` when all are Conv / Gemm / MatMul reading it as their feature input
     (``W[:, i] *= s[i]``; exact with zero padding since ``pad(s x) = s pad(x)``). A scale of all ones is
     simply bypassed. Returns (number of Mul nodes removed, names of per-channel Mul nodes kept).
@@ -100,11 +101,20 @@ def _bypass(index: Graph, node, x: str, y: str) -> None:
     index.producer.pop(y, None)
 
 
+# ops with f(s x) = s f(x) for s > 0, channel by channel: a positive scale moves through them
+_POSITIVELY_HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
+                           "GlobalMaxPool", "Identity", "Dropout"}
+
+
 def _scale_producer(index: Graph, weights: WeightStore, x: str, s: np.ndarray) -> bool:
     producer = index.producer.get(x)
     if producer is None or x in index.outputs or len(index.uses(x)) != 1 or producer.output[0] != x:
         return False
     op = producer.op_type
+    if op in _POSITIVELY_HOMOGENEOUS and np.all(s > 0):
+        if any(name and (index.uses(name) or name in index.outputs) for name in producer.output[1:]):
+            return False  # e.g. MaxPool indices are read
+        return _scale_producer(index, weights, producer.input[0], s)
     if op == "Conv":
         weight = index.constant(producer.input[1])
         if weight is None or weight.shape[0] != len(s):
