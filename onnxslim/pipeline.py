@@ -107,7 +107,7 @@ class RunReport:
         if self.targets:
             lines += ["## Targets", "", markdown_table(("target", "required", "measured", "result"), [
                 (c.name, f"{c.target:.4g}", f"{c.value:.4g}", "ok" if c.ok else "**FAILED**") for c in self.targets]), ""]
-        lines += ["## Live channels per mask", "", markdown_table(("mask", "live", "channels"), [
+        lines += ["## Live channels per layer", "", markdown_table(("layer", "live", "channels"), [
             (name, str(live), str(total)) for name, (live, total) in self.live_channels.items()]), ""]
         lines += ["Plots: `layers.png` (channels per layer), `latency.png` (latency distributions)."]
         return "\n".join(lines) + "\n"
@@ -129,7 +129,7 @@ class RunReport:
         lines.append(f"params removed {pct(self.params_removed)}, MACs removed {pct(self.macs_removed)}, "
                      f"accuracy drop {100 * self.accuracy_drop:.2f} pt, max |PyTorch masked - slimmed ONNX| "
                      f"{self.max_abs_diff:.3g}")
-        lines.append("live channels per mask: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in self.live_channels.items()))
+        lines.append("live channels per layer: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in self.live_channels.items()))
         for check in self.targets:
             lines.append(f"target {check.name}: {check.value:.4g} vs {check.target:.4g} -> {'ok' if check.ok else 'FAILED'}")
         total = sum(self.seconds.values())
