@@ -105,11 +105,17 @@ def method_settings(model: str, method: str) -> tuple[dict, dict, dict, str]:
     return dict(params), dict(sparse), dict(MODELS[model]["finetune"]), "tools/reproduce.py SETTINGS"
 
 
-def build_recipe(model: str, method: str, quick: bool):
+def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = None):
     from onnxslim.recipes import recipe_from_dict
 
     spec = MODELS[model]
     params, sparse, finetune, source = method_settings(model, method)
+    for key, value in (overrides or {}).get(method, {}).items():
+        if key in ("sparse_epochs", "sparse_lr"):
+            sparse[key.split("_")[1]] = value
+        else:
+            params[key] = value
+        source += f" {key}={value}"
     raw = copy.deepcopy(spec["base"])
     dense_epochs = raw["training"]["dense"]["epochs"]
     finetune = {**finetune, "epochs": spec["budget"] - dense_epochs - sparse["epochs"]}
@@ -127,14 +133,15 @@ def build_recipe(model: str, method: str, quick: bool):
     return recipe_from_dict(raw, source=f"reproduce:{model}/{method}"), source
 
 
-def run_all(models, methods, out: Path, device: str | None, quick: bool, progress: bool) -> list[dict]:
+def run_all(models, methods, out: Path, device: str | None, quick: bool, progress: bool,
+            overrides: dict | None = None) -> list[dict]:
     from onnxslim.pipeline import run_recipe
 
     rows = []
     for model in models:
         shared_dense = None
         for method in methods:
-            recipe, source = build_recipe(model, method, quick)
+            recipe, source = build_recipe(model, method, quick, overrides)
             run_dir = out / model / method
             run_dir.mkdir(parents=True, exist_ok=True)
             if shared_dense is not None and not (run_dir / "dense.pt").exists():
@@ -167,7 +174,8 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Reproduction table", "", f"Produced by `{command}`.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         subset = [r for r in rows if r["model"] == model]
-        lines += [f"## {MODELS[model]['title']} (epochs dense+sparse+fine-tune = {MODELS[model]['budget']})", "",
+        budget = sum(int(e) for e in subset[0]["epochs"].split("+"))
+        lines += [f"## {MODELS[model]['title']} (epochs dense+sparse+fine-tune = {budget})", "",
                   markdown_table(("method", "epochs", "params removed", "MACs removed", "accuracy dense",
                                   "accuracy slimmed", "ORT speedup", "max abs diff"),
                                  [(r["method"], r["epochs"], f"{100 * r['params_removed']:.1f} %",
@@ -189,8 +197,21 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="training device (cpu, cuda); default: the recipe's")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one epoch per phase")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="override a method parameter (JSON value), or sparse_epochs / sparse_lr; repeatable")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    overrides: dict[str, dict] = {}
+    for item in args.overrides:
+        target, _, value = item.partition("=")
+        method, _, key = target.partition(".")
+        if not key or not value:
+            parser.error(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        overrides.setdefault(method, {})[key] = value
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
@@ -200,7 +221,7 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rows = run_all(models, methods, args.out, args.device, args.quick, not args.no_progress)
+    rows = run_all(models, methods, args.out, args.device, args.quick, not args.no_progress, overrides)
 
     from onnxslim.io import write_json_atomic, write_text_atomic
     from onnxslim.plots import plot_accuracy_vs_macs
