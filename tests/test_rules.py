@@ -570,3 +570,13 @@ def test_zero_inception_branch_and_its_concat_slice_are_removed():
     slimmed, _ = slim_checked(g.model())
     assert conv_channels(slimmed) == [6, 4]
     assert "Concat" not in ops(slimmed)
+
+
+def test_a_non_zero_structure_mask_is_folded_into_the_branch():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    stem = g.op("Relu", [g.conv(x, 4, 8)])
+    branch = g.op("Mul", [g.bn(g.conv(stem, 8, 8), 8), g.const(np.array([0.7], np.float32))])
+    head(g, g.op("Relu", [g.op("Add", [stem, branch])]), 8)
+    slimmed, report = slim_checked(g.model())
+    assert "Mul" not in ops(slimmed) and report.folded_masks == 1

@@ -182,6 +182,25 @@ class UNet(nn.Module):
         return self.head(d1)
 
 
+class LayoutOps(nn.Module):
+    """torch.chunk (legacy: Slice with bounds computed from Shape), interpolate by scale and by size,
+    channel slicing, cat with a slice, LayerNorm over W and GroupNorm (a barrier)."""
+
+    def __init__(self, rng):
+        super().__init__()
+        self.c1, self.m1 = nn.Conv2d(3, 8, 3, padding=1), Mask(8, [1, 2, 5])
+        self.c2, self.m2 = nn.Conv2d(8, 8, 3, padding=1), Mask(8, [0, 7])
+        self.c3, self.ln, self.gn, self.fc = nn.Conv2d(6, 6, 1), nn.LayerNorm(16), nn.GroupNorm(2, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = torch.chunk(torch.relu(self.m1(self.c1(x))), 2, dim=1)
+        y = nn.functional.interpolate(torch.cat([b, a], 1), scale_factor=2, mode="nearest")
+        y = torch.relu(self.m2(self.c2(y)))[:, 2:7]
+        y = nn.functional.interpolate(y, size=(16, 16), mode="bilinear", align_corners=False)
+        y = self.gn(self.ln(self.c3(torch.cat([y, y[:, :1]], 1))))
+        return self.fc(y.mean((2, 3)))
+
+
 MODELS = {
     "resnet20": (ResNet20, 32),
     "mobilenetv2": (MobileNetV2ish, 16),
@@ -189,6 +208,7 @@ MODELS = {
     "inception": (Inception, 8),
     "se_hardswish": (SEHardSwish, 16),
     "unet": (UNet, 16),
+    "layout_ops": (LayoutOps, 8),
 }
 
 

@@ -55,7 +55,8 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
 
 
 def _channel_scale(node, index: Graph, plan: RemovalPlan):
-    """(factors, constant slot) when ``node`` is ``Mul(feature, per-channel constant)`` on axis 1."""
+    """(factors, constant slot) when ``node`` is ``Mul(feature, c)`` with ``c`` per channel on axis 1
+    (a mask) or a single number (a structure mask: one scale for the whole tensor)."""
     if node.op_type != "Mul" or len(node.input) != 2:
         return None
     info = plan.analysis.info.get(node.output[0])
@@ -67,6 +68,10 @@ def _channel_scale(node, index: Graph, plan: RemovalPlan):
         other = node.input[1 - slot]
         if constant is None or index.is_const(other) or other not in plan.analysis.info:
             continue
+        if tuple(index.shape(other) or ()) != tuple(index.shape(node.output[0]) or (None,)):
+            return None  # the constant broadcasts the feature to a larger shape
+        if constant.size == 1:
+            return np.full(channels, float(constant.reshape(-1)[0])), slot
         caxis = info.axis - (info.rank - constant.ndim)
         if caxis < 0 or constant.size != channels or constant.shape[caxis] != channels:
             return None

@@ -1,10 +1,12 @@
 """Values of small integer shape tensors, computed symbolically.
 
-Exporters spell ``x.view(x.size(0), -1)`` as ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``, and
-ONNX data propagation does not always follow it. This evaluator does, for the ops such subgraphs use.
-A dimension is an ``int`` when static, or a :class:`Dim` ``(tensor, axis)`` when it is "whatever that
-tensor's axis is at run time" — enough to recognise a Reshape that keeps the batch dimension without
-fixing the batch size.
+Exporters spell ``x.view(x.size(0), -1)`` as ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` and
+``torch.chunk`` as ``Slice`` with bounds computed from ``Shape``; ONNX data propagation does not always
+follow these. This evaluator does, for the ops such subgraphs use. An entry is an ``int``, or a
+:class:`Dim` — "axis ``axis`` of ``tensor`` at run time" — carrying its static value when known.
+
+The distinction matters after slimming: a ``Dim`` of the channel axis *follows* the new channel count
+at run time, while a number computed from it at export time (a chunk boundary) must be rewritten.
 """
 
 from __future__ import annotations
@@ -20,10 +22,26 @@ from onnxslim.graph.model import Graph, get_attr
 class Dim:
     tensor: str
     axis: int
+    static: int | None = None  # the value in the analysed model, when known
 
 
 Value = list  # list[int | Dim]
-_UNKNOWN = None
+
+
+def is_dim_of(entry, tensor: str, axis: int) -> bool:
+    return isinstance(entry, Dim) and entry.tensor == tensor and entry.axis == axis
+
+
+def as_int(entry) -> int | None:
+    return entry.static if isinstance(entry, Dim) else entry
+
+
+def static_values(value: Value | None) -> list[int] | None:
+    """All entries as numbers (the values in the analysed model), or None when one is unknown."""
+    if value is None:
+        return None
+    numbers = [as_int(v) for v in value]
+    return None if any(v is None for v in numbers) else numbers
 
 
 def shape_value(index: Graph, name: str, depth: int = 0) -> Value | None:
@@ -45,7 +63,7 @@ def shape_value(index: Graph, name: str, depth: int = 0) -> Value | None:
         shape = index.shape(node.input[0])
         if shape is None:
             return None
-        dims = [d if d is not None else Dim(node.input[0], axis) for axis, d in enumerate(shape)]
+        dims = [Dim(node.input[0], axis, d) for axis, d in enumerate(shape)]
         start, end = get_attr(node, "start", 0), get_attr(node, "end")
         return dims[start:end]
     if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
@@ -63,36 +81,33 @@ def shape_value(index: Graph, name: str, depth: int = 0) -> Value | None:
             return None
     if op == "Slice":
         data = arg(0)
-        starts, ends = arg(1), arg(2)
-        axes, steps = arg(3), arg(4)
-        if data is None or starts is None or ends is None or any(isinstance(v, Dim) for v in starts + ends):
+        starts, ends = static_values(arg(1)), static_values(arg(2))
+        axes, steps = static_values(arg(3)), static_values(arg(4))
+        if data is None or starts is None or ends is None:
             return None
         if (axes is not None and axes != [0]) or (steps is not None and steps != [1]):
             return None
         return data[starts[0]:ends[0]]
     if op in ("Mul", "Add", "Sub", "Div"):
-        a, b = arg(0), arg(1)
+        a, b = static_values(arg(0)), static_values(arg(1))
         if a is None or b is None:
             return None
         if len(a) == 1:
             a = a * len(b)
         if len(b) == 1:
             b = b * len(a)
-        if any(isinstance(v, Dim) for v in a + b):
-            return None
         ops = {"Mul": lambda p, q: p * q, "Add": lambda p, q: p + q, "Sub": lambda p, q: p - q,
-               "Div": lambda p, q: p // q if q else 0}
+               "Div": lambda p, q: int(p / q) if q else 0}  # integer Div truncates toward zero
         return [ops[op](p, q) for p, q in zip(a, b)]
     if op == "ReduceProd":
-        data = arg(0)
-        if data is None or any(isinstance(v, Dim) for v in data):
-            return None
-        return [int(np.prod(data))]
+        data = static_values(arg(0))
+        return None if data is None else [int(np.prod(data))]
     return None
 
 
 def reshape_target(index: Graph, node) -> list | None:
-    """Reshape's output dims as ints or ``Dim`` of its input, resolving 0 (copy) and -1 (infer)."""
+    """Reshape's output dims: ints, or ``Dim("in", axis)`` for dims that are the input's at run time
+    (the batch). 0 (copy) and -1 (infer) are resolved."""
     target = shape_value(index, node.input[1])
     in_shape = index.shape(node.input[0])
     if target is None or in_shape is None:
@@ -100,16 +115,17 @@ def reshape_target(index: Graph, node) -> list | None:
     allow_zero = get_attr(node, "allowzero", 0)
     dims: list = []
     for position, entry in enumerate(target):
+        if entry == 0 and not isinstance(entry, Dim) and not allow_zero:
+            entry = Dim(node.input[0], position, in_shape[position])
         if isinstance(entry, Dim):
-            if entry.tensor == node.input[0]:
-                entry = in_shape[entry.axis] if in_shape[entry.axis] is not None else Dim("in", entry.axis)
+            if entry.tensor == node.input[0] and entry.axis == 0:
+                entry = Dim("in", 0, in_shape[0])  # the batch stays the batch
+            elif entry.tensor == node.input[0] and in_shape[entry.axis] is not None:
+                entry = in_shape[entry.axis]
+            elif entry.static is not None:
+                entry = entry.static
             else:
-                static = (index.shape(entry.tensor) or [None] * (entry.axis + 1))[entry.axis]
-                if static is None:
-                    return None
-                entry = static
-        elif entry == 0 and not allow_zero:
-            entry = in_shape[position] if in_shape[position] is not None else Dim("in", position)
+                return None
         dims.append(entry)
     if dims.count(-1) > 1:
         return None
@@ -118,7 +134,7 @@ def reshape_target(index: Graph, node) -> list | None:
         symbolic = [d for d in dims if isinstance(d, Dim)]
         if symbolic:
             # only "the batch stays the batch": dim 0 copied from the input, everything else static
-            if where == 0 or symbolic != [Dim("in", 0)] or dims[0] != Dim("in", 0):
+            if where == 0 or len(symbolic) != 1 or not is_dim_of(dims[0], "in", 0):
                 return None
             total_dims, known_dims = in_shape[1:], [d for d in dims[1:] if d != -1]
         else:

@@ -23,7 +23,7 @@ import numpy as np
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register, register_barrier
-from onnxslim.graph.shape_values import Dim, reshape_target, shape_value
+from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
 
 
 def _feature(node, analysis, slot: int = 0):
@@ -39,25 +39,29 @@ def _new_positions(keep: np.ndarray) -> np.ndarray:
 
 
 def _input_or_attr(node, analysis, attr: str, slot: int):
-    """An operand given as an attribute (old opsets) or as a constant input (new ones).
+    """An operand given as an attribute (old opsets) or as an input (new ones) that is a constant or
+    computable from static shapes (``torch.chunk`` bounds computed from ``Shape``).
 
-    Returns (value or None, known): known is False when the input is computed.
+    Returns (value or None, known): known is False when the input cannot be computed.
     """
     value = get_attr(node, attr)
     if value is not None:
         return np.asarray(value, np.int64), True
     if len(node.input) > slot and node.input[slot]:
-        constant = analysis.index.constant(node.input[slot])
-        return (None, False) if constant is None else (np.asarray(constant, np.int64).reshape(-1), True)
+        numbers = static_values(shape_value(analysis.index, node.input[slot]))
+        return (None, False) if numbers is None else (np.asarray(numbers, np.int64), True)
     return None, True
 
 
 def _write_operand(node, rewriter, attr: str, slot: int, value: np.ndarray) -> None:
-    """Store a recomputed attribute-or-input operand the way the node carries it."""
+    """Store a recomputed attribute-or-input operand the way the node carries it (a computed input is
+    replaced by a constant: its export-time formula would not know about the deleted channels)."""
     if get_attr(node, attr) is not None:
         set_attr(node, attr, [int(v) for v in value])
-    elif len(node.input) > slot and node.input[slot]:
+    elif len(node.input) > slot and node.input[slot] and rewriter.index.is_const(node.input[slot]):
         rewriter.weights.write(node, slot, np.asarray(value, np.int64), key=(attr, np.asarray(value).tobytes()))
+    elif len(node.input) > slot and node.input[slot]:
+        node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
     else:
         while len(node.input) <= slot:
             node.input.append("")
@@ -192,10 +196,7 @@ class SplitRule(Rule):
         if get_attr(node, "num_outputs") is not None:
             node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
         if rewriter.index.opset >= 13:
-            if len(node.input) > 1 and node.input[1]:
-                rewriter.weights.write(node, 1, sizes, key=("split", sizes.tobytes()))
-            else:
-                _write_operand(node, rewriter, "split", 1, sizes)
+            _write_operand(node, rewriter, "split", 1, sizes)
         else:
             set_attr(node, "split", [int(s) for s in sizes])
 
@@ -363,15 +364,14 @@ class ReshapeRule(Rule):
             return "barrier", None
 
         def same(d, axis):
-            return d == Dim("in", axis) or (in_shape[axis] is not None and d == in_shape[axis])
+            return is_dim_of(d, "in", axis) or (in_shape[axis] is not None and d == in_shape[axis])
 
         block = _block_size(in_shape, x)
         if len(dims) == 2 and same(dims[0], 0) and block is not None and dims[1] == x.size * block:
             return "flatten", dims
         if len(dims) >= 2 and same(dims[0], 0) and same(dims[1], 1):
-            raw = shape_value(index, node.input[1])
-            entry = raw[1]
-            adapts = entry in (0, -1) or entry == Dim(node.input[0], 1)
+            entry = shape_value(index, node.input[1])[1]
+            adapts = is_dim_of(entry, node.input[0], 1) or (not isinstance(entry, Dim) and entry in (0, -1))
             if adapts or index.is_const(node.input[1]):
                 return "same", dims
         return "barrier", None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxslim.graph.model import get_attr
+from onnxslim.graph.shape_values import as_int, is_dim_of, shape_value
 from onnxslim.graph.rules.base import Rule, keep_extra_outputs, normalize_axis, pass_through, register
 
 
@@ -106,7 +107,7 @@ class ResizeRule(Rule):
                 if scales is None:
                     return None, None, False
             if len(node.input) > 3 and node.input[3]:
-                sizes = index.constant(node.input[3])
+                sizes = shape_value(index, node.input[3])
                 if sizes is None:
                     return None, None, False
         return scales, sizes, True
@@ -123,17 +124,22 @@ class ResizeRule(Rule):
         if scales is not None and len(np.reshape(scales, -1)) and np.reshape(scales, -1)[x.axis] != 1:
             analysis.barrier(node, "resizes the channel axis")
             return
-        if sizes is not None and np.reshape(sizes, -1)[x.axis] != x.size:
-            analysis.barrier(node, "resizes the channel axis")
-            return
+        if sizes is not None:
+            # the channel entry must follow the input at run time, or be a constant we can rewrite
+            entry = sizes[x.axis]
+            follows = is_dim_of(entry, node.input[0], x.axis)
+            if not follows and not (as_int(entry) == x.size and analysis.index.is_const(node.input[3])):
+                analysis.barrier(node, "resizes the channel axis (or fixes it in a computed size)")
+                return
         mode = _string(get_attr(node, "mode", b"nearest"))
         const = x.const if mode in ("nearest", "linear", "bilinear") else x.zero
         pass_through(node, analysis, x.with_values(const, x.value))
 
     def rewrite(self, node, rewriter):
         keep = rewriter.keep(node.output[0])
-        if keep is None or keep.all() or node.op_type != "Resize" or len(node.input) < 4 or not node.input[3]:
-            return
+        if keep is None or keep.all() or node.op_type != "Resize" or len(node.input) < 4 or not node.input[3] \
+                or not rewriter.index.is_const(node.input[3]):
+            return  # computed sizes follow the input's channels at run time
         sizes = rewriter.index.constant(node.input[3]).copy()
         sizes[rewriter.info(node.output[0]).axis] = int(keep.sum())
         rewriter.weights.write(node, 3, sizes, key=("sizes", sizes.tobytes()))
