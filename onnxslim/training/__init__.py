@@ -1,0 +1,12 @@
+"""The PyTorch side: channel masks, their coupling, sparsity methods, the trainer and ONNX export.
+
+* :mod:`~onnxslim.training.masks` — ``ChannelMask``, ``attach_masks(model, example_input)``,
+  ``freeze_masks``, ``masked_summary`` (size of the model after slimming).
+* :mod:`~onnxslim.training.coupling` — which channels must share one mask, from the fx-traced graph.
+* :mod:`~onnxslim.training.methods` — the sparsity-method interface and registry (``get_method``):
+  ``l1_mask`` (Yang et al. 2019), ``bn_slimming`` (Liu et al. 2017), ``l1_norm`` (Li et al. 2017).
+* :mod:`~onnxslim.training.trainer` — ``Trainer(model, train_data, ...).fit(phases, resume=...)`` with
+  dense / sparse / finetune phases and per-epoch atomic checkpoints.
+* :mod:`~onnxslim.training.tasks` — loss and metric per task (classification now).
+* :mod:`~onnxslim.training.export` — ``export(model, example_input, path)`` with an onnxruntime check.
+"""

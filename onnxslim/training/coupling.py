@@ -158,15 +158,16 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     """``torch.fx`` trace of ``model`` with tensor shapes from one eval-mode run on ``example_input``."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # fx raises many exception types for untraceable code
-        raise OnnxSlimError(f"cannot trace {type(model).__name__} with torch.fx to find coupled channels: "
-                            f"{exc}") from None
-    module = fx.GraphModule(model, graph)
     was_training = model.training
-    model.eval()
+    model.eval()  # masked sites trace as explicit mask multiplications in eval mode
     try:
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as exc:  # fx raises many exception types for untraceable code
+            raise OnnxSlimError(f"cannot trace {type(model).__name__} with torch.fx to find coupled channels: "
+                                f"{exc}") from None
+        module = fx.GraphModule(model, graph)
+        module.eval()
         with torch.no_grad():
             ShapeProp(module).propagate(example_input)
     finally:

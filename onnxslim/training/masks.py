@@ -25,7 +25,9 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from onnxslim.errors import OnnxSlimError
 from onnxslim.training.coupling import CouplingAnalysis, analyze_coupling
@@ -74,7 +76,17 @@ class ChannelMask(nn.Module):
 
 
 class MaskedSite(nn.Module):
-    """``mask(module(x))``: replaces a producer's site in its parent module."""
+    """``mask(module(x))``: replaces a producer's site in its parent module.
+
+    In eval mode (inference, tracing, ONNX export) this is literally ``mask(module(x))``, so the export
+    shows ``Conv -> Mul(mask) -> activation``; so does any traced graph (fx, TorchScript, torch.export),
+    in either mode. Run eagerly in training mode, the same function is computed without
+    an extra pass over the feature map: after a BN, ``m * (gamma * x_hat + beta)`` is a BN with affine
+    parameters ``m * gamma`` and ``m * beta``; after a conv/linear whose weight is smaller than its input,
+    the weight rows and bias are scaled by ``m``. Zero mask entries still give exact zeros, and the
+    gradient reaches ``m`` through the scaled parameters. (Forward hooks on the mask therefore only fire
+    in eval mode or where the feature map is multiplied explicitly.)
+    """
 
     def __init__(self, module: nn.Module, mask: ChannelMask):
         super().__init__()
@@ -82,7 +94,50 @@ class MaskedSite(nn.Module):
         self.mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not _tracing():
+            fused = _fused_forward(self.module, self.mask.weight, x)
+            if fused is not None:
+                return fused
         return self.mask(self.module(x))
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _tracing() -> bool:
+    """True under torch.fx, TorchScript tracing or torch.compile/export: graphs always see the explicit Mul."""
+    return is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _fused_forward(module: nn.Module, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """``mask * module(x)`` with the mask applied to the module's parameters, or None when not cheaper."""
+    if isinstance(module, _NORMS) and module.affine and type(module).forward is _NORM_FORWARD[type(module)]:
+        return _batch_norm(module, x, module.weight * mask, module.bias * mask)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward is _CONV_FORWARD[type(module)] \
+            and module.weight.numel() <= x.numel():
+        weight = module.weight * mask.view([-1] + [1] * (module.weight.dim() - 1))
+        bias = module.bias * mask if module.bias is not None else None
+        return module._conv_forward(x, weight, bias)
+    if type(module) is nn.Linear and module.weight.numel() <= x.numel():
+        bias = module.bias * mask if module.bias is not None else None
+        return F.linear(x, module.weight * mask[:, None], bias)
+    return None
+
+
+_NORM_FORWARD = {cls: cls.forward for cls in _NORMS}
+_CONV_FORWARD = {cls: cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+
+
+def _batch_norm(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` (a training-mode BatchNorm) with replaced affine parameters; same statistics updates."""
+    module._check_input_dim(x)
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+    running_mean = module.running_mean if module.track_running_stats else None
+    running_var = module.running_var if module.track_running_stats else None
+    return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, module.eps)
 
 
 def iter_masks(model: nn.Module) -> Iterator[tuple[str, ChannelMask]]:
@@ -223,7 +278,8 @@ def masked_summary(model: nn.Module, example_input: torch.Tensor) -> MaskedSumma
         norm = analysis.producers[layer.producer].norm if layer.producer in analysis.producers else None
         params, macs = _layer_cost(module, kind, in_total, out_total, layer.output_shape, norm is not None)
         params_live, macs_live = _layer_cost(module, kind, in_live, out_live, layer.output_shape, norm is not None)
-        layers.append(LayerSummary(layer.producer, kind, in_total, in_live, out_total, out_live, params, params_live,
+        name = layer.producer.removesuffix(".module")  # a producer wrapped by MaskedSite
+        layers.append(LayerSummary(name, kind, in_total, in_live, out_total, out_live, params, params_live,
                                    macs, macs_live))
     masks = channel_masks(model)
     return MaskedSummary(

@@ -186,6 +186,8 @@ class Trainer:
                 continue
             start_epoch = position[1] if index == position[0] else 0
             self._run_phase(index, phase, phases, start_epoch, state if index == position[0] else None)
+        if phases:  # also when every phase was restored from a completed checkpoint
+            freeze_masks(self.model, frozen=phases[-1].kind != "sparse")
         test_metric = self.evaluate(self.test_data) if self.test_data is not None else None
         return TrainResult(self.history, test_metric, self.task.metric_name, self.finalize_report,
                            time.perf_counter() - started)
@@ -220,11 +222,7 @@ class Trainer:
             self.finalize_report = self.method.finalize_masks(self.model)
             self._finalized = True
         freeze_masks(self.model, frozen=phase.kind != "sparse")
-        if phase.kind == "sparse" and self.method is not None:
-            groups = self.method.param_groups(self.model, phase)
-        else:
-            groups = default_param_groups(self.model, phase.weight_decay)
-        optimizer = _make_optimizer(phase, groups)
+        optimizer = self.optimizer_for(phase)
         if state is not None and state.get("optimizer") is not None and start_epoch > 0:
             optimizer.load_state_dict(state["optimizer"])
         if start_epoch >= phase.epochs:
@@ -258,7 +256,7 @@ class Trainer:
             targets = torch.from_numpy(self.train_data.labels[chosen]).to(self.device)
             ctx = StepContext(self.model, self.task, optimizer, phase, epoch, step, global_offset + step, lr,
                               self.device)
-            result = self._step(ctx, inputs, targets)
+            result = self.step(ctx, inputs, targets)
             if not math.isfinite(result.loss):
                 raise OnnxSlimError(f"{phase.kind} phase, epoch {epoch + 1}: the loss is {result.loss} "
                                     f"(training diverged; lower the learning rate)")
@@ -281,7 +279,14 @@ class Trainer:
         return EpochRecord(index, phase.kind, epoch + 1, loss_sum / max(1, batches), metric.compute(), test_metric, lr,
                            time.perf_counter() - started, live)
 
-    def _step(self, ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+    def optimizer_for(self, phase: PhaseConfig) -> torch.optim.Optimizer:
+        """The optimizer ``fit`` builds for ``phase`` (the method's parameter groups in a sparse phase)."""
+        if phase.kind == "sparse" and self.method is not None:
+            return _make_optimizer(phase, self.method.param_groups(self.model, phase))
+        return _make_optimizer(phase, default_param_groups(self.model, phase.weight_decay))
+
+    def step(self, ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        """One training step on a batch, exactly as ``fit`` runs it (method hooks included)."""
         sparse = ctx.phase.kind == "sparse" and self.method is not None
         if sparse:
             custom = self.method.train_step(ctx, inputs, targets)
@@ -372,3 +377,36 @@ def _make_optimizer(phase: PhaseConfig, groups: list[dict]) -> torch.optim.Optim
     if phase.optimizer == "adam":
         return torch.optim.Adam(groups, lr=phase.lr)
     return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=phase.nesterov and phase.momentum > 0)
+
+
+def model_from_checkpoint(path: str | Path, model_name: str | None = None,
+                          params: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a trainer checkpoint was written for and load its weights (eval mode, CPU).
+
+    The zoo model comes from the checkpoint's ``extra["model_spec"]`` unless ``model_name`` (and
+    ``params``) are given; masks are attached first when the checkpoint holds a masked model.
+    Returns the model and the checkpoint dict.
+    """
+    from onnxslim.training.masks import attach_masks
+    from onnxslim.zoo import ModelSpec
+
+    state = load_checkpoint(path)
+    recorded = state.get("extra", {}).get("model_spec")
+    if model_name is not None:
+        spec = ModelSpec(model_name, dict(params or {}))
+    elif recorded is not None:
+        spec = ModelSpec.from_dict(recorded)
+        if params:
+            spec = ModelSpec(spec.name, {**spec.params, **params})
+    else:
+        raise OnnxSlimError(f"{path}: the checkpoint does not record its model; pass the model name")
+    model = spec.build()
+    if state.get("masked"):
+        example = torch.zeros((2, *spec.input_shape()))
+        attach_masks(model, example)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise OnnxSlimError(f"{path}: weights do not fit model {spec.name} ({str(exc).splitlines()[0]})") from None
+    state.setdefault("extra", {})["model_spec"] = spec.to_dict()
+    return model.eval(), state

@@ -16,10 +16,11 @@ hook                                    when / what
                                         auxiliary state (teacher, discriminator, ADMM variables).
                                         ``ctx`` holds the training data, task, device, an example
                                         input and the dense reference model (if any).
-``param_groups(model, phase)``          parameter groups for the trainer's optimizer (lr/weight
-                                        decay per group); default: weights with the phase's weight
-                                        decay, masks without. Return a subset to own some parameters
-                                        (e.g. GAL's FISTA updates masks itself).
+``param_groups(model, phase)``          parameter groups for the trainer's optimizer in the sparse
+                                        phase; default: weights with the phase's weight decay, masks
+                                        without. A group's ``lr_scale`` multiplies the scheduled lr.
+                                        Return a subset to own some parameters (e.g. GAL's FISTA
+                                        updates masks itself). Dense/finetune phases use the default.
 ``regularization(model, ctx)``          sparse phase, default step: a scalar added to the task loss
                                         (or None). ``ctx`` is the :class:`StepContext`.
 ``train_step(ctx, inputs, targets)``    sparse phase: return a :class:`StepOutput` to replace the
@@ -35,6 +36,12 @@ hook                                    when / what
 ``state_dict() / load_state_dict(s)``   the method's own state (ADMM variables, discriminator and
                                         its optimizer, ...) saved in every checkpoint.
 ======================================  ============================================================
+
+The default step is ``loss = task.loss(model(x), y) + regularization``, ``backward``, ``optimizer.step``,
+``after_step``; ``Trainer.step(ctx, x, y)`` runs exactly that (or the method's ``train_step``) and
+``Trainer.optimizer_for(phase)`` builds the phase's optimizer, for tools that drive single steps.
+In eager training mode masks are applied through the BN affine parameters / producer weights
+(:class:`~onnxslim.training.masks.MaskedSite`); graphs traced in any mode see explicit ``Mul`` nodes.
 
 :class:`StepContext` carries ``model, task, optimizer, phase, epoch, step (within the phase),
 global_step, lr, device`` — enough for lr-scaled proximal steps and every-K-iterations schedules.

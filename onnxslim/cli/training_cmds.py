@@ -1,0 +1,135 @@
+"""CLI commands of the PyTorch side: ``run`` (a whole recipe), ``train`` and ``export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from onnxslim.errors import OnnxSlimError
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise OnnxSlimError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _default_out(recipe) -> Path:
+    return Path("runs") / recipe.name
+
+
+@click.command(help="Run a recipe end to end: train, mask-train, export, slim, validate, report.")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: runs/<recipe name>).")
+@click.option("--resume", is_flag=True, help="Continue training from the checkpoints in the output folder.")
+@click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
+@click.option("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's choice).")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print REPORT.json instead of the table.")
+def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | None, threads: int | None,
+        progress: bool, as_json: bool) -> None:
+    from onnxslim.pipeline import REPORT_FILE, run_recipe
+    from onnxslim.recipes import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    _set_threads(threads)
+    out = out_dir or _default_out(recipe)
+    report = run_recipe(recipe, out, resume=resume, progress=progress, device=device)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.format_table())
+        click.echo(f"report: {out / REPORT_FILE}")
+    if not report.targets_met:
+        failed = ", ".join(check.name for check in report.targets if not check.ok)
+        click.echo(f"targets not met: {failed}", err=True)
+        raise SystemExit(1)
+
+
+@click.command(help="Train a zoo model with channel masks and a sparsity method (the training steps of a recipe).")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder for dense.pt, baseline.pt, masked.pt (default: runs/<recipe name>).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints in the output folder.")
+@click.option("--baseline/--no-baseline", default=False,
+              help="Also train the dense baseline with the same epoch budget (baseline.pt).")
+@click.option("--method", default=None, help="Override the recipe's method (its params are then defaults).")
+@click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
+@click.option("--threads", type=int, default=None, help="PyTorch intra-op threads.")
+@click.option("--progress/--no-progress", default=True)
+def train(recipe_path: Path, out_dir: Path | None, resume: bool, baseline: bool, method: str | None,
+          device: str | None, threads: int | None, progress: bool) -> None:
+    import dataclasses
+
+    from onnxslim.pipeline import load_data, train_models
+    from onnxslim.recipes import MethodSpec, load_recipe
+    from onnxslim.training.masks import masked_summary
+
+    recipe = load_recipe(recipe_path)
+    if method is not None:
+        recipe = dataclasses.replace(recipe, method=MethodSpec(method, {}))
+    _set_threads(threads)
+    out = out_dir or _default_out(recipe)
+    train_data, test_data = load_data(recipe)
+    trained = train_models(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device,
+                           baseline=baseline)
+    import numpy as np
+    import torch
+
+    example = torch.from_numpy(np.ascontiguousarray(train_data.images[:2]))
+    click.echo(masked_summary(trained.masked.cpu(), example).format_table())
+    metric = trained.mask_result.metric_name
+    if trained.dense_result is not None:
+        click.echo(f"dense ({recipe.training.dense.epochs} epochs) {metric}: {trained.dense_result.test_metric:.4f}")
+    if trained.baseline_result is not None:
+        click.echo(f"dense baseline (same budget) {metric}: {trained.baseline_result.test_metric:.4f}")
+    click.echo(f"masked {metric}: {trained.mask_result.test_metric:.4f}")
+    click.echo(f"checkpoint: {out / 'masked.pt'}")
+
+
+@click.command(help="Export a trained checkpoint to ONNX with masks as per-channel Mul nodes.")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .onnx file to write.")
+@click.option("--model", "model_name", default=None,
+              help="Zoo model name (default: the one recorded in the checkpoint).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Model parameter (repeatable), e.g. --param width=0.5; values are parsed as JSON when possible.")
+@click.option("--legacy", is_flag=True, help="Use the TorchScript exporter instead of torch.export (dynamo).")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch of the example input (batch stays dynamic).")
+@click.option("--check/--no-check", default=True, help="Compare onnxruntime with PyTorch after exporting.")
+def export(checkpoint: Path, output: Path, model_name: str | None, params: tuple[str, ...], legacy: bool, opset: int,
+           batch: int, check: bool) -> None:
+    import torch
+
+    from onnxslim.training.export import export as export_model
+    from onnxslim.training.trainer import model_from_checkpoint
+    from onnxslim.zoo import ModelSpec
+
+    model, state = model_from_checkpoint(checkpoint, model_name, _parse_params(params))
+    spec = ModelSpec.from_dict(state["extra"]["model_spec"])
+    example = torch.randn((batch, *spec.input_shape()), generator=torch.Generator().manual_seed(0))
+    result = export_model(model, example, output, dynamo=not legacy, opset=opset, check=check)
+    diff = f", max |onnxruntime - PyTorch| {result.max_abs_diff:.3g}" if result.max_abs_diff is not None else ""
+    click.echo(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, "
+               f"{result.mask_nodes} mask Mul nodes{diff})")
+
+
+def _parse_params(values: tuple[str, ...]) -> dict:
+    parsed = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise OnnxSlimError(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key] = raw
+    return parsed

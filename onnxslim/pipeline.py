@@ -1,0 +1,323 @@
+"""``onnxslim run RECIPE``: dense baseline -> mask training -> export -> slim -> validate -> report.
+
+Steps, all written into the output folder (every file atomically; ``resume=True`` continues the
+training steps from their per-epoch checkpoints):
+
+1. **dense** (``dense.pt``): the zoo model, seeded, trained for ``training.dense.epochs``.
+2. **baseline** (``baseline.pt``): the dense model trained on for ``sparse.epochs + finetune.epochs``
+   more epochs with the same learning-rate settings as the mask run, but no masks — the dense
+   reference with the *same total epoch budget* as the pruned model.
+3. **masked** (``masked.pt``): the dense model from step 1 with masks attached, trained by the
+   recipe's method: sparse phase -> zero masks -> fine-tune with frozen masks.
+4. **export**: ``dense.onnx`` (the baseline) and ``masked.onnx`` (masks as per-channel ``Mul``), each
+   checked against PyTorch with onnxruntime.
+5. **slim**: ``slim.onnx`` from ``masked.onnx`` (:func:`onnxslim.graph.slim.slim`).
+6. **validate**: accuracy of dense / masked / slimmed ONNX with onnxruntime on the test split,
+   ``max_abs_diff`` between the PyTorch masked model and ``slim.onnx`` over the whole test split,
+   latency of the three ONNX files (interleaved rounds, median).
+7. **report**: a table on stdout and ``REPORT.json`` with the figures, the targets and whether each holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from onnxslim.data import ArrayDataset, load_dataset
+from onnxslim.errors import OnnxSlimError
+from onnxslim.io import write_json_atomic, write_text_atomic
+from onnxslim.recipes import Recipe
+from onnxslim.training.export import export
+from onnxslim.training.masks import attach_masks, masked_summary
+from onnxslim.training.methods import get_method
+from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions, TrainResult
+
+REPORT_FILE = "REPORT.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetCheck:
+    name: str
+    target: float
+    value: float
+    ok: bool
+
+
+@dataclasses.dataclass
+class RunReport:
+    recipe: dict[str, Any]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    accuracy_before: float
+    accuracy_masked: float
+    accuracy_after: float
+    accuracy_metric: str
+    latency_ms_before: float
+    latency_ms_masked: float
+    latency_ms_after: float
+    max_abs_diff: float
+    max_abs_diff_onnx: float
+    params_removed: float
+    macs_removed: float
+    accuracy_drop: float
+    masked_channels: int
+    deleted_masked_channels: int
+    live_channels: dict[str, list[int]]
+    targets: list[TargetCheck]
+    targets_met: bool
+    seconds: dict[str, float]
+    files: dict[str, str]
+    torch_accuracy: dict[str, float | None]
+    latency_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format_table(self) -> str:
+        pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+        rows = [
+            ("", "dense", "masked", "slimmed"),
+            ("params", f"{self.params_before:,}", "", f"{self.params_after:,}"),
+            ("MACs", f"{self.macs_before:,}", "", f"{self.macs_after:,}"),
+            (f"accuracy ({self.accuracy_metric})", pct(self.accuracy_before), pct(self.accuracy_masked),
+             pct(self.accuracy_after)),
+            ("latency (ms, median)", f"{self.latency_ms_before:.4f}", f"{self.latency_ms_masked:.4f}",
+             f"{self.latency_ms_after:.4f}"),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.append("")
+        lines.append(f"params removed {pct(self.params_removed)}, MACs removed {pct(self.macs_removed)}, "
+                     f"accuracy drop {100 * self.accuracy_drop:.2f} pt, max |PyTorch masked - slimmed ONNX| "
+                     f"{self.max_abs_diff:.3g}")
+        lines.append("live channels per mask: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in self.live_channels.items()))
+        for check in self.targets:
+            lines.append(f"target {check.name}: {check.value:.4g} vs {check.target:.4g} -> {'ok' if check.ok else 'FAILED'}")
+        total = sum(self.seconds.values())
+        lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()) + f" (total {total:.0f}s)")
+        return "\n".join(lines)
+
+
+def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
+    spec = recipe.data
+    train = load_dataset(spec.dataset, "train", seed=spec.split_seed)
+    test = load_dataset(spec.test, "test", seed=spec.split_seed) if spec.test else \
+        load_dataset(spec.dataset, "test", seed=spec.split_seed)
+    if spec.dataset.startswith("synthetic:"):
+        raise OnnxSlimError("a recipe needs labelled data, not a synthetic spec")
+    if spec.train_samples:
+        train = train.subset(spec.train_samples)
+    if spec.test_samples:
+        test = test.subset(spec.test_samples)
+    return train, test
+
+
+@dataclasses.dataclass
+class TrainedModels:
+    dense: torch.nn.Module  # after the dense phase (the start of mask training)
+    baseline: torch.nn.Module | None  # dense, trained for the same total budget as the masked model
+    masked: torch.nn.Module  # with masks, after sparse training and fine-tuning
+    dense_result: TrainResult | None
+    baseline_result: TrainResult | None
+    mask_result: TrainResult
+    seconds: dict[str, float]
+
+
+def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test: ArrayDataset | None, *,
+                 resume: bool = False, progress: bool = True, device: str | None = None,
+                 baseline: bool = True) -> TrainedModels:
+    """Steps 1-3: dense (``dense.pt``), baseline (``baseline.pt``), masked (``masked.pt``) in ``out_dir``."""
+    out = Path(out_dir)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    spec = recipe.model
+    expected = spec.input_shape()
+    if tuple(train.images.shape[1:]) != expected:
+        raise OnnxSlimError(f"model {spec.name} expects inputs {expected} but {train.name} has "
+                            f"{tuple(train.images.shape[1:])}; set in_channels/input_size in [model.params]")
+    cfg = recipe.training
+    options = TrainOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=device or cfg.device, progress=progress)
+    extra = {"model_spec": spec.to_dict(), "recipe": recipe.name}
+
+    torch.manual_seed(cfg.seed)
+    dense = spec.build()
+    dense_trainer = Trainer(dense, train, test_data=test, options=options, checkpoint=out / "dense.pt", extra=extra)
+    dense_result = dense_trainer.fit([cfg.dense], resume=resume) if cfg.dense.epochs else None
+    seconds["dense"] = time.perf_counter() - started
+
+    baseline_model = baseline_result = None
+    if baseline:
+        started = time.perf_counter()
+        baseline_model = copy.deepcopy(dense)
+        phases = [dataclasses.replace(cfg.sparse, kind="dense"), dataclasses.replace(cfg.finetune, kind="dense")]
+        baseline_result = Trainer(baseline_model, train, test_data=test, options=options,
+                                  checkpoint=out / "baseline.pt", extra=extra).fit(phases, resume=resume)
+        seconds["baseline"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
+    masked = copy.deepcopy(dense).cpu()
+    attach_masks(masked, example)
+    method = get_method(recipe.method.name, recipe.method.params)
+    mask_trainer = Trainer(masked, train, test_data=test, method=method, options=options,
+                           checkpoint=out / "masked.pt", extra={**extra, "masked": True}, reference_model=dense)
+    mask_result = mask_trainer.fit([cfg.sparse, cfg.finetune], resume=resume)
+    seconds["masked"] = time.perf_counter() - started
+    return TrainedModels(dense, baseline_model, masked, dense_result, baseline_result, mask_result, seconds)
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+               device: str | None = None) -> RunReport:
+    """Run every step of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+
+    train, test = load_data(recipe)
+    trained = train_models(recipe, out, train, test, resume=resume, progress=progress, device=device)
+    seconds.update(trained.seconds)
+    clock = time.perf_counter()
+    baseline, masked = trained.baseline, trained.masked
+    spec = recipe.model
+    expected = spec.input_shape()
+    example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
+    dense_result, baseline_result, mask_result = trained.dense_result, trained.baseline_result, trained.mask_result
+
+    # 4. export
+    masked.cpu().eval()
+    baseline.cpu().eval()
+    dense_path, masked_path, slim_path = out / "dense.onnx", out / "masked.onnx", out / "slim.onnx"
+    export_one = lambda model, path: export(model, example, path, dynamo=recipe.export.dynamo,  # noqa: E731
+                                            opset=recipe.export.opset)
+    export_one(baseline, dense_path)
+    export_one(masked, masked_path)
+    lap("export")
+
+    # 5. slim
+    from onnxslim.graph.slim import slim
+    from onnxslim.graph.stats import model_stats
+
+    input_shapes = {"input": [1, *expected]}
+    _, slim_report = slim(masked_path, slim_path, input_shapes=input_shapes)
+    dense_stats = model_stats(onnx.load(str(dense_path)), input_shapes)
+    lap("slim")
+
+    # 6. validate
+    from onnxslim.validate.accuracy import evaluate
+    from onnxslim.validate.bench import BenchOptions, benchmark
+
+    val = recipe.validate
+    accuracy = {name: evaluate(str(path), test, batch_size=val.eval_batch_size, progress=progress)
+                for name, path in (("dense", dense_path), ("masked", masked_path), ("slim", slim_path))}
+    max_diff, max_diff_onnx = _max_abs_diff(masked, masked_path, slim_path, test, val.eval_batch_size)
+    bench = benchmark([str(dense_path), str(masked_path), str(slim_path)],
+                      BenchOptions(threads=(val.latency_threads,), batch_sizes=(val.latency_batch,),
+                                   warmup=val.warmup, repeat=val.repeat, measure_memory=False),
+                      progress=progress, names=["dense", "masked", "slim"])
+    timings = {timing.name: timing for timing in bench.models}
+    lap("validate")
+
+    summary = masked_summary(masked, example)
+    report = RunReport(
+        recipe=recipe.to_dict(),
+        params_before=dense_stats.params,
+        params_after=slim_report.params_after,
+        macs_before=dense_stats.macs,
+        macs_after=slim_report.macs_after,
+        accuracy_before=accuracy["dense"].value,
+        accuracy_masked=accuracy["masked"].value,
+        accuracy_after=accuracy["slim"].value,
+        accuracy_metric=accuracy["slim"].metric,
+        latency_ms_before=timings["dense"].median_ms,
+        latency_ms_masked=timings["masked"].median_ms,
+        latency_ms_after=timings["slim"].median_ms,
+        max_abs_diff=max_diff,
+        max_abs_diff_onnx=max_diff_onnx,
+        params_removed=1.0 - slim_report.params_after / dense_stats.params if dense_stats.params else 0.0,
+        macs_removed=1.0 - slim_report.macs_after / dense_stats.macs if dense_stats.macs else 0.0,
+        accuracy_drop=accuracy["dense"].value - accuracy["slim"].value,
+        masked_channels=slim_report.masked_channels,
+        deleted_masked_channels=slim_report.deleted_masked_channels,
+        live_channels={layer.name: [layer.out_live, layer.out_channels] for layer in summary.layers},
+        targets=[],
+        targets_met=True,
+        seconds=seconds,
+        files={"dense_onnx": str(dense_path), "masked_onnx": str(masked_path), "slim_onnx": str(slim_path),
+               "dense_checkpoint": str(out / "dense.pt"), "baseline_checkpoint": str(out / "baseline.pt"),
+               "masked_checkpoint": str(out / "masked.pt")},
+        torch_accuracy={"dense_start": dense_result.test_metric if dense_result else None,
+                        "baseline": baseline_result.test_metric, "masked": mask_result.test_metric},
+        latency_details={name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "threads": t.threads,
+                                "batch_size": t.batch_size} for name, t in timings.items()},
+    )
+    report.targets = check_targets(recipe, report)
+    report.targets_met = all(check.ok for check in report.targets)
+    write_json_atomic(out / REPORT_FILE, report.to_dict())
+    write_text_atomic(out / "slim_report.txt", slim_report.format_table() + "\n")
+    return report
+
+
+def check_targets(recipe: Recipe, report: RunReport) -> list[TargetCheck]:
+    targets = recipe.targets
+    checks = []
+    if targets.min_params_removed is not None:
+        checks.append(TargetCheck("min_params_removed", targets.min_params_removed, report.params_removed,
+                                  report.params_removed >= targets.min_params_removed))
+    if targets.min_macs_removed is not None:
+        checks.append(TargetCheck("min_macs_removed", targets.min_macs_removed, report.macs_removed,
+                                  report.macs_removed >= targets.min_macs_removed))
+    if targets.max_accuracy_drop is not None:
+        checks.append(TargetCheck("max_accuracy_drop", targets.max_accuracy_drop, report.accuracy_drop,
+                                  report.accuracy_drop <= targets.max_accuracy_drop + 1e-12))
+    if targets.max_abs_diff is not None:
+        checks.append(TargetCheck("max_abs_diff", targets.max_abs_diff, report.max_abs_diff,
+                                  report.max_abs_diff <= targets.max_abs_diff))
+    return checks
+
+
+def _max_abs_diff(masked: torch.nn.Module, masked_path: Path, slim_path: Path, data: ArrayDataset,
+                  batch_size: int) -> tuple[float, float]:
+    """Largest |PyTorch masked - slimmed ONNX| and |masked ONNX - slimmed ONNX| over ``data``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    slim_session = ort.InferenceSession(str(slim_path), options, providers=["CPUExecutionProvider"])
+    masked_session = ort.InferenceSession(str(masked_path), options, providers=["CPUExecutionProvider"])
+    name = slim_session.get_inputs()[0].name
+    masked_name = masked_session.get_inputs()[0].name
+    worst_torch = worst_onnx = 0.0
+    masked.eval()
+    with torch.no_grad():
+        for images, _ in data.batches(batch_size):
+            images = np.ascontiguousarray(images)
+            slimmed = slim_session.run(None, {name: images})[0]
+            reference = masked(torch.from_numpy(images)).numpy()
+            onnx_reference = masked_session.run(None, {masked_name: images})[0]
+            worst_torch = max(worst_torch, float(np.max(np.abs(slimmed - reference))))
+            worst_onnx = max(worst_onnx, float(np.max(np.abs(slimmed - onnx_reference))))
+    return worst_torch, worst_onnx
+
+
+def write_summary(report: RunReport, path: str | Path) -> None:
+    write_text_atomic(path, report.format_table() + "\n")
+
+
+__all__ = ["PhaseConfig", "RunReport", "TargetCheck", "check_targets", "load_data", "run_recipe"]

@@ -1,0 +1,251 @@
+"""Recipes: one TOML file describing a full train -> mask-train -> export -> slim -> validate run.
+
+::
+
+    name = "lenet5_mnist"                 # optional; defaults to the file name
+
+    [model]                               # a zoo model (onnxslim.zoo) and its builder parameters
+    name = "lenet5"
+    params = { num_classes = 10, in_channels = 1, input_size = 28 }
+
+    [data]
+    dataset = "mnist"                     # spec for onnxslim.data.load_dataset ("mnist", "mnist:32", x.npz, folder)
+    split_seed = 0                        # seed of the train/test split (bundled MNIST)
+    train_samples = 0                     # 0 = all; otherwise the first N (for quick runs)
+    test_samples = 0
+    test = ""                             # optional separate test spec (npz/folder); default: the split
+
+    [method]                              # onnxslim.training.methods; params are the method's Params fields
+    name = "l1_mask"
+    params = { lam = 0.015, proximal = true }
+
+    [training]
+    seed = 0
+    batch_size = 64
+    device = "cpu"
+    [training.dense]                      # PhaseConfig fields: epochs, lr, optimizer, momentum, nesterov,
+    epochs = 5                            # weight_decay, schedule
+    [training.sparse]
+    epochs = 20
+    [training.finetune]
+    epochs = 10
+
+    [export]
+    dynamo = true
+    opset = 18
+
+    [validate]
+    eval_batch_size = 256
+    latency_threads = 1
+    latency_batch = 1
+    warmup = 20
+    repeat = 200
+
+    [targets]                             # each optional; checked and reported
+    min_params_removed = 0.90             # fraction of the dense model's parameters removed
+    max_accuracy_drop = 0.005             # dense accuracy - slimmed accuracy (fraction, 0.005 = 0.5 pt)
+    max_abs_diff = 1e-4                   # PyTorch masked model vs slimmed ONNX on the test set
+    min_macs_removed = 0.0
+
+Unknown keys anywhere are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from onnxslim.errors import OnnxSlimError
+from onnxslim.training.methods import method_class, params_from_mapping
+from onnxslim.training.trainer import PhaseConfig
+from onnxslim.zoo import ModelSpec, model_parameters
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "mnist"
+    split_seed: int = 0
+    train_samples: int = 0
+    test_samples: int = 0
+    test: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str = "l1_mask"
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "cpu"
+    dense: PhaseConfig = PhaseConfig("dense", 5)
+    sparse: PhaseConfig = PhaseConfig("sparse", 10)
+    finetune: PhaseConfig = PhaseConfig("finetune", 5)
+
+    @property
+    def total_mask_epochs(self) -> int:
+        return self.sparse.epochs + self.finetune.epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    dynamo: bool = True
+    opset: int = 18
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateSpec:
+    eval_batch_size: int = 256
+    latency_threads: int = 1
+    latency_batch: int = 1
+    warmup: int = 20
+    repeat: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    min_params_removed: float | None = None
+    max_accuracy_drop: float | None = None
+    max_abs_diff: float | None = None
+    min_macs_removed: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    method: MethodSpec
+    training: TrainingSpec
+    export: ExportSpec
+    validate: ValidateSpec
+    targets: Targets
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model.to_dict(),
+            "data": dataclasses.asdict(self.data),
+            "method": {"name": self.method.name, "params": dict(self.method.params)},
+            "training": {"seed": self.training.seed, "batch_size": self.training.batch_size,
+                         "device": self.training.device,
+                         **{k: dataclasses.asdict(getattr(self.training, k)) for k in ("dense", "sparse", "finetune")}},
+            "export": dataclasses.asdict(self.export),
+            "validate": dataclasses.asdict(self.validate),
+            "targets": dataclasses.asdict(self.targets),
+        }
+
+
+_SECTIONS = {"name", "description", "model", "data", "method", "training", "export", "validate", "targets"}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe TOML file (see the module docstring)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise OnnxSlimError(f"recipe not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise OnnxSlimError(f"{path}: not valid TOML ({exc})") from None
+    return recipe_from_dict(raw, source=str(path), default_name=path.stem)
+
+
+def recipe_from_dict(raw: Mapping[str, Any], source: str = "<dict>", default_name: str = "recipe") -> Recipe:
+    _check_keys(raw, _SECTIONS, source)
+    model_raw = _table(raw, "model", source)
+    _check_keys(model_raw, {"name", "params"}, f"{source} [model]")
+    if "name" not in model_raw:
+        raise OnnxSlimError(f"{source}: [model] needs a name")
+    model = ModelSpec(str(model_raw["name"]), dict(model_raw.get("params", {})))
+    model_parameters(model.name, model.params)  # validates the names now, not after training
+    data = _dataclass(DataSpec, _table(raw, "data", source), f"{source} [data]")
+    method_raw = _table(raw, "method", source)
+    _check_keys(method_raw, {"name", "params"}, f"{source} [method]")
+    method = MethodSpec(str(method_raw.get("name", "l1_mask")), dict(method_raw.get("params", {})))
+    params_from_mapping(method_class(method.name).Params, method.params, f"{source} [method.params]")
+    training = _training(_table(raw, "training", source), source)
+    export = _dataclass(ExportSpec, _table(raw, "export", source), f"{source} [export]")
+    validate = _dataclass(ValidateSpec, _table(raw, "validate", source), f"{source} [validate]")
+    targets = _dataclass(Targets, _table(raw, "targets", source), f"{source} [targets]")
+    return Recipe(str(raw.get("name", default_name)), model, data, method, training, export, validate, targets, source)
+
+
+def _training(raw: Mapping[str, Any], source: str) -> TrainingSpec:
+    phases = {"dense", "sparse", "finetune"}
+    _check_keys(raw, {"seed", "batch_size", "device"} | phases, f"{source} [training]")
+    scalars = {k: v for k, v in raw.items() if k not in phases}
+    spec = _dataclass(TrainingSpec, scalars, f"{source} [training]")
+    updates = {}
+    for kind in sorted(phases):
+        if kind not in raw:
+            continue
+        table = raw[kind]
+        if not isinstance(table, Mapping):
+            raise OnnxSlimError(f"{source}: [training.{kind}] must be a table")
+        if "kind" in table:
+            raise OnnxSlimError(f"{source}: [training.{kind}] must not set 'kind'")
+        updates[kind] = _dataclass(PhaseConfig, {"kind": kind, **table}, f"{source} [training.{kind}]")
+    return dataclasses.replace(spec, **updates)
+
+
+def _table(raw: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise OnnxSlimError(f"{source}: [{key}] must be a table")
+    return value
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise OnnxSlimError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _check_keys(values, fields, where)
+    hints = typing.get_type_hints(cls)
+    converted = {key: _typed(value, hints.get(key), f"{where}: {key}") for key, value in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as exc:
+        raise OnnxSlimError(f"{where}: {exc}") from None
+
+
+def _typed(value: Any, hint: Any, what: str) -> Any:
+    """Check a TOML value against a field's type (bool, int, float, str, optional float)."""
+    allowed = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if value is None and type(None) in allowed:
+        return value
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        raise OnnxSlimError(f"{what} must be true or false, got {value!r}")
+    if isinstance(value, bool):
+        raise OnnxSlimError(f"{what} must not be a boolean")
+    if int in allowed and isinstance(value, int):
+        return value
+    if float in allowed and isinstance(value, (int, float)):
+        return float(value)
+    if str in allowed and isinstance(value, str):
+        return value
+    if allowed & {int, float, str}:
+        names = " or ".join(t.__name__ for t in (int, float, str) if t in allowed)
+        raise OnnxSlimError(f"{what} must be {names}, got {value!r}")
+    return value

@@ -1,0 +1,95 @@
+"""Export: masks become per-channel Mul nodes after BN folding; onnxruntime agrees with PyTorch."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from onnxslim.cli import main
+from onnxslim.data import mnist_split
+from onnxslim.errors import OnnxSlimError
+from onnxslim.training.export import count_mask_nodes, export
+from onnxslim.training.masks import attach_masks
+from onnxslim.training.methods import get_method
+from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions
+from onnxslim.zoo import get_model
+
+
+def masked_resnet():
+    torch.manual_seed(0)
+    model = get_model("resnet20", {"width": 0.25})
+    example = torch.randn(2, 3, 32, 32)
+    masks = attach_masks(model, example)
+    with torch.no_grad():
+        for mask in masks:
+            mask.weight.uniform_(0.5, 1.5)
+            mask.weight[0] = 0.0
+    return model, example, masks
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_masks_export_as_mul_between_folded_conv_and_activation(tmp_path, dynamo):
+    model, example, masks = masked_resnet()
+    model.train()
+    result = export(model, example, tmp_path / "m.onnx", dynamo=dynamo, opset=18)
+    assert model.training  # mode restored
+    assert result.exporter == ("dynamo" if dynamo else "torchscript")
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-5
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    ops = [node.op_type for node in proto.graph.node]
+    assert "BatchNormalization" not in ops  # folded into the convolutions
+    assert result.mask_nodes == count_mask_nodes(proto) == sum(len(m.sites) for m in masks)
+    assert proto.opset_import[0].version >= 17
+    # Conv -> Mul(mask) -> Relu on the first block
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    relus = [node for node in proto.graph.node if node.op_type == "Relu"]
+    mul = producers[relus[0].input[0]]
+    assert mul.op_type == "Mul" and producers[mul.input[0]].op_type == "Conv"
+    initializers = {init.name: list(init.dims) for init in proto.graph.initializer}
+    assert initializers[mul.input[1]] == [1, masks[0].channels, 1, 1]
+    # the batch stays dynamic
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_linear_masks_export_as_two_dimensional_constants(tmp_path):
+    torch.manual_seed(0)
+    model = get_model("lenet5", {"width": 0.25})
+    attach_masks(model, torch.randn(2, 1, 28, 28))
+    export(model, torch.randn(2, 1, 28, 28), tmp_path / "lenet.onnx")
+    proto = onnx.load(str(tmp_path / "lenet.onnx"))
+    shapes = {init.name: list(init.dims) for init in proto.graph.initializer}
+    mask_shapes = sorted(shapes[n.input[1]] for n in proto.graph.node if n.op_type == "Mul")
+    assert mask_shapes == [[1, 5, 1, 1], [1, 13, 1, 1], [1, 125]]
+
+
+def test_export_errors_and_atomicity(tmp_path):
+    model, example, _ = masked_resnet()
+    with pytest.raises(OnnxSlimError, match="opset"):
+        export(model, example, tmp_path / "old.onnx", opset=13)
+    with pytest.raises(OnnxSlimError, match="export"):
+        export(model, torch.randn(2, 5, 32, 32), tmp_path / "bad.onnx")  # wrong channel count
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_export_cli_from_a_trainer_checkpoint(tmp_path):
+    train, _ = mnist_split()
+    train = train.subset(500)
+    torch.manual_seed(0)
+    model = get_model("lenet5", {"width": 0.25})
+    attach_masks(model, torch.from_numpy(train.images[:2]))
+    spec = {"name": "lenet5", "params": {"width": 0.25}}
+    Trainer(model, train, method=get_method("l1_norm", {"ratio": 0.5}), options=TrainOptions(progress=False),
+            checkpoint=tmp_path / "masked.pt", extra={"model_spec": spec}).fit(
+        [PhaseConfig("sparse", 1), PhaseConfig("finetune", 1)])
+    runner = CliRunner()
+    for args in (["--legacy"], []):
+        result = runner.invoke(main, ["export", str(tmp_path / "masked.pt"), "-o", str(tmp_path / "out.onnx"), *args])
+        assert result.exit_code == 0, result.output
+        assert "mask Mul nodes" in result.output
+        assert count_mask_nodes(onnx.load(str(tmp_path / "out.onnx"))) == 3
+    # wrong model for the checkpoint: one line, exit code 2
+    result = runner.invoke(main, ["export", str(tmp_path / "masked.pt"), "-o", str(tmp_path / "x.onnx"),
+                                  "--model", "lenet5", "--param", "width=0.5"])
+    assert result.exit_code == 2 and "do not fit" in result.output

@@ -1,0 +1,136 @@
+"""`onnxslim run`: a tiny recipe end to end (train, mask-train, export, slim, validate, report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from onnxslim.cli import main
+from onnxslim.errors import OnnxSlimError
+from onnxslim.recipes import load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_RECIPE = """
+name = "tiny"
+[model]
+name = "lenet5"
+params = { width = 0.5 }
+[data]
+dataset = "mnist"
+train_samples = 1500
+test_samples = 300
+[method]
+name = "l1_mask"
+params = { lam = 0.05, proximal = true, mask_lr_scale = 20.0, epsilon = 0.0 }
+[training]
+batch_size = 50
+[training.dense]
+epochs = 1
+lr = 0.02
+[training.sparse]
+epochs = 2
+lr = 0.02
+schedule = "constant"
+[training.finetune]
+epochs = 1
+lr = 0.02
+[validate]
+warmup = 2
+repeat = 10
+[targets]
+min_params_removed = 0.2
+max_abs_diff = 1e-4
+max_accuracy_drop = 1.0
+"""
+
+REQUIRED = ["params_before", "params_after", "macs_before", "macs_after", "accuracy_before", "accuracy_after",
+            "latency_ms_before", "latency_ms_after", "max_abs_diff", "targets", "targets_met"]
+
+
+def test_run_tiny_recipe_end_to_end_and_resume(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "params removed" in result.output
+    report = json.loads((out / "REPORT.json").read_text())
+    for key in REQUIRED:
+        assert key in report, key
+    assert report["params_after"] < report["params_before"]
+    assert report["macs_after"] < report["macs_before"]
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["accuracy_after"] > 0.5 and report["accuracy_before"] > 0.5
+    assert report["accuracy_after"] == report["accuracy_masked"]  # slimming is exact
+    assert report["deleted_masked_channels"] == report["masked_channels"] > 0
+    assert {t["name"] for t in report["targets"]} == {"min_params_removed", "max_abs_diff", "max_accuracy_drop"}
+    assert report["targets_met"] is True
+    for name in ("dense.pt", "baseline.pt", "masked.pt", "dense.onnx", "masked.onnx", "slim.onnx"):
+        assert (out / name).exists(), name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    # resuming a finished run trains nothing and reproduces the figures
+    again = runner.invoke(main, ["run", str(recipe), "--out", str(out), "--no-progress", "--resume", "--json"])
+    assert again.exit_code == 0, again.output
+    repeated = json.loads(again.output)
+    for key in ("params_after", "accuracy_before", "accuracy_after"):
+        assert repeated[key] == report[key]
+    assert repeated["seconds"]["masked"] < report["seconds"]["masked"]
+
+
+def test_failed_target_exits_with_1(tmp_path):
+    recipe = tmp_path / "strict.toml"
+    text = TINY_RECIPE.replace("min_params_removed = 0.2", "min_params_removed = 0.999")
+    text = text.replace("[training.dense]\nepochs = 1", "[training.dense]\nepochs = 0")
+    text = text.replace("[training.sparse]\nepochs = 2", "[training.sparse]\nepochs = 1")
+    recipe.write_text(text)
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert result.exit_code == 1
+    assert "min_params_removed" in result.output
+
+
+def test_shipped_recipes_are_valid():
+    recipes = sorted((ROOT / "models").glob("*.toml"))
+    assert any(p.name == "lenet5_mnist.toml" for p in recipes)
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.training.sparse.kind == "sparse"
+    demo = load_recipe(ROOT / "models" / "lenet5_mnist.toml")
+    assert demo.targets.min_params_removed == 0.9 and demo.targets.max_accuracy_drop == 0.005
+    assert demo.targets.max_abs_diff == 1e-4
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": {"name": "lenet5"}, "trainer": {}}, "unknown key"),
+    ({"model": {"name": "lenet5", "params": {"widht": 2}}}, "no parameter 'widht'"),
+    ({"model": {"name": "lenet5"}, "method": {"name": "l1_mask", "params": {"lamda": 1}}}, "unknown parameter"),
+    ({"model": {"name": "lenet5"}, "training": {"sparse": {"epochs": "ten"}}}, "epochs must be int"),
+    ({"model": {"name": "lenet5"}, "training": {"dense": {"epochs": 1, "optimizer": "lbfgs"}}}, "optimizer"),
+    ({"model": {}}, "needs a name"),
+])
+def test_recipe_errors_are_one_line(raw, message):
+    with pytest.raises(OnnxSlimError, match=message):
+        recipe_from_dict(raw)
+
+
+def test_missing_recipe_file_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2 and "recipe not found" in result.output
+
+
+def test_train_then_export_cli(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.replace("epochs = 2", "epochs = 1"))
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", str(recipe), "--out", str(tmp_path / "t"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "masked top1" in result.output and "params:" in result.output
+    assert not (tmp_path / "t" / "baseline.pt").exists()  # --no-baseline is the default for train
+    result = runner.invoke(main, ["export", str(tmp_path / "t" / "masked.pt"), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").exists()
