@@ -48,6 +48,9 @@ SETTINGS = {
         "data": "mnist",
         "epochs": (4, 8, 4),
         "lr": 0.01,
+        "optimizer": "sgd",
+        "weight_decay": 5e-4,
+        "batch_size": 64,
         "method": {},
         "targets": {"min_params_removed": 0.80, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
     },
@@ -55,7 +58,10 @@ SETTINGS = {
         "model": ("unet", {"num_classes": 11, "in_channels": 1, "input_size": 64, "width": 0.25, "depth": 3}),
         "data": "mnistseg",
         "epochs": (4, 6, 4),
-        "lr": 0.05,
+        "lr": 0.003,
+        "optimizer": "adam",
+        "weight_decay": 0.0,
+        "batch_size": 16,
         "method": {},
         "targets": {"min_params_removed": 0.50, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
     },
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--train-samples", type=int, default=0)
     parser.add_argument("--test-samples", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method-params", default="{}", help="JSON object overriding the joint Params")
@@ -107,16 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     setting = SETTINGS[args.setting]
     dense_epochs, sparse_epochs, finetune_epochs = args.epochs or setting["epochs"]
     lr = args.lr or setting["lr"]
+    batch_size = args.batch_size or setting["batch_size"]
+
+    def phase(kind: str, epochs: int, schedule: str = "cosine") -> PhaseConfig:
+        return PhaseConfig(kind, epochs, lr=lr, optimizer=setting["optimizer"], weight_decay=setting["weight_decay"],
+                           schedule=schedule)
+
     budget = dense_epochs + sparse_epochs + finetune_epochs
     train, test = load_data(setting["data"], args.train_samples, args.test_samples, args.seed)
     model_name, model_params = setting["model"]
     method_params = {**setting["method"], **json.loads(args.method_params)}
-    options = TrainOptions(batch_size=args.batch_size, seed=args.seed, progress=args.progress,
+    options = TrainOptions(batch_size=batch_size, seed=args.seed, progress=args.progress,
                            evaluate_every_epoch=False)
     example = torch.from_numpy(np.ascontiguousarray(test.images[:2]))
     folder = args.out or Path(tempfile.mkdtemp(prefix="accept-joint-"))
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict = {"setting": args.setting, "epochs": [dense_epochs, sparse_epochs, finetune_epochs], "lr": lr,
+                     "optimizer": setting["optimizer"], "batch_size": batch_size,
                      "train": len(train), "test": len(test), "method_params": method_params}
 
     torch.manual_seed(args.seed)
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_params = sum(p.numel() for p in dense_model.parameters())
     if not args.skip_dense:
         started = time.perf_counter()
-        Trainer(dense_model, train, test_data=test, options=options).fit([PhaseConfig("dense", budget, lr=lr)])
+        Trainer(dense_model, train, test_data=test, options=options).fit([phase("dense", budget)])
         export(dense_model, example, folder / "dense.onnx")
         dense_metric = evaluate(folder / "dense.onnx", test, progress=False).value
         summary["dense"] = {"metric": dense_metric, "params": dense_params, "seconds": time.perf_counter() - started}
@@ -136,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     attach_masks(model, example)
     method = get_method("joint", method_params)
     trainer = Trainer(model, train, test_data=test, method=method, options=options)
-    trainer.fit([PhaseConfig("dense", dense_epochs, lr=lr), PhaseConfig("sparse", sparse_epochs, lr=lr, schedule="constant"),
-                 PhaseConfig("finetune", finetune_epochs, lr=lr)])
+    trainer.fit([phase("dense", dense_epochs), phase("sparse", sparse_epochs, "constant"),
+                 phase("finetune", finetune_epochs)])
     masked = export(model, example, folder / "masked.onnx")
     input_shapes = {"input": [1, *test.images.shape[1:]]}
     _, report = slim(folder / "masked.onnx", output_path=folder / "slim.onnx", input_shapes=input_shapes)

@@ -13,8 +13,13 @@ after every sparse-phase step the method updates counters and pushes chosen mask
 
 **(b) Gradient counting.** After each step, with ``g_c = dL/dm_c`` (the task loss's gradient of the
 mask; for a coupled mask the sum over its sites), a live channel's step is *significant* when
-``|g_c| >= significance * mean_{live c'} |g_c'|`` — relative to the other live channels of the same
-mask, so the rule is free of the loss scale and the learning rate. ``|g_c|`` of a mask held at its
+``|g_c| >= significance * R``, where the mask's reference level ``R`` is (``reference="initial"``,
+default) the mean over the first window of the sparse phase of ``mean_{live c'} |g_c'|`` — the typical
+channel of the layer *before* pruning — or (``reference="live_mean"``) that mean at the current step.
+Being relative to the same mask's channels, the rule is free of the loss scale and the learning rate.
+With the fixed initial reference, pruning stops by itself: as channels go, the survivors carry more of
+the loss and their gradients grow above the dense-time level; with ``live_mean`` the bar rises with
+the survivors and pruning continues until the caps below (more aggressive). ``|g_c|`` of a mask held at its
 value is the per-batch ingredient of the Fisher pruning signal (Theis et al. 2018 use the mean of
 ``g_c**2``); counting exceedances instead of averaging squares makes the estimate insensitive to a few
 large batches, and it does not shrink when the mask shrinks (``dL/dm_c = sum dL/dy_c * x_c`` with
@@ -42,9 +47,10 @@ already kept channel, so of a duplicated filter the original (stronger, or first
 
 **Pushing to zero.** At each window end the channels put under pressure are the live ones that are
 rarely significant or redundant; a channel no longer selected leaves the pressure (its mask stops
-decaying and SGD may grow it back). At most ``max_pruned_fraction`` of a mask's channels — and never
-its last ``min_channels`` — are dead or under pressure; when more are selected, redundant ones go first,
-then the lowest rate, then the lowest strength. After every step, masks under pressure decay
+decaying and SGD may grow it back). Pruning is gradual: per window at most ``max_new_fraction`` of a
+mask's live channels newly come under pressure, and at most ``max_pruned_fraction`` of its channels —
+never its last ``min_channels`` — are dead or under pressure. When more are selected, channels already
+under pressure keep their place, then the lowest rate, then the lowest strength. After every step, masks under pressure decay
 multiplicatively, ``m_c <- (1 - decay) * m_c``, after the optimizer's own update; once
 ``|m_c| < zero_below`` the entry is set to exactly 0.0 and the channel is dead: it is reset to 0 after
 every later step (the optimizer's momentum cannot revive it). ``finalize_masks`` (between the sparse
@@ -57,8 +63,13 @@ slim engine deletes those channels.
 from every coupled producer, which is what the slim engine needs to delete it.
 
 **Defaults** (our choice; the paper's values are not public): ``window = 50`` steps, ``significance =
-0.5``, ``min_rate = 0.5``, ``similarity = 0.9``, ``decay = 0.05`` (a mask falls from 1 to below
-``zero_below = 0.01`` in about 90 steps), ``max_pruned_fraction = 0.9``, ``probe_samples = 32``.
+0.5``, ``reference = "initial"``, ``min_rate = 0.5``, ``similarity = 0.95``, ``decay = 0.02`` (a mask
+falls from 1 to below ``zero_below = 0.01`` in about 230 steps, so it is re-examined in several windows
+before it dies), ``max_new_fraction = 0.1``, ``max_pruned_fraction = 0.9``, ``probe_samples = 32``.
+Measured (see ``tools/accept_joint.py`` and the recipes in ``models/``): on trained segmentation
+UNets, uncentred response cosines of 0.9 are common (the constant background dominates), 0.95 flags a
+minority; filter-weight cosines of trained convolutions rarely exceed 0.5, so ``"weights"`` mostly
+finds duplicated filters only.
 """
 
 from __future__ import annotations
@@ -93,15 +104,16 @@ class JointParams:
     min_rate: float = 0.5  # live channels significant in fewer than this fraction of a window's steps are pruned
     reference: str = "initial"  # "initial": the mask's mean live |g| over the first window; "live_mean": at this step
     # (a) redundancy reduction
-    similarity: float = 0.9  # cosine similarity at or above which two channels of a mask are redundant
+    similarity: float = 0.95  # cosine similarity at or above which two channels of a mask are redundant
     redundancy_source: str = "responses"  # "responses" (probe batch) or "weights" (filters)
     redundancy_every: int = 1  # check redundancy every this many windows (0 = never)
     probe_samples: int = 32  # training samples of the probe batch (responses)
     max_positions: int = 4096  # response entries per channel compared (evenly strided subsample)
     # pushing selected masks to zero
-    decay: float = 0.05  # per-step multiplicative decay of masks under pressure
+    decay: float = 0.02  # per-step multiplicative decay of masks under pressure
     zero_below: float = 0.01  # |m| below this becomes exactly 0 (the channel is dead)
     max_pruned_fraction: float = 0.9  # at most this fraction of a mask's channels dead or under pressure
+    max_new_fraction: float = 0.1  # per window, at most this fraction of a mask's live channels newly put under pressure
     min_channels: int = 1  # never prune a mask's last channels
     finalize_pressured: bool = True  # finalize_masks zeroes channels still under pressure, not only dead ones
 
@@ -120,6 +132,8 @@ class JointParams:
             raise OnnxSlimError("joint: redundancy_every must be >= 0, probe_samples >= 1, max_positions >= 2")
         if not 0.0 <= self.decay < 1.0 or self.zero_below < 0:
             raise OnnxSlimError("joint: decay must be in [0, 1) and zero_below >= 0")
+        if not 0.0 <= self.max_new_fraction <= 1.0:
+            raise OnnxSlimError(f"joint: max_new_fraction must be in [0, 1], got {self.max_new_fraction}")
         if not 0.0 <= self.max_pruned_fraction <= 1.0 or self.min_channels < 0:
             raise OnnxSlimError("joint: max_pruned_fraction must be in [0, 1] and min_channels >= 0")
 
@@ -305,7 +319,7 @@ class JointSparsity(SparsityMethod):
                 if pair is not None:
                     similarity, strength = pair
                     redundant = redundant_channels(similarity, strength, params.similarity, candidates=live)
-            state.pressured = self._capped(live, state.dead, redundant, rare, rate, strength, mask.channels)
+            state.pressured = self._capped(live, state.pressured, state.dead, redundant, rare, rate, strength, mask.channels)
             state.counts.zero_()
             totals["live"] += int(live.sum())
             totals["rare"] += int(rare.sum())
@@ -316,18 +330,27 @@ class JointSparsity(SparsityMethod):
         self._window_steps = 0
         self._windows += 1
 
-    def _capped(self, live, dead, redundant, rare, rate, strength, channels: int) -> torch.Tensor:
-        """Pressure on ``redundant | rare`` live channels, within max_pruned_fraction and min_channels."""
+    def _capped(self, live, pressured, dead, redundant, rare, rate, strength, channels: int) -> torch.Tensor:
+        """The channels under pressure after a window: selected (``redundant | rare``) live channels, of
+        which at most ``max_new_fraction`` of the live ones newly, all within max_pruned_fraction and
+        min_channels. Priority: already under pressure, then the lowest rate, the weakest, the highest index."""
         selected = live & (redundant | rare)
         allowed = min(int(np.floor(self.params.max_pruned_fraction * channels)), channels - self.params.min_channels)
         room = max(0, allowed - int(dead.sum()))
-        if int(selected.sum()) <= room:
-            return selected
+        new_room = int(np.ceil(self.params.max_new_fraction * int(live.sum())))
         index = torch.nonzero(selected).flatten().tolist()
-        # redundant first, then the lowest rate, then the weakest, then the highest index
-        index.sort(key=lambda c: (not bool(redundant[c]), float(rate[c]), float(strength[c]), -c))
+        index.sort(key=lambda c: (not bool(pressured[c]), float(rate[c]), float(strength[c]), -c))
         capped = torch.zeros_like(selected)
-        capped[index[:room]] = True
+        taken = new = 0
+        for c in index:
+            if taken >= room:
+                break
+            if not bool(pressured[c]):
+                if new >= new_room:
+                    continue
+                new += 1
+            capped[c] = True
+            taken += 1
         return capped
 
     def finalize_masks(self, model: nn.Module) -> MaskReport:
