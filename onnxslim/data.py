@@ -174,3 +174,152 @@ def _to_nchw_float(images: np.ndarray, source: object) -> np.ndarray:
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
     return np.ascontiguousarray(images, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MNIST segmentation: real digits composited onto a larger canvas, one class per digit plus background
+
+MNISTSEG_CLASS_NAMES = ("background",) + tuple(str(d) for d in range(10))
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitPlacement:
+    """One digit pasted on a canvas: pool index, its digit class, top-left corner (y, x) of the 28x28 patch."""
+
+    image: int
+    pool_index: int
+    digit: int
+    y: int
+    x: int
+
+
+def mnist_digit_pools(test_fraction: float = 0.2, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray],
+                                                                            tuple[np.ndarray, np.ndarray]]:
+    """The uint8 digits and labels of :func:`mnist_split`'s train and test sets (same order, same split)."""
+    images, labels = load_mnist10k_raw()
+    order = np.random.default_rng(seed).permutation(len(images))  # exactly mnist_split's shuffle
+    images, labels = images[order], labels[order]
+    n_test = int(round(len(images) * test_fraction))
+    return (images[n_test:], labels[n_test:]), (images[:n_test], labels[:n_test])
+
+
+def compose_digit_canvases(digits: np.ndarray, digit_labels: np.ndarray, count: int, size: int = 64,
+                           digits_per_image: tuple[int, int] = (2, 3), ink_threshold: float = 0.5,
+                           seed: int = 0, attempts: int = 30) -> tuple[np.ndarray, np.ndarray, list[DigitPlacement]]:
+    """Paste 28x28 uint8 ``digits`` onto ``count`` blank ``size`` x ``size`` canvases.
+
+    Each canvas gets between ``digits_per_image[0]`` and ``digits_per_image[1]`` (inclusive) digits drawn
+    uniformly from the pool. A digit's corner is drawn uniformly; up to ``attempts`` corners are tried and
+    the first whose *ink box* (the bounding box of its pixels >= the ink threshold) does not intersect the
+    ink boxes already placed is taken, else the one with the smallest intersection ("non-overlapping-ish").
+    Canvas pixels are the maximum of the pasted patches. Labels: 0 (background) where the canvas is below
+    ``ink_threshold * 255``; elsewhere ``1 + digit`` of the digit with the largest ink value at that pixel
+    (the earlier digit on ties). Returns canvases uint8 (N, size, size), labels int64 (N, size, size) and
+    the placements. Deterministic in ``seed``.
+    """
+    if size < 28:
+        raise OnnxSlimError(f"mnist segmentation canvas must be at least 28 pixels, got {size}")
+    low, high = digits_per_image
+    if not 1 <= low <= high:
+        raise OnnxSlimError(f"digits per image must satisfy 1 <= min <= max, got {digits_per_image}")
+    if not 0.0 < ink_threshold <= 1.0:
+        raise OnnxSlimError(f"ink threshold must be in (0, 1], got {ink_threshold}")
+    if len(digits) == 0:
+        raise OnnxSlimError("no digits to compose")
+    threshold = ink_threshold * 255.0
+    ink = digits >= threshold
+    rows, cols = ink.any(axis=2), ink.any(axis=1)  # (N, 28) each: ink present in a row / a column
+
+    def ink_box(index: int) -> tuple[int, int, int, int]:  # (top, left, bottom, right), end exclusive
+        r, c = np.flatnonzero(rows[index]), np.flatnonzero(cols[index])
+        if len(r) == 0:
+            return 0, 0, 0, 0
+        return int(r[0]), int(c[0]), int(r[-1]) + 1, int(c[-1]) + 1
+
+    rng = np.random.default_rng(seed)
+    canvases = np.zeros((count, size, size), np.uint8)
+    labels = np.zeros((count, size, size), np.int64)
+    placements: list[DigitPlacement] = []
+    span = size - 28 + 1
+    for n in range(count):
+        best_ink = np.zeros((size, size), np.uint8)
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(int(rng.integers(low, high + 1))):
+            index = int(rng.integers(len(digits)))
+            top, left, bottom, right = ink_box(index)
+            best, best_overlap = (0, 0), None
+            for _ in range(attempts):
+                y, x = int(rng.integers(span)), int(rng.integers(span))
+                box = (y + top, x + left, y + bottom, x + right)
+                overlap = sum(max(0, min(box[2], b[2]) - max(box[0], b[0])) * max(0, min(box[3], b[3]) - max(box[1], b[1]))
+                              for b in boxes)
+                if best_overlap is None or overlap < best_overlap:
+                    best, best_overlap = (y, x), overlap
+                if overlap == 0:
+                    break
+            y, x = best
+            boxes.append((y + top, x + left, y + bottom, x + right))
+            patch = digits[index]
+            window = (slice(y, y + 28), slice(x, x + 28))
+            take = (patch >= threshold) & (patch > best_ink[window])
+            labels[n][window][take] = int(digit_labels[index]) + 1
+            best_ink[window] = np.maximum(best_ink[window], patch)
+            placements.append(DigitPlacement(n, index, int(digit_labels[index]), y, x))
+        canvases[n] = best_ink
+    return canvases, labels, placements
+
+
+def mnistseg_split_seed(seed: int, split: str) -> int:
+    """The composition seed of one split of :func:`mnist_segmentation` (independent streams per split)."""
+    return int(np.random.default_rng([seed, ("train", "test").index(split)]).integers(2 ** 62))
+
+
+def mnist_segmentation(size: int = 64, train_images: int = 4000, test_images: int = 1000,
+                       digits_per_image: tuple[int, int] = (2, 3), ink_threshold: float = 0.5,
+                       test_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """Segmentation data from real digits: MNIST-10k digits composited onto ``size`` x ``size`` canvases.
+
+    Train canvases use only digits of :func:`mnist_split`'s train set and test canvases only digits of its
+    test set (the same deterministic split, ``test_fraction`` and ``seed``), so no digit is shared.
+    Per-pixel classes (11): 0 background, ``d + 1`` for digit ``d`` where its ink is >= ``ink_threshold``
+    (see :func:`compose_digit_canvases`). Images are scaled to [0, 1] and normalised with the MNIST mean/std,
+    shape (N, 1, size, size) float32; labels (N, size, size) int64. Deterministic in ``seed``.
+    """
+    (train_digits, train_labels), (test_digits, test_labels) = mnist_digit_pools(test_fraction, seed)
+    out = []
+    for split, digits, digit_labels, count in (("train", train_digits, train_labels, train_images),
+                                               ("test", test_digits, test_labels, test_images)):
+        canvases, labels, _ = compose_digit_canvases(digits, digit_labels, count, size, digits_per_image,
+                                                     ink_threshold, seed=mnistseg_split_seed(seed, split))
+        x = ((canvases.astype(np.float32) / np.float32(255.0) - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD))[:, None]
+        name = f"mnistseg-{split}({size}px)"
+        out.append(ArrayDataset(np.ascontiguousarray(x), labels, len(MNISTSEG_CLASS_NAMES), name, MNISTSEG_CLASS_NAMES))
+    return out[0], out[1]
+
+
+def _is_mnistseg_spec(spec: str) -> bool:
+    return spec in ("mnistseg", "mnist-seg") or spec.startswith(("mnistseg:", "mnist-seg:"))
+
+
+def load_mnistseg(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
+    """``mnistseg`` / ``mnistseg:SIZE`` (also spelled ``mnist-seg``): one split of :func:`mnist_segmentation`."""
+    if split not in ("train", "test"):
+        raise OnnxSlimError(f"unknown split {split!r} (use train or test)")
+    size = 64
+    if ":" in spec:
+        try:
+            size = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise OnnxSlimError(f"bad mnist segmentation spec {spec!r}; expected mnistseg or mnistseg:SIZE") from None
+    train, test = mnist_segmentation(size=size, seed=seed)
+    return train if split == "train" else test
+
+
+_load_dataset_without_mnistseg = load_dataset
+
+
+def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:  # noqa: F811 (extends the above)
+    """:func:`load_dataset` extended with ``mnistseg`` / ``mnistseg:SIZE`` (MNIST digits segmentation)."""
+    if _is_mnistseg_spec(spec):
+        return load_mnistseg(spec, split, seed)
+    return _load_dataset_without_mnistseg(spec, split, seed)

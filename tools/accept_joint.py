@@ -1,0 +1,196 @@
+"""Acceptance figures of the joint sparsity method (issue 4): dense vs joint-sparsified, same epoch budget.
+
+For one setting (``--setting unet-mnistseg`` or ``lenet5-mnist``):
+
+1. *dense baseline*: the model trained for ``dense + sparse + finetune`` epochs (one dense phase);
+2. *joint*: the same model with channel masks attached, trained ``dense`` epochs (masks frozen at 1),
+   ``sparse`` epochs with the joint method, ``finetune`` epochs with the masks frozen — the same total;
+3. both exported to ONNX (``onnxslim.training.export.export``), the masked one slimmed
+   (``onnxslim.graph.slim.slim``, input shapes fixed to one sample so Flatten/Reshape resolve); test metrics of the dense ONNX and of the slimmed ONNX computed with
+   onnxruntime (``onnxslim.validate.accuracy.evaluate``: top-1 or mIoU); the largest absolute difference
+   between the PyTorch masked model and the slimmed ONNX over the whole test set.
+
+Printed: one JSON line per run and a summary with parameters removed (slimmed params vs the dense
+model's), the metric drop in points and whether the targets are met (UNet: mIoU within 1 pt, >= 50 %
+params removed; LeNet-5: top-1 within 1 pt, >= 80 % params removed, max diff <= 1e-4).
+
+    python tools/accept_joint.py --setting lenet5-mnist
+    python tools/accept_joint.py --setting unet-mnistseg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from onnxslim.data import mnist_segmentation, mnist_split
+from onnxslim.graph.slim import slim
+from onnxslim.graph.stats import model_stats
+from onnxslim.training import segmentation as _segmentation  # noqa: F401  registers the task
+from onnxslim.training.export import export
+from onnxslim.training.masks import attach_masks
+from onnxslim.training.methods import get_method
+from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions
+from onnxslim.validate.accuracy import evaluate
+from onnxslim.zoo import get_model
+
+SETTINGS = {
+    "lenet5-mnist": {
+        "model": ("lenet5", {"num_classes": 10, "in_channels": 1, "input_size": 28}),
+        "data": "mnist",
+        "epochs": (4, 8, 4),
+        "lr": 0.01,
+        "optimizer": "sgd",
+        "weight_decay": 5e-4,
+        "batch_size": 64,
+        "method": {},
+        "targets": {"min_params_removed": 0.80, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
+    },
+    "unet-mnistseg": {
+        "model": ("unet", {"num_classes": 11, "in_channels": 1, "input_size": 64, "width": 0.25, "depth": 3}),
+        "data": "mnistseg",
+        "epochs": (4, 6, 4),
+        "lr": 0.003,
+        "optimizer": "adam",
+        "weight_decay": 0.0,
+        "batch_size": 16,
+        "method": {},
+        "targets": {"min_params_removed": 0.50, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
+    },
+}
+
+
+def load_data(name: str, train_samples: int, test_samples: int, seed: int):
+    if name == "mnist":
+        train, test = mnist_split(28, seed=seed)
+    else:
+        train, test = mnist_segmentation(size=64, train_images=train_samples or 4000,
+                                         test_images=test_samples or 1000, seed=seed)
+    return train.subset(train_samples or None), test.subset(test_samples or None)
+
+
+def max_abs_diff(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for start in range(0, len(images), 200):
+            batch = np.ascontiguousarray(images[start:start + 200])
+            expected = model(torch.from_numpy(batch)).numpy()
+            got = session.run(None, {"input": batch})[0]
+            worst = max(worst, float(np.max(np.abs(expected - got))))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "SPARSE", "FINETUNE"))
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--train-samples", type=int, default=0)
+    parser.add_argument("--test-samples", type=int, default=0)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method-params", default="{}", help="JSON object overriding the joint Params")
+    parser.add_argument("--skip-dense", action="store_true", help="only the joint run (no baseline)")
+    parser.add_argument("--out", type=Path, help="folder to keep the ONNX files and a summary JSON in")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setting = SETTINGS[args.setting]
+    dense_epochs, sparse_epochs, finetune_epochs = args.epochs or setting["epochs"]
+    lr = args.lr or setting["lr"]
+    batch_size = args.batch_size or setting["batch_size"]
+
+    def phase(kind: str, epochs: int, schedule: str = "cosine") -> PhaseConfig:
+        return PhaseConfig(kind, epochs, lr=lr, optimizer=setting["optimizer"], weight_decay=setting["weight_decay"],
+                           schedule=schedule)
+
+    budget = dense_epochs + sparse_epochs + finetune_epochs
+    train, test = load_data(setting["data"], args.train_samples, args.test_samples, args.seed)
+    model_name, model_params = setting["model"]
+    method_params = {**setting["method"], **json.loads(args.method_params)}
+    options = TrainOptions(batch_size=batch_size, seed=args.seed, progress=args.progress,
+                           evaluate_every_epoch=False)
+    example = torch.from_numpy(np.ascontiguousarray(test.images[:2]))
+    folder = args.out or Path(tempfile.mkdtemp(prefix="accept-joint-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"setting": args.setting, "epochs": [dense_epochs, sparse_epochs, finetune_epochs], "lr": lr,
+                     "optimizer": setting["optimizer"], "batch_size": batch_size,
+                     "train": len(train), "test": len(test), "method_params": method_params}
+
+    torch.manual_seed(args.seed)
+    dense_model = get_model(model_name, model_params)
+    dense_params = sum(p.numel() for p in dense_model.parameters())
+    if not args.skip_dense:
+        started = time.perf_counter()
+        Trainer(dense_model, train, test_data=test, options=options).fit([phase("dense", budget)])
+        export(dense_model, example, folder / "dense.onnx")
+        dense_metric = evaluate(folder / "dense.onnx", test, progress=False).value
+        summary["dense"] = {"metric": dense_metric, "params": dense_params, "seconds": time.perf_counter() - started}
+        print(json.dumps({"run": "dense", **summary["dense"]}), flush=True)
+
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = get_model(model_name, model_params)
+    attach_masks(model, example)
+    method = get_method("joint", method_params)
+    trainer = Trainer(model, train, test_data=test, method=method, options=options)
+    trainer.fit([phase("dense", dense_epochs), phase("sparse", sparse_epochs, "constant"),
+                 phase("finetune", finetune_epochs)])
+    masked = export(model, example, folder / "masked.onnx")
+    input_shapes = {"input": [1, *test.images.shape[1:]]}
+    _, report = slim(folder / "masked.onnx", output_path=folder / "slim.onnx", input_shapes=input_shapes)
+    if args.skip_dense:  # still count the dense model's ONNX parameters (BN folded, like the slimmed one)
+        export(dense_model, example, folder / "dense.onnx")
+    dense_onnx_params = model_stats(onnx.load(str(folder / "dense.onnx")), input_shapes).params
+    slim_metric = evaluate(folder / "slim.onnx", test, progress=False).value
+    masked_metric = evaluate(folder / "masked.onnx", test, progress=False).value
+    diff = max_abs_diff(model, folder / "slim.onnx", test.images)
+    finalize = trainer.finalize_report
+    summary["joint"] = {
+        "metric_masked": masked_metric, "metric_slim": slim_metric, "params_dense": dense_params,
+        "params_dense_onnx": dense_onnx_params, "params_masked_onnx": report.params_before,
+        "params_slim": report.params_after, "params_removed": 1.0 - report.params_after / dense_onnx_params,
+        "macs_before": report.macs_before, "macs_after": report.macs_after,
+        "zero_channels": finalize.zero_total if finalize else None, "channels": finalize.channels if finalize else None,
+        "deleted_masked_channels": report.deleted_masked_channels, "masked_channels": report.masked_channels,
+        "max_abs_diff_torch_vs_slim": diff, "export_diff": masked.max_abs_diff,
+        "windows": method.history[-3:], "seconds": time.perf_counter() - started,
+        "per_mask": finalize.per_mask if finalize else None,
+    }
+    print(json.dumps({"run": "joint", **summary["joint"]}), flush=True)
+    targets = setting["targets"]
+    checks = {
+        "params_removed": summary["joint"]["params_removed"] >= targets["min_params_removed"],
+        "max_abs_diff": diff <= targets["max_abs_diff"],
+        "exact_zeros": bool(finalize and finalize.zero_total > 0),
+    }
+    if "dense" in summary:
+        drop = 100.0 * (summary["dense"]["metric"] - slim_metric)
+        summary["drop_pt"] = drop
+        checks["metric_drop"] = drop <= targets["max_drop_pt"]
+    summary["checks"] = checks
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"{args.setting}: dense {summary.get('dense', {}).get('metric', float('nan')):.4f}  "
+          f"slim {slim_metric:.4f}  drop {summary.get('drop_pt', float('nan')):.2f} pt  "
+          f"params {dense_onnx_params:,} -> {report.params_after:,} ({100 * summary['joint']['params_removed']:.1f}% removed)  "
+          f"max diff {diff:.2e}  checks {checks}  (files in {folder})")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
