@@ -143,7 +143,10 @@ def synthetic(shape: tuple[int, ...], seed: int = 0) -> ArrayDataset:
 
 
 def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
-    """Resolve a dataset spec string: ``mnist``, ``mnist:32``, ``synthetic:N,C,H,W``, ``x.npz`` or a folder."""
+    """Resolve a dataset spec string: ``mnist``, ``mnist:32``, ``mnistseg``, ``mnistseg:SIZE``,
+    ``synthetic:N,C,H,W``, ``x.npz`` or a folder."""
+    if _is_mnistseg_spec(spec):
+        return load_mnistseg(spec, split, seed)
     if spec == "mnist" or spec.startswith("mnist:"):
         size = int(spec.split(":", 1)[1]) if ":" in spec else 28
         train, test = mnist_split(size=size, seed=seed)
@@ -158,7 +161,7 @@ def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
         return synthetic(shape, seed)
     path = Path(spec)
     if not path.exists():
-        raise OnnxSlimError(f"dataset not found: {spec} (use mnist, mnist:32, synthetic:N,C,H,W, an .npz or a folder)")
+        raise OnnxSlimError(f"dataset not found: {spec} (use mnist, mnist:32, mnistseg, synthetic:N,C,H,W, an .npz or a folder)")
     if path.is_dir():
         return load_image_folder(path)
     return load_npz(path)
@@ -314,12 +317,3 @@ def load_mnistseg(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset
     train, test = mnist_segmentation(size=size, seed=seed)
     return train if split == "train" else test
 
-
-_load_dataset_without_mnistseg = load_dataset
-
-
-def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:  # noqa: F811 (extends the above)
-    """:func:`load_dataset` extended with ``mnistseg`` / ``mnistseg:SIZE`` (MNIST digits segmentation)."""
-    if _is_mnistseg_spec(spec):
-        return load_mnistseg(spec, split, seed)
-    return _load_dataset_without_mnistseg(spec, split, seed)

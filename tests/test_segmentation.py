@@ -174,12 +174,11 @@ def test_task_for_dataset_picks_segmentation():
 
 def test_mobilenet_v3_small_seg_shapes_and_registry():
     from onnxslim.zoo import get_model, input_shape
-    from onnxslim.zoo.segmentation import mobilenet_v3_small_seg, register_segmentation_models
+    from onnxslim.zoo.segmentation import mobilenet_v3_small_seg
 
     model = mobilenet_v3_small_seg(num_classes=11, width=0.25).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 11, 64, 64)
-    register_segmentation_models()
     built = get_model("mobilenet_v3_small_seg", {"width": 0.25, "input_size": 32})
     with torch.no_grad():
         assert built.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 11, 32, 32)

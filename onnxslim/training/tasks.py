@@ -1,6 +1,7 @@
 """What is learned and how it is scored: the loss and the metric of a task, pluggable in the trainer.
 
 * ``classification`` — cross-entropy on (N, classes) logits; metric top-1 accuracy (fraction correct).
+* ``segmentation`` — per-pixel cross-entropy on (N, K, H, W) logits; metric mIoU (:mod:`onnxslim.training.segmentation`).
 
 A task is any object with ``name``, ``metric_name``, ``loss(outputs, targets) -> Tensor`` and
 ``new_metric() -> Metric`` (``update(outputs, targets)``, ``compute() -> float``, larger is better).
@@ -67,7 +68,14 @@ def register_task(name: str, factory: Callable[[], Task]) -> None:
     _TASKS[name] = factory
 
 
+def _register_builtin_tasks() -> None:
+    # imported here, not at the top: the segmentation module registers itself through register_task
+    from onnxslim.training import segmentation  # noqa: F401
+
+
 def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        _register_builtin_tasks()
     try:
         return _TASKS[name]()
     except KeyError:
@@ -75,9 +83,7 @@ def get_task(name: str) -> Task:
 
 
 def task_for_dataset(dataset) -> Task:
-    """``segmentation`` for per-pixel labels (when registered), else ``classification``."""
+    """``segmentation`` for per-pixel (N, H, W) labels, else ``classification``."""
     if getattr(dataset, "is_segmentation", False):
-        if "segmentation" not in _TASKS:
-            raise OnnxSlimError(f"{dataset.name}: segmentation training is not available yet")
         return get_task("segmentation")
     return get_task("classification")

@@ -17,6 +17,7 @@ mobilenet_v3_small        + squeeze-excitation, HardSwish, HardSigmoid
 densenet                  small post-activation DenseNet-BC
 googlenet                 small Inception-v1 style network
 unet                      UNet with ConvTranspose upsampling; ``head`` segmentation/classification
+mobilenet_v3_small_seg    MobileNetV3-Small backbone + light segmentation head (Resize, skip Concat)
 ========================  ====================================================================
 
 Hook points for per-structure masks (GAL): each residual block has a ``residual`` submodule (the branch
@@ -38,6 +39,7 @@ from onnxslim.zoo.inception import googlenet
 from onnxslim.zoo.lenet import lenet5
 from onnxslim.zoo.mobilenet import mobilenet_v2, mobilenet_v3_small
 from onnxslim.zoo.resnet import resnet18, resnet20, resnet32, resnet50, resnet56
+from onnxslim.zoo.segmentation import mobilenet_v3_small_seg
 from onnxslim.zoo.unet import unet
 from onnxslim.zoo.vgg import vgg16
 
@@ -54,6 +56,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "densenet": densenet,
     "googlenet": googlenet,
     "unet": unet,
+    "mobilenet_v3_small_seg": mobilenet_v3_small_seg,
 }
 
 

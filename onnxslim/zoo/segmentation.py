@@ -75,17 +75,3 @@ def mobilenet_v3_small_seg(num_classes: int = 11, in_channels: int = 1, input_si
                            width: float = 1.0) -> MobileNetV3SmallSeg:
     return MobileNetV3SmallSeg(num_classes, in_channels, input_size, width)
 
-
-SEGMENTATION_MODELS = {"mobilenet_v3_small_seg": mobilenet_v3_small_seg}
-
-
-def register_segmentation_models() -> None:
-    """Add :data:`SEGMENTATION_MODELS` to the zoo registry (``onnxslim.zoo.MODELS``) if they are not there.
-
-    Stand-in until ``onnxslim/zoo/__init__.py`` lists them itself; importing the zoo here, lazily,
-    avoids an import cycle when it does.
-    """
-    from onnxslim.zoo import MODELS
-
-    for name, builder in SEGMENTATION_MODELS.items():
-        MODELS.setdefault(name, builder)

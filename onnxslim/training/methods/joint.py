@@ -83,7 +83,6 @@ import torch
 from torch import nn
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.training import segmentation as _segmentation  # noqa: F401  registers the paper's task
 from onnxslim.training.masks import ChannelMask, iter_masks
 from onnxslim.training.methods import (
     MaskReport,
