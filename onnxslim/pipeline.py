@@ -244,7 +244,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
     from onnxslim.graph.stats import model_stats
 
     input_shapes = {"input": [1, *expected]}
-    _, slim_report = slim(masked_path, slim_path, input_shapes=input_shapes)
+    _, slim_report = slim(masked_path, slim_path, input_shapes=input_shapes, round_to=recipe.slim.round_to)
     dense_stats = model_stats(onnx.load(str(dense_path)), input_shapes)
     lap("slim")
 

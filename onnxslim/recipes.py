@@ -34,6 +34,9 @@
     dynamo = true
     opset = 18
 
+    [slim]
+    round_to = 1                          # keep channel counts multiples of this (onnxslim slim --round-to)
+
     [validate]
     eval_batch_size = 256
     latency_threads = 1
@@ -107,6 +110,15 @@ class ExportSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SlimSpec:
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1:
+            raise OnnxSlimError(f"[slim] round_to must be >= 1, got {self.round_to}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ValidateSpec:
     eval_batch_size: int = 256
     latency_threads: int = 1
@@ -134,6 +146,7 @@ class Recipe:
     validate: ValidateSpec
     targets: Targets
     source: str = ""
+    slim: SlimSpec = SlimSpec()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,12 +158,13 @@ class Recipe:
                          "device": self.training.device,
                          **{k: dataclasses.asdict(getattr(self.training, k)) for k in ("dense", "sparse", "finetune")}},
             "export": dataclasses.asdict(self.export),
+            "slim": dataclasses.asdict(self.slim),
             "validate": dataclasses.asdict(self.validate),
             "targets": dataclasses.asdict(self.targets),
         }
 
 
-_SECTIONS = {"name", "description", "model", "data", "method", "training", "export", "validate", "targets"}
+_SECTIONS = {"name", "description", "model", "data", "method", "training", "export", "slim", "validate", "targets"}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -181,9 +195,11 @@ def recipe_from_dict(raw: Mapping[str, Any], source: str = "<dict>", default_nam
     params_from_mapping(method_class(method.name).Params, method.params, f"{source} [method.params]")
     training = _training(_table(raw, "training", source), source)
     export = _dataclass(ExportSpec, _table(raw, "export", source), f"{source} [export]")
+    slim = _dataclass(SlimSpec, _table(raw, "slim", source), f"{source} [slim]")
     validate = _dataclass(ValidateSpec, _table(raw, "validate", source), f"{source} [validate]")
     targets = _dataclass(Targets, _table(raw, "targets", source), f"{source} [targets]")
-    return Recipe(str(raw.get("name", default_name)), model, data, method, training, export, validate, targets, source)
+    return Recipe(str(raw.get("name", default_name)), model, data, method, training, export, validate, targets,
+                  source, slim)
 
 
 def _training(raw: Mapping[str, Any], source: str) -> TrainingSpec:

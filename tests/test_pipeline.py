@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -116,6 +117,7 @@ def test_shipped_recipes_are_valid():
     ({"model": {"name": "lenet5"}, "training": {"sparse": {"epochs": "ten"}}}, "epochs must be int"),
     ({"model": {"name": "lenet5"}, "training": {"dense": {"epochs": 1, "optimizer": "lbfgs"}}}, "optimizer"),
     ({"model": {}}, "needs a name"),
+    ({"model": {"name": "lenet5"}, "slim": {"round_to": 0}}, "round_to must be >= 1"),
 ])
 def test_recipe_errors_are_one_line(raw, message):
     with pytest.raises(OnnxSlimError, match=message):
@@ -138,3 +140,70 @@ def test_train_then_export_cli(tmp_path):
     result = runner.invoke(main, ["export", str(tmp_path / "t" / "masked.pt"), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.onnx").exists()
+
+
+SEGMENTATION_RECIPE = """
+name = "tiny-seg"
+[model]
+name = "unet"
+params = { num_classes = 11, in_channels = 1, input_size = 32, width = 0.25, depth = 2 }
+[data]
+dataset = "mnistseg:32"
+train_samples = 96
+test_samples = 24
+[method]
+name = "joint"
+params = { window = 4, min_rate = 0.9, max_new_fraction = 0.5, decay = 0.5 }
+[training]
+batch_size = 8
+[training.dense]
+epochs = 1
+lr = 0.003
+optimizer = "adam"
+weight_decay = 0.0
+[training.sparse]
+epochs = 2
+lr = 0.003
+optimizer = "adam"
+weight_decay = 0.0
+schedule = "constant"
+[training.finetune]
+epochs = 1
+lr = 0.003
+optimizer = "adam"
+weight_decay = 0.0
+[slim]
+round_to = 4
+[validate]
+warmup = 2
+repeat = 5
+[targets]
+max_abs_diff = 1e-4
+"""
+
+
+def test_run_segmentation_recipe_with_joint_method(tmp_path):
+    """(N, H, W) labels select the segmentation task; the joint method's zeros are deleted exactly, channel
+    counts rounded to multiples of 4 as the recipe's [slim] round_to asks."""
+    recipe = tmp_path / "seg.toml"
+    recipe.write_text(SEGMENTATION_RECIPE)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--no-progress", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "REPORT.json").read_text())
+    assert "miou" in result.output.lower()
+    assert 0 < report["deleted_masked_channels"] <= report["masked_channels"]
+    assert report["params_after"] < report["params_before"]
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["accuracy_after"] == report["accuracy_masked"]  # slimming is exact
+    assert 0.0 < report["accuracy_after"] <= 1.0
+
+    def conv_outputs(path):
+        model = onnx.load(str(path))
+        weights = {t.name: t for t in model.graph.initializer}
+        return [weights[n.input[1]].dims[1 if n.op_type == "ConvTranspose" else 0]
+                for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+
+    before, after = conv_outputs(out / "masked.onnx"), conv_outputs(out / "slim.onnx")
+    assert sum(after) < sum(before)
+    assert all(a % 4 == 0 or a == b for a, b in zip(after, before))
