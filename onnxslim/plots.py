@@ -99,7 +99,7 @@ def plot_latency(source: Any, path: str | os.PathLike, title: str = "Latency per
 
 def plot_accuracy_vs_macs(runs: Iterable[Mapping[str, Any]], path: str | os.PathLike,
                           title: str = "Accuracy vs MACs") -> Path:
-    """Scatter of accuracy (%) against MACs, one colour per method, each point labelled."""
+    """Scatter of accuracy (%) against MACs (log scale), one colour per method, one panel per ``label``."""
     runs = list(runs)
     if not runs:
         raise OnnxSlimError("no runs to plot")
@@ -107,19 +107,28 @@ def plot_accuracy_vs_macs(runs: Iterable[Mapping[str, Any]], path: str | os.Path
         missing = {"method", "macs", "accuracy"} - set(run)
         if missing:
             raise OnnxSlimError(f"run {run!r} lacks {', '.join(sorted(missing))}")
-    figure = _figure(7.0, 5.0)
-    axes = figure.add_subplot(1, 1, 1)
+    # one panel per label (model): accuracies and MACs of different models do not share a scale
+    labels = list(dict.fromkeys(str(run.get("label", "")) for run in runs))
+    figure = _figure(5.0 * len(labels) + 1.0, 4.5)
     methods = sorted({str(run["method"]) for run in runs})
-    for method in methods:
-        points = [run for run in runs if str(run["method"]) == method]
-        axes.scatter([p["macs"] for p in points], [100 * float(p["accuracy"]) for p in points], label=method, s=40)
-        for p in points:
-            if p.get("label"):
-                axes.annotate(str(p["label"]), (p["macs"], 100 * float(p["accuracy"])), fontsize=7,
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+    for index, label in enumerate(labels, start=1):
+        axes = figure.add_subplot(1, len(labels), index)
+        panel = [run for run in runs if str(run.get("label", "")) == label]
+        for method in methods:
+            points = [run for run in panel if str(run["method"]) == method]
+            if not points:
+                continue
+            axes.scatter([p["macs"] for p in points], [100 * float(p["accuracy"]) for p in points],
+                         label=method, s=40, color=colours[method])
+            for p in points:
+                axes.annotate(method, (p["macs"], 100 * float(p["accuracy"])), fontsize=7,
                               xytext=(3, 3), textcoords="offset points")
-    axes.set_xlabel("MACs per sample")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+        if all(float(p["macs"]) > 0 for p in panel):
+            axes.set_xscale("log")  # pruned models span an order of magnitude of MACs
+        axes.set_xlabel("MACs per sample")
+        axes.set_ylabel("accuracy (%)")
+        axes.set_title(f"{title}: {label}" if label else title, fontsize=10)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
     return _save(figure, path)

@@ -30,6 +30,7 @@ TINY = {
     "densenet": {"width": 0.5, "blocks": [2, 2, 2]},
     "googlenet": {"width": 0.125, "input_size": 16},
     "unet": {"width": 0.25, "input_size": 32, "depth": 3, "base": 32},
+    "mobilenet_v3_small_seg": {"width": 0.25, "input_size": 32},
 }
 LEGACY_TOO = {"resnet20", "mobilenet_v3_small", "unet", "densenet"}
 # models whose masked_summary equals the ONNX parameter count of the slimmed file exactly
