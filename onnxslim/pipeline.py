@@ -109,8 +109,19 @@ class RunReport:
                 (c.name, f"{c.target:.4g}", f"{c.value:.4g}", "ok" if c.ok else "**FAILED**") for c in self.targets]), ""]
         lines += ["## Live channels per layer", "", markdown_table(("layer", "live", "channels"), [
             (name, str(live), str(total)) for name, (live, total) in self.live_channels.items()]), ""]
+        lines += [f"**Note:** {hint}." for hint in self.advice()] + ([""] if self.advice() else [])
         lines += ["Plots: `layers.png` (channels per layer), `latency.png` (latency distributions)."]
         return "\n".join(lines) + "\n"
+
+    def advice(self) -> list[str]:
+        """Hints for figures that look wrong to a user, each with what to try."""
+        hints = []
+        round_to = int(self.recipe.get("slim", {}).get("round_to", 1))
+        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before and round_to == 1:
+            hints.append(f"the slimmed model is slower than the dense one ({self.latency_ms_after:.4f} vs "
+                         f"{self.latency_ms_before:.4f} ms) although it has fewer MACs: onnxruntime's CPU "
+                         "convolutions are slow for channel counts off multiples of 8; try [slim] round_to = 8")
+        return hints
 
     def format_table(self) -> str:
         pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
@@ -132,6 +143,7 @@ class RunReport:
         lines.append("live channels per layer: " + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in self.live_channels.items()))
         for check in self.targets:
             lines.append(f"target {check.name}: {check.value:.4g} vs {check.target:.4g} -> {'ok' if check.ok else 'FAILED'}")
+        lines += [f"note: {hint}" for hint in self.advice()]
         total = sum(self.seconds.values())
         lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()) + f" (total {total:.0f}s)")
         return "\n".join(lines)

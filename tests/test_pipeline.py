@@ -207,3 +207,20 @@ def test_run_segmentation_recipe_with_joint_method(tmp_path):
     before, after = conv_outputs(out / "masked.onnx"), conv_outputs(out / "slim.onnx")
     assert sum(after) < sum(before)
     assert all(a % 4 == 0 or a == b for a, b in zip(after, before))
+
+
+def test_report_advises_round_to_when_slimmed_model_is_slower():
+    from onnxslim.pipeline import RunReport
+
+    fields = dict(recipe={"slim": {"round_to": 1}}, params_before=100, params_after=80, macs_before=1000,
+                  macs_after=700, accuracy_before=0.98, accuracy_masked=0.98, accuracy_after=0.98,
+                  accuracy_metric="top1", latency_ms_before=0.6, latency_ms_masked=0.6, latency_ms_after=0.9,
+                  max_abs_diff=0.0, max_abs_diff_onnx=0.0, params_removed=0.2, macs_removed=0.3,
+                  accuracy_drop=0.0, masked_channels=10, deleted_masked_channels=10, live_channels={},
+                  targets=[], targets_met=True, seconds={}, files={}, torch_accuracy={})
+    slower = RunReport(**fields)
+    assert "round_to = 8" in slower.format_table() and "round_to = 8" in slower.to_markdown()
+    faster = RunReport(**{**fields, "latency_ms_after": 0.3})
+    assert faster.advice() == [] and "round_to" not in faster.format_table()
+    rounded = RunReport(**{**fields, "recipe": {"slim": {"round_to": 8}}})
+    assert rounded.advice() == []
