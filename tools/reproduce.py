@@ -12,7 +12,7 @@ Writes ``REPRODUCE.md`` (the table: params and MACs removed, accuracy of the den
 slimmed ONNX, onnxruntime speedup of the slimmed over the dense model at 1 thread, batch 1, max |PyTorch
 masked - slimmed ONNX|), ``REPRODUCE.json`` and ``accuracy_vs_macs.png`` into ``--out``.
 
-    python tools/reproduce.py --out runs/reproduce                 # everything (about an hour on 2 CPU cores)
+    python tools/reproduce.py --threads 1 --out runs/reproduce     # everything (about an hour on one core)
     python tools/reproduce.py --models lenet5 --methods l1_mask,gal
     python tools/reproduce.py --device cuda                         # training on a GPU; ORT timing on the CPU
 """
