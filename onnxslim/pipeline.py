@@ -93,14 +93,7 @@ class RunReport:
         pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
         verdict = "all targets met" if self.targets_met else "**a target FAILED**"
         lines = [f"# onnxslim run: {self.recipe.get('name', '')} ({verdict})", "",
-                 markdown_table(("", "dense baseline", "masked", "slimmed"), [
-                     ("params", f"{self.params_before:,}", "", f"{self.params_after:,}"),
-                     ("MACs", f"{self.macs_before:,}", "", f"{self.macs_after:,}"),
-                     (f"accuracy ({self.accuracy_metric})", pct(self.accuracy_before), pct(self.accuracy_masked),
-                      pct(self.accuracy_after)),
-                     ("latency (ms, median)", f"{self.latency_ms_before:.4f}", f"{self.latency_ms_masked:.4f}",
-                      f"{self.latency_ms_after:.4f}"),
-                 ], align="lrrr"), "",
+                 markdown_table(("", "dense baseline", "masked", "slimmed"), self._figure_rows(), align="lrrr"), "",
                  f"Params removed {pct(self.params_removed)}, MACs removed {pct(self.macs_removed)}, accuracy drop "
                  f"{100 * self.accuracy_drop:.2f} pt; max |PyTorch masked - slimmed ONNX| = {self.max_abs_diff:.3g} "
                  f"({self.deleted_masked_channels} of {self.masked_channels} masked channels deleted).", ""]
@@ -109,9 +102,22 @@ class RunReport:
                 (c.name, f"{c.target:.4g}", f"{c.value:.4g}", "ok" if c.ok else "**FAILED**") for c in self.targets]), ""]
         lines += ["## Live channels per layer", "", markdown_table(("layer", "live", "channels"), [
             (name, str(live), str(total)) for name, (live, total) in self.live_channels.items()]), ""]
-        lines += [f"**Note:** {hint}." for hint in self.advice()] + ([""] if self.advice() else [])
+        hints = self.advice()
+        lines += [f"**Note:** {hint}." for hint in hints] + ([""] if hints else [])
         lines += ["Plots: `layers.png` (channels per layer), `latency.png` (latency distributions)."]
         return "\n".join(lines) + "\n"
+
+    def _figure_rows(self) -> list[tuple[str, str, str, str]]:
+        """(figure, dense, masked, slimmed) rows shared by the terminal table and REPORT.md."""
+        pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+        return [
+            ("params", f"{self.params_before:,}", "", f"{self.params_after:,}"),
+            ("MACs", f"{self.macs_before:,}", "", f"{self.macs_after:,}"),
+            (f"accuracy ({self.accuracy_metric})", pct(self.accuracy_before), pct(self.accuracy_masked),
+             pct(self.accuracy_after)),
+            ("latency (ms, median)", f"{self.latency_ms_before:.4f}", f"{self.latency_ms_masked:.4f}",
+             f"{self.latency_ms_after:.4f}"),
+        ]
 
     def advice(self) -> list[str]:
         """Hints for figures that look wrong to a user, each with what to try."""
@@ -125,15 +131,7 @@ class RunReport:
 
     def format_table(self) -> str:
         pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
-        rows = [
-            ("", "dense", "masked", "slimmed"),
-            ("params", f"{self.params_before:,}", "", f"{self.params_after:,}"),
-            ("MACs", f"{self.macs_before:,}", "", f"{self.macs_after:,}"),
-            (f"accuracy ({self.accuracy_metric})", pct(self.accuracy_before), pct(self.accuracy_masked),
-             pct(self.accuracy_after)),
-            ("latency (ms, median)", f"{self.latency_ms_before:.4f}", f"{self.latency_ms_masked:.4f}",
-             f"{self.latency_ms_after:.4f}"),
-        ]
+        rows = [("", "dense", "masked", "slimmed"), *self._figure_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         lines.append("")
