@@ -58,7 +58,7 @@ SETTINGS = {
         "targets": {"min_params_removed": 0.80, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
     },
     "unet-mnistseg": {
-        "model": ("unet", {"num_classes": 11, "in_channels": 1, "input_size": 64, "width": 0.25, "depth": 3}),
+        "model": ("unet", {"num_classes": 11, "in_channels": 1, "input_size": 64, "width": 0.5, "depth": 3}),
         "data": "mnistseg",
         "epochs": (6, 4, 6),  # as models/unet_mnistseg_joint.toml
         "samples": (2000, 500),
@@ -66,7 +66,7 @@ SETTINGS = {
         "optimizer": "adam",
         "weight_decay": 0.0,
         "batch_size": 16,
-        "method": {"significance": 0.75, "max_new_fraction": 0.15},
+        "method": {"significance": 0.75, "max_new_fraction": 0.15, "min_channels": 8},
         "targets": {"min_params_removed": 0.50, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
     },
 }
