@@ -1,6 +1,7 @@
 """Acceptance figures of the joint sparsity method (issue 4): dense vs joint-sparsified, same epoch budget.
 
-For one setting (``--setting unet-mnistseg`` or ``lenet5-mnist``):
+For one setting (``--setting unet-mnistseg`` or ``lenet5-mnist``), whose model, data, method, phases and
+targets are those of its recipe (``models/unet_mnistseg_joint.toml``, ``models/lenet5_mnist_joint.toml``):
 
 1. *dense baseline*: the model trained for ``dense + sparse + finetune`` epochs (one dense phase);
 2. *joint*: the same model with channel masks attached, trained ``dense`` epochs (masks frozen at 1),
@@ -25,6 +26,7 @@ core) mIoU 95.81 % dense -> 95.65 % slimmed (-0.15 pt), 79.4 % params removed, m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -35,9 +37,10 @@ import numpy as np
 import onnx
 import torch
 
-from onnxslim.data import mnist_segmentation, mnist_split
 from onnxslim.graph.slim import slim
 from onnxslim.graph.stats import model_stats
+from onnxslim.pipeline import load_data
+from onnxslim.recipes import load_recipe
 from onnxslim.training.export import export
 from onnxslim.training.masks import attach_masks
 from onnxslim.training.methods import get_method
@@ -45,41 +48,8 @@ from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions
 from onnxslim.validate.accuracy import evaluate
 from onnxslim.zoo import get_model
 
-SETTINGS = {
-    "lenet5-mnist": {
-        "model": ("lenet5", {"num_classes": 10, "in_channels": 1, "input_size": 28}),
-        "data": "mnist",
-        "epochs": (4, 8, 4),
-        "samples": (0, 0),  # all: 8,000 / 2,000
-        "lr": 0.01,
-        "optimizer": "sgd",
-        "weight_decay": 5e-4,
-        "batch_size": 64,
-        "method": {"significance": 0.75},  # as models/lenet5_mnist_joint.toml
-        "targets": {"min_params_removed": 0.80, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
-    },
-    "unet-mnistseg": {
-        "model": ("unet", {"num_classes": 11, "in_channels": 1, "input_size": 64, "width": 0.5, "depth": 3}),
-        "data": "mnistseg",
-        "epochs": (6, 4, 6),  # as models/unet_mnistseg_joint.toml
-        "samples": (2000, 500),
-        "lr": 0.003,
-        "optimizer": "adam",
-        "weight_decay": 0.0,
-        "batch_size": 16,
-        "method": {"significance": 0.75, "max_new_fraction": 0.15, "min_channels": 8},
-        "targets": {"min_params_removed": 0.50, "max_drop_pt": 1.0, "max_abs_diff": 1e-4},
-    },
-}
-
-
-def load_data(name: str, train_samples: int, test_samples: int, seed: int):
-    if name == "mnist":
-        train, test = mnist_split(28, seed=seed)
-    else:
-        train, test = mnist_segmentation(size=64, train_images=train_samples or 4000,
-                                         test_images=test_samples or 1000, seed=seed)
-    return train.subset(train_samples or None), test.subset(test_samples or None)
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+SETTINGS = {"lenet5-mnist": "lenet5_mnist_joint.toml", "unet-mnistseg": "unet_mnistseg_joint.toml"}
 
 
 def max_abs_diff(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) -> float:
@@ -107,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-samples", type=int, default=0)
     parser.add_argument("--test-samples", type=int, default=0)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="training and data split seed (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method-params", default="{}", help="JSON object overriding the joint Params")
     parser.add_argument("--skip-dense", action="store_true", help="only the joint run (no baseline)")
@@ -115,48 +85,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    setting = SETTINGS[args.setting]
-    dense_epochs, sparse_epochs, finetune_epochs = args.epochs or setting["epochs"]
-    lr = args.lr or setting["lr"]
-    batch_size = args.batch_size or setting["batch_size"]
+    recipe = load_recipe(MODELS_DIR / SETTINGS[args.setting])
+    training = recipe.training
+    dense_epochs, sparse_epochs, finetune_epochs = args.epochs or (
+        training.dense.epochs, training.sparse.epochs, training.finetune.epochs)
+    lr = args.lr or training.dense.lr
+    batch_size = args.batch_size or training.batch_size
+    seed = training.seed if args.seed is None else args.seed
 
-    def phase(kind: str, epochs: int, schedule: str = "cosine") -> PhaseConfig:
-        return PhaseConfig(kind, epochs, lr=lr, optimizer=setting["optimizer"], weight_decay=setting["weight_decay"],
-                           schedule=schedule)
+    def phase(config: PhaseConfig, epochs: int) -> PhaseConfig:
+        return dataclasses.replace(config, epochs=epochs, lr=args.lr or config.lr)
 
     budget = dense_epochs + sparse_epochs + finetune_epochs
-    train, test = load_data(setting["data"], args.train_samples or setting["samples"][0],
-                            args.test_samples or setting["samples"][1], args.seed)
-    model_name, model_params = setting["model"]
-    method_params = {**setting["method"], **json.loads(args.method_params)}
-    options = TrainOptions(batch_size=batch_size, seed=args.seed, progress=args.progress,
+    data = dataclasses.replace(recipe.data, train_samples=args.train_samples or recipe.data.train_samples,
+                               test_samples=args.test_samples or recipe.data.test_samples,
+                               split_seed=recipe.data.split_seed if args.seed is None else args.seed)
+    train, test = load_data(dataclasses.replace(recipe, data=data))
+    model_name, model_params = recipe.model.name, recipe.model.params
+    method_params = {**recipe.method.params, **json.loads(args.method_params)}
+    options = TrainOptions(batch_size=batch_size, seed=seed, progress=args.progress,
                            evaluate_every_epoch=False)
     example = torch.from_numpy(np.ascontiguousarray(test.images[:2]))
     folder = args.out or Path(tempfile.mkdtemp(prefix="accept-joint-"))
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict = {"setting": args.setting, "epochs": [dense_epochs, sparse_epochs, finetune_epochs], "lr": lr,
-                     "optimizer": setting["optimizer"], "batch_size": batch_size,
+                     "optimizer": training.dense.optimizer, "batch_size": batch_size,
                      "train": len(train), "test": len(test), "method_params": method_params}
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     dense_model = get_model(model_name, model_params)
     dense_params = sum(p.numel() for p in dense_model.parameters())
     if not args.skip_dense:
         started = time.perf_counter()
-        Trainer(dense_model, train, test_data=test, options=options).fit([phase("dense", budget)])
+        Trainer(dense_model, train, test_data=test, options=options).fit([phase(training.dense, budget)])
         export(dense_model, example, folder / "dense.onnx")
         dense_metric = evaluate(folder / "dense.onnx", test, progress=False).value
         summary["dense"] = {"metric": dense_metric, "params": dense_params, "seconds": time.perf_counter() - started}
         print(json.dumps({"run": "dense", **summary["dense"]}), flush=True)
 
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = get_model(model_name, model_params)
     attach_masks(model, example)
     method = get_method("joint", method_params)
     trainer = Trainer(model, train, test_data=test, method=method, options=options)
-    trainer.fit([phase("dense", dense_epochs), phase("sparse", sparse_epochs, "constant"),
-                 phase("finetune", finetune_epochs)])
+    trainer.fit([phase(training.dense, dense_epochs), phase(training.sparse, sparse_epochs),
+                 phase(training.finetune, finetune_epochs)])
     masked = export(model, example, folder / "masked.onnx")
     input_shapes = {"input": [1, *test.images.shape[1:]]}
     _, report = slim(folder / "masked.onnx", output_path=folder / "slim.onnx", input_shapes=input_shapes)
@@ -179,16 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         "per_mask": finalize.per_mask if finalize else None,
     }
     print(json.dumps({"run": "joint", **summary["joint"]}), flush=True)
-    targets = setting["targets"]
+    targets = recipe.targets
     checks = {
-        "params_removed": summary["joint"]["params_removed"] >= targets["min_params_removed"],
-        "max_abs_diff": diff <= targets["max_abs_diff"],
+        "params_removed": summary["joint"]["params_removed"] >= targets.min_params_removed,
+        "max_abs_diff": diff <= targets.max_abs_diff,
         "exact_zeros": bool(finalize and finalize.zero_total > 0),
     }
     if "dense" in summary:
         drop = 100.0 * (summary["dense"]["metric"] - slim_metric)
         summary["drop_pt"] = drop
-        checks["metric_drop"] = drop <= targets["max_drop_pt"]
+        checks["metric_drop"] = drop <= 100.0 * targets.max_accuracy_drop
     summary["checks"] = checks
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"{args.setting}: dense {summary.get('dense', {}).get('metric', float('nan')):.4f}  "
