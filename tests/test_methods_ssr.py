@@ -372,3 +372,58 @@ def test_bench_aulm_tool_runs_and_reports_both_solvers(tmp_path):
         assert result["steps"] >= 1 and result["seconds"] > 0 and 0.0 <= result["accuracy"] <= 1.0
         assert (result["sparsity"] >= 0.2) == result["reached"]
     assert "ratio" in completed.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# the layer-wise schedule of the authors' code
+
+LAYERWISE = {**SSR_RUN, "schedule": "layerwise", "stage_finetune": 0.5}
+
+
+def test_layerwise_stage_trains_only_its_layer(dense_lenet, data):
+    model, method, trainer = run_ssr(dense_lenet, data, "ssr_l21", LAYERWISE)
+    trainer._setup_method()
+    phase = ssr_phases(sparse=6)[0]
+    optimizer = trainer.optimizer_for(phase)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    images, labels = data[0].images[:64], data[0].labels[:64]
+    for epoch, layer in ((0, "features.conv1"), (2, "features.conv2")):  # first epoch of stages 1 and 2
+        ctx = StepContext(model, trainer.task, optimizer, phase, epoch, 0, 0, phase.lr, torch.device("cpu"))
+        trainer.step(ctx, torch.from_numpy(images), torch.from_numpy(labels))
+        moved = {name.replace(".module", "") for name, p in model.named_parameters()
+                 if not torch.equal(p.detach(), before[name])}
+        assert moved == {f"{layer}.weight", f"{layer}.bias"}, moved
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ctx = StepContext(model, trainer.task, optimizer, phase, 1, 0, 0, phase.lr, torch.device("cpu"))
+    assert method.regularization(model, ctx) is None  # the second epoch of stage 1 fine-tunes, no penalty
+    trainer.step(ctx, torch.from_numpy(images), torch.from_numpy(labels))
+    moved = {name.replace(".module", "") for name, p in model.named_parameters()
+             if not torch.equal(p.detach(), before[name])}
+    assert {"features.conv1.weight", "features.conv2.weight", "classifier.fc1.weight"} <= moved, moved
+
+
+def test_layerwise_prunes_layer_by_layer_and_the_pruned_model_predicts(dense_lenet, data, tmp_path):
+    params = {**LAYERWISE, "update_every": 4, "layer_lams": [["features.conv1", 0.2], ["features.conv2", 0.3],
+                                                             ["classifier.fc1", 0.3]]}
+    model, method, trainer = run_ssr(dense_lenet, data, "ssr_l21", params)
+    result = trainer.fit(ssr_phases(sparse=6, finetune=2))
+    assert method.pruned_layers == ["features.conv1", "features.conv2", "classifier.fc1"]
+    zero = {name: int((mask.weight == 0).sum()) for name, mask in iter_masks(model)}
+    assert sum(zero.values()) > 0, zero
+    assert result.test_metric > 0.6, f"accuracy {result.test_metric}"
+    example = torch.from_numpy(data[1].images[:2])
+    export(model, example, tmp_path / "masked.onnx")
+    slimmed, report = slim(tmp_path / "masked.onnx", input_shapes={"input": [1, 1, 28, 28]})
+    assert report.deleted_masked_channels == sum(zero.values())
+    x = data[1].images[:32]
+    a = ort.InferenceSession(str(tmp_path / "masked.onnx")).run(None, {"input": x})[0]
+    b = ort.InferenceSession(slimmed.SerializeToString()).run(None, {"input": x})[0]
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+
+def test_layerwise_needs_an_epoch_per_layer(dense_lenet, data):
+    model, method, trainer = run_ssr(dense_lenet, data, "ssr_l21", LAYERWISE)
+    with pytest.raises(OnnxSlimError, match="at least 3 epochs"):
+        trainer.fit(ssr_phases(sparse=2, finetune=1))
+    with pytest.raises(OnnxSlimError, match="schedule"):
+        SSRParams(schedule="stagewise")
