@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from onnxslim.data import mnist_split
 from onnxslim.errors import OnnxSlimError
@@ -358,3 +359,39 @@ def test_gal_checkpoint_rebuilds_with_its_structure_masks(tmp_path):
     x = torch.from_numpy(train.images[:4])
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the authors' options: masks from N(0, 1) and their linear discriminator
+
+
+def test_authors_mask_init_and_discriminator(tmp_path):
+    train, _ = mnist_split(size=28)
+    train = train.subset(192)
+    torch.manual_seed(0)
+    model = get_model("resnet20", {"width": 0.25, "in_channels": 1, "input_size": 28})
+    x = torch.from_numpy(train.images[:8])
+    with torch.no_grad():
+        before = model.eval()(x)
+    attach_masks(model, torch.from_numpy(train.images[:2]))
+    method = get_method("gal", {"mask_init": "normal", "d_arch": "linear", "mask_step": 1, "lam_channel": 0.01})
+    trainer = Trainer(model, train, method=method, options=TrainOptions(batch_size=32, seed=0, progress=False))
+    trainer._setup_method()
+    drawn = torch.cat([m.detach().reshape(-1) for m in method.mask_parameters(model)])
+    assert 0.3 < float((drawn < 0).float().mean()) < 0.7  # N(0, 1): about half start negative
+    with torch.no_grad():  # the teacher is the model as it was before its masks were drawn
+        assert torch.allclose(method.teacher.eval()(x), before, atol=1e-5)
+    assert method.discriminator(torch.zeros(4, 10)).shape == (4, 128)  # K -> 128 -> 256 -> 128, no activations
+    assert not any(isinstance(m, nn.LeakyReLU) for m in method.discriminator.modules())
+    trainer.fit([PhaseConfig(kind="sparse", epochs=1, lr=0.01, schedule="constant"),
+                 PhaseConfig(kind="finetune", epochs=1, lr=0.01)])
+    masks = torch.cat([m.weight.detach().reshape(-1) for _, m in iter_masks(model)])
+    assert bool((masks >= 0).all()) and int((masks == 0).sum()) > 0  # FISTA's clamp zeroed the negative ones
+    model.eval()
+    export(model, x[:2], tmp_path / "gal.onnx")
+    slimmed, report = slim(tmp_path / "gal.onnx", input_shapes={"input": [1, 1, 28, 28]})
+    assert report.deleted_masked_channels > 0
+    reference = model(x).detach().numpy()
+    assert np.abs(_run(slimmed, x.numpy()) - reference).max() <= 1e-5 * max(1.0, np.abs(reference).max())
+    with pytest.raises(OnnxSlimError):
+        get_method("gal", {"mask_init": "uniform"})

@@ -61,10 +61,19 @@ factor), so its data gradient only redistributes and the L1 term shrinks the who
 epsilon matters; the number of channels that survive then changes steeply with ``lam_channel``. Structure
 scales sit before an addition / concatenation and do not have this problem.
 
-Deviations from the authors' code: their loss also back-propagates ``lambda * ||m||_1`` into the mask
-gradient before the FISTA proximal step, which applies the L1 shrinkage twice (use ``2 * lambda`` here to
-match it); their D is three linear layers without activations and 128 outputs, ours an MLP with
-LeakyReLU(0.2) and one logit; their teacher runs in training mode (batch statistics, as here).
+Deviations from the authors' code (ShaohuiLin/GAL, ``main.py`` and ``model/``), each selectable:
+
+* their loss also back-propagates ``lambda * ||m||_1`` into the mask gradient before the FISTA proximal
+  step, which applies the L1 shrinkage twice (use ``2 * lambda`` here to match it);
+* their D (``model/discriminator.py``) is three ``Linear`` layers without activations (K -> 128 -> 256 ->
+  128), trained with BCE on all 128 outputs; ours (``d_arch="mlp"``, the default) puts LeakyReLU(0.2)
+  after each hidden layer of ``d_hidden`` and ends in one logit. ``d_arch="linear"`` builds theirs from
+  ``d_hidden`` (its last width is the number of outputs);
+* their masks start from N(0, 1) samples (``Normal(0, 1).sample()`` for every channel of VGG and every
+  residual block of ResNet), so about half start negative and FISTA's clamp zeroes them at the first mask
+  step; ours start at 1 so that the student starts as the teacher (``mask_init="ones"``).
+  ``mask_init="normal"`` draws every channel and structure mask from N(0, 1) at setup (seed ``mask_seed``);
+* their teacher runs in training mode (batch statistics), as here.
 """
 
 from __future__ import annotations
@@ -112,7 +121,10 @@ class GALParams:
     d_momentum: float = 0.9
     d_weight_decay: float = 2e-4  # R(D) (paper: 2e-4)
     d_hidden: tuple[int, ...] = (128, 256, 128)  # D's hidden widths (authors' code)
+    d_arch: str = "mlp"  # "mlp": LeakyReLU between layers, one logit; "linear": the authors' D (no activations)
     d_seed: int = 0  # D's initialisation
+    mask_init: str = "ones"  # "ones": student starts as the teacher; "normal": N(0, 1) as the authors' code
+    mask_seed: int = 0  # mask_init="normal": the generator's seed
     fista_restart_epochs: int = 0  # reset FISTA momentum every N sparse epochs (0: never)
     threshold: float = 0.0  # finalize: mask entries <= threshold become 0 (authors' --thre: 0)
     min_channels: int = 1  # a channel mask keeps at least this many live entries
@@ -129,18 +141,25 @@ class GALParams:
             raise OnnxSlimError("gal: d_weight_decay >= 0, 0 <= d_momentum < 1, fista_restart_epochs >= 0")
         if self.min_channels < 0 or any(w < 1 for w in self.d_hidden):
             raise OnnxSlimError("gal: min_channels >= 0 and d_hidden widths >= 1")
+        if self.d_arch not in ("mlp", "linear") or (self.d_arch == "linear" and not self.d_hidden):
+            raise OnnxSlimError(f"gal: d_arch must be 'mlp' or 'linear' (with d_hidden), got {self.d_arch!r}")
+        if self.mask_init not in ("ones", "normal"):
+            raise OnnxSlimError(f"gal: mask_init must be 'ones' or 'normal', got {self.mask_init!r}")
 
 
 class Discriminator(nn.Module):
-    """MLP ``features -> hidden (LeakyReLU 0.2) ... -> 1 logit``; weights N(0, 0.01), biases 0."""
+    """``arch="mlp"``: ``features -> hidden (LeakyReLU 0.2) ... -> 1 logit``; ``arch="linear"`` (the
+    authors' ``model/discriminator.py``): ``features -> hidden[0] -> ... -> hidden[-1]`` logits, no
+    activations. Weights N(0, 0.01), biases 0. Input (N, features), output (N, 1) or (N, hidden[-1])."""
 
-    def __init__(self, features: int, hidden: tuple[int, ...], seed: int = 0):
+    def __init__(self, features: int, hidden: tuple[int, ...], seed: int = 0, arch: str = "mlp"):
         super().__init__()
         widths = [features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
-        layers.append(nn.Linear(widths[-1], 1))
+            layers += [nn.Linear(a, b)] if arch == "linear" else [nn.Linear(a, b), nn.LeakyReLU(0.2)]
+        if arch != "linear":
+            layers.append(nn.Linear(widths[-1], 1))
         self.body = nn.Sequential(*layers)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -243,9 +262,21 @@ class GAL(SparsityMethod):
         with torch.no_grad():
             features = output_features(model(ctx.example_input.to(ctx.device))).shape[1]
         model.train(was_training)
-        self.discriminator = Discriminator(features, tuple(self.params.d_hidden), self.params.d_seed).to(ctx.device)
+        self.discriminator = Discriminator(features, tuple(self.params.d_hidden), self.params.d_seed,
+                                           self.params.d_arch).to(ctx.device)
+        if self.params.mask_init == "normal":
+            if self.teacher is None:  # the baseline is the model before its masks are drawn
+                self.teacher, self.owns_teacher = self._frozen_copy(model), True
+            self._draw_masks(model)
         self.d_optimizer = torch.optim.SGD(self.discriminator.parameters(), lr=0.01, momentum=self.params.d_momentum,
                                            weight_decay=self.params.d_weight_decay)
+
+    def _draw_masks(self, model: nn.Module) -> None:
+        """The authors' initialisation: every mask entry an N(0, 1) sample (seeded)."""
+        generator = torch.Generator().manual_seed(self.params.mask_seed)
+        with torch.no_grad():
+            for mask in self.mask_parameters(model):
+                mask.copy_(torch.randn(mask.shape, generator=generator, dtype=mask.dtype))
 
     def param_groups(self, model: nn.Module, phase) -> list[dict]:
         freeze_structure_masks(model, False)  # they need gradients; FISTA (not the optimizer) updates them
