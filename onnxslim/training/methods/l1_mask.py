@@ -17,6 +17,11 @@ its filter ``w_c`` falls below ``epsilon``:
 For coupled (shared) masks the score is the maximum over the coupled producers. Finally the network is
 fine-tuned with masks frozen. Paper defaults: ``epsilon = 0.01``; ``lam = 0.03`` for LeNet-5 and
 ``0.005`` for VGG-16.
+
+Deviations (``docs/faithfulness.md``): the mask multiplies the filter's whole output, **bias included**
+(and sits after the BN when there is one), since a channel is exactly zero only if its bias is scaled too;
+the paper trains with Adam, the recipes here with SGD (set ``optimizer = "adam"`` in the phase to follow
+the paper).
 """
 
 from __future__ import annotations
