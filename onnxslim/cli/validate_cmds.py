@@ -43,7 +43,7 @@ _input_shape_option = click.option(
               help="Execution provider (cpu, xnnpack, ... or the full onnxruntime name); repeatable.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
 @click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
-              help="Timed rounds; each round runs every model once, order alternating.")
+              help="Timed rounds; each round runs every model once, in a random (seeded) order.")
 @click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
               help="Session creations per model for the session-time median.")
 @click.option("--memory/--no-memory", default=True, show_default=True,
@@ -51,6 +51,8 @@ _input_shape_option = click.option(
 @click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999),
               help="Confidence level of the A/B ratio interval.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--order-seed", default=0, show_default=True,
+              help="Seed of the per-round model order (recorded in the JSON as round_orders).")
 @click.option("--mobile", is_flag=True,
               help="One thread, models converted to ORT format with onnxruntime's tools, plus its mobile-usability check.")
 @click.option("--mobile-dir", type=click.Path(path_type=Path), default=None,
@@ -60,7 +62,7 @@ _input_shape_option = click.option(
               help="Write a latency box plot (PNG).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
-          confidence, seed, mobile, mobile_dir, json_path, plot_path, progress):
+          confidence, seed, order_seed, mobile, mobile_dir, json_path, plot_path, progress):
     """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
     from onnxslim.graph.shapes import parse_input_shapes
     from onnxslim.io import write_json_atomic
@@ -72,7 +74,8 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
         raise OnnxSlimError("--mobile measures one thread (as on a phone); leave out --threads")
     options = BenchOptions(threads=thread_counts, batch_sizes=batch_sizes, input_shapes=parse_input_shapes(input_shapes),
                            opt_level=opt_level, providers=tuple(providers), warmup=warmup, repeat=repeat,
-                           session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed)
+                           session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed,
+                           order_seed=order_seed)
     artifacts = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-ort-") as tmp:
         targets = list(models)
