@@ -20,7 +20,13 @@ A class can be deleted unless something **keeps** it:
 * a *barrier*: a graph input or output, an op without a rule, a control-flow body reading it;
 * a *reducing consumer* (Conv with one group, Gemm, MatMul, ConvTranspose) reading a tensor of the class
   in which the channel is neither zero, nor ignored by the consumer's weights, nor a constant that the
-  consumer can absorb into its bias exactly (only without spatial padding).
+  consumer can absorb into its bias exactly (only without spatial padding);
+* a *conditional* keep (:meth:`ChannelAnalysis.keep_if`): a grouped conv reads a live input channel only
+  for the outputs of its group, so it holds that input only while one of those outputs is kept.
+
+The plan then *settles* (:meth:`RemovalPlan.settle`): conditional keeps, tensors that must not become
+empty, and rules whose rewrite needs a shape constraint (a grouped conv's groups keep equal sizes) each
+restore channels until nothing changes. Restoring only ever keeps more, so the loop ends.
 
 Channelwise consumers never keep a class: their output carries the same ids, so the channel vanishes in
 lockstep. Deleting is always safe to undo: keeping a channel never changes the model's output, which is
@@ -135,6 +141,7 @@ class ChannelAnalysis:
         self.reasons: list[Reason] = []
         self._reason_ids: dict[Reason, int] = {}
         self._keeps: list[tuple[np.ndarray, int]] = []
+        self.conditional: list[tuple[np.ndarray, np.ndarray, int]] = []  # (trigger ids, ids, reason)
         self.masks: list[MaskSite] = []
         self.barriers: list[tuple[onnx.NodeProto, str]] = []
         self.creators: dict[str, onnx.NodeProto] = {}  # tensor -> node that made its ids fresh
@@ -181,6 +188,12 @@ class ChannelAnalysis:
         if len(ids) == 0:
             return
         self._keeps.append((np.asarray(ids, np.int64), self.reason_id(Reason(kind, text))))
+
+    def keep_if(self, trigger: np.ndarray, ids: np.ndarray, kind: str, text: str) -> None:
+        """Keep the classes of ``ids`` when any class of ``trigger`` is kept (resolved by the plan)."""
+        if len(ids) and len(trigger):
+            self.conditional.append((np.asarray(trigger, np.int64), np.asarray(ids, np.int64),
+                                     self.reason_id(Reason(kind, text))))
 
     def reason_id(self, reason: Reason) -> int:
         rid = self._reason_ids.get(reason)
@@ -256,10 +269,10 @@ class ChannelAnalysis:
     def plan(self, round_to: int = 1) -> RemovalPlan:
         reason = self.kept_reason()
         plan = RemovalPlan(self, reason < 0, reason)
-        plan.fill_empty_tensors()
+        plan.settle()
         if round_to > 1:
             plan.round_layers(round_to)
-            plan.fill_empty_tensors()
+            plan.settle()
         return plan
 
 
@@ -282,13 +295,34 @@ class RemovalPlan:
         info = self.analysis.info.get(name)
         return info is not None and info.size > 0 and bool(self.removed[info.ids].all())
 
-    def restore(self, ids: Iterable[int], why: str) -> None:
-        """Keep the classes of ``ids`` after all (always safe), recording ``why``."""
+    def restore(self, ids: Iterable[int], why: str | int) -> bool:
+        """Keep the classes of ``ids`` after all (always safe), recording ``why`` (a text, or the id of
+        a recorded reason). Returns True when something was restored."""
         ids = np.asarray(list(ids), np.int64)
-        if len(ids):
-            members = np.isin(self.roots, self.roots[ids]) & self.removed
-            self.removed[members] = False
-            self.reason[members] = self.analysis.reason_id(Reason(STRUCTURAL, why))
+        if not len(ids):
+            return False
+        members = np.isin(self.roots, self.roots[ids]) & self.removed
+        if not members.any():
+            return False
+        self.removed[members] = False
+        self.reason[members] = why if isinstance(why, int) else self.analysis.reason_id(Reason(STRUCTURAL, why))
+        return True
+
+    def settle(self) -> None:
+        """Restore channels until every constraint holds: conditional keeps, tensors that must not
+        become empty, and the rules' own constraints (``Rule.settle``). Each step only keeps more."""
+        from onnxslim.graph.rules import rule_for
+
+        nodes = self.analysis.index.nodes
+        changed = True
+        while changed:
+            changed = False
+            for trigger, ids, rid in self.analysis.conditional:
+                if not self.removed[trigger].all():
+                    changed |= self.restore(ids, rid)
+            changed |= self.fill_empty_tensors()
+            for node in nodes:
+                changed |= bool(rule_for(node).settle(node, self))
 
     @property
     def anything_removed(self) -> bool:
@@ -297,13 +331,19 @@ class RemovalPlan:
             used[info.ids] = True
         return bool((self.removed & used).any())
 
-    def fill_empty_tensors(self) -> None:
-        """Keep one channel of every tensor that would become empty where that is not allowed."""
+    def deletes(self, node: onnx.NodeProto) -> bool:
+        """The rewrite deletes ``node`` outright: every output it has loses every channel."""
+        outputs = [name for name in node.output if name]
+        return bool(outputs) and all(self.is_empty(name) for name in outputs)
+
+    def fill_empty_tensors(self) -> bool:
+        """Keep one channel of every tensor that would become empty where that is not allowed; returns
+        True when it restored anything."""
         from onnxslim.graph.rules import rule_for
 
         analysis = self.analysis
         index = analysis.index
-        changed = True
+        changed, restored = True, False
         while changed:
             changed = False
             for node in index.nodes:
@@ -312,11 +352,13 @@ class RemovalPlan:
                     if not name or not self.is_empty(name):
                         continue
                     allowed = rule.allows_empty_output(node, position, self) and all(
-                        rule_for(use.node).allows_empty_input(use.node, use.slot, self) for use in index.uses(name)
+                        rule_for(use.node).allows_empty_input(use.node, use.slot, self) or self.deletes(use.node)
+                        for use in index.uses(name)
                     ) and name not in index.outputs
                     if not allowed:
                         self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' does not become empty")
-                        changed = True
+                        changed = restored = True
+        return restored
 
     def round_layers(self, multiple: int) -> None:
         """Keep extra channels so every channel-creating layer keeps a multiple of ``multiple``.
