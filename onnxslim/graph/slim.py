@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.graph.channels import ChannelAnalysis, RemovalPlan
+from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.cleanup import (
     fold_channel_scales,
     refresh_shapes,
@@ -29,8 +29,10 @@ from onnxslim.graph.cleanup import (
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
 from onnxslim.graph.normalize import constants_to_initializers
+from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
+from onnxslim.graph.rules import RuleSet, default_rules
 from onnxslim.graph.shapes import infer_shapes, skeleton
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import save_model_atomic
@@ -62,24 +64,27 @@ def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) ->
 
 
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
-            sources: dict[str, onnx.TensorProto] | None = None) -> ChannelAnalysis:
-    """Normalise ``model`` in place and run the channel analysis on it.
+            sources: dict[str, onnx.TensorProto] | None = None, rules: RuleSet | None = None) -> ChannelAnalysis:
+    """Normalise ``model`` in place and run the channel analysis on it with ``rules``
+    (default: :func:`onnxslim.graph.rules.default_rules`).
 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
     constants_to_initializers(model, sources)
     shapes = infer_shapes(model, input_shapes)
-    return ChannelAnalysis(Graph(model, shapes, sources)).run()
+    return ChannelAnalysis(Graph(model, shapes, sources), rules if rules is not None else default_rules()).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
          input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int = 1,
-         check: bool = True) -> tuple[onnx.ModelProto, SlimReport]:
+         check: bool = True, rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport]:
     """Delete every provably-zero channel; returns the slimmed model and a report.
 
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
-    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` (full check).
+    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` (full check);
+    ``rules`` is the rule set (default :func:`onnxslim.graph.rules.default_rules`; extend it with
+    ``default_rules().with_rules(MyRule())`` for ops of other domains).
     The output is written atomically when ``output_path`` is given.
     """
     if round_to < 1:
@@ -89,7 +94,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
     original_inputs = [i.name for i in model.graph.input]
 
-    analysis = analyse(model, input_shapes, sources)
+    analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
     before = model_stats(model, shapes=index.shapes)
     plan = analysis.plan(round_to=round_to)

@@ -1,4 +1,4 @@
-"""The rule interface and the registry of op rules.
+"""The rule interface and :class:`RuleSet`, the value that maps ops to their rules.
 
 A rule states, for one op family,
 
@@ -11,28 +11,38 @@ A rule states, for one op family,
 * ``channel_scores`` — for channel-creating ops, an importance per output channel (L1 of the filter),
   used by ``prune`` and by rounding.
 
-Ops without a rule are barriers. Adding an op means adding one rule here (``@register``) and one test.
+A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
+"ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
+the rewrite and the cleanup; nothing is registered globally. ``@register`` marks a class of a rule module
+as one of that module's default rules (:func:`module_rules`); :func:`onnxslim.graph.rules.default_rules`
+collects them. Adding an op means adding one rule and one test.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from onnxslim.graph.channels import BARRIER, CONSTANT, LIVE, ChannelAnalysis, ChannelInfo, RemovalPlan
+from onnxslim.graph.values import BARRIER, CONSTANT, LIVE, ChannelInfo
 
 if TYPE_CHECKING:
+    from onnxslim.graph.analysis import ChannelAnalysis
+    from onnxslim.graph.plan import RemovalPlan
     from onnxslim.graph.rewrite import Rewriter
 
-_RULES: dict[str, Rule] = {}
+DEFAULT_DOMAIN = ""
 
 
 class Rule:
     """Default behaviour: nothing passes, nothing is rewritten (see :class:`BarrierRule`)."""
 
     op_types: tuple[str, ...] = ()
+    #: the ONNX domain of ``op_types`` ("" = the default domain "ai.onnx")
+    domain: str = DEFAULT_DOMAIN
     #: the outputs carry the channels of the feature input one-to-one (activations, BN, pooling ...)
     passthrough = False
 
@@ -57,37 +67,81 @@ class Rule:
 
 
 class BarrierRule(Rule):
-    """Unknown ops: every channel read or written is kept."""
+    """Ops that are barriers on purpose (or unknown): every channel read or written is kept."""
 
-    def __init__(self, why: str = "no rule for this op"):
+    def __init__(self, why: str = "no rule for this op", op_types: Iterable[str] = (),
+                 domain: str = DEFAULT_DOMAIN):
         self.why = why
+        self.op_types = tuple(op_types)
+        self.domain = domain
 
     def propagate(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> None:
         analysis.barrier(node, self.why)
 
 
-_UNKNOWN = BarrierRule()
-
-
 def register(rule_class: type[Rule]) -> type[Rule]:
-    instance = rule_class()
-    for op_type in rule_class.op_types:
-        _RULES[op_type] = instance
+    """Mark ``rule_class`` as a default rule of the module that defines it (see :func:`module_rules`).
+
+    Only the class is marked; nothing global changes.
+    """
+    rule_class._default_rule = True
     return rule_class
 
 
-def register_barrier(op_type: str, why: str) -> None:
-    _RULES[op_type] = BarrierRule(why)
+def module_rules(module: types.ModuleType) -> list[Rule]:
+    """The default rules of a rule module: one instance per ``@register`` class it defines, in
+    definition order, then its ``BARRIERS`` (a tuple of :class:`BarrierRule`)."""
+    classes = [value for value in vars(module).values()
+               if isinstance(value, type) and issubclass(value, Rule) and value.__dict__.get("_default_rule")
+               and value.__module__ == module.__name__]
+    return [cls() for cls in classes] + list(getattr(module, "BARRIERS", ()))
 
 
-def rule_for(node: onnx.NodeProto) -> Rule:
-    if node.domain not in ("", "ai.onnx"):
-        return _UNKNOWN
-    return _RULES.get(node.op_type, _UNKNOWN)
+def op_key(domain: str, op_type: str) -> tuple[str, str]:
+    """The key of an op in a rule set: (domain with "ai.onnx" spelt "", op_type)."""
+    return (DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain, op_type)
 
 
-def known_op_types() -> list[str]:
-    return sorted(op for op, rule in _RULES.items() if not isinstance(rule, BarrierRule))
+class RuleSet:
+    """An immutable map from ``(domain, op_type)`` to the :class:`Rule` of that op.
+
+    Later rules replace earlier ones for the ops they share; ops without a rule get ``fallback`` (a
+    barrier). :meth:`with_rules` returns a new set, so a caller can add a rule for a custom-domain op or
+    replace a default one without changing any other set::
+
+        rules = default_rules().with_rules(MyScaleRule())
+        slim(model, rules=rules)
+    """
+
+    def __init__(self, rules: Iterable[Rule] = (), fallback: Rule | None = None):
+        table: dict[tuple[str, str], Rule] = {}
+        for rule in rules:
+            for op_type in rule.op_types:
+                table[op_key(rule.domain, op_type)] = rule
+        self._table = types.MappingProxyType(table)
+        self.fallback = fallback if fallback is not None else BarrierRule()
+
+    def rule_for(self, node: onnx.NodeProto) -> Rule:
+        """The rule of ``node`` (by its domain and op_type), or the fallback barrier."""
+        return self._table.get(op_key(node.domain, node.op_type), self.fallback)
+
+    def with_rules(self, *rules: Rule) -> RuleSet:
+        """A new set with ``rules`` added; each replaces the current rule of the ops it names."""
+        return RuleSet([*self._table.values(), *rules], self.fallback)
+
+    def known_op_types(self, domain: str = DEFAULT_DOMAIN) -> list[str]:
+        """Sorted op types of ``domain`` that have a rule other than a barrier."""
+        domain = op_key(domain, "")[0]
+        return sorted(op for (d, op), rule in self._table.items() if d == domain and not isinstance(rule, BarrierRule))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return op_key(*key) in self._table
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, str], Rule]]:
+        return iter(self._table.items())
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 # -- helpers shared by rules ---------------------------------------------------------------------
