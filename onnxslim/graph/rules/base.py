@@ -6,6 +6,8 @@ A rule states, for one op family,
   channels it couples and which it keeps (and why);
 * ``rewrite(node, rewriter)`` — how to slice its weights and attributes once the plan is known;
 * ``allows_empty_input`` / ``allows_empty_output`` — whether a tensor may lose every channel here;
+* ``settle(node, plan)`` — restore channels until the plan is one the rewrite can apply (a grouped conv
+  keeps equal groups); returns True when it restored anything;
 * ``channel_scores`` — for channel-creating ops, an importance per output channel (L1 of the filter),
   used by ``prune`` and by rounding.
 
@@ -60,6 +62,9 @@ class Rule:
 
     def allows_empty_output(self, node: onnx.NodeProto, position: int, plan: RemovalPlan) -> bool:
         return True
+
+    def settle(self, node: onnx.NodeProto, plan: RemovalPlan) -> bool:
+        return False
 
     # -- facts about the op used outside the analysis: prune, rounding, cleanup, stats --------------
     #: the op reads each input channel with a weight and sums over channels (Conv, Gemm ...): ``macs``
@@ -211,12 +216,20 @@ def keep_extra_outputs(node: onnx.NodeProto, analysis: ChannelAnalysis, first_ex
 
 
 def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name: str, info: ChannelInfo,
-                           used: np.ndarray, absorbs_constants: bool, constant_why: str = "") -> None:
+                           used: np.ndarray, absorbs_constants: bool, constant_why: str = "",
+                           trigger: np.ndarray | None = None) -> None:
     """The check for a reducing consumer (Conv, Gemm, MatMul ...) reading ``name``.
 
     Channel ``c`` may go when it is zero, when the consumer's weights ignore it (``~used[c]``), or when it
-    is a constant the consumer absorbs into its bias (``absorbs_constants``). Everything else is kept.
+    is a constant the consumer absorbs into its bias (``absorbs_constants``). Everything else is kept —
+    unconditionally, or (``trigger``: output ids) only while one of those outputs is kept.
     """
+    def keep(ids, kind, text):
+        if trigger is None:
+            analysis.keep(ids, kind, text)
+        else:
+            analysis.keep_if(trigger, ids, kind, text)
+
     ok = info.zero | ~used
     if absorbs_constants:
         ok |= info.const
@@ -224,10 +237,10 @@ def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name
         return
     label = f"{node.op_type} '{analysis.index.node_name(node)}'"
     live = ~ok & ~info.const
-    analysis.keep(info.ids[live], LIVE, f"live (non-zero) in '{name}', read by {label}")
+    keep(info.ids[live], LIVE, f"live (non-zero) in '{name}', read by {label}")
     constant = ~ok & info.const
     if constant.any():
-        analysis.keep(info.ids[constant], CONSTANT,
+        keep(info.ids[constant], CONSTANT,
                       f"non-zero constant in '{name}' that {label} cannot absorb{constant_why}")
 
 
