@@ -74,8 +74,8 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, pl
 @click.option("--ratio", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Fraction of each layer's channels to remove, at most (with --scope global: of the prunable "
                    "cost, see --cost).")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "random"]), default="l1", show_default=True,
-              help="Channel importance: filter L1/L2 norm, |BN gamma|, or random.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random"]), default="l1", show_default=True,
+              help="Channel importance: filter L1/L2 norm, FPGM (distance to the geometric median), |BN gamma|, or random.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
 @click.option("--cost", type=click.Choice(["macs", "params"]), default="macs", show_default=True,
               help="With --scope global: rank channels by importance per unit of this cost.")

@@ -47,6 +47,7 @@ class ChannelAnalysis:
         self.reasons: list[Reason] = []
         self._reason_ids: dict[Reason, int] = {}
         self._keeps: list[tuple[np.ndarray, int]] = []
+        self.conditional: list[tuple[np.ndarray, np.ndarray, int]] = []  # (trigger ids, ids, reason)
         self.masks: list[MaskSite] = []
         self.barriers: list[tuple[onnx.NodeProto, str]] = []
         self.creators: dict[str, onnx.NodeProto] = {}  # tensor -> node that made its ids fresh
@@ -97,6 +98,12 @@ class ChannelAnalysis:
         if len(ids) == 0:
             return
         self._keeps.append((np.asarray(ids, np.int64), self.reason_id(Reason(kind, text))))
+
+    def keep_if(self, trigger: np.ndarray, ids: np.ndarray, kind: str, text: str) -> None:
+        """Keep the classes of ``ids`` when any class of ``trigger`` is kept (resolved by the plan)."""
+        if len(ids) and len(trigger):
+            self.conditional.append((np.asarray(trigger, np.int64), np.asarray(ids, np.int64),
+                                     self.reason_id(Reason(kind, text))))
 
     def reason_id(self, reason: Reason) -> int:
         rid = self._reason_ids.get(reason)

@@ -5,6 +5,10 @@ model's output never changes), so the plan then *restores* classes where deletin
 or not wanted: a tensor that would become empty where its producer or a reader cannot take that
 (:meth:`RemovalPlan.fill_empty_tensors`), and channels that round a layer's count up to a multiple
 (:meth:`RemovalPlan.round_layers`). Each restore records a STRUCTURAL reason.
+
+:meth:`RemovalPlan.settle` restores until every constraint holds at once: conditional keeps
+(:meth:`ChannelAnalysis.keep_if`, recorded with their own reason), non-empty tensors, and each rule's
+``settle`` (a grouped conv's groups stay equal). Each step only keeps more, so the loop ends.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ def plan_removal(analysis: ChannelAnalysis, round_to: int = 1) -> RemovalPlan:
     """Remove every class no reason keeps; then keep tensors non-empty and round layers to ``round_to``."""
     reason = analysis.kept_reason()
     plan = RemovalPlan(analysis, reason < 0, reason)
-    plan.fill_empty_tensors()
+    plan.settle()
     if round_to > 1:
         plan.round_layers(round_to)
-        plan.fill_empty_tensors()
+        plan.settle()
     return plan
 
 
@@ -54,13 +58,37 @@ class RemovalPlan:
         info = self.analysis.info.get(name)
         return info is not None and info.size > 0 and bool(self.removed[info.ids].all())
 
-    def restore(self, ids: Iterable[int], why: str) -> None:
-        """Keep the classes of ``ids`` after all (always safe), recording ``why``."""
+    def restore(self, ids: Iterable[int], why: str | int) -> bool:
+        """Keep the classes of ``ids`` after all (always safe), recording ``why`` (a text, or the id of
+        a recorded reason). Returns True when something was restored."""
         ids = np.asarray(list(ids), np.int64)
-        if len(ids):
-            members = np.isin(self.roots, self.roots[ids]) & self.removed
-            self.removed[members] = False
-            self.reason[members] = self.analysis.reason_id(Reason(STRUCTURAL, why))
+        if not len(ids):
+            return False
+        members = np.isin(self.roots, self.roots[ids]) & self.removed
+        if not members.any():
+            return False
+        self.removed[members] = False
+        self.reason[members] = why if isinstance(why, int) else self.analysis.reason_id(Reason(STRUCTURAL, why))
+        return True
+
+    def settle(self) -> None:
+        """Restore channels until every constraint holds: conditional keeps, tensors that must not
+        become empty, and the rules' own constraints (``Rule.settle``)."""
+        analysis = self.analysis
+        changed = True
+        while changed:
+            changed = False
+            for trigger, ids, rid in analysis.conditional:
+                if not self.removed[trigger].all():
+                    changed |= self.restore(ids, rid)
+            changed |= self.fill_empty_tensors()
+            for node in analysis.index.nodes:
+                changed |= bool(analysis.rule_for(node).settle(node, self))
+
+    def deletes(self, node) -> bool:
+        """The rewrite deletes ``node`` outright: every output it has loses every channel."""
+        outputs = [name for name in node.output if name]
+        return bool(outputs) and all(self.is_empty(name) for name in outputs)
 
     @property
     def anything_removed(self) -> bool:
@@ -69,11 +97,12 @@ class RemovalPlan:
             used[info.ids] = True
         return bool((self.removed & used).any())
 
-    def fill_empty_tensors(self) -> None:
-        """Keep one channel of every tensor that would become empty where that is not allowed."""
+    def fill_empty_tensors(self) -> bool:
+        """Keep one channel of every tensor that would become empty where that is not allowed; returns
+        True when it restored anything."""
         analysis = self.analysis
         index = analysis.index
-        changed = True
+        changed, restored = True, False
         while changed:
             changed = False
             for node in index.nodes:
@@ -83,11 +112,12 @@ class RemovalPlan:
                         continue
                     allowed = rule.allows_empty_output(node, position, self) and all(
                         analysis.rule_for(use.node).allows_empty_input(use.node, use.slot, self)
-                        for use in index.uses(name)
+                        or self.deletes(use.node) for use in index.uses(name)
                     ) and name not in index.outputs
                     if not allowed:
                         self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' does not become empty")
-                        changed = True
+                        changed = restored = True
+        return restored
 
     def round_layers(self, multiple: int) -> None:
         """Keep extra channels so every channel-creating layer keeps a multiple of ``multiple``.

@@ -46,8 +46,7 @@ class Rewriter:
         graph = self.index.graph
         doomed = []
         for node in self.index.nodes:
-            outputs = [name for name in node.output if name]
-            if outputs and all(self.plan.is_empty(name) for name in outputs):
+            if self.plan.deletes(node):
                 doomed.append(node)
                 continue
             self.analysis.rule_for(node).rewrite(node, self)
