@@ -31,9 +31,11 @@ from typing import Literal
 import numpy as np
 
 from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.stats import count_macs
-from onnxslim.graph.values import BARRIER
+from onnxslim.graph.values import BARRIER, STRUCTURAL, Reason
 
+_ROUNDS = 4  # choose, settle, choose again in place of what the structure gave back
 Scope = Literal["layer", "global"]
 Cost = Literal["macs", "params"]
 
@@ -76,7 +78,7 @@ class _Tally:
     """Channels removed so far per layer output and per layer input; a class fits when no layer output
     nor input would keep fewer than ``min_channels`` (a layer fed only zeros would be deleted whole)."""
 
-    def __init__(self, layers: list[_Layer], min_channels: int):
+    def __init__(self, layers: list[_Layer], min_channels: int, chosen: set[int] = frozenset()):
         self.min_channels = min_channels
         self.layers = layers
         self.removed = {layer.name: 0 for layer in layers}
@@ -88,6 +90,13 @@ class _Tally:
                 self.members.setdefault(root, []).append(layer)
             for root in layer.in_units:
                 self.readers.setdefault(root, []).append(layer)
+        for root in chosen:
+            self.add(root)
+
+    def within_budgets(self, root: int, budget: dict[str, int]) -> bool:
+        """Every layer the class belongs to stays within its budget, rounded to the nearest unit."""
+        return all(self.removed[m.name] + m.units[root] <= budget[m.name] + m.units[root] // 2
+                   for m in self.members.get(root, ()))
 
     def leaves_enough(self, root: int) -> bool:
         return all(m.size - self.removed[m.name] - m.units[root] >= self.min_channels
@@ -137,29 +146,51 @@ def choose(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: floa
         chosen = _choose_global(analysis, roots, layers, class_scores(analysis, roots, scores, True),
                                 locked, ratio, min_channels, cost, notes)
     else:
-        chosen = _choose_per_layer(layers, class_scores(analysis, roots, scores, False), locked, ratio, min_channels)
+        chosen = _choose_per_layer(analysis, layers, class_scores(analysis, roots, scores, False), locked, ratio,
+                                   min_channels)
         notes.extend(_unreachable_budgets(analysis, roots, layers, locked, chosen, ratio))
     return Selection(np.array(sorted(chosen), np.int64), notes)
 
 
-def _choose_per_layer(layers: list[_Layer], score: dict[int, float], locked: np.ndarray, ratio: float,
-                      min_channels: int) -> set[int]:
+def _choose_per_layer(analysis: ChannelAnalysis, layers: list[_Layer], score: dict[int, float], locked: np.ndarray,
+                      ratio: float, min_channels: int) -> set[int]:
     budget = {layer.name: int(ratio * layer.size) for layer in layers}
-    tally = _Tally(layers, min_channels)
     chosen: set[int] = set()
-
-    def within_budgets(root: int) -> bool:
-        return all(tally.removed[m.name] + m.units[root] <= budget[m.name] + m.units[root] // 2
-                   for m in tally.members[root])
-
-    for layer in layers:
-        for root in sorted((r for r in layer.units if not locked[r] and r not in chosen), key=lambda r: score[r]):
-            if tally.removed[layer.name] >= budget[layer.name]:
-                break
-            if within_budgets(root) and tally.leaves_enough(root):
-                chosen.add(root)
-                tally.add(root)
+    tried: set[int] = set()  # classes the structure gave back (an unequal group): not chosen again
+    for _ in range(_ROUNDS):
+        tally = _Tally(layers, min_channels, chosen)
+        added = False
+        for layer in layers:
+            for root in sorted((r for r in layer.units if not locked[r] and r not in chosen and r not in tried),
+                               key=lambda r: score[r]):
+                if tally.removed[layer.name] >= budget[layer.name]:
+                    break
+                if tally.within_budgets(root, budget) and tally.leaves_enough(root):
+                    chosen.add(root)
+                    tally.add(root)
+                    added = True
+        settled = settle_choice(analysis, chosen)
+        tried |= chosen - settled
+        chosen = settled
+        if not added:
+            break
     return chosen
+
+
+def settle_choice(analysis: ChannelAnalysis, chosen: set[int]) -> set[int]:
+    """The chosen classes that the graph's structure lets go together: the removal plan's structural
+    constraints (tensors that must not become empty, each rule's ``settle``: a grouped conv's groups stay
+    equal) give back the others. Only ever fewer: budgets still hold."""
+    roots = analysis.uf.roots()
+    removed = np.isin(roots, np.fromiter(chosen, np.int64, len(chosen)))
+    rid = analysis.reason_id(Reason(STRUCTURAL, "not chosen by prune"))
+    plan = RemovalPlan(analysis, removed, np.where(removed, -1, rid))
+    changed = True
+    while changed:
+        changed = plan.fill_empty_tensors()
+        for node in analysis.index.nodes:
+            changed |= bool(analysis.rule_for(node).settle(node, plan))
+    return {r for r in chosen if plan.removed[r]}
 
 
 def _choose_global(analysis, roots, layers, importance, locked, ratio, min_channels, cost, notes) -> set[int]:
