@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxslim.graph.channels import RemovalPlan
 from onnxslim.graph.model import Graph, WeightStore, get_attr, iter_nodes_with_subgraphs
+from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.shapes import infer_model, shapes_of
 
 

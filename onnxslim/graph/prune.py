@@ -24,11 +24,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.graph.channels import BARRIER, ChannelAnalysis
+from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.model import get_attr
 from onnxslim.graph.report import SlimReport
-from onnxslim.graph.rules import rule_for
+from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.slim import analyse, load_model, slim
+from onnxslim.graph.values import BARRIER
 from onnxslim.io import save_model_atomic
 
 CRITERIA = ("l1", "l2", "bn", "random")
@@ -52,7 +53,7 @@ def channel_scores(analysis: ChannelAnalysis, criterion: str, seed: int = 0) -> 
             if gamma is not None:
                 scores[name] = np.abs(gamma)
                 continue
-        base = rule_for(node).channel_scores(node, analysis)
+        base = analysis.rule_for(node).channel_scores(node, analysis)
         if base is None:
             continue
         if criterion == "l2":
@@ -171,16 +172,17 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
           input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
           placement: str = "consumers", masked_path: str | os.PathLike | None = None,
-          ) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
+          rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
     """Prune ``ratio`` of the prunable channels; returns (slimmed model, report, masked model).
 
-    The masked model is the unslimmed reference that the slimmed model reproduces exactly.
+    The masked model is the unslimmed reference that the slimmed model reproduces exactly. ``rules``
+    is the rule set of the analysis and the slim (default :func:`onnxslim.graph.rules.default_rules`).
     """
     masked, _ = load_model(model)
-    analysis = analyse(masked, input_shapes)
+    analysis = analyse(masked, input_shapes, rules=rules)
     chosen = choose_classes(analysis, ratio, criterion, scope, min_channels, seed)
     insert_masks(masked, analysis, chosen, placement)
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
-    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to)
+    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to, rules=rules)
     return slimmed, report, masked

@@ -1,4 +1,4 @@
-"""The rule interface and the registry of op rules.
+"""The rule interface and :class:`RuleSet`, the value that maps ops to their rules.
 
 A rule states, for one op family,
 
@@ -6,31 +6,43 @@ A rule states, for one op family,
   channels it couples and which it keeps (and why);
 * ``rewrite(node, rewriter)`` — how to slice its weights and attributes once the plan is known;
 * ``allows_empty_input`` / ``allows_empty_output`` — whether a tensor may lose every channel here;
+* ``settle(node, plan)`` — restore channels until the plan is one the rewrite can apply (a grouped conv
+  keeps equal groups); returns True when it restored anything;
 * ``channel_scores`` — for channel-creating ops, an importance per output channel (L1 of the filter),
   used by ``prune`` and by rounding.
 
-Ops without a rule are barriers. Adding an op means adding one rule here (``@register``) and one test.
+A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
+"ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
+the rewrite and the cleanup; nothing is registered globally. ``@register`` marks a class of a rule module
+as one of that module's default rules (:func:`module_rules`); :func:`onnxslim.graph.rules.default_rules`
+collects them. Adding an op means adding one rule and one test.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
-from onnxslim.graph.channels import BARRIER, CONSTANT, LIVE, ChannelAnalysis, ChannelInfo, RemovalPlan
+from onnxslim.graph.values import BARRIER, CONSTANT, LIVE, ChannelInfo
 
 if TYPE_CHECKING:
+    from onnxslim.graph.analysis import ChannelAnalysis
+    from onnxslim.graph.plan import RemovalPlan
     from onnxslim.graph.rewrite import Rewriter
 
-_RULES: dict[str, Rule] = {}
+DEFAULT_DOMAIN = ""
 
 
 class Rule:
     """Default behaviour: nothing passes, nothing is rewritten (see :class:`BarrierRule`)."""
 
     op_types: tuple[str, ...] = ()
+    #: the ONNX domain of ``op_types`` ("" = the default domain "ai.onnx")
+    domain: str = DEFAULT_DOMAIN
     #: the outputs carry the channels of the feature input one-to-one (activations, BN, pooling ...)
     passthrough = False
 
@@ -47,42 +59,89 @@ class Rule:
     def allows_empty_output(self, node: onnx.NodeProto, position: int, plan: RemovalPlan) -> bool:
         return True
 
+    def settle(self, node: onnx.NodeProto, plan: RemovalPlan) -> bool:
+        return False
+
     def channel_scores(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> np.ndarray | None:
         return None
 
 
 class BarrierRule(Rule):
-    """Unknown ops: every channel read or written is kept."""
+    """Ops that are barriers on purpose (or unknown): every channel read or written is kept."""
 
-    def __init__(self, why: str = "no rule for this op"):
+    def __init__(self, why: str = "no rule for this op", op_types: Iterable[str] = (),
+                 domain: str = DEFAULT_DOMAIN):
         self.why = why
+        self.op_types = tuple(op_types)
+        self.domain = domain
 
     def propagate(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> None:
         analysis.barrier(node, self.why)
 
 
-_UNKNOWN = BarrierRule()
-
-
 def register(rule_class: type[Rule]) -> type[Rule]:
-    instance = rule_class()
-    for op_type in rule_class.op_types:
-        _RULES[op_type] = instance
+    """Mark ``rule_class`` as a default rule of the module that defines it (see :func:`module_rules`).
+
+    Only the class is marked; nothing global changes.
+    """
+    rule_class._default_rule = True
     return rule_class
 
 
-def register_barrier(op_type: str, why: str) -> None:
-    _RULES[op_type] = BarrierRule(why)
+def module_rules(module: types.ModuleType) -> list[Rule]:
+    """The default rules of a rule module: one instance per ``@register`` class it defines, in
+    definition order, then its ``BARRIERS`` (a tuple of :class:`BarrierRule`)."""
+    classes = [value for value in vars(module).values()
+               if isinstance(value, type) and issubclass(value, Rule) and value.__dict__.get("_default_rule")
+               and value.__module__ == module.__name__]
+    return [cls() for cls in classes] + list(getattr(module, "BARRIERS", ()))
 
 
-def rule_for(node: onnx.NodeProto) -> Rule:
-    if node.domain not in ("", "ai.onnx"):
-        return _UNKNOWN
-    return _RULES.get(node.op_type, _UNKNOWN)
+def op_key(domain: str, op_type: str) -> tuple[str, str]:
+    """The key of an op in a rule set: (domain with "ai.onnx" spelt "", op_type)."""
+    return (DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain, op_type)
 
 
-def known_op_types() -> list[str]:
-    return sorted(op for op, rule in _RULES.items() if not isinstance(rule, BarrierRule))
+class RuleSet:
+    """An immutable map from ``(domain, op_type)`` to the :class:`Rule` of that op.
+
+    Later rules replace earlier ones for the ops they share; ops without a rule get ``fallback`` (a
+    barrier). :meth:`with_rules` returns a new set, so a caller can add a rule for a custom-domain op or
+    replace a default one without changing any other set::
+
+        rules = default_rules().with_rules(MyScaleRule())
+        slim(model, rules=rules)
+    """
+
+    def __init__(self, rules: Iterable[Rule] = (), fallback: Rule | None = None):
+        table: dict[tuple[str, str], Rule] = {}
+        for rule in rules:
+            for op_type in rule.op_types:
+                table[op_key(rule.domain, op_type)] = rule
+        self._table = types.MappingProxyType(table)
+        self.fallback = fallback if fallback is not None else BarrierRule()
+
+    def rule_for(self, node: onnx.NodeProto) -> Rule:
+        """The rule of ``node`` (by its domain and op_type), or the fallback barrier."""
+        return self._table.get(op_key(node.domain, node.op_type), self.fallback)
+
+    def with_rules(self, *rules: Rule) -> RuleSet:
+        """A new set with ``rules`` added; each replaces the current rule of the ops it names."""
+        return RuleSet([*self._table.values(), *rules], self.fallback)
+
+    def known_op_types(self, domain: str = DEFAULT_DOMAIN) -> list[str]:
+        """Sorted op types of ``domain`` that have a rule other than a barrier."""
+        domain = op_key(domain, "")[0]
+        return sorted(op for (d, op), rule in self._table.items() if d == domain and not isinstance(rule, BarrierRule))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return op_key(*key) in self._table
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, str], Rule]]:
+        return iter(self._table.items())
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 # -- helpers shared by rules ---------------------------------------------------------------------
@@ -103,12 +162,20 @@ def keep_extra_outputs(node: onnx.NodeProto, analysis: ChannelAnalysis, first_ex
 
 
 def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name: str, info: ChannelInfo,
-                           used: np.ndarray, absorbs_constants: bool, constant_why: str = "") -> None:
+                           used: np.ndarray, absorbs_constants: bool, constant_why: str = "",
+                           trigger: np.ndarray | None = None) -> None:
     """The check for a reducing consumer (Conv, Gemm, MatMul ...) reading ``name``.
 
     Channel ``c`` may go when it is zero, when the consumer's weights ignore it (``~used[c]``), or when it
-    is a constant the consumer absorbs into its bias (``absorbs_constants``). Everything else is kept.
+    is a constant the consumer absorbs into its bias (``absorbs_constants``). Everything else is kept —
+    unconditionally, or (``trigger``: output ids) only while one of those outputs is kept.
     """
+    def keep(ids, kind, text):
+        if trigger is None:
+            analysis.keep(ids, kind, text)
+        else:
+            analysis.keep_if(trigger, ids, kind, text)
+
     ok = info.zero | ~used
     if absorbs_constants:
         ok |= info.const
@@ -116,10 +183,10 @@ def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name
         return
     label = f"{node.op_type} '{analysis.index.node_name(node)}'"
     live = ~ok & ~info.const
-    analysis.keep(info.ids[live], LIVE, f"live (non-zero) in '{name}', read by {label}")
+    keep(info.ids[live], LIVE, f"live (non-zero) in '{name}', read by {label}")
     constant = ~ok & info.const
     if constant.any():
-        analysis.keep(info.ids[constant], CONSTANT,
+        keep(info.ids[constant], CONSTANT,
                       f"non-zero constant in '{name}' that {label} cannot absorb{constant_why}")
 
 

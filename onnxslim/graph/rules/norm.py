@@ -21,12 +21,12 @@ import numpy as np
 
 from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
+    BarrierRule,
     Rule,
     keep_extra_outputs,
     normalize_axis,
     pass_through,
     register,
-    register_barrier,
 )
 
 
@@ -106,6 +106,8 @@ class LayerNormRule(Rule):
         pass_through(node, analysis, x.with_values(x.zero & zero_bias, np.zeros(x.size)))
 
 
-register_barrier("LRN", "normalises across neighbouring channels")
-register_barrier("GroupNormalization", "normalises across groups of channels")
-register_barrier("MeanVarianceNormalization", "may normalise across channels")
+BARRIERS = (
+    BarrierRule("normalises across neighbouring channels", ("LRN",)),
+    BarrierRule("normalises across groups of channels", ("GroupNormalization",)),
+    BarrierRule("may normalise across channels", ("MeanVarianceNormalization",)),
+)
