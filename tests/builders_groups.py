@@ -68,3 +68,21 @@ def export_both(module, example) -> dict[str, onnx.ModelProto]:
         torch.onnx.export(module, example, buffer, dynamo=False, opset_version=17)
         models["legacy"] = onnx.load_from_string(buffer.getvalue())
     return models
+
+
+def slim_exact(model: onnx.ModelProto, **options):
+    """``slim`` whose result matches ``model`` under onnxruntime and is not larger."""
+    from graphs import assert_equivalent
+
+    from onnxslim.graph.slim import slim
+
+    slimmed, report = slim(model, **options)
+    assert_equivalent(model, slimmed)
+    assert report.params_after <= report.params_before and report.size_after <= report.size_before
+    return slimmed, report
+
+
+def conv_outputs(model: onnx.ModelProto) -> list[int]:
+    """Output channels of every Conv, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "Conv"]
