@@ -121,7 +121,8 @@ def export(module, dynamo: bool) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
-@pytest.mark.parametrize("name, deleted", [("c2f", 24), ("shufflenetv2", 11)])
+# (dynamo, legacy): the legacy export's channel shuffle reads its Reshape targets from Shape and stays a barrier
+@pytest.mark.parametrize("name, deleted", [("c2f", (24, 24)), ("shufflenetv2", (13, 11))])
 def test_prune_torch_blocks_with_split_outputs(name, deleted, dynamo, tmp_path):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -134,7 +135,7 @@ def test_prune_torch_blocks_with_split_outputs(name, deleted, dynamo, tmp_path):
     onnx.checker.check_model(reference, full_check=True)
     assert_equivalent(reference, onnx.load(out))
     _, report = prune_exact(onnx.load(path), ratio=0.5)
-    assert report.deleted_masked_channels == deleted, report.format_table()
+    assert report.deleted_masked_channels == deleted[0 if dynamo else 1], report.format_table()
     assert_within_budget(report, 0.5)
 
 
