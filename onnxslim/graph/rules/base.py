@@ -96,6 +96,11 @@ class Rule:
         one-group Conv), "grouped" (sums within channel groups), "none" (channels stay apart)."""
         return "none"
 
+    def channel_groups(self, node: onnx.NodeProto) -> int:
+        """Groups a "grouped" reduction splits its input and output channels into (a grouped conv's
+        ``group``); deleting channels must keep the groups equal. 1 for every other op."""
+        return 1
+
     def macs(self, node: onnx.NodeProto, dims: Callable[[str], tuple | None]) -> int | None:
         """Multiply-accumulates of one sample (batch taken as 1) when ``counts_macs``; None when the
         shapes are not static. ``dims(name)`` gives a tensor's shape (None entries for unknown dims)."""
