@@ -22,7 +22,7 @@ import numpy as np
 
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register, register_barrier
+from onnxslim.graph.rules.base import BarrierRule, Rule, normalize_axis, pass_through, register
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
 
 
@@ -468,6 +468,8 @@ class ShapeRule(Rule):
         return False
 
 
-register_barrier("Size", "its value counts the channels")
-register_barrier("DepthToSpace", "moves channels into space")
-register_barrier("SpaceToDepth", "moves space into channels")
+BARRIERS = (
+    BarrierRule("its value counts the channels", ("Size",)),
+    BarrierRule("moves channels into space", ("DepthToSpace",)),
+    BarrierRule("moves space into channels", ("SpaceToDepth",)),
+)

@@ -21,13 +21,23 @@ import numpy as np
 
 from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
+    BarrierRule,
     Rule,
     keep_extra_outputs,
     normalize_axis,
     pass_through,
     register,
-    register_barrier,
+    scale_vector,
 )
+
+
+def _fold_scale(node, index, weights, s) -> bool:
+    """``scale *= s, B *= s``: the normalised channel is multiplied by ``s`` (both constant)."""
+    if any(index.constant(name) is None for name in node.input[1:3]):
+        return False
+    scale_vector(index, weights, node, 1, s)
+    scale_vector(index, weights, node, 2, s)
+    return True
 
 
 def _slice_parameters(node, rewriter, slots) -> None:
@@ -66,6 +76,16 @@ class BatchNormRule(Rule):
     def rewrite(self, node, rewriter):
         _slice_parameters(node, rewriter, (1, 2, 3, 4))
 
+    masks_go_after = True
+
+    def channel_gains(self, node, index):
+        """gamma (input 1): the ``bn`` criterion of Network Slimming (Liu et al. 2017) ranks by |gamma|."""
+        gamma = index.constant(node.input[1])
+        return None if gamma is None else gamma.astype(np.float64)
+
+    def fold_output_scale(self, node, index, weights, s):
+        return _fold_scale(node, index, weights, s)
+
 
 @register
 class InstanceNormRule(Rule):
@@ -83,6 +103,9 @@ class InstanceNormRule(Rule):
 
     def rewrite(self, node, rewriter):
         _slice_parameters(node, rewriter, (1, 2))
+
+    def fold_output_scale(self, node, index, weights, s):
+        return _fold_scale(node, index, weights, s)
 
 
 @register
@@ -106,6 +129,8 @@ class LayerNormRule(Rule):
         pass_through(node, analysis, x.with_values(x.zero & zero_bias, np.zeros(x.size)))
 
 
-register_barrier("LRN", "normalises across neighbouring channels")
-register_barrier("GroupNormalization", "normalises across groups of channels")
-register_barrier("MeanVarianceNormalization", "may normalise across channels")
+BARRIERS = (
+    BarrierRule("normalises across neighbouring channels", ("LRN",)),
+    BarrierRule("normalises across groups of channels", ("GroupNormalization",)),
+    BarrierRule("may normalise across channels", ("MeanVarianceNormalization",)),
+)
