@@ -212,6 +212,14 @@ def test_unwritable_output_path(model_path, tmp_path):
     assert blocker.read_text() == "a file where a folder should be"
 
 
+def test_run_folder_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nname = "lenet5"\n[data]\ntrain_samples = 100\ntest_samples = 50\n')
+    assert_one_line_error(invoke(["run", recipe, "--out", blocker / "run", "--no-progress"]), "Not a directory")
+
+
 def test_writer_errors_remove_the_temporary(tmp_path):
     def torch_save_fails(tmp):
         tmp.write_bytes(b"partial")

@@ -73,6 +73,10 @@ class _LazyGroup(click.Group):
         except OnnxSlimError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # a file-system error no layer turned into a message (a folder that cannot be made)
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """click's ``main`` with usage errors as one ``error:`` line (exit 2) and SIGTERM as an unwind."""
