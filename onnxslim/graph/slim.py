@@ -176,7 +176,7 @@ def check_input(model: onnx.ModelProto) -> None:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
 
 
-def check_model(model: onnx.ModelProto, full: bool = True) -> None:
+def check_model(model: onnx.ModelProto, full: bool = True, what: str = "the slimmed model") -> None:
     """``onnx.checker`` on the result; ``full`` adds strict shape inference. Large models are checked
     through their skeleton (structure, types and shapes, without serialising the weights again) plus a
     tensor size check. Even without ``full`` the structure (topological order, defined inputs, types)
@@ -188,9 +188,9 @@ def check_model(model: onnx.ModelProto, full: bool = True) -> None:
             onnx.checker.check_model(skeleton(model), full_check=full)
             _check_tensor_sizes(model)
     except onnx.checker.ValidationError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails onnx.checker: {_first_line(exc)}") from None
+        raise OnnxSlimError(f"internal error: {what} fails onnx.checker: {_first_line(exc)}") from None
     except onnx.shape_inference.InferenceError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails shape inference: {_first_line(exc)}") from None
+        raise OnnxSlimError(f"internal error: {what} fails shape inference: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:
