@@ -299,13 +299,13 @@ def _layer_costs(analysis: ChannelAnalysis, cost: Cost, notes: list[str]) -> dic
     """MACs (per sample, static shapes) or params of every layer, keyed by its output tensor."""
     index = analysis.index
     if cost == "macs":
-        _, complete, per_node = count_macs(index.model, index.shapes)
+        _, complete, per_node = count_macs(index.model, index.shapes, analysis.rules)
         if complete:
             return {name: float(per_node.get(index.node_name(node), 0)) for name, node in analysis.creators.items()}
         notes.append("MACs are unknown for some layers (dynamic shapes; see --input-shape): ranked by params")
     result = {}
     for name, node in analysis.creators.items():
-        result[name] = float(sum(int(np.prod(index.shape(w) or (0,))) for w in node.input[1:] if index.is_const(w)))
+        result[name] = float(analysis.rule_for(node).params(node, index))
     return result
 
 
