@@ -122,11 +122,12 @@ class RunReport:
     def advice(self) -> list[str]:
         """Hints for figures that look wrong to a user, each with what to try."""
         hints = []
-        round_to = int(self.recipe.get("slim", {}).get("round_to", 1))
-        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before and round_to == 1:
+        round_to = str(self.recipe.get("slim", {}).get("round_to", "auto"))
+        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before and round_to == "1":
             hints.append(f"the slimmed model is slower than the dense one ({self.latency_ms_after:.4f} vs "
                          f"{self.latency_ms_before:.4f} ms) although it has fewer MACs: onnxruntime's CPU "
-                         "convolutions are slow for channel counts off multiples of 8; try [slim] round_to = 8")
+                         "convolutions are slow for channel counts off their NCHWc block (4, 8 or 16 by CPU); "
+                         'try [slim] round_to = "auto"')
         return hints
 
     def format_table(self) -> str:
@@ -254,7 +255,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
     from onnxslim.graph.stats import model_stats
 
     input_shapes = {"input": [1, *expected]}
-    _, slim_report = slim(masked_path, slim_path, input_shapes=input_shapes, round_to=recipe.slim.round_to)
+    _, slim_report = slim(masked_path, slim_path, input_shapes=input_shapes, round_to=recipe.slim.round_to,
+                          target_device=recipe.slim.target_device)
     dense_stats = model_stats(onnx.load(str(dense_path)), input_shapes)
     lap("slim")
 

@@ -27,6 +27,7 @@ from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.model import get_attr
 from onnxslim.graph.report import SlimReport
+from onnxslim.graph.rounding import resolve_round_to, round_choice
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.slim import analyse, load_model, slim
 from onnxslim.graph.values import BARRIER
@@ -170,19 +171,27 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
 
 def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
-          input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
+          input_shapes: dict[str, list[int]] | None = None, round_to: int | str = 1, seed: int = 0,
           placement: str = "consumers", masked_path: str | os.PathLike | None = None,
-          rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
+          rules: RuleSet | None = None, target_device: str | None = None,
+          ) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
     """Prune ``ratio`` of the prunable channels; returns (slimmed model, report, masked model).
 
     The masked model is the unslimmed reference that the slimmed model reproduces exactly. ``rules``
     is the rule set of the analysis and the slim (default :func:`onnxslim.graph.rules.default_rules`).
+    ``round_to`` (an int or ``"auto"``, :mod:`onnxslim.graph.rounding`) rounds every layer's *kept*
+    count to the nearest multiple, as Torch-Pruning does.
     """
+    rounding = resolve_round_to(round_to, target_device)
     masked, _ = load_model(model)
     analysis = analyse(masked, input_shapes, rules=rules)
     chosen = choose_classes(analysis, ratio, criterion, scope, min_channels, seed)
+    chosen = round_choice(analysis, chosen, channel_scores(analysis, criterion, seed), rounding.multiple,
+                          analysis.kept_by(BARRIER))
     insert_masks(masked, analysis, chosen, placement)
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
-    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to, rules=rules)
+    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
+    report.rounding = rounding.to_dict()
+    report.notes = [f"{rounding.describe()}; kept counts rounded to the nearest multiple"] if rounding.multiple > 1 else []
     return slimmed, report, masked
