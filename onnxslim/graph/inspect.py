@@ -105,7 +105,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
     index = analysis.index
     roots = analysis.uf.roots()
     group_of_root = _layer_groups(analysis, roots)
-    _, _, layer_macs = count_macs(model, index.shapes)
+    _, _, layer_macs = count_macs(model, index.shapes, analysis.rules)
     zero_class = np.zeros(analysis.uf.size, bool)  # zero in at least one tensor (e.g. after its mask)
     for info in analysis.info.values():
         zero_class[roots[info.ids[info.zero]]] = True

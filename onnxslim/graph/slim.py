@@ -103,7 +103,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
-    before = model_stats(model, shapes=index.shapes)
+    before = model_stats(model, shapes=index.shapes, rules=analysis.rules)
     plan = analysis.plan(round_to=rounding.multiple)
     layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size)
                      for name, node in analysis.creators.items()}
@@ -111,7 +111,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
-    removed_nodes += remove_identities(index)
+    removed_nodes += remove_identities(index, analysis.rules)
     index.flush_updates()
     removed_nodes += remove_dead_code(model)
     attach_weights(model, index.sources)
@@ -124,7 +124,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     check_model(model, full=check)
     assert model.ir_version == ir_version and [(o.domain, o.version) for o in model.opset_import] == opset_imports
 
-    after = model_stats(model, input_shapes)
+    after = model_stats(model, input_shapes, rules=analysis.rules)
     layers = []
     for name, (node_name, op_type, channels) in layers_before.items():
         keep = plan.keep(name)

@@ -8,8 +8,11 @@ A rule states, for one op family,
 * ``allows_empty_input`` / ``allows_empty_output`` — whether a tensor may lose every channel here;
 * ``settle(node, plan)`` — restore channels until the plan is one the rewrite can apply (a grouped conv
   keeps equal groups); returns True when it restored anything;
-* ``channel_scores`` — for channel-creating ops, an importance per output channel (L1 of the filter),
-  used by ``prune`` and by rounding.
+* what ``prune``, rounding, ``cleanup`` and ``stats`` ask of the op, so that they name no op types:
+  ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
+  ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``counts_macs`` /
+  ``macs``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
+  ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights).
 
 A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
 "ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
@@ -21,8 +24,8 @@ collects them. Adding an op means adding one rule and one test.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
@@ -31,10 +34,14 @@ from onnxslim.graph.values import BARRIER, CONSTANT, LIVE, ChannelInfo
 
 if TYPE_CHECKING:
     from onnxslim.graph.analysis import ChannelAnalysis
+    from onnxslim.graph.model import Graph, WeightStore
     from onnxslim.graph.plan import RemovalPlan
     from onnxslim.graph.rewrite import Rewriter
 
 DEFAULT_DOMAIN = ""
+Reduction = Literal["none", "grouped", "full"]
+#: criteria computed from a layer's filters (see :func:`filter_scores`)
+FILTER_CRITERIA = ("l1", "l2", "fpgm")
 
 
 class Rule:
@@ -62,7 +69,57 @@ class Rule:
     def settle(self, node: onnx.NodeProto, plan: RemovalPlan) -> bool:
         return False
 
-    def channel_scores(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> np.ndarray | None:
+    # -- facts about the op used outside the analysis: prune, rounding, cleanup, stats --------------
+    #: the op reads each input channel with a weight and sums over channels (Conv, Gemm ...): ``macs``
+    #: counts its multiply-accumulates
+    counts_macs = False
+    #: mask training puts masks after this op, which follows a layer and rescales its channels (BN)
+    masks_go_after = False
+
+    def filters(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
+        """Channel-creating ops: the weights that make each output channel, shape (C_out, n), or None."""
+        return None
+
+    def channel_scores(self, node: onnx.NodeProto, analysis: ChannelAnalysis,
+                       criterion: str = "l1") -> np.ndarray | None:
+        """Importance of each output channel by ``criterion`` (see :func:`filter_scores`), from
+        :meth:`filters`; None for ops that create no channels."""
+        filters = self.filters(node, analysis.index)
+        return None if filters is None else filter_scores(filters, criterion)
+
+    def channel_gains(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
+        """Per-channel scale factors the op applies to its input (BN's gamma), for the ``bn`` criterion."""
+        return None
+
+    def reduction(self, node: onnx.NodeProto, slot: int) -> Reduction:
+        """How the op combines the channels of input ``slot``: "full" (a sum over all channels, e.g. a
+        one-group Conv), "grouped" (sums within channel groups), "none" (channels stay apart)."""
+        return "none"
+
+    def macs(self, node: onnx.NodeProto, dims: Callable[[str], tuple | None]) -> int | None:
+        """Multiply-accumulates of one sample (batch taken as 1) when ``counts_macs``; None when the
+        shapes are not static. ``dims(name)`` gives a tensor's shape (None entries for unknown dims)."""
+        return None
+
+    def multiplies(self, node: onnx.NodeProto) -> bool:
+        """The node is ``y = a * b`` elementwise (a per-channel scale left by a mask is one)."""
+        return False
+
+    def is_identity(self, node: onnx.NodeProto) -> bool:
+        """The node's output is its input unchanged (cleanup bypasses it)."""
+        return False
+
+    def commutes_with_positive_scale(self, node: onnx.NodeProto) -> bool:
+        """``f(s x) = s f(x)`` channel by channel for ``s > 0``: a positive scale moves through the op."""
+        return False
+
+    def fold_output_scale(self, node: onnx.NodeProto, index: Graph, weights: WeightStore, s: np.ndarray) -> bool:
+        """Multiply output channel ``c`` by ``s[c]`` inside the op's weights; False when it cannot."""
+        return False
+
+    def scaled_input_weight(self, node: onnx.NodeProto, slot: int, index: Graph, s: np.ndarray) -> np.ndarray | None:
+        """The float64 weight (input 1) that makes the op read input ``slot`` scaled by ``s`` per
+        channel, or None when the op cannot absorb that scale."""
         return None
 
 
@@ -204,6 +261,40 @@ def slice_bias(node: onnx.NodeProto, rewriter: Rewriter, keep_out: np.ndarray, s
         bias = rewriter.weights.read(node, slot)
         rewriter.weights.write(node, slot, np.compress(keep_out, bias, axis=bias.ndim - 1),
                                key=("take", bias.ndim - 1, keep_out.tobytes()))
+
+
+def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:
+    """One score per row of ``filters`` (C_out, n); larger means more important.
+
+    * ``l1``: sum of absolute weights (Li et al. 2017, "Pruning Filters for Efficient ConvNets");
+    * ``l2``: Euclidean norm;
+    * ``fpgm``: sum of Euclidean distances to the layer's other filters — filters near the geometric
+      median are replaceable by the others (He et al. 2019, "Filter Pruning via Geometric Median", eq. 6).
+
+    Raises ValueError for another criterion.
+    """
+    if criterion == "l1":
+        return np.abs(filters).sum(axis=1, dtype=np.float64)
+    values = filters.astype(np.float64)
+    if criterion == "l2":
+        return np.sqrt((values**2).sum(axis=1))
+    if criterion == "fpgm":
+        squared = (values**2).sum(axis=1)
+        distance2 = squared[:, None] + squared[None, :] - 2.0 * (values @ values.T)
+        return np.sqrt(np.maximum(distance2, 0.0)).sum(axis=1)
+    raise ValueError(f"unknown filter criterion {criterion!r}; choose one of {', '.join(FILTER_CRITERIA)}")
+
+
+def write_scaled(weights: WeightStore, node: onnx.NodeProto, slot: int, value: np.ndarray, factor: np.ndarray) -> None:
+    """Write ``value * factor`` (computed in float64) to input ``slot``, in ``value``'s dtype."""
+    weights.write(node, slot, (value.astype(np.float64) * factor).astype(value.dtype))
+
+
+def scale_vector(index: Graph, weights: WeightStore, node: onnx.NodeProto, slot: int, s: np.ndarray) -> None:
+    """Multiply the per-channel vector at input ``slot`` (a bias, BN's scale ...) by ``s``, when present."""
+    if len(node.input) > slot and node.input[slot]:
+        value = index.constant(node.input[slot])
+        write_scaled(weights, node, slot, value, s.reshape(value.shape) if value.size == len(s) else s)
 
 
 def aligned_axis(axis: int, rank: int, out_rank: int) -> int:

@@ -33,7 +33,9 @@ from onnxslim.graph.rules.base import (
     keep_all,
     layer_keeps,
     register,
+    scale_vector,
     slice_bias,
+    write_scaled,
 )
 
 
@@ -52,6 +54,14 @@ def has_padding(node, kernel: tuple[int, ...]) -> bool:
         strides = get_attr(node, "strides") or [1] * len(kernel)
         return any(k > 1 for k in kernel) or any(s > 1 for s in strides)
     return any(p != 0 for p in (get_attr(node, "pads") or []))
+
+
+def _static_shapes(node, dims) -> tuple[tuple, tuple, tuple] | None:
+    """(x, W, y) shapes when static past the batch axis (W entirely), else None."""
+    x, w, y = dims(node.input[0]), dims(node.input[1]), dims(node.output[0])
+    if x is None or w is None or y is None or any(d is None for d in list(x[1:]) + list(w) + list(y[1:])):
+        return None
+    return x, w, y
 
 
 def _groups(node, x_ids: np.ndarray, y_ids: np.ndarray) -> tuple[int, int, int] | None:
@@ -163,9 +173,38 @@ class ConvRule(Rule):
     def allows_empty_input(self, node, slot, plan):
         return slot == 0 and plan.deletes(node)
 
-    def channel_scores(self, node, analysis):
-        weight = analysis.index.constant(node.input[1])
-        return np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1, dtype=np.float64)
+    counts_macs = True
+
+    def filters(self, node, index):
+        weight = index.constant(node.input[1])
+        return weight.reshape(weight.shape[0], -1)
+
+    def reduction(self, node, slot):
+        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
+
+    def macs(self, node, dims):
+        """``Cout * prod(out spatial) * Cin/g * prod(kernel)``."""
+        shapes = _static_shapes(node, dims)
+        return None if shapes is None else int(np.prod(shapes[2][1:], dtype=np.int64) * np.prod(shapes[1][1:], dtype=np.int64))
+
+    def fold_output_scale(self, node, index, weights, s):
+        """``W[o] *= s[o], b[o] *= s[o]``."""
+        weight = index.constant(node.input[1])
+        if weight is None or weight.shape[0] != len(s):
+            return False
+        write_scaled(weights, node, 1, weight, s.reshape(-1, *([1] * (weight.ndim - 1))))
+        scale_vector(index, weights, node, 2, s)
+        return True
+
+    def scaled_input_weight(self, node, slot, index, s):
+        """``W[:, i] *= s[i]`` (within each group); exact with zero padding since ``pad(s x) = s pad(x)``."""
+        weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+        groups = get_attr(node, "group", 1)
+        if slot != 0 or weight is None or weight.shape[1] * groups != len(s):
+            return None
+        factor = s.reshape(groups, 1, weight.shape[1], *([1] * (weight.ndim - 2)))
+        grouped = weight.astype(np.float64).reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        return (grouped * factor).reshape(weight.shape)
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)
@@ -230,12 +269,38 @@ class ConvTransposeRule(Rule):
     def allows_empty_input(self, node, slot, plan):
         return slot == 0 and plan.deletes(node)
 
-    def channel_scores(self, node, analysis):
-        weight = analysis.index.constant(node.input[1])
+    counts_macs = True
+
+    def filters(self, node, index):
+        """Output ``k * Cout/g + j`` is made by ``W[k*a : (k+1)*a, j]`` (a = Cin/g inputs per group)."""
+        weight = index.constant(node.input[1])
         groups = get_attr(node, "group", 1)
         cin, per_group = weight.shape[0], weight.shape[1]
-        per = np.abs(weight.reshape(groups, cin // groups, per_group, -1)).sum(axis=(1, 3), dtype=np.float64)
-        return per.reshape(-1)
+        grouped = weight.reshape(groups, cin // groups, per_group, -1).transpose(0, 2, 1, 3)
+        return grouped.reshape(groups * per_group, -1)
+
+    def reduction(self, node, slot):
+        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
+
+    def macs(self, node, dims):
+        """``Cin * prod(in spatial) * Cout/g * prod(kernel)``."""
+        shapes = _static_shapes(node, dims)
+        if shapes is None:
+            return None
+        x, w, _ = shapes
+        return int(np.prod(x[1:], dtype=np.int64) * w[1] * np.prod(w[2:], dtype=np.int64))
+
+    def fold_output_scale(self, node, index, weights, s):
+        """``W[i, j] *= s[k * Cout/g + j]`` for inputs ``i`` of group ``k``; ``b *= s``."""
+        weight = index.constant(node.input[1])
+        groups = get_attr(node, "group", 1)
+        if weight is None or weight.shape[1] * groups != len(s):
+            return False
+        per = s.reshape(groups, 1, weight.shape[1], *([1] * (weight.ndim - 2)))
+        grouped = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        weights.write(node, 1, (grouped * per).reshape(weight.shape).astype(weight.dtype))
+        scale_vector(index, weights, node, 2, s)
+        return True
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)

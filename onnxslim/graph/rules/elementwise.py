@@ -133,6 +133,12 @@ class UnaryRule(Rule):
         constants = [analysis.index.constant(name) for name in node.input]
         pass_through(node, analysis, apply_to_constants(unary_function(node, constants), info))
 
+    def is_identity(self, node):
+        return node.op_type == "Identity"
+
+    def commutes_with_positive_scale(self, node):
+        return node.op_type in ("Relu", "LeakyRelu", "Identity", "Dropout")
+
 
 # -- n-ary ops -----------------------------------------------------------------------------------
 
@@ -292,6 +298,12 @@ class NaryRule(Rule):
         analysis.set(node.output[0], info)
         if node.op_type == "Mul" and len(operands) == 2:
             self._note_mask(node, analysis, operands, axis, channels)
+
+    def multiplies(self, node):
+        return node.op_type == "Mul" and len(node.input) == 2
+
+    def commutes_with_positive_scale(self, node):
+        return node.op_type == "PRelu"
 
     def _note_mask(self, node, analysis, operands, axis, channels):
         feature = [op for op in operands if op.info is not None]

@@ -50,6 +50,9 @@ class PoolRule(Rule):
         const = x.const if keeps_constants else x.zero
         pass_through(node, analysis, x.with_values(const, x.value))
 
+    def commutes_with_positive_scale(self, node):
+        return node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
 
 @register
 class ResizeRule(Rule):
