@@ -102,7 +102,7 @@ def test_slim_auto_keeps_extra_masked_channels_up_to_the_block():
     slimmed, report = slim(model, round_to="auto", target_device="x86-avx2")
     assert_equivalent(model, slimmed)
     assert conv_outputs(slimmed) == [24, 4]  # 19 -> 24, the next multiple of 8
-    assert any("round-to auto = 8 for x86-avx2" in note for note in report.notes)
+    assert "round-to auto = 8 for x86-avx2" in report.rounding["description"]
     assert "round-to auto = 8" in report.format_table()
 
 

@@ -42,8 +42,8 @@ class SlimReport:
     remaining_masks: list[str]
     input_shapes: dict[str, list[int]]
     removed_nodes: int = 0
-    rounding: dict[str, Any] | None = None  # what round_to resolved to (onnxslim.graph.rounding.Rounding)
-    notes: list[str] = dataclasses.field(default_factory=list)  # printed last: rounding, speed checks
+    notes: list[str] = dataclasses.field(default_factory=list)  # what limited the result (prune's budgets ...)
+    rounding: dict[str, Any] | None = None  # what round_to resolved to and why (onnxslim.graph.rounding)
 
     @property
     def masked_behind_barriers(self) -> int:
@@ -85,7 +85,9 @@ class SlimReport:
         for kept in self.kept:
             shown = ",".join(str(c) for c in kept.channels[:8]) + (",..." if len(kept.channels) > 8 else "")
             lines.append(f"kept {len(kept.channels)} masked channel(s) [{shown}] of {kept.tensor}: {kept.reason}")
-        lines.extend(self.notes)
+        lines.extend(f"note: {note}" for note in self.notes)
+        if self.rounding and self.rounding["multiple"] > 1:
+            lines.append(f"note: {self.rounding['description']}")
         return "\n".join(lines)
 
 

@@ -143,8 +143,11 @@ class Rounding:
             return f"round-to {self.multiple}" + (" (off)" if self.multiple == 1 else "")
         return f"round-to auto = {self.multiple} for {self.target} ({self.reason})"
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, kept_counts: bool = False) -> dict:
+        """For reports; ``kept_counts``: prune's rounding of kept counts (else slim's extra channels)."""
+        how = ("kept counts rounded to the nearest multiple" if kept_counts
+               else "extra masked channels kept up to the multiple")
+        return {**dataclasses.asdict(self), "description": f"{self.describe()}; {how}"}
 
 
 def parse_round_to(round_to: int | str | None) -> int | str:

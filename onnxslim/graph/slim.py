@@ -89,8 +89,8 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
     channels so each layer's count is a multiple of it (``"auto"``: the onnxruntime NCHWc block of this
-    machine or of ``target_device``, see :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker`` with full shape
-    inference (without it, the structural check only); ``rules`` is the rule set (default
+    machine or of ``target_device``, see :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
+    with full shape inference (without it, the structural check only); ``rules`` is the rule set (default
     :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
     for ops of other domains).
     The output is written atomically when ``output_path`` is given.
@@ -138,7 +138,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         folded_masks=folded, remaining_masks=[m for m in kept_masks if m in mask_summary[3]],
         input_shapes={k: list(v) for k, v in (input_shapes or {}).items()},
         removed_nodes=removed_nodes,
-        rounding=rounding.to_dict(), notes=[rounding.describe()] if rounding.multiple > 1 else [],
+        rounding=rounding.to_dict(),
     )
     if output_path is not None:
         report.size_after = save_model_atomic(model, output_path)
@@ -179,7 +179,7 @@ def check_input(model: onnx.ModelProto) -> None:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
 
 
-def check_model(model: onnx.ModelProto, full: bool = True) -> None:
+def check_model(model: onnx.ModelProto, full: bool = True, what: str = "the slimmed model") -> None:
     """``onnx.checker`` on the result; ``full`` adds strict shape inference. Large models are checked
     through their skeleton (structure, types and shapes, without serialising the weights again) plus a
     tensor size check. Even without ``full`` the structure (topological order, defined inputs, types)
@@ -191,9 +191,9 @@ def check_model(model: onnx.ModelProto, full: bool = True) -> None:
             onnx.checker.check_model(skeleton(model), full_check=full)
             _check_tensor_sizes(model)
     except onnx.checker.ValidationError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails onnx.checker: {_first_line(exc)}") from None
+        raise OnnxSlimError(f"internal error: {what} fails onnx.checker: {_first_line(exc)}") from None
     except onnx.shape_inference.InferenceError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails shape inference: {_first_line(exc)}") from None
+        raise OnnxSlimError(f"internal error: {what} fails shape inference: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:
