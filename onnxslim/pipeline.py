@@ -38,6 +38,7 @@ from onnxslim.io import write_text_atomic
 from onnxslim.plots import plot_latency, plot_layer_channels
 from onnxslim.recipes import Recipe
 from onnxslim.report import write_report
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.export import export
 from onnxslim.training.masks import attach_masks, masked_summary
 from onnxslim.training.methods import get_method
@@ -216,8 +217,9 @@ def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test:
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-               device: str | None = None) -> RunReport:
-    """Run every step of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json)."""
+               device: str | None = None) -> RunReport | None:
+    """Run every step of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json);
+    None on ranks > 0 of a torchrun launch, which only train."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -231,6 +233,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
 
     train, test = load_data(recipe)
     trained = train_models(recipe, out, train, test, resume=resume, progress=progress, device=device)
+    if not DistContext.current().is_main:
+        return None  # under torchrun, ranks > 0 only train (hook for onnxslim.training.distributed)
     seconds.update(trained.seconds)
     clock = time.perf_counter()
     baseline, masked = trained.baseline, trained.masked
