@@ -72,10 +72,13 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, pl
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the pruned, slimmed model.")
 @click.option("--ratio", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Fraction of each layer's prunable channels to remove (of all prunable channels with --scope global).")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "random"]), default="l1", show_default=True,
-              help="Channel importance: filter L1/L2 norm, |BN gamma|, or random.")
+              help="Fraction of each layer's channels to remove, at most (with --scope global: of the prunable "
+                   "cost, see --cost).")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random"]), default="l1", show_default=True,
+              help="Channel importance: filter L1/L2 norm, FPGM (distance to the geometric median), |BN gamma|, or random.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--cost", type=click.Choice(["macs", "params"]), default="macs", show_default=True,
+              help="With --scope global: rank channels by importance per unit of this cost.")
 @click.option("--min-channels", default=1, show_default=True, type=click.IntRange(min=1),
               help="Channels every layer keeps at least.")
 @click.option("--placement", type=click.Choice(["consumers", "after_bn"]), default="consumers", show_default=True,
@@ -87,7 +90,7 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, pl
 @_input_shape_option
 @_json_option
 @_rows_option
-def prune(model, output, ratio, criterion, scope, min_channels, placement, save_masked, seed, round_to,
+def prune(model, output, ratio, criterion, scope, cost, min_channels, placement, save_masked, seed, round_to,
           input_shapes, json_path, show_all):
     """Remove a fraction of MODEL's channels chosen by a criterion (any ONNX model), then slim.
 
@@ -100,7 +103,7 @@ def prune(model, output, ratio, criterion, scope, min_channels, placement, save_
     output = _output_path(model, output)
     if save_masked is not None:
         _output_path(model, save_masked)
-    _, report, _ = prune_model(model, output, ratio=ratio, criterion=criterion, scope=scope,
+    _, report, _ = prune_model(model, output, ratio=ratio, criterion=criterion, scope=scope, cost=cost,
                                min_channels=min_channels, input_shapes=parse_input_shapes(input_shapes),
                                round_to=round_to, seed=seed, placement=placement, masked_path=save_masked)
     click.echo(report.format_table(max_rows=None if show_all else 40))

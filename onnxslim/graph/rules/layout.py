@@ -22,7 +22,8 @@ import numpy as np
 
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register, register_barrier
+from onnxslim.graph.rules.base import BarrierRule, Rule, normalize_axis, pass_through, register
+from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
 
 
@@ -331,10 +332,35 @@ class FlattenRule(Rule):
             return
         axis = normalize_axis(get_attr(node, "axis", 1), x.rank)
         block = _block_size(analysis.index.shape(node.input[0]), x)
+        if axis == 1 and x.axis != 1 and _map_reshape(node, analysis, x):
+            return
         if axis != 1 or x.axis != 1 or block is None:
             analysis.barrier(node, "flattens across the batch or over dynamic spatial dims")
             return
         analysis.set(node.output[0], _flattened(x, block))
+
+
+def _static_map(node, analysis, x):
+    """(output channel axis, IndexMap) of a Reshape / Flatten of static per-sample dims that keeps the
+    batch axis (see :mod:`regroup`), or None."""
+    index = analysis.index
+    in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
+    if in_shape is None or out_shape is None or len(in_shape) != x.rank or x.axis == 0 or len(out_shape) < 2:
+        return None
+    if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]) or in_shape[0] != out_shape[0]:
+        return None
+    found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
+    return None if found is None else (found[0] + 1, found[1])
+
+
+def _map_reshape(node, analysis, x) -> bool:
+    """Give the output of a regrouping Reshape / Flatten its channels through the index map."""
+    found = _static_map(node, analysis, x)
+    if found is None:
+        return False
+    axis, index_map = found
+    apply_map(analysis, x, node.output[0], index_map, axis, len(analysis.index.shape(node.output[0])))
+    return True
 
 
 def _block_size(shape, x) -> int | None:
@@ -381,6 +407,8 @@ class ReshapeRule(Rule):
         if x is None:
             return
         kind, dims = self._kind(node, analysis, x)
+        if kind == "barrier" and _map_reshape(node, analysis, x):
+            return
         if kind == "barrier":
             analysis.barrier(node, "regroups the channel axis (or its target shape is unknown)")
         elif kind == "flatten":
@@ -396,6 +424,12 @@ class ReshapeRule(Rule):
             return
         x = rewriter.info(node.input[0])
         kind, _ = self._kind(node, rewriter.analysis, x)
+        if kind == "barrier":  # an index map: the output's channel axis takes the kept count
+            out = rewriter.info(node.output[0])
+            dims = [-1, *rewriter.index.shape(node.output[0])[1:]]
+            dims[out.axis] = int(keep.sum())
+            node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array(dims, np.int64))
+            return
         if kind == "flatten":
             # a computed target (Shape -> Gather -> Concat) would still say the old size
             node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array([-1, int(keep.sum())], np.int64))
@@ -442,12 +476,24 @@ class SqueezeRule(Rule):
 
 @register
 class TransposeRule(Rule):
+    """Transpose moves the channel axis to ``perm.index(axis)``.
+
+    A graph input's layout is unknown (axis 1 is a guess, and its channels are kept anyway): a Transpose
+    reading it decides it. NHWC inputs of tf2onnx / keras2onnx exports are transposed to NCHW before the
+    first conv, so the Transpose's output gets (kept) channels on axis 1.
+    """
+
     op_types = ("Transpose",)
     passthrough = True
 
     def propagate(self, node, analysis):
         x = _feature(node, analysis)
         if x is None:
+            return
+        shape = analysis.index.shape(node.output[0])
+        if node.input[0] in {v.name for v in analysis.index.inputs} and shape and len(shape) >= 2 and shape[1]:
+            info = analysis.fresh(None, node.output[0], shape[1], 1, len(shape))
+            analysis.keep(info.ids, BARRIER, f"graph input '{node.input[0]}'")
             return
         perm = get_attr(node, "perm") or list(reversed(range(x.rank)))
         info = x.with_values(x.const, x.value)
@@ -468,6 +514,31 @@ class ShapeRule(Rule):
         return False
 
 
-register_barrier("Size", "its value counts the channels")
-register_barrier("DepthToSpace", "moves channels into space")
-register_barrier("SpaceToDepth", "moves space into channels")
+@register
+class DepthToSpaceRule(Rule):
+    """DepthToSpace / SpaceToDepth (PixelShuffle and its inverse) move blocks of r*r channels into space
+    and back: an index map (see :mod:`regroup`). DepthToSpace couples the r*r input channels of each
+    output channel; SpaceToDepth gives each input channel r*r output channels. Deleting whole units
+    keeps the op exact with no attribute to change."""
+
+    op_types = ("DepthToSpace", "SpaceToDepth")
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        block = get_attr(node, "blocksize", 1)
+        mode = get_attr(node, "mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        index_map = (depth_to_space_map(x.size, block, mode) if node.op_type == "DepthToSpace"
+                     else space_to_depth_map(x.size, block))
+        if x.axis != 1 or x.rank != 4 or index_map is None:
+            analysis.barrier(node, "needs an NCHW input whose channels divide into blocks")
+            return
+        apply_map(analysis, x, node.output[0], index_map, 1, 4)
+
+
+BARRIERS = (
+    BarrierRule("its value counts the channels", ("Size",)),
+)

@@ -1,0 +1,84 @@
+"""Spatial rules: pooling lets a positive mask scale through to the conv before it, unless indices are read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
+
+from onnxslim.graph.slim import slim
+
+
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool", "GlobalAveragePool"])
+def test_a_positive_mask_scale_after_pooling_folds_into_the_conv(pool):
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    attrs = {} if pool.startswith("Global") else {"kernel_shape": [2, 2], "strides": [2, 2]}
+    y = g.op(pool, [g.op("Relu", [g.conv(x, 3, 4)])], **attrs)
+    g.output(g.op("Relu", [g.mask(y, 4, zeros=[])]))  # a graph output holds every channel: no zero scale
+    model = g.model()
+    slimmed, report = slim(model)
+    assert report.folded_masks == 1 and "Mul" not in [n.op_type for n in slimmed.graph.node]
+    assert_equivalent(model, slimmed)
+
+
+def test_maxpool_whose_indices_are_read_is_a_barrier_and_keeps_the_scale():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    pooled, indices = g.op("MaxPool", [g.conv(x, 3, 4)], outputs=2, kernel_shape=[2, 2], strides=[2, 2])
+    g.output(g.op("Relu", [g.mask(pooled, 4, zeros=[])]), g.op("Cast", [indices], to=1))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert report.folded_masks == 0
+    assert_equivalent(model, slimmed)
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ("LpPool", {"kernel_shape": [2, 2]}),
+    ("GlobalAveragePool", {}), ("GlobalMaxPool", {}),
+])
+def test_pooling_passes_channels(op, attrs):
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.op(op, [g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[0, 3])])], **attrs)
+    head(g, y, 6)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_with_scales_and_with_sizes(mode):
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1])])
+    a = g.op("Resize", [y, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode=mode)
+    b = g.op("Resize", [y, "", "", g.const(np.array([1, 6, 12, 12], np.int64))], mode=mode)
+    g.output(g.conv(a, 6, 4), g.conv(b, 6, 4))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [5, 4, 4]
+
+
+def test_upsample_opset9_and_pad():
+    g = GraphBuilder(opset=9)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1, 2])])
+    y = g.op("Upsample", [y, g.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    y = g.op("Pad", [y], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant", value=0.0)
+    g.output(g.conv(y, 6, 4, pad=0))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]
+
+
+def test_pad_opset13_with_nonzero_fill_keeps_zero_channels_before_a_padded_conv_only_when_unequal():
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1])])
+    y = g.op("Pad", [y, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), g.const(np.float32(1.0))])
+    g.output(g.conv(y, 6, 4, pad=0))
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 4]
+    assert report.kept
