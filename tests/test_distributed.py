@@ -103,3 +103,57 @@ def test_the_distributed_model_slims_exactly(runs, method):
     session = ort.InferenceSession(slimmed.SerializeToString())
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert np.abs(out - masked).max() <= 1e-5 * max(1.0, float(np.abs(masked).max()))
+
+
+TINY_RECIPE = """
+name = "tiny-ddp"
+[model]
+name = "lenet5"
+params = { width = 0.25 }
+[data]
+dataset = "mnist"
+train_samples = 256
+test_samples = 100
+[method]
+name = "l1_mask"
+params = { lam = 0.05, proximal = true, mask_lr_scale = 20.0, epsilon = 0.0 }
+[training]
+batch_size = 32
+[training.dense]
+epochs = 1
+lr = 0.02
+[training.sparse]
+epochs = 1
+lr = 0.02
+schedule = "constant"
+[training.finetune]
+epochs = 1
+lr = 0.02
+"""
+
+
+def test_launch_command_strips_nproc():
+    from onnxslim.training.distributed import launch_command
+
+    command = launch_command(2, ["train", "r.toml", "--nproc", "2", "--out", "x", "--nproc=2"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "onnxslim",
+                           "train", "r.toml", "--out", "x"]
+
+
+def test_cli_train_with_nproc_then_resume_with_one_process(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cli = [sys.executable, "-m", "onnxslim", "train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]
+    done = subprocess.run([*cli, "--nproc", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("checkpoint: ") == 1  # rank 0 alone reports
+    state = _load(tmp_path / "run" / "masked.pt")
+    assert state["world_size"] == 2 and state["batch_size"] == 32 and state["completed"]
+    # the finished 2-process run resumes in one process: nothing is retrained, the same model comes out
+    again = subprocess.run([*cli, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    masked = [line for line in done.stdout.splitlines() if line.startswith("masked ")]
+    assert masked and masked == [line for line in again.stdout.splitlines() if line.startswith("masked ")]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
