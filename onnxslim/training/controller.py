@@ -152,6 +152,8 @@ class MaskController:
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None, lr: float | None = None) -> None:
         """After ``optimizer.step()``: the method's per-step hook (sparse phase), then the step counters."""
+        if self.phase is None:
+            raise OnnxSlimError("call begin_phase before training steps")
         if self.sparse:
             self.method.after_step(self.model, self.context(optimizer, lr))
         self.step_in_phase += 1

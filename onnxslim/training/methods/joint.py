@@ -264,6 +264,9 @@ class JointSparsity(SparsityMethod):
     def setup(self, model: nn.Module, ctx: SetupContext) -> None:
         self._ensure_state(model)
         if self.params.redundancy_source == "responses" and self.params.redundancy_every > 0:
+            if ctx.train_data is None:
+                raise OnnxSlimError("joint: redundancy_source='responses' probes the training data; pass it "
+                                    "(MaskController(..., train_data=...)) or use redundancy_source='weights'")
             data = as_source(ctx.train_data)
             count = min(self.params.probe_samples, len(data))
             index = np.unique(np.linspace(0, len(data) - 1, count).round().astype(np.int64))
