@@ -207,14 +207,16 @@ class MaskController:
     def state_dict(self) -> dict:
         """Method state, counters and the finalize report (the model's own state_dict holds the masks)."""
         return {"method": self.method.state_dict() if self.method is not None else None,
-                "finalized": self.finalized, "finalize_report": self.finalize_report,
+                "finalized": self.finalized,
+                "finalize_report": self.finalize_report.to_dict() if self.finalize_report else None,
                 "counters": [self.epoch, self.step_in_phase, self.global_step]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.method is not None and state.get("method") is not None:
             self.method.load_state_dict(state["method"])
         self.finalized = bool(state.get("finalized", False))
-        self.finalize_report = state.get("finalize_report")
+        report = state.get("finalize_report")
+        self.finalize_report = MaskReport.from_dict(report) if report else None
         self.epoch, self.step_in_phase, self.global_step = state.get("counters", [0, 0, 0])
 
 
