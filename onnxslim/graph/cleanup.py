@@ -71,37 +71,45 @@ class _RecordingStore(WeightStore):
 
 
 def _folds_that_keep_sharing(index: Graph, plan: RemovalPlan) -> set[int]:
-    """ids of the scale Muls whose fold never splits a shared initializer.
+    """ids of the scale Muls whose fold does not make the model larger.
 
     A fold writes scaled copies of weights; an initializer read by several nodes (a head shared by the
-    levels of an FPN) stays shared only when *every* reader gets the same scaled value — each level's
-    mask folds with the same factors. A dry run records every fold's writes; a fold whose write would
-    leave a reader of the original behind is dropped, until the rest agree. The model never grows."""
+    levels of an FPN) stays one tensor only when *every* reader gets the same scaled value — each level's
+    mask folds with the same factors. A dry run records every fold's writes; a fold that would split
+    shared initializers by more elements than the Mul's own constant frees is dropped (an exporter that
+    merged equal biases of two layers still lets a mask fold: the copy replaces the mask), until the
+    remaining folds agree. The model never grows."""
     rules = plan.analysis.rules
-    writes: dict[int, list[tuple[str, int, object]]] = {}
+    writes: dict[int, tuple[list[tuple[str, int, object]], int]] = {}
     for node in index.nodes:
         scale = _channel_scale(node, index, plan)
         if scale is None:
             continue
         factors, constant_slot = scale
         store = _RecordingStore(index)
-        x, y = node.input[1 - constant_slot], node.output[0]
+        x, y, constant = node.input[1 - constant_slot], node.output[0], node.input[constant_slot]
         if not np.all(factors == 1) and not _scale_producer(index, rules, store, x, factors):
             _scale_consumers(index, rules, store, y, factors)
-        writes[id(node)] = store.writes
+        freed = _elements(index, constant) if len(index.uses(constant)) == 1 else 0
+        writes[id(node)] = (store.writes, freed)
     changed = True
     while changed:
         changed = False
         written: dict[tuple[str, object], set[int]] = {}
-        for entries in writes.values():
+        for entries, _ in writes.values():
             for name, reader, key in entries:
                 written.setdefault((name, key), set()).add(reader)
-        for mul, entries in list(writes.items()):
-            readers = [{id(u.node) for u in index.uses(name)} for name, _, _ in entries]
-            if any(r - written[(name, key)] for r, (name, _, key) in zip(readers, entries)):
+        for mul, (entries, freed) in list(writes.items()):
+            split = sum(_elements(index, name) for name, _, key in entries
+                        if {id(u.node) for u in index.uses(name)} - written[(name, key)])
+            if split > freed:
                 del writes[mul]
                 changed = True
     return set(writes)
+
+
+def _elements(index: Graph, name: str) -> int:
+    return int(np.prod(index.shape(name) or (), dtype=np.int64))
 
 
 def _drop_nodes(index: Graph, doomed: set[int]) -> None:
