@@ -41,6 +41,7 @@ from onnxslim.io import write_text_atomic
 from onnxslim.plots import plot_latency, plot_layer_channels
 from onnxslim.recipes import Recipe
 from onnxslim.report import markdown_table, write_report
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.export import ExportResult
 from onnxslim.training.export import export as export_onnx
 from onnxslim.training.masks import attach_masks, masked_summary
@@ -391,8 +392,9 @@ def _run_report(run: Run, trained: TrainedModels, exported: ExportedModels, slim
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-               device: str | None = None) -> RunReport:
-    """Run every stage of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json).
+               device: str | None = None) -> RunReport | None:
+    """Run every stage of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json);
+    None on ranks > 0 of a torchrun launch, which only train (:mod:`onnxslim.training.distributed`).
 
     The same as calling the stage functions one by one::
 
@@ -404,6 +406,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
     """
     run = start_run(recipe, out_dir, resume=resume, progress=progress, device=device)
     trained = train(run)
+    if not DistContext.current().is_main:
+        return None
     exported = export(run, trained)
     slimmed = slim(run, exported)
     return report(run, trained, exported, slimmed, validate(run, trained, exported, slimmed))

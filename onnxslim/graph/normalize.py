@@ -131,3 +131,33 @@ def _all_reads(attr: onnx.AttributeProto) -> set[str]:
                 if inner.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                     reads.update(_all_reads(inner))
     return reads
+
+
+def alias_constant_identities(model: onnx.ModelProto) -> int:
+    """Let readers of ``Identity(initializer)`` read the initializer itself; returns how many went.
+
+    The legacy torch exporter shares a weight between two uses of one module that way. Folding the
+    Identity into a new initializer would be a second copy of the weight (a larger model); an alias keeps
+    the one copy, which the analysis then couples (both readers slice it alike). Identities whose output
+    is a graph output or is read inside a control-flow body stay.
+    """
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    keep_names = {o.name for o in graph.output}
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                keep_names.update(n for inner in body.node for n in inner.input)
+    alias = {node.output[0]: node.input[0] for node in graph.node
+             if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in initializers
+             and node.output[0] not in keep_names}
+    if not alias:
+        return 0
+    survivors = [node for node in graph.node if not (node.op_type == "Identity" and node.output[0] in alias)]
+    for node in survivors:
+        for slot, name in enumerate(node.input):
+            if name in alias:
+                node.input[slot] = alias[name]
+    del graph.node[:]
+    graph.node.extend(survivors)
+    return len(alias)

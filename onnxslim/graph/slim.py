@@ -30,7 +30,7 @@ from onnxslim.graph.cleanup import (
     sync_ir3_inputs,
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
-from onnxslim.graph.normalize import constants_to_initializers
+from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
@@ -68,6 +68,7 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
     check_input(model)
+    alias_constant_identities(model)
     constants_to_initializers(model, sources)
     shapes = infer_shapes(model, input_shapes)
     return ChannelAnalysis(Graph(model, shapes, sources), rules if rules is not None else default_rules()).run()
@@ -93,6 +94,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
     original_inputs = [i.name for i in model.graph.input]
+    writes_value_info = len(model.graph.value_info) > 0  # an input without any stays without (never larger)
 
     analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
@@ -114,6 +116,8 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         refresh_shapes(model)
     except OnnxSlimError as exc:
         raise OnnxSlimError(f"internal error: the slimmed model fails {exc}") from None
+    if not writes_value_info:
+        del model.graph.value_info[:]
     check_model(model, full=check)
     assert model.ir_version == ir_version and [(o.domain, o.version) for o in model.opset_import] == opset_imports
 
