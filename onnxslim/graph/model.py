@@ -81,11 +81,12 @@ class Graph:
     """Producers, consumers, constants and shapes of a model's main graph."""
 
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None,
-                 sources: dict[str, onnx.TensorProto] | None = None):
+                 sources: dict[str, onnx.TensorProto] | None = None, symbols: dict[str, tuple] | None = None):
         self.model = model
         self.graph = model.graph
         self.opset = opset_version(model)
         self.shapes: dict[str, Shape] = dict(shapes or {})
+        self.symbols: dict[str, tuple] = dict(symbols or {})  # per dim: its symbol (dim_param) or None
         self.sources = sources if sources is not None else {}  # placeholder name -> tensor holding its data
         self.updates: dict[str, np.ndarray] = {}  # new values not yet written into the protos
         self._cache: dict[str, np.ndarray] = {}
@@ -141,6 +142,24 @@ class Graph:
         if name in self.initializers:
             return tuple(self.initializers[name].dims)
         return self.shapes.get(name)
+
+    def same_shape(self, a: str, b: str) -> bool:
+        """True when tensors ``a`` and ``b`` surely have one shape at run time: every dim is the same
+        number, or an unknown dim that shape inference gave the same symbol (the dynamic batch)."""
+        shape_a, shape_b = self.shape(a), self.shape(b)
+        if shape_a is None or shape_b is None or len(shape_a) != len(shape_b):
+            return False
+        symbols_a, symbols_b = self.symbols.get(a, ()), self.symbols.get(b, ())
+        for axis, (dim_a, dim_b) in enumerate(zip(shape_a, shape_b)):
+            if dim_a is None or dim_b is None:
+                symbol = symbols_a[axis] if axis < len(symbols_a) else None
+                if dim_a is not None or dim_b is not None or symbol is None:
+                    return False
+                if symbol != (symbols_b[axis] if axis < len(symbols_b) else None):
+                    return False
+            elif dim_a != dim_b:
+                return False
+        return True
 
     def update(self, name: str, value: np.ndarray) -> None:
         """Give initializer ``name`` a new value (written into the proto by :meth:`flush_updates`)."""

@@ -31,7 +31,7 @@ from onnxslim.graph.model import Graph, attach_weights, detach_weights, serializ
 from onnxslim.graph.normalize import constants_to_initializers
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
-from onnxslim.graph.shapes import infer_shapes, skeleton
+from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import save_model_atomic
 
@@ -68,8 +68,8 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
     constants_to_initializers(model, sources)
-    shapes = infer_shapes(model, input_shapes)
-    return ChannelAnalysis(Graph(model, shapes, sources)).run()
+    inferred = infer_model(model, input_shapes)
+    return ChannelAnalysis(Graph(model, shapes_of(inferred), sources, symbols_of(inferred))).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
