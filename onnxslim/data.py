@@ -8,6 +8,12 @@ Sources (see :func:`load_dataset` for the spec strings):
   per-pixel (N,H,W).
 * ``path/to/folder`` — ImageFolder layout: one sub-folder per class holding image files.
 * ``synthetic:1,3,224,224`` — random inputs with zero labels, for latency only.
+* ``fashion-mnist:DIR`` — Fashion-MNIST from the four original IDX files in ``DIR`` (gzip-compressed or
+  not; the upstream repository's ``data/fashion`` and Debian's ``/usr/share/datasets/fashion-mnist``
+  work as they are). The folder is the user's: nothing is downloaded or copied.
+
+In Python, :meth:`ArrayDataset.from_arrays` wraps ``(images, labels)`` arrays; the trainer also takes any
+map-style ``torch.utils.data.Dataset`` (see :mod:`onnxslim.training.batches`).
 
 Images come out as float32 NCHW, scaled to [0, 1] and then normalised with the dataset's mean/std.
 """
@@ -52,6 +58,18 @@ class ArrayDataset:
         if count is None or count >= len(self):
             return self
         return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count])
+
+    @classmethod
+    def from_arrays(cls, images, labels, name: str = "arrays", num_classes: int | None = None) -> ArrayDataset:
+        """Wrap user arrays (numpy or torch): ``images`` (N,H,W), (N,H,W,C) or (N,C,H,W) — uint8 is scaled to
+        [0, 1], other dtypes are taken as preprocessed — and integer ``labels`` (N,) or (N,H,W).
+        ``num_classes`` defaults to ``max(labels) + 1``. Raises OnnxSlimError on other shapes."""
+        images, labels = np.asarray(images), np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise OnnxSlimError(f"{name}: labels must be integers, got {labels.dtype}")
+        y = labels.astype(np.int64)
+        classes = num_classes if num_classes is not None else (int(y.max()) + 1 if y.size else 0)
+        return cls(_to_nchw_float(images, name), y, classes, name)
 
     def batches(self, batch_size: int):
         """Yield ``(images, labels)`` slices in order."""
@@ -136,6 +154,101 @@ def load_image_folder(path: str | Path, size: tuple[int, int] | None = None, gra
     return ArrayDataset(x, np.asarray(labels, np.int64), len(classes), root.name, tuple(classes))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Fashion-MNIST from the original IDX files
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # over the 60,000 training images, pixels scaled to [0, 1]
+FASHION_CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot")
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_UBYTE = 0x08
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format), gzip-compressed when it ends in ``.gz``, as a uint8 array.
+
+    Format: big-endian magic ``0x0000 TT DD`` (TT = 0x08 for unsigned bytes, DD = number of dimensions),
+    one big-endian uint32 per dimension, then the values in C order. Raises OnnxSlimError for another
+    magic, a type other than uint8, a missing or short file (fewer values than the header states) or
+    trailing bytes.
+    """
+    import gzip
+
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise OnnxSlimError(f"IDX file not found: {path}") from None
+    except (OSError, EOFError) as exc:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
+        raise OnnxSlimError(f"{path}: not a readable IDX file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise OnnxSlimError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != _IDX_UBYTE:
+        raise OnnxSlimError(f"{path}: IDX value type 0x{raw[2]:02x} is not supported (only 0x08, unsigned bytes)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise OnnxSlimError(f"{path}: IDX header is short ({len(raw)} bytes, {ndim} dimensions)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise OnnxSlimError(f"{path}: the header says {'x'.join(map(str, shape))} = {expected} values but the file "
+                            f"holds {len(raw) - header} (truncated or corrupt)")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def fashion_mnist_files(folder: str | Path, split: str) -> tuple[Path, Path]:
+    """The (images, labels) IDX files of ``split`` (train or test) in ``folder`` or its ``data/fashion``.
+
+    Each file may be gzip-compressed (``.gz``, as published) or not. Raises OnnxSlimError naming what is
+    missing.
+    """
+    if split not in FASHION_FILES:
+        raise OnnxSlimError(f"unknown split {split!r} (use train or test)")
+    root = Path(folder)
+    if not root.is_dir():
+        raise OnnxSlimError(f"fashion-mnist: folder not found: {root}")
+    candidates = [root, root / "data" / "fashion"]  # the folder itself, or a clone of the upstream repository
+    found, missing = [], []
+    for stem in FASHION_FILES[split]:
+        for base in candidates:
+            hit = next((base / (stem + ext) for ext in (".gz", "") if (base / (stem + ext)).is_file()), None)
+            if hit is not None:
+                found.append(hit)
+                break
+        else:
+            missing.append(stem + "[.gz]")
+    if missing:
+        raise OnnxSlimError(f"fashion-mnist: {root} lacks {', '.join(missing)} (expected the four original IDX "
+                            f"files, e.g. Debian's /usr/share/datasets/fashion-mnist)")
+    return found[0], found[1]
+
+
+def load_fashion_mnist(folder: str | Path, split: str = "test") -> ArrayDataset:
+    """One split of Fashion-MNIST (Xiao, Rasul, Vollgraf 2017) read from the user's ``folder``.
+
+    Train: 60,000 images, test (``t10k``): 10,000; images (N, 1, 28, 28) float32, scaled to [0, 1] and
+    normalised with :data:`FASHION_MEAN` / :data:`FASHION_STD`; labels (N,) int64 in 0-9
+    (:data:`FASHION_CLASS_NAMES`). Raises OnnxSlimError for missing, short or inconsistent files.
+    """
+    image_file, label_file = fashion_mnist_files(folder, split)
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise OnnxSlimError(f"fashion-mnist: {image_file.name} must be (N, H, W) and {label_file.name} (N,), got "
+                            f"{images.shape} and {labels.shape}")
+    if len(images) != len(labels):
+        raise OnnxSlimError(f"fashion-mnist: {image_file.name} holds {len(images)} images but {label_file.name} "
+                            f"{len(labels)} labels")
+    if labels.size and int(labels.max()) >= len(FASHION_CLASS_NAMES):
+        raise OnnxSlimError(f"fashion-mnist: {label_file.name} has label {int(labels.max())}; expected 0-9")
+    x = ((images.astype(np.float32) / np.float32(255.0) - np.float32(FASHION_MEAN)) / np.float32(FASHION_STD))[:, None]
+    return ArrayDataset(np.ascontiguousarray(x), labels.astype(np.int64), len(FASHION_CLASS_NAMES),
+                        f"fashion-mnist-{split}", FASHION_CLASS_NAMES)
+
+
 def synthetic(shape: tuple[int, ...], seed: int = 0) -> ArrayDataset:
     """Random normal inputs of ``shape`` (N,C,H,W) with zero labels: for latency measurements only."""
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -144,7 +257,12 @@ def synthetic(shape: tuple[int, ...], seed: int = 0) -> ArrayDataset:
 
 def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
     """Resolve a dataset spec string: ``mnist``, ``mnist:32``, ``mnistseg``, ``mnistseg:SIZE``,
-    ``synthetic:N,C,H,W``, ``x.npz`` or a folder."""
+    ``fashion-mnist:DIR``, ``synthetic:N,C,H,W``, ``x.npz`` or a folder."""
+    if spec in ("fashion-mnist", "fashion_mnist") or spec.startswith(("fashion-mnist:", "fashion_mnist:")):
+        folder = spec.split(":", 1)[1] if ":" in spec else ""
+        if not folder:
+            raise OnnxSlimError("fashion-mnist needs its folder: fashion-mnist:DIR (the four IDX files)")
+        return load_fashion_mnist(folder, split)
     if _is_mnistseg_spec(spec):
         return load_mnistseg(spec, split, seed)
     if spec == "mnist" or spec.startswith("mnist:"):
@@ -161,7 +279,7 @@ def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
         return synthetic(shape, seed)
     path = Path(spec)
     if not path.exists():
-        raise OnnxSlimError(f"dataset not found: {spec} (use mnist, mnist:32, mnistseg, synthetic:N,C,H,W, an .npz or a folder)")
+        raise OnnxSlimError(f"dataset not found: {spec} (use mnist, mnist:32, mnistseg, fashion-mnist:DIR, synthetic:N,C,H,W, an .npz or a folder)")
     if path.is_dir():
         return load_image_folder(path)
     return load_npz(path)

@@ -34,14 +34,20 @@ import torch
 
 from onnxslim.data import ArrayDataset, load_dataset
 from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.report import SlimReport
+from onnxslim.graph.slim import slim as slim_onnx
+from onnxslim.graph.stats import ModelStats, model_stats
 from onnxslim.io import write_text_atomic
 from onnxslim.plots import plot_latency, plot_layer_channels
 from onnxslim.recipes import Recipe
-from onnxslim.report import write_report
-from onnxslim.training.export import export
+from onnxslim.report import markdown_table, write_report
+from onnxslim.training.export import ExportResult
+from onnxslim.training.export import export as export_onnx
 from onnxslim.training.masks import attach_masks, masked_summary
 from onnxslim.training.methods import get_method
 from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions, TrainResult
+from onnxslim.validate.accuracy import AccuracyResult, evaluate
+from onnxslim.validate.bench import BenchOptions, BenchReport, benchmark
 
 REPORT_FILE = "REPORT.json"
 
@@ -88,8 +94,6 @@ class RunReport:
 
     def to_markdown(self) -> str:
         """REPORT.md: the same figures as REPORT.json, for people."""
-        from onnxslim.report import markdown_table
-
         pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
         verdict = "all targets met" if self.targets_met else "**a target FAILED**"
         lines = [f"# onnxslim run: {self.recipe.get('name', '')} ({verdict})", "",
@@ -148,6 +152,7 @@ class RunReport:
 
 
 def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
+    """The recipe's (train, test) datasets, cut to ``train_samples`` / ``test_samples`` when set."""
     spec = recipe.data
     train = load_dataset(spec.dataset, "train", seed=spec.split_seed)
     test = load_dataset(spec.test, "test", seed=spec.split_seed) if spec.test else \
@@ -162,6 +167,44 @@ def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
 
 
 @dataclasses.dataclass
+class Run:
+    """One run of a recipe: its folder, data and options. Every stage function reads it and adds its time.
+
+    Build it with :func:`start_run`; ``seconds`` collects the wall time of each stage (seconds).
+    """
+
+    recipe: Recipe
+    out: Path
+    train_data: ArrayDataset
+    test_data: ArrayDataset
+    resume: bool = False
+    progress: bool = True
+    device: str | None = None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def example(self) -> torch.Tensor:
+        """Two training images (N=2, C, H, W): the example input for tracing and export."""
+        return torch.from_numpy(np.ascontiguousarray(self.train_data.images[:2]))
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        return {"input": [1, *self.recipe.model.input_shape()]}
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+
+def start_run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+              device: str | None = None) -> Run:
+    """Create the output folder and load the recipe's data: the first step before the stage functions."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_data, test_data = load_data(recipe)
+    return Run(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device)
+
+
+@dataclasses.dataclass
 class TrainedModels:
     dense: torch.nn.Module  # after the dense phase (the start of mask training)
     baseline: torch.nn.Module | None  # dense, trained for the same total budget as the masked model
@@ -170,6 +213,14 @@ class TrainedModels:
     baseline_result: TrainResult | None
     mask_result: TrainResult
     seconds: dict[str, float]
+
+
+def train(run: Run, *, baseline: bool = True) -> TrainedModels:
+    """Stage 1-3: dense (``dense.pt``), baseline (``baseline.pt``), masked (``masked.pt``) in ``run.out``."""
+    trained = train_models(run.recipe, run.out, run.train_data, run.test_data, resume=run.resume,
+                           progress=run.progress, device=run.device, baseline=baseline)
+    run.seconds.update(trained.seconds)
+    return trained
 
 
 def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test: ArrayDataset | None, *,
@@ -215,104 +266,135 @@ def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test:
     return TrainedModels(dense, baseline_model, masked, dense_result, baseline_result, mask_result, seconds)
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-               device: str | None = None) -> RunReport:
-    """Run every step of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class ExportedModels:
+    dense: Path  # dense.onnx: the baseline (the dense model when no baseline was trained)
+    masked: Path  # masked.onnx: masks as per-channel Mul nodes
+    results: dict[str, ExportResult]
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
 
-    train, test = load_data(recipe)
-    trained = train_models(recipe, out, train, test, resume=resume, progress=progress, device=device)
-    seconds.update(trained.seconds)
-    clock = time.perf_counter()
-    baseline, masked = trained.baseline, trained.masked
-    spec = recipe.model
-    expected = spec.input_shape()
-    example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
-    dense_result, baseline_result, mask_result = trained.dense_result, trained.baseline_result, trained.mask_result
+def export(run: Run, trained: TrainedModels) -> ExportedModels:
+    """Stage 4: ``dense.onnx`` and ``masked.onnx``, each checked against PyTorch with onnxruntime."""
+    started = time.perf_counter()
+    spec = run.recipe.export
+    results = {}
+    for name, model in (("dense", trained.baseline or trained.dense), ("masked", trained.masked)):
+        model.cpu().eval()
+        results[name] = export_onnx(model, run.example, run.path(f"{name}.onnx"), dynamo=spec.dynamo,
+                                    opset=spec.opset)
+    run.seconds["export"] = time.perf_counter() - started
+    return ExportedModels(results["dense"].path, results["masked"].path, results)
 
-    # 4. export
-    masked.cpu().eval()
-    baseline.cpu().eval()
-    dense_path, masked_path, slim_path = out / "dense.onnx", out / "masked.onnx", out / "slim.onnx"
-    export_one = lambda model, path: export(model, example, path, dynamo=recipe.export.dynamo,  # noqa: E731
-                                            opset=recipe.export.opset)
-    export_one(baseline, dense_path)
-    export_one(masked, masked_path)
-    lap("export")
 
-    # 5. slim
-    from onnxslim.graph.slim import slim
-    from onnxslim.graph.stats import model_stats
+@dataclasses.dataclass(frozen=True)
+class SlimmedModel:
+    path: Path  # slim.onnx
+    report: SlimReport
+    dense_stats: ModelStats  # params and MACs of dense.onnx at the recipe's input shape
 
-    input_shapes = {"input": [1, *expected]}
-    _, slim_report = slim(masked_path, slim_path, input_shapes=input_shapes, round_to=recipe.slim.round_to)
-    dense_stats = model_stats(onnx.load(str(dense_path)), input_shapes)
-    lap("slim")
 
-    # 6. validate
-    from onnxslim.validate.accuracy import evaluate
-    from onnxslim.validate.bench import BenchOptions, benchmark
+def slim(run: Run, exported: ExportedModels) -> SlimmedModel:
+    """Stage 5: ``slim.onnx`` from ``masked.onnx`` (:func:`onnxslim.graph.slim.slim`), exactly equivalent."""
+    started = time.perf_counter()
+    path = run.path("slim.onnx")
+    _, report = slim_onnx(exported.masked, path, input_shapes=run.input_shapes, round_to=run.recipe.slim.round_to)
+    dense_stats = model_stats(onnx.load(str(exported.dense)), run.input_shapes)
+    run.seconds["slim"] = time.perf_counter() - started
+    return SlimmedModel(path, report, dense_stats)
 
-    val = recipe.validate
-    accuracy = {name: evaluate(str(path), test, batch_size=val.eval_batch_size, progress=progress)
-                for name, path in (("dense", dense_path), ("masked", masked_path), ("slim", slim_path))}
-    max_diff, max_diff_onnx = _max_abs_diff(masked, masked_path, slim_path, test, val.eval_batch_size)
-    bench = benchmark([str(dense_path), str(masked_path), str(slim_path)],
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    accuracy: dict[str, AccuracyResult]  # "dense", "masked", "slim" (onnxruntime on the test split)
+    max_abs_diff: float  # |PyTorch masked - slim.onnx| over the test split
+    max_abs_diff_onnx: float  # |masked.onnx - slim.onnx|
+    bench: BenchReport  # latency of dense / masked / slim
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        return {timing.name: timing for timing in self.bench.models}
+
+
+def validate(run: Run, trained: TrainedModels, exported: ExportedModels, slimmed: SlimmedModel) -> Validation:
+    """Stage 6: accuracy of the three ONNX files, max |PyTorch masked - slimmed ONNX|, latency."""
+    started = time.perf_counter()
+    val = run.recipe.validate
+    paths = {"dense": exported.dense, "masked": exported.masked, "slim": slimmed.path}
+    accuracy = {name: evaluate(str(path), run.test_data, batch_size=val.eval_batch_size, progress=run.progress)
+                for name, path in paths.items()}
+    max_diff, max_diff_onnx = _max_abs_diff(trained.masked, exported.masked, slimmed.path, run.test_data,
+                                            val.eval_batch_size)
+    bench = benchmark([str(path) for path in paths.values()],
                       BenchOptions(threads=(val.latency_threads,), batch_sizes=(val.latency_batch,),
                                    warmup=val.warmup, repeat=val.repeat, measure_memory=False),
-                      progress=progress, names=["dense", "masked", "slim"])
-    timings = {timing.name: timing for timing in bench.models}
-    lap("validate")
+                      progress=run.progress, names=list(paths))
+    run.seconds["validate"] = time.perf_counter() - started
+    return Validation(accuracy, max_diff, max_diff_onnx, bench)
 
-    summary = masked_summary(masked, example)
-    report = RunReport(
-        recipe=recipe.to_dict(),
-        params_before=dense_stats.params,
-        params_after=slim_report.params_after,
-        macs_before=dense_stats.macs,
-        macs_after=slim_report.macs_after,
-        accuracy_before=accuracy["dense"].value,
-        accuracy_masked=accuracy["masked"].value,
-        accuracy_after=accuracy["slim"].value,
-        accuracy_metric=accuracy["slim"].metric,
-        latency_ms_before=timings["dense"].median_ms,
-        latency_ms_masked=timings["masked"].median_ms,
+
+def report(run: Run, trained: TrainedModels, exported: ExportedModels, slimmed: SlimmedModel,
+           validation: Validation) -> RunReport:
+    """Stage 7: ``REPORT.json``, ``REPORT.md``, ``slim_report.txt``, ``layers.png``, ``latency.png``."""
+    result = _run_report(run, trained, exported, slimmed, validation)
+    result.targets = check_targets(run.recipe, result)
+    result.targets_met = all(check.ok for check in result.targets)
+    name = run.recipe.name
+    write_report(run.out, Path(REPORT_FILE).stem, result.to_markdown(), result.to_dict())
+    write_text_atomic(run.path("slim_report.txt"), slimmed.report.format_table() + "\n")
+    plot_layer_channels(slimmed.report.layers, run.path("layers.png"), title=f"Channels per layer: {name}")
+    plot_latency(validation.bench, run.path("latency.png"), title=f"onnxruntime latency: {name}")
+    return result
+
+
+def _run_report(run: Run, trained: TrainedModels, exported: ExportedModels, slimmed: SlimmedModel,
+                validation: Validation) -> RunReport:
+    """The figures of a run (targets not yet checked)."""
+    dense, slim_report, accuracy, timings = slimmed.dense_stats, slimmed.report, validation.accuracy, validation.timings
+    summary = masked_summary(trained.masked, run.example)
+    out = run.out
+    return RunReport(
+        recipe=run.recipe.to_dict(),
+        params_before=dense.params, params_after=slim_report.params_after,
+        macs_before=dense.macs, macs_after=slim_report.macs_after,
+        accuracy_before=accuracy["dense"].value, accuracy_masked=accuracy["masked"].value,
+        accuracy_after=accuracy["slim"].value, accuracy_metric=accuracy["slim"].metric,
+        latency_ms_before=timings["dense"].median_ms, latency_ms_masked=timings["masked"].median_ms,
         latency_ms_after=timings["slim"].median_ms,
-        max_abs_diff=max_diff,
-        max_abs_diff_onnx=max_diff_onnx,
-        params_removed=1.0 - slim_report.params_after / dense_stats.params if dense_stats.params else 0.0,
-        macs_removed=1.0 - slim_report.macs_after / dense_stats.macs if dense_stats.macs else 0.0,
+        max_abs_diff=validation.max_abs_diff, max_abs_diff_onnx=validation.max_abs_diff_onnx,
+        params_removed=1.0 - slim_report.params_after / dense.params if dense.params else 0.0,
+        macs_removed=1.0 - slim_report.macs_after / dense.macs if dense.macs else 0.0,
         accuracy_drop=accuracy["dense"].value - accuracy["slim"].value,
-        masked_channels=slim_report.masked_channels,
-        deleted_masked_channels=slim_report.deleted_masked_channels,
+        masked_channels=slim_report.masked_channels, deleted_masked_channels=slim_report.deleted_masked_channels,
         live_channels={layer.name: [layer.out_live, layer.out_channels] for layer in summary.layers},
-        targets=[],
-        targets_met=True,
-        seconds=seconds,
-        files={"dense_onnx": str(dense_path), "masked_onnx": str(masked_path), "slim_onnx": str(slim_path),
+        targets=[], targets_met=True, seconds=dict(run.seconds),
+        files={"dense_onnx": str(exported.dense), "masked_onnx": str(exported.masked), "slim_onnx": str(slimmed.path),
                "dense_checkpoint": str(out / "dense.pt"), "baseline_checkpoint": str(out / "baseline.pt"),
                "masked_checkpoint": str(out / "masked.pt")},
-        torch_accuracy={"dense_start": dense_result.test_metric if dense_result else None,
-                        "baseline": baseline_result.test_metric, "masked": mask_result.test_metric},
+        torch_accuracy={"dense_start": trained.dense_result.test_metric if trained.dense_result else None,
+                        "baseline": trained.baseline_result.test_metric if trained.baseline_result else None,
+                        "masked": trained.mask_result.test_metric},
         latency_details={name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "threads": t.threads,
                                 "batch_size": t.batch_size} for name, t in timings.items()},
     )
-    report.targets = check_targets(recipe, report)
-    report.targets_met = all(check.ok for check in report.targets)
-    write_report(out, Path(REPORT_FILE).stem, report.to_markdown(), report.to_dict())
-    write_text_atomic(out / "slim_report.txt", slim_report.format_table() + "\n")
-    plot_layer_channels(slim_report.layers, out / "layers.png", title=f"Channels per layer: {recipe.name}")
-    plot_latency(bench, out / "latency.png", title=f"onnxruntime latency: {recipe.name}")
-    return report
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+               device: str | None = None) -> RunReport:
+    """Run every stage of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json).
+
+    The same as calling the stage functions one by one::
+
+        run = start_run(recipe, out_dir)
+        trained = train(run)
+        exported = export(run, trained)
+        slimmed = slim(run, exported)
+        return report(run, trained, exported, slimmed, validate(run, trained, exported, slimmed))
+    """
+    run = start_run(recipe, out_dir, resume=resume, progress=progress, device=device)
+    trained = train(run)
+    exported = export(run, trained)
+    slimmed = slim(run, exported)
+    return report(run, trained, exported, slimmed, validate(run, trained, exported, slimmed))
 
 
 def check_targets(recipe: Recipe, report: RunReport) -> list[TargetCheck]:
@@ -362,4 +444,6 @@ def write_summary(report: RunReport, path: str | Path) -> None:
     write_text_atomic(path, report.format_table() + "\n")
 
 
-__all__ = ["PhaseConfig", "RunReport", "TargetCheck", "check_targets", "load_data", "run_recipe"]
+__all__ = ["ExportedModels", "PhaseConfig", "Run", "RunReport", "SlimmedModel", "TargetCheck", "TrainedModels",
+           "Validation", "check_targets", "export", "load_data", "report", "run_recipe", "slim", "start_run", "train",
+           "validate"]

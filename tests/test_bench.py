@@ -1,5 +1,6 @@
 """Benchmark: the figures exist and are consistent, the A/B ratio and its CI, options, `bench` CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -58,6 +59,37 @@ def test_two_models_give_figures_and_a_paired_ratio():
     assert "peak RSS" in data["memory_method"]
     json.dumps(data)  # every figure is plain JSON
     assert "speedup" in report.format_table()
+
+
+def test_round_order_is_random_seeded_and_recorded():
+    model = conv_net(8)
+    options = BenchOptions(**{**FAST, "repeat": 40}, measure_memory=False, order_seed=3)
+    first = benchmark([model, model, model], options, progress=False, names=["a", "b", "c"])
+    again = benchmark([model, model, model], options, progress=False, names=["a", "b", "c"])
+    orders = first.configs[0].orders
+    assert orders == again.configs[0].orders  # seeded
+    assert len(orders) == 40 and all(sorted(o) == [0, 1, 2] for o in orders)
+    assert len(set(orders)) > 2  # not a fixed alternation
+    assert {o[0] for o in orders} == {0, 1, 2}  # every model also runs first in some round
+    data = first.to_dict()
+    assert data["options"]["order_seed"] == 3 and data["configs"][0]["round_orders"][0] == list(orders[0])
+    other = benchmark([model, model, model], dataclasses.replace(options, order_seed=4), progress=False,
+                      names=["a", "b", "c"])
+    assert other.configs[0].orders != orders
+
+
+def test_identical_copies_come_out_even():
+    """Two byte-identical copies: the ratio's confidence interval contains 1.0 (no order bias).
+
+    A statistical property, not a timing threshold: with random order per round the two copies are
+    exchangeable, so the sign-test interval (99 %) misses 1.0 only by chance (about 1 % of runs).
+    """
+    model = conv_net(4, size=8)
+    options = BenchOptions(warmup=20, repeat=300, session_repeats=6, measure_memory=False, confidence=0.99)
+    report = benchmark([model, model], options, progress=False, names=["copy-a", "copy-b"])
+    (comparison,) = report.comparisons
+    assert comparison.coverage >= 0.99
+    assert comparison.ci_low <= 1.0 <= comparison.ci_high, comparison
 
 
 def test_thread_and_batch_grid():

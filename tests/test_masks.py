@@ -165,3 +165,33 @@ def test_masked_summary_counts_lenet_by_hand():
     assert (conv2.in_live, conv2.out_live) == (5, 10)
     assert conv2.macs_live == 8 * 8 * 10 * 5 * 25
     assert "params: 431,080 -> " in summary.format_table()
+
+
+def test_custom_module_handler_extends_the_tracer():
+    """A module fx cannot trace (data-dependent branch) becomes one call once the table has a handler."""
+    from onnxslim.training.coupling import default_handlers
+
+    class ScaledRelu(nn.Module):  # maps 0 to 0 channel by channel, but branches on data
+        def forward(self, x):
+            return torch.relu(x) * 2 if x.sum() > 0 else torch.relu(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = ScaledRelu()
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.act(self.conv(x)))
+
+    example = torch.randn(2, 3, 8, 8)
+    with pytest.raises(OnnxSlimError, match="cannot trace"):
+        analyze_coupling(Net(), example)
+    handlers = default_handlers().with_modules({ScaledRelu: lambda state, node, module: state.first_layout(node)})
+    analysis = analyze_coupling(Net(), example, handlers)
+    assert analysis.groups[analysis.group_of["conv"]].maskable
+    blocking = default_handlers().with_modules({ScaledRelu: lambda state, node, module: state.unknown(node, "gate")})
+    blocked = analyze_coupling(Net(), example, blocking)
+    group = blocked.groups[blocked.group_of["conv"]]
+    assert not group.maskable and group.reason == "used by gate"

@@ -224,3 +224,27 @@ def test_report_advises_round_to_when_slimmed_model_is_slower():
     assert faster.advice() == [] and "round_to" not in faster.format_table()
     rounded = RunReport(**{**fields, "recipe": {"slim": {"round_to": 8}}})
     assert rounded.advice() == []
+
+
+def test_stage_functions_one_by_one(tmp_path):
+    """The stages `run` chains can be called from Python one at a time, each leaving its files."""
+    from onnxslim import pipeline
+
+    text = TINY_RECIPE.replace("train_samples = 1500", "train_samples = 400").replace(
+        "test_samples = 300", "test_samples = 100").replace("lam = 0.05", "lam = 0.2")
+    recipe = recipe_from_dict(__import__("tomllib").loads(text))
+    run = pipeline.start_run(recipe, tmp_path / "run", progress=False)
+    trained = pipeline.train(run, baseline=False)
+    assert trained.baseline is None and (tmp_path / "run" / "masked.pt").exists()
+    exported = pipeline.export(run, trained)
+    assert exported.masked.exists() and exported.results["masked"].mask_nodes > 0
+    slimmed = pipeline.slim(run, exported)
+    assert slimmed.report.params_after < slimmed.dense_stats.params
+    validation = pipeline.validate(run, trained, exported, slimmed)
+    assert validation.max_abs_diff <= 1e-4
+    assert validation.accuracy["slim"].value == validation.accuracy["masked"].value
+    result = pipeline.report(run, trained, exported, slimmed, validation)
+    assert set(run.seconds) == {"dense", "masked", "export", "slim", "validate"}
+    saved = json.loads((tmp_path / "run" / "REPORT.json").read_text())
+    assert saved["params_after"] == result.params_after == slimmed.report.params_after
+    assert saved["torch_accuracy"]["baseline"] is None

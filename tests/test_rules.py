@@ -308,15 +308,15 @@ def test_mask_after_depthwise_deletes_its_input_channel_too():
     assert conv_channels(slimmed) == [6, 6, 4]
 
 
-def test_grouped_conv_deletes_whole_groups_only():
+def test_grouped_conv_deletes_a_dead_group_and_balances_the_others():
     g = GraphBuilder()
     x = g.input([1, 4, 8, 8])
     y = g.op("Relu", [g.mask(g.conv(x, 4, 8, k=1, pad=0), 8, zeros=[0, 1, 2, 3, 5])])
     grouped = g.op("Relu", [g.conv(y, 8, 6, groups=2)])
     g.output(g.conv(grouped, 6, 4, k=1, pad=0))
     slimmed, report = slim_checked(g.model())
-    assert conv_channels(slimmed) == [4, 3, 4]  # group 0 goes; channel 5 is in the live group 1
-    assert report.deleted_masked_channels == 4
+    assert conv_channels(slimmed) == [3, 3, 4]  # group 0 goes (its outputs are absorbed constants)
+    assert report.deleted_masked_channels == 5  # channel 5 too: group 1 is the only group left
 
 
 def test_conv_transpose_as_consumer_and_producer():

@@ -73,8 +73,8 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, pl
               help="Where to write the pruned, slimmed model.")
 @click.option("--ratio", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Fraction of each layer's prunable channels to remove (of all prunable channels with --scope global).")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "random"]), default="l1", show_default=True,
-              help="Channel importance: filter L1/L2 norm, |BN gamma|, or random.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random"]), default="l1", show_default=True,
+              help="Channel importance: filter L1/L2 norm, FPGM (distance to the geometric median), |BN gamma|, or random.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
 @click.option("--min-channels", default=1, show_default=True, type=click.IntRange(min=1),
               help="Channels every layer keeps at least.")

@@ -43,7 +43,7 @@ _input_shape_option = click.option(
               help="Execution provider (cpu, xnnpack, ... or the full onnxruntime name); repeatable.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
 @click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
-              help="Timed rounds; each round runs every model once, order alternating.")
+              help="Timed rounds; each round runs every model once, in a random (seeded) order.")
 @click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
               help="Session creations per model for the session-time median.")
 @click.option("--memory/--no-memory", default=True, show_default=True,
@@ -51,6 +51,8 @@ _input_shape_option = click.option(
 @click.option("--confidence", default=0.95, show_default=True, type=click.FloatRange(0.5, 0.999),
               help="Confidence level of the A/B ratio interval.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--order-seed", default=0, show_default=True,
+              help="Seed of the per-round model order (recorded in the JSON as round_orders).")
 @click.option("--mobile", is_flag=True,
               help="One thread, models converted to ORT format with onnxruntime's tools, plus its mobile-usability check.")
 @click.option("--mobile-dir", type=click.Path(path_type=Path), default=None,
@@ -58,9 +60,14 @@ _input_shape_option = click.option(
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write all figures as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a latency box plot (PNG).")
+@click.option("--per-layer", is_flag=True,
+              help="Also profile every model with onnxruntime's profiler: time per layer, before -> after.")
+@click.option("--layer-plot", "layer_plot_path", type=click.Path(path_type=Path), default=None,
+              help="With --per-layer: write a PNG bar chart of the slowest layers.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
-          confidence, seed, mobile, mobile_dir, json_path, plot_path, progress):
+          confidence, seed, order_seed, mobile, mobile_dir, json_path, plot_path, per_layer, layer_plot_path,
+          progress):
     """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
     from onnxslim.graph.shapes import parse_input_shapes
     from onnxslim.io import write_json_atomic
@@ -72,7 +79,8 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
         raise OnnxSlimError("--mobile measures one thread (as on a phone); leave out --threads")
     options = BenchOptions(threads=thread_counts, batch_sizes=batch_sizes, input_shapes=parse_input_shapes(input_shapes),
                            opt_level=opt_level, providers=tuple(providers), warmup=warmup, repeat=repeat,
-                           session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed)
+                           session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed,
+                           order_seed=order_seed)
     artifacts = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-ort-") as tmp:
         targets = list(models)
@@ -85,7 +93,13 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
             artifacts = prepare_mobile(targets, mobile_dir or tmp)
             targets = [Path(a.ort_path) for a in artifacts]
         report = benchmark(targets, options, progress=progress)
+        profiles = _per_layer(targets, options, report) if per_layer or layer_plot_path else []
     click.echo(report.format_table())
+    for profile in profiles[1:] or profiles:
+        from onnxslim.validate.profile import format_comparison, format_profile
+
+        click.echo("")
+        click.echo(format_comparison(profiles[0], profile) if len(profiles) > 1 else format_profile(profile))
     if artifacts:
         from onnxslim.validate.mobile import usability_summary
 
@@ -101,6 +115,7 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
         payload["mobile"] = [
             {**dataclasses.asdict(a), "usability_summary": usability_summary(a.usability_log),
              "ort_path": a.ort_path if mobile_dir else None} for a in artifacts] if artifacts else None
+        payload["per_layer"] = [p.to_dict() for p in profiles] or None
         write_json_atomic(json_path, payload)
         click.echo(f"wrote {json_path}")
     if plot_path:
@@ -108,6 +123,24 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
 
         plot_latency(report, plot_path)
         click.echo(f"wrote {plot_path}")
+    if layer_plot_path:
+        from onnxslim.validate.profile import plot_layer_latency
+
+        plot_layer_latency(profiles, layer_plot_path)
+        click.echo(f"wrote {layer_plot_path}")
+
+
+def _per_layer(targets, options, report) -> list:
+    """onnxruntime-profiler per-layer times of every model at the first thread count and batch size."""
+    from onnxslim.validate.profile import profile_layers
+    from onnxslim.validate.runtime import SessionOptions
+
+    session_options = SessionOptions(threads=options.threads[0], opt_level=options.opt_level,
+                                     providers=report.environment["providers"])
+    return [profile_layers(target, session_options, runs=min(options.repeat, 50), warmup=min(options.warmup, 5),
+                           batch_size=options.batch_sizes[0], input_shapes=options.input_shapes, seed=options.seed,
+                           name=timing.name)
+            for target, timing in zip(targets, report.models)]
 
 
 @click.command()

@@ -14,21 +14,25 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxslim.graph.channels import RemovalPlan
-from onnxslim.graph.model import Graph, WeightStore, get_attr, iter_nodes_with_subgraphs
+from onnxslim.graph.analysis import RuleLookup
+from onnxslim.graph.model import Graph, WeightStore, iter_nodes_with_subgraphs
+from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.shapes import infer_model, shapes_of
 
 
 def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]]:
     """Fold ``y = x * s`` (s constant, varying only along the channel axis) into weights.
 
-    Into the producer of ``x`` when ``x`` feeds only this Mul (Conv, ConvTranspose, Gemm:
-    ``W[o] *= s[o], b[o] *= s[o]``; BatchNormalization, InstanceNormalization: ``scale *= s, B *= s``) —
-    for a positive ``s`` also through Relu, LeakyRelu, PRelu and pooling, since ``f(s x) = s f(x)``;
-    else into every consumer of ``y`` when all are Conv / Gemm / MatMul reading it as their feature input
-    (``W[:, i] *= s[i]``; exact with zero padding since ``pad(s x) = s pad(x)``). A scale of all ones is
-    simply bypassed. Returns (number of Mul nodes removed, names of per-channel Mul nodes kept).
+    Into the producer of ``x`` when ``x`` feeds only this Mul (its rule's ``fold_output_scale``: Conv,
+    ConvTranspose, Gemm ``W[o] *= s[o], b[o] *= s[o]``; BatchNormalization, InstanceNormalization
+    ``scale *= s, B *= s``) — for a positive ``s`` also through ops whose rule says
+    ``commutes_with_positive_scale`` (Relu, LeakyRelu, PRelu, pooling: ``f(s x) = s f(x)``); else into
+    every consumer of ``y`` when each one's rule gives a ``scaled_input_weight`` (Conv, Gemm, MatMul
+    reading it as their feature input: ``W[:, i] *= s[i]``; exact with zero padding since
+    ``pad(s x) = s pad(x)``). A scale of all ones is simply bypassed. The rules are those of the plan's
+    analysis. Returns (number of Mul nodes removed, names of per-channel Mul nodes kept).
     """
+    rules = plan.analysis.rules
     weights = WeightStore(index)
     folded, kept, removed = 0, [], set()
     for node in list(index.nodes):
@@ -40,25 +44,30 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
         if y in index.outputs and (x in index.outputs or len(index.uses(x)) != 1 or x not in index.producer):
             kept.append(index.node_name(node))  # the graph output name must survive
             continue
-        if np.all(factors == 1) or _scale_producer(index, weights, x, factors) \
-                or _scale_consumers(index, weights, y, factors):
+        if np.all(factors == 1) or _scale_producer(index, rules, weights, x, factors) \
+                or _scale_consumers(index, rules, weights, y, factors):
             _bypass(index, node, x, y)
-            removed.add(y)
+            removed.add(id(node))
             folded += 1
         else:
             kept.append(index.node_name(node))
-    if removed:
-        survivors = [n for n in index.graph.node if not (n.op_type == "Mul" and n.output[0] in removed)]
+    _drop_nodes(index, removed)
+    return folded, kept
+
+
+def _drop_nodes(index: Graph, doomed: set[int]) -> None:
+    """Remove the nodes whose ``id()`` is in ``doomed`` from the graph and reindex."""
+    if doomed:
+        survivors = [n for n in index.graph.node if id(n) not in doomed]
         del index.graph.node[:]
         index.graph.node.extend(survivors)
         index.reindex()
-    return folded, kept
 
 
 def _channel_scale(node, index: Graph, plan: RemovalPlan):
     """(factors, constant slot) when ``node`` is ``Mul(feature, c)`` with ``c`` per channel on axis 1
     (a mask) or a single number (a structure mask: one scale for the whole tensor)."""
-    if node.op_type != "Mul" or len(node.input) != 2:
+    if not plan.analysis.rule_for(node).multiplies(node):
         return None
     info = plan.analysis.info.get(node.output[0])
     if info is None or info.axis != 1:
@@ -101,118 +110,48 @@ def _bypass(index: Graph, node, x: str, y: str) -> None:
     index.producer.pop(y, None)
 
 
-# ops with f(s x) = s f(x) for s > 0, channel by channel: a positive scale moves through them
-_POSITIVELY_HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool",
-                           "GlobalMaxPool", "Identity", "Dropout"}
-
-
-def _scale_producer(index: Graph, weights: WeightStore, x: str, s: np.ndarray) -> bool:
+def _scale_producer(index: Graph, rules: RuleLookup, weights: WeightStore, x: str, s: np.ndarray) -> bool:
     producer = index.producer.get(x)
     if producer is None or x in index.outputs or len(index.uses(x)) != 1 or producer.output[0] != x:
         return False
-    op = producer.op_type
-    if op in _POSITIVELY_HOMOGENEOUS and np.all(s > 0):
+    rule = rules.rule_for(producer)
+    if rule.commutes_with_positive_scale(producer) and np.all(s > 0):
         if any(name and (index.uses(name) or name in index.outputs) for name in producer.output[1:]):
             return False  # e.g. MaxPool indices are read
-        return _scale_producer(index, weights, producer.input[0], s)
-    if op == "Conv":
-        weight = index.constant(producer.input[1])
-        if weight is None or weight.shape[0] != len(s):
-            return False
-        _write_scaled(weights, producer, 1, weight, s.reshape(-1, *([1] * (weight.ndim - 1))))
-        _scale_vector(index, weights, producer, 2, s)
-        return True
-    if op == "ConvTranspose":
-        weight = index.constant(producer.input[1])
-        groups = get_attr(producer, "group", 1)
-        if weight is None or weight.shape[1] * groups != len(s):
-            return False
-        per = s.reshape(groups, 1, weight.shape[1], *([1] * (weight.ndim - 2)))
-        grouped = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
-        weights.write(producer, 1, (grouped * per).reshape(weight.shape).astype(weight.dtype))
-        _scale_vector(index, weights, producer, 2, s)
-        return True
-    if op == "Gemm":
-        weight = index.constant(producer.input[1])
-        trans_b = get_attr(producer, "transB", 0)
-        if weight is None or get_attr(producer, "transA", 0) or weight.shape[0 if trans_b else 1] != len(s):
-            return False
-        bias = index.constant(producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
-        if len(producer.input) > 2 and producer.input[2] and bias is None:
-            return False
-        _write_scaled(weights, producer, 1, weight, s[:, None] if trans_b else s[None, :])
-        if bias is not None:
-            full = np.broadcast_to(bias, np.broadcast_shapes(bias.shape, (len(s),)))
-            _write_scaled(weights, producer, 2, full, s)
-        return True
-    if op in ("BatchNormalization", "InstanceNormalization"):
-        if any(index.constant(name) is None for name in producer.input[1:3]):
-            return False
-        _scale_vector(index, weights, producer, 1, s)
-        _scale_vector(index, weights, producer, 2, s)
-        return True
-    return False
+        return _scale_producer(index, rules, weights, producer.input[0], s)
+    return rule.fold_output_scale(producer, index, weights, s)
 
 
-def _scale_consumers(index: Graph, weights: WeightStore, y: str, s: np.ndarray) -> bool:
+def _scale_consumers(index: Graph, rules: RuleLookup, weights: WeightStore, y: str, s: np.ndarray) -> bool:
     uses = index.uses(y)
     if not uses or y in index.outputs:
         return False
     plans = []
     for use in uses:
-        node, slot = use.node, use.slot
-        weight = index.constant(node.input[1]) if len(node.input) > 1 else None
-        if slot != 0 or weight is None:
+        scaled = rules.rule_for(use.node).scaled_input_weight(use.node, use.slot, index, s)
+        if scaled is None:
             return False
-        if node.op_type == "Conv":
-            groups = get_attr(node, "group", 1)
-            if weight.shape[1] * groups != len(s):
-                return False
-            per = weight.shape[1]
-            factor = s.reshape(groups, 1, per, *([1] * (weight.ndim - 2)))
-            plans.append((node, weight, lambda w, f=factor, g=groups: (w.reshape(g, w.shape[0] // g, *w.shape[1:]) * f).reshape(w.shape)))
-        elif node.op_type == "Gemm" and not get_attr(node, "transA", 0):
-            trans_b = get_attr(node, "transB", 0)
-            if weight.shape[1 if trans_b else 0] != len(s):
-                return False
-            factor = s[None, :] if trans_b else s[:, None]
-            plans.append((node, weight, lambda w, f=factor: w * f))
-        elif node.op_type == "MatMul" and weight.ndim == 2 and weight.shape[0] == len(s) and len(index.shape(y) or ()) == 2:
-            plans.append((node, weight, lambda w, f=s[:, None]: w * f))
-        else:
-            return False
-    for node, weight, scale in plans:
-        weights.write(node, 1, scale(weight.astype(np.float64)).astype(weight.dtype))
+        plans.append((use.node, scaled))
+    for node, scaled in plans:
+        weights.write(node, 1, scaled.astype(index.constant(node.input[1]).dtype))
     return True
 
 
-def _write_scaled(weights: WeightStore, node, slot: int, value: np.ndarray, factor: np.ndarray) -> None:
-    weights.write(node, slot, (value.astype(np.float64) * factor).astype(value.dtype))
-
-
-def _scale_vector(index: Graph, weights: WeightStore, node, slot: int, s: np.ndarray) -> None:
-    if len(node.input) > slot and node.input[slot]:
-        value = index.constant(node.input[slot])
-        _write_scaled(weights, node, slot, value, s.reshape(value.shape) if value.size == len(s) else s)
-
-
-def remove_identities(index: Graph) -> int:
-    """Bypass every ``Identity`` whose output is not a graph output; returns how many went."""
+def remove_identities(index: Graph, rules: RuleLookup) -> int:
+    """Bypass every node whose rule says ``is_identity`` (``Identity``) and whose output is not a graph
+    output; returns how many went."""
     removed = set()
     for node in list(index.nodes):
-        if node.op_type != "Identity" or node.output[0] in index.outputs or node.output[0] in index.subgraph_reads:
+        if not rules.rule_for(node).is_identity(node) or node.output[0] in index.outputs \
+                or node.output[0] in index.subgraph_reads:
             continue
         source, target = node.input[0], node.output[0]
         for use in index.uses(target):
             use.node.input[use.slot] = source
         index.consumers.setdefault(source, []).extend(index.uses(target))
         index.consumers.pop(target, None)
-        removed.add(target)
-    if removed:
-        survivors = [n for n in index.graph.node if not (n.op_type == "Identity" and n.output[0] in removed)]
-        del index.graph.node[:]
-        index.graph.node.extend(survivors)
-        index.reindex()
+        removed.add(id(node))
+    _drop_nodes(index, removed)
     return len(removed)
 
 

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxslim.graph.channels import LIVE, ChannelAnalysis
+from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.slim import analyse, load_model
 from onnxslim.graph.stats import count_macs, count_params
+from onnxslim.graph.values import LIVE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +94,18 @@ class InspectReport:
 
 
 def inspect_model(model: onnx.ModelProto | str | os.PathLike,
-                  input_shapes: dict[str, list[int]] | None = None) -> InspectReport:
+                  input_shapes: dict[str, list[int]] | None = None, rules: RuleSet | None = None) -> InspectReport:
+    """The channel analysis of ``model`` without rewriting it: layers, coupled groups, barriers.
+
+    ``rules`` is the rule set (default :func:`onnxslim.graph.rules.default_rules`).
+    """
     model, _ = load_model(model)
-    analysis = analyse(model, input_shapes)
+    analysis = analyse(model, input_shapes, rules=rules)
     plan = analysis.plan()
     index = analysis.index
     roots = analysis.uf.roots()
     group_of_root = _layer_groups(analysis, roots)
-    _, _, layer_macs = count_macs(model, index.shapes)
+    _, _, layer_macs = count_macs(model, index.shapes, analysis.rules)
     zero_class = np.zeros(analysis.uf.size, bool)  # zero in at least one tensor (e.g. after its mask)
     for info in analysis.info.values():
         zero_class[roots[info.ids[info.zero]]] = True

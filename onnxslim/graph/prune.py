@@ -2,10 +2,12 @@
 
 1. The channel analysis of the unmasked model gives the coupled classes and the barriers. Classes held
    by a barrier (graph inputs/outputs, unknown ops) are never chosen.
-2. Every channel-creating layer (Conv, ConvTranspose, Gemm, MatMul) scores its output channels —
-   ``l1``: L1 norm of the filter, ``l2``: its L2 norm, ``bn``: |gamma| of the BatchNormalization that
-   follows (L1 when there is none), ``random`` (seeded). A class's score is the sum over the layers
-   that create it, so a residual group is judged by all its convolutions.
+2. Every channel-creating layer (Conv, ConvTranspose, Gemm, MatMul) scores its output channels with
+   its rule's ``channel_scores`` — ``l1``: L1 norm of the filter, ``l2``: its L2 norm, ``fpgm``: its
+   distance to the layer's other filters (geometric median), ``bn``: |gamma| of the op that follows when
+   its rule has ``channel_gains`` (BatchNormalization; L1 when there is none), ``random`` (seeded). A
+   class's score is the sum over the layers that create it, so a residual group is judged by all its
+   convolutions.
 3. ``scope="layer"``: each layer loses the ``ratio`` lowest-scoring of its prunable channels (keeping
    ``min_channels``); ``scope="global"``: the ``ratio`` lowest classes of the whole network, scores
    normalised by each layer's mean.
@@ -24,15 +26,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.graph.channels import BARRIER, ChannelAnalysis
-from onnxslim.graph.model import get_attr
+from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.report import SlimReport
-from onnxslim.graph.rules import rule_for
+from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.slim import analyse, load_model, slim
+from onnxslim.graph.values import BARRIER
 from onnxslim.io import save_model_atomic
 
-CRITERIA = ("l1", "l2", "bn", "random")
-_REDUCING = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+CRITERIA = ("l1", "l2", "fpgm", "bn", "random")
 
 
 def channel_scores(analysis: ChannelAnalysis, criterion: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -40,7 +41,6 @@ def channel_scores(analysis: ChannelAnalysis, criterion: str, seed: int = 0) -> 
     if criterion not in CRITERIA:
         raise OnnxSlimError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     rng = np.random.default_rng(seed)
-    index = analysis.index
     scores = {}
     for name, node in analysis.creators.items():
         size = analysis.info[name].size
@@ -48,27 +48,23 @@ def channel_scores(analysis: ChannelAnalysis, criterion: str, seed: int = 0) -> 
             scores[name] = rng.random(size)
             continue
         if criterion == "bn":
-            gamma = _following_bn_gamma(index, name, size)
+            gamma = _following_gains(analysis, name, size)
             if gamma is not None:
                 scores[name] = np.abs(gamma)
                 continue
-        base = rule_for(node).channel_scores(node, analysis)
-        if base is None:
-            continue
-        if criterion == "l2":
-            weight = index.constant(node.input[1])
-            if node.op_type == "Conv":
-                base = np.sqrt((weight.reshape(weight.shape[0], -1).astype(np.float64) ** 2).sum(axis=1))
-        scores[name] = base
+        base = analysis.rule_for(node).channel_scores(node, analysis, "l1" if criterion == "bn" else criterion)
+        if base is not None:
+            scores[name] = base
     return scores
 
 
-def _following_bn_gamma(index, name: str, size: int) -> np.ndarray | None:
-    uses = index.uses(name)
-    if len(uses) == 1 and uses[0].node.op_type == "BatchNormalization":
-        gamma = index.constant(uses[0].node.input[1])
-        if gamma is not None and gamma.size == size:
-            return gamma.astype(np.float64)
+def _following_gains(analysis: ChannelAnalysis, name: str, size: int) -> np.ndarray | None:
+    """The per-channel gains (BN's gamma) of the single reader of ``name``, when its rule has them."""
+    uses = analysis.index.uses(name)
+    if len(uses) == 1:
+        gains = analysis.rule_for(uses[0].node).channel_gains(uses[0].node, analysis.index)
+        if gains is not None and gains.size == size:
+            return gains
     return None
 
 
@@ -126,8 +122,7 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         for name, info in analysis.info.items():
             if not chosen[roots[info.ids]].any():
                 continue
-            readers = [u for u in index.uses(name) if u.node.op_type in _REDUCING and u.slot == 0
-                       and get_attr(u.node, "group", 1) == 1]
+            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) == "full"]
             if readers:
                 targets.append(name)
     else:
@@ -135,7 +130,7 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
             info = analysis.info[name]
             if chosen[roots[info.ids]].any():
                 uses = index.uses(name)
-                if len(uses) == 1 and uses[0].node.op_type == "BatchNormalization" and name not in index.outputs:
+                if len(uses) == 1 and analysis.rule_for(uses[0].node).masks_go_after and name not in index.outputs:
                     name = uses[0].node.output[0]
                 targets.append(name)
     graph = model.graph
@@ -152,7 +147,7 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         masked = index.fresh_name(f"{name}_pruned")
         mul = helper.make_node("Mul", [name, mask_name], [masked], name=masked)
         if placement == "consumers":
-            readers = [u for u in index.uses(name) if u.node.op_type in _REDUCING and u.slot == 0]
+            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) != "none"]
         else:
             readers = [u for u in index.uses(name)]
         for use in readers:
@@ -171,16 +166,17 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
           input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
           placement: str = "consumers", masked_path: str | os.PathLike | None = None,
-          ) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
+          rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
     """Prune ``ratio`` of the prunable channels; returns (slimmed model, report, masked model).
 
-    The masked model is the unslimmed reference that the slimmed model reproduces exactly.
+    The masked model is the unslimmed reference that the slimmed model reproduces exactly. ``rules``
+    is the rule set of the analysis and the slim (default :func:`onnxslim.graph.rules.default_rules`).
     """
     masked, _ = load_model(model)
-    analysis = analyse(masked, input_shapes)
+    analysis = analyse(masked, input_shapes, rules=rules)
     chosen = choose_classes(analysis, ratio, criterion, scope, min_channels, seed)
     insert_masks(masked, analysis, chosen, placement)
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
-    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to)
+    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to, rules=rules)
     return slimmed, report, masked

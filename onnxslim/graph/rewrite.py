@@ -10,12 +10,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxslim.graph.channels import ChannelAnalysis, ChannelInfo, RemovalPlan
+from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.model import WeightStore
-from onnxslim.graph.rules import rule_for
+from onnxslim.graph.plan import RemovalPlan
+from onnxslim.graph.values import ChannelInfo
 
 
 class Rewriter:
+    """Applies ``plan`` to the graph of ``analysis`` through the rules of the analysis' rule set."""
+
     def __init__(self, analysis: ChannelAnalysis, plan: RemovalPlan):
         self.analysis = analysis
         self.plan = plan
@@ -43,11 +46,10 @@ class Rewriter:
         graph = self.index.graph
         doomed = []
         for node in self.index.nodes:
-            outputs = [name for name in node.output if name]
-            if outputs and all(self.plan.is_empty(name) for name in outputs):
+            if self.plan.deletes(node):
                 doomed.append(node)
                 continue
-            rule_for(node).rewrite(node, self)
+            self.analysis.rule_for(node).rewrite(node, self)
         if doomed:
             doomed_ids = {id(n) for n in doomed}
             kept_nodes = [n for n in graph.node if id(n) not in doomed_ids]

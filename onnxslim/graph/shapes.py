@@ -57,9 +57,38 @@ def infer_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     """The weight-free skeleton of ``model`` with inferred value_info."""
     skel = skeleton(model, input_shapes)
     try:
-        return onnx.shape_inference.infer_shapes(skel, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+        for _ in range(16):  # each round can reach one more shape-preserving op further down
+            found = _same_shape_outputs(inferred)
+            if not found:
+                break
+            skel.graph.value_info.extend(found)
+            inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+        return inferred
     except Exception as exc:  # onnx raises several types; the message is what matters to the user
         raise OnnxSlimError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+# ops whose output 0 has the shape and type of input 0, which onnx's inference does not always say
+# (GroupNormalization-18/21 are functions that onnx 1.23 infers nothing for)
+_SAME_SHAPE_OPS = {"GroupNormalization", "LRN", "MeanVarianceNormalization", "InstanceNormalization"}
+
+
+def _same_shape_outputs(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """value_info for the outputs of shape-preserving ops that inference left without a shape."""
+    graph = inferred.graph
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)
+             if value_shape(v) is not None}
+    outputs = {o.name for o in graph.output}
+    found = []
+    for node in graph.node:
+        if node.op_type in _SAME_SHAPE_OPS and node.domain in ("", "ai.onnx") and node.input[0] in known \
+                and node.output[0] not in known and node.output[0] not in outputs:
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(known[node.input[0]])
+            value.name = node.output[0]
+            found.append(value)
+    return found
 
 
 def shapes_of(inferred: onnx.ModelProto) -> dict[str, tuple]:

@@ -7,7 +7,10 @@ Pipeline (each step in its own module):
 3. :mod:`channels` + :mod:`rules` — the channel dataflow analysis and the removal plan;
 4. :mod:`rewrite` — every rule slices its weights and attributes;
 5. :mod:`cleanup` — mask scales folded into weights, dead code dropped, shapes re-inferred;
-6. ``onnx.checker`` (full check) on the result; opset and IR version are those of the input.
+6. ``onnx.checker`` (full check) on the result; opset and IR version are those of the input. Without
+   ``check`` the structural check still runs: no model that fails to load is written.
+
+An input that fails ``onnx.checker`` (full check) is refused as invalid input before anything else.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.graph.channels import ChannelAnalysis, RemovalPlan
+from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.cleanup import (
     fold_channel_scales,
     refresh_shapes,
@@ -29,8 +32,10 @@ from onnxslim.graph.cleanup import (
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
 from onnxslim.graph.normalize import constants_to_initializers
+from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
+from onnxslim.graph.rules import RuleSet, default_rules
 from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import save_model_atomic
@@ -62,24 +67,30 @@ def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) ->
 
 
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
-            sources: dict[str, onnx.TensorProto] | None = None) -> ChannelAnalysis:
-    """Normalise ``model`` in place and run the channel analysis on it.
+            sources: dict[str, onnx.TensorProto] | None = None, rules: RuleSet | None = None) -> ChannelAnalysis:
+    """Normalise ``model`` in place and run the channel analysis on it with ``rules``
+    (default: :func:`onnxslim.graph.rules.default_rules`).
 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
+    check_input(model)
     constants_to_initializers(model, sources)
     inferred = infer_model(model, input_shapes)
-    return ChannelAnalysis(Graph(model, shapes_of(inferred), sources, symbols_of(inferred))).run()
+    index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
+    return ChannelAnalysis(index, rules if rules is not None else default_rules()).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
          input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int = 1,
-         check: bool = True) -> tuple[onnx.ModelProto, SlimReport]:
+         check: bool = True, rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport]:
     """Delete every provably-zero channel; returns the slimmed model and a report.
 
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
-    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` (full check).
+    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` with full shape
+    inference (without it, the structural check only); ``rules`` is the rule set (default
+    :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
+    for ops of other domains).
     The output is written atomically when ``output_path`` is given.
     """
     if round_to < 1:
@@ -89,9 +100,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
     original_inputs = [i.name for i in model.graph.input]
 
-    analysis = analyse(model, input_shapes, sources)
+    analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
-    before = model_stats(model, shapes=index.shapes)
+    before = model_stats(model, shapes=index.shapes, rules=analysis.rules)
     plan = analysis.plan(round_to=round_to)
     layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size)
                      for name, node in analysis.creators.items()}
@@ -99,18 +110,20 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
-    removed_nodes += remove_identities(index)
+    removed_nodes += remove_identities(index, analysis.rules)
     index.flush_updates()
     removed_nodes += remove_dead_code(model)
     attach_weights(model, index.sources)
     del source, sources
     sync_ir3_inputs(model, original_inputs)
-    refresh_shapes(model)
-    if check:
-        check_model(model)
+    try:
+        refresh_shapes(model)
+    except OnnxSlimError as exc:
+        raise OnnxSlimError(f"internal error: the slimmed model fails {exc}") from None
+    check_model(model, full=check)
     assert model.ir_version == ir_version and [(o.domain, o.version) for o in model.opset_import] == opset_imports
 
-    after = model_stats(model, input_shapes)
+    after = model_stats(model, input_shapes, rules=analysis.rules)
     layers = []
     for name, (node_name, op_type, channels) in layers_before.items():
         keep = plan.keep(name)
@@ -152,19 +165,37 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
     return total, deleted, kept, names
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` with full shape checking; large models are checked through their skeleton
-    (structure, types and shapes, without serialising the weights again) plus a tensor size check."""
+def check_input(model: onnx.ModelProto) -> None:
+    """Refuse an input that onnx itself rejects (``onnx.checker`` with full shape inference, run on the
+    weight-free skeleton): it is the user's invalid model, not a failure of slim.
+
+    Raises OnnxSlimError("invalid input model: ...").
+    """
     try:
-        if serialized_size(model) <= _FULL_CHECK_LIMIT:
+        onnx.checker.check_model(skeleton(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
+
+
+def check_model(model: onnx.ModelProto, full: bool = True) -> None:
+    """``onnx.checker`` on the result; ``full`` adds strict shape inference. Large models are checked
+    through their skeleton (structure, types and shapes, without serialising the weights again) plus a
+    tensor size check. Even without ``full`` the structure (topological order, defined inputs, types)
+    is checked, so that no model that fails to load is ever written."""
+    try:
+        if full and serialized_size(model) <= _FULL_CHECK_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
-            onnx.checker.check_model(skeleton(model), full_check=True)
+            onnx.checker.check_model(skeleton(model), full_check=full)
             _check_tensor_sizes(model)
     except onnx.checker.ValidationError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise OnnxSlimError(f"internal error: the slimmed model fails onnx.checker: {_first_line(exc)}") from None
     except onnx.shape_inference.InferenceError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails shape inference: {str(exc).splitlines()[0]}") from None
+        raise OnnxSlimError(f"internal error: the slimmed model fails shape inference: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:

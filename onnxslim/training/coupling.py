@@ -24,13 +24,22 @@ input or output (so the output layer is never masked), it passes through an op t
 it meets an op the rules do not know, a grouped (non-depthwise) conv, or layouts that do not line up.
 Every producer of a maskable group gets a mask after its *site*: the BN that is the producer's only
 consumer, or the producer itself.
+
+**Handlers.** Each rule above is one small handler ``handler(state, node, target) -> Layout | None``
+in a :class:`CouplingHandlers` table keyed by the traced target: a module type (looked up along the
+module's class hierarchy), a function (``torch.cat``, ``operator.add``) or a method name (``"view"``).
+:func:`default_handlers` builds the table; ``analyze_coupling(model, x, handlers=...)`` takes another
+one, e.g. ``default_handlers().with_modules({MyGate: handler})`` for a custom module, which is then
+traced as one call. A target without a handler blocks what it reads (:meth:`TraceState.unknown`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +47,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.training.channel_mask import ChannelMask
 
 Layout = list[tuple[int, int]]  # (union-find element, features per channel)
 
@@ -54,23 +64,23 @@ _NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
-_PRESERVING_FUNCTIONS = {
+_PRESERVING_FUNCTIONS = (
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu, F.hardswish, F.mish, torch.tanh,
     F.dropout, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, torch.relu_, torch.clone,
     operator.neg, torch.neg,
-}
-_ZERO_BREAKING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, torch.cos}
-_PRESERVING_METHODS = {"relu", "relu_", "contiguous", "clone", "float", "to", "tanh", "neg", "detach"}
-_ZERO_BREAKING_METHODS = {"sigmoid", "exp"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_ADD_METHODS = {"add", "add_", "sub", "sub_"}
-_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
-_MUL_METHODS = {"mul", "mul_"}
-_FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_MEAN_FUNCTIONS = {torch.mean, torch.amax, torch.sum}
-_MEAN_METHODS = {"mean", "amax", "sum"}
+)
+_ZERO_BREAKING_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp, torch.cos)
+_PRESERVING_METHODS = ("relu", "relu_", "contiguous", "clone", "float", "to", "tanh", "neg", "detach")
+_ZERO_BREAKING_METHODS = ("sigmoid", "exp")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub)
+_ADD_METHODS = ("add", "add_", "sub", "sub_")
+_MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+_MUL_METHODS = ("mul", "mul_")
+_FLATTEN_FUNCTIONS = (torch.flatten, torch.reshape)
+_FLATTEN_METHODS = ("flatten", "view", "reshape")
+_MEAN_FUNCTIONS = (torch.mean, torch.amax, torch.sum)
+_MEAN_METHODS = ("mean", "amax", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,22 +157,143 @@ class _UnionFind:
         self.blocked.setdefault(self.find(element), reason)
 
 
+def _shape(node: Any) -> tuple[int, ...] | None:
+    """The traced shape of ``node`` (None for non-tensors and non-nodes)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(d) for d in meta.shape)
+
+
+class TraceState:
+    """What the walk over one traced graph has found so far; handlers read and extend it.
+
+    ``layouts`` maps each visited node to its layout (None: no channel dimension); ``uf`` is the
+    union-find over blocks; producers and their calls are recorded with :meth:`add_producer`.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.uf = _UnionFind()
+        self.modules = modules
+        self.layouts: dict[fx.Node, Layout | None] = {}
+        self.producer_block: dict[str, int] = {}
+        self.producers: dict[str, tuple[str, int]] = {}  # name -> (kind, out_channels)
+        self.layer_calls: list[tuple[str, nn.Module, int, Layout, tuple[int, ...]]] = []
+        self.mask_blocks: dict[str, int] = {}
+
+    shape = staticmethod(_shape)
+
+    def layout(self, node: Any) -> Layout | None:
+        return self.layouts.get(node) if isinstance(node, fx.Node) else None
+
+    def first_layout(self, node: fx.Node) -> Layout | None:
+        """The layout of the node's first argument (the tensor a module or an activation reads)."""
+        return self.layout(node.args[0] if node.args else None)
+
+    def block_all(self, layout: Layout | None, reason: str) -> None:
+        for element, _ in layout or []:
+            self.uf.block(element, reason)
+
+    def fresh(self, node: fx.Node, reason: str | None) -> Layout | None:
+        """A new block for ``node``'s channels, blocked with ``reason`` when given."""
+        s = _shape(node)
+        if s is None or len(s) < 2:
+            return None
+        element = self.uf.new(s[1])
+        if reason:
+            self.uf.block(element, reason)
+        return [(element, 1)]
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if _shape(n) is not None else None)
+        return found
+
+    def unknown(self, node: fx.Node, what: str) -> Layout | None:
+        """A barrier: every channel ``node`` reads and writes is blocked."""
+        for arg in self.tensor_inputs(node):
+            self.block_all(self.layouts.get(arg), f"used by {what}")
+        return self.fresh(node, f"produced by {what}")
+
+    def union_layouts(self, a: Layout, b: Layout, what: str) -> bool:
+        """Couple ``a`` and ``b`` position by position; block boundaries must agree (else both are blocked)."""
+        size = self.uf.size
+        if len(a) != len(b) or any(size[x] * rx != size[y] * ry or rx != ry for (x, rx), (y, ry) in zip(a, b)):
+            self.block_all(a, f"misaligned channels at {what}")
+            self.block_all(b, f"misaligned channels at {what}")
+            return False
+        for (x, _), (y, _) in zip(a, b):
+            self.uf.union(x, y)
+        return True
+
+    def is_blocked(self, layout: Layout) -> bool:
+        return any(self.uf.find(e) in self.uf.blocked for e, _ in layout)
+
+    def add_producer(self, node: fx.Node, module: nn.Module, kind: str, out_channels: int) -> None:
+        """Record a call of producer ``node.target`` (its block must be in ``producer_block`` already)."""
+        self.producers[node.target] = (kind, out_channels)
+        self.layer_calls.append((node.target, module, self.producer_block[node.target],
+                                 list(self.first_layout(node) or []), _shape(node) or ()))
+
+
+Handler = Callable[[TraceState, fx.Node, Any], "Layout | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CouplingHandlers:
+    """The handler table: ``handler(state, node, target) -> layout`` keyed by the traced target.
+
+    ``modules`` is keyed by module type (a subclass uses its nearest registered base class),
+    ``functions`` by the called function, ``methods`` by the tensor method's name. Module types in the
+    table are traced as one call (``torch.fx`` leaves).
+    """
+
+    modules: Mapping[type, Handler]
+    functions: Mapping[Any, Handler]
+    methods: Mapping[str, Handler]
+
+    def for_module(self, module: nn.Module) -> Handler | None:
+        return next((self.modules[cls] for cls in type(module).__mro__ if cls in self.modules), None)
+
+    def for_call(self, node: fx.Node) -> Handler | None:
+        table = self.functions if node.op == "call_function" else self.methods
+        try:
+            return table.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+
+    def with_modules(self, extra: Mapping[type, Handler]) -> CouplingHandlers:
+        """A copy with handlers for more (or replaced) module types."""
+        return dataclasses.replace(self, modules=MappingProxyType({**self.modules, **extra}))
+
+    def with_functions(self, extra: Mapping[Any, Handler]) -> CouplingHandlers:
+        return dataclasses.replace(self, functions=MappingProxyType({**self.functions, **extra}))
+
+    def with_methods(self, extra: Mapping[str, Handler]) -> CouplingHandlers:
+        return dataclasses.replace(self, methods=MappingProxyType({**self.methods, **extra}))
+
+
 class _Tracer(fx.Tracer):
+    def __init__(self, handlers: CouplingHandlers) -> None:
+        super().__init__()
+        self.handlers = handlers
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        from onnxslim.training.masks import ChannelMask
-
-        if isinstance(module, ChannelMask):
-            return True
-        return super().is_leaf_module(module, qualified_name)
+        return type(module) in self.handlers.modules or super().is_leaf_module(module, qualified_name)
 
 
-def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    """``torch.fx`` trace of ``model`` with tensor shapes from one eval-mode run on ``example_input``."""
+def trace(model: nn.Module, example_input: torch.Tensor, handlers: CouplingHandlers | None = None) -> fx.GraphModule:
+    """``torch.fx`` trace of ``model`` with tensor shapes from one eval-mode run on ``example_input``.
+
+    Module types with a handler (``ChannelMask`` by default) stay single calls. Raises
+    :class:`OnnxSlimError` when ``torch.fx`` cannot trace the model.
+    """
+    handlers = handlers or default_handlers()
     was_training = model.training
     model.eval()  # masked sites trace as explicit mask multiplications in eval mode
     try:
         try:
-            graph = _Tracer().trace(model)
+            graph = _Tracer(handlers).trace(model)
         except Exception as exc:  # fx raises many exception types for untraceable code
             raise OnnxSlimError(f"cannot trace {type(model).__name__} with torch.fx to find coupled channels: "
                                 f"{exc}") from None
@@ -175,168 +306,42 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return module
 
 
-def analyze_coupling(model: nn.Module, example_input: torch.Tensor) -> CouplingAnalysis:
-    """Find coupled channel groups and mask sites of ``model`` (see the module docstring for the rules)."""
-    from onnxslim.training.masks import ChannelMask
+def analyze_coupling(model: nn.Module, example_input: torch.Tensor,
+                     handlers: CouplingHandlers | None = None) -> CouplingAnalysis:
+    """Find coupled channel groups and mask sites of ``model`` (see the module docstring for the rules).
 
-    module = trace(model, example_input)
-    uf = _UnionFind()
-    layouts: dict[fx.Node, Layout | None] = {}
-    producer_block: dict[str, int] = {}
-    producers: dict[str, dict] = {}
-    layer_calls: list[tuple[str, nn.Module, int, Layout, tuple[int, ...]]] = []
-    mask_blocks: dict[str, int] = {}
-    modules = dict(model.named_modules(remove_duplicate=False))
-
-    def shape(node) -> tuple[int, ...] | None:
-        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        if meta is None or not hasattr(meta, "shape"):
-            return None
-        return tuple(int(d) for d in meta.shape)
-
-    def channels(layout: Layout) -> int:
-        return sum(uf.size[e] * r for e, r in layout)
-
-    def block_all(layout: Layout | None, reason: str) -> None:
-        for element, _ in layout or []:
-            uf.block(element, reason)
-
-    def fresh(node, reason: str | None) -> Layout | None:
-        s = shape(node)
-        if s is None or len(s) < 2:
-            return None
-        element = uf.new(s[1])
-        if reason:
-            uf.block(element, reason)
-        return [(element, 1)]
-
-    def tensor_inputs(node) -> list[fx.Node]:
-        found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if shape(n) is not None else None)
-        return found
-
-    def unknown(node, what: str) -> Layout | None:
-        for arg in tensor_inputs(node):
-            block_all(layouts.get(arg), f"used by {what}")
-        return fresh(node, f"produced by {what}")
-
-    def union_layouts(a: Layout, b: Layout, what: str) -> bool:
-        # position by position; block boundaries must agree
-        if len(a) != len(b) or any(uf.size[x] * rx != uf.size[y] * ry or rx != ry for (x, rx), (y, ry) in zip(a, b)):
-            block_all(a, f"misaligned channels at {what}")
-            block_all(b, f"misaligned channels at {what}")
-            return False
-        for (x, _), (y, _) in zip(a, b):
-            uf.union(x, y)
-        return True
-
+    ``example_input``: one batch (N, C, H, W) the model accepts. ``handlers``: the rule table
+    (default :func:`default_handlers`). Raises :class:`OnnxSlimError` when the model cannot be traced.
+    """
+    handlers = handlers or default_handlers()
+    module = trace(model, example_input, handlers)
+    state = TraceState(dict(model.named_modules(remove_duplicate=False)))
     for node in module.graph.nodes:
-        out_shape = shape(node)
-        if node.op == "placeholder":
-            layouts[node] = fresh(node, "reaches the network input")
-        elif node.op == "get_attr":
-            layouts[node] = None
-        elif node.op == "output":
-            for arg in tensor_inputs(node):
-                block_all(layouts.get(arg), "reaches the network output")
-        elif node.op == "call_module":
-            sub = modules[node.target]
-            source = node.args[0] if node.args else None
-            source_layout = layouts.get(source) if isinstance(source, fx.Node) else None
-            if isinstance(sub, ChannelMask):
-                layouts[node] = source_layout
-                if source_layout and len(source_layout) == 1:
-                    mask_blocks.setdefault(node.target, source_layout[0][0])
-            elif isinstance(sub, _CONV_MODULES + _CONV_TRANSPOSE_MODULES):
-                transposed = isinstance(sub, _CONV_TRANSPOSE_MODULES)
-                if sub.groups == 1:
-                    kind = "conv_transpose" if transposed else "conv"
-                    if node.target not in producer_block:
-                        producer_block[node.target] = uf.new(sub.out_channels)
-                    layouts[node] = [(producer_block[node.target], 1)]
-                elif (not transposed and sub.groups == sub.in_channels == sub.out_channels and source_layout
-                      and len(source_layout) == 1 and source_layout[0][1] == 1):
-                    kind = "depthwise"
-                    layouts[node] = source_layout
-                    element = source_layout[0][0]
-                    if node.target in producer_block:
-                        uf.union(producer_block[node.target], element)
-                    else:
-                        producer_block[node.target] = element
-                else:
-                    kind = "grouped"
-                    block_all(source_layout, f"feeds grouped conv {node.target}")
-                    layouts[node] = fresh(node, f"output of grouped conv {node.target}")
-                    producer_block.setdefault(node.target, layouts[node][0][0])
-                producers[node.target] = {"kind": kind, "out_channels": sub.out_channels}
-                layer_calls.append((node.target, sub, producer_block[node.target], list(source_layout or []),
-                                    out_shape or ()))
-            elif isinstance(sub, nn.Linear):
-                if out_shape is not None and len(out_shape) == 2:
-                    if node.target not in producer_block:
-                        producer_block[node.target] = uf.new(sub.out_features)
-                    layouts[node] = [(producer_block[node.target], 1)]
-                    producers[node.target] = {"kind": "linear", "out_channels": sub.out_features}
-                    layer_calls.append((node.target, sub, producer_block[node.target], list(source_layout or []),
-                                        out_shape))
-                else:
-                    layouts[node] = unknown(node, f"Linear {node.target} on a tensor that is not 2-D")
-            elif isinstance(sub, _NORM_MODULES):
-                layouts[node] = source_layout
-                if not _is_site_norm(source, node, producers, modules):
-                    block_all(source_layout, f"BN {node.target} does not directly follow its conv (maps 0 to its shift)")
-            elif isinstance(sub, _PRESERVING_MODULES):
-                layouts[node] = source_layout
-            elif isinstance(sub, _ZERO_BREAKING_MODULES):
-                layouts[node] = source_layout
-                block_all(source_layout, f"{type(sub).__name__} maps 0 to non-zero")
-            elif isinstance(sub, nn.Flatten):
-                layouts[node] = _flatten_layout(source, node, source_layout, shape)
-                if layouts[node] is None:
-                    layouts[node] = unknown(node, f"Flatten {node.target}")
-            else:
-                layouts[node] = unknown(node, f"{type(sub).__name__} {node.target}")
-        elif node.op in ("call_function", "call_method"):
-            if out_shape is None:  # sizes, shapes, tuples of tensors
-                if node.target is torch.Tensor.size or node.target in ("size", "dim") or node.target is getattr:
-                    layouts[node] = None
-                else:
-                    for arg in tensor_inputs(node):
-                        block_all(layouts.get(arg), f"used by {_name(node)}")
-                    layouts[node] = None
-                continue
-            target = node.target
-            is_fn = node.op == "call_function"
-            first = node.args[0] if node.args else None
-            first_layout = layouts.get(first) if isinstance(first, fx.Node) else None
-            if (is_fn and target in _ADD_FUNCTIONS) or (not is_fn and target in _ADD_METHODS):
-                layouts[node] = _combine(node, uf, layouts, shape, union_layouts, block_all, fresh, additive=True)
-            elif (is_fn and target in _MUL_FUNCTIONS) or (not is_fn and target in _MUL_METHODS):
-                layouts[node] = _combine(node, uf, layouts, shape, union_layouts, block_all, fresh, additive=False)
-            elif is_fn and target is torch.cat:
-                layouts[node] = _cat_layout(node, layouts, shape, union_layouts, unknown)
-            elif (is_fn and target in _PRESERVING_FUNCTIONS) or (not is_fn and target in _PRESERVING_METHODS):
-                layouts[node] = first_layout
-            elif (is_fn and target in _ZERO_BREAKING_FUNCTIONS) or (not is_fn and target in _ZERO_BREAKING_METHODS):
-                layouts[node] = first_layout
-                block_all(first_layout, f"{_name(node)} maps 0 to non-zero")
-            elif (is_fn and target in _FLATTEN_FUNCTIONS) or (not is_fn and target in _FLATTEN_METHODS):
-                layouts[node] = _flatten_layout(first, node, first_layout, shape)
-                if layouts[node] is None:
-                    layouts[node] = unknown(node, _name(node))
-            elif (is_fn and target in _MEAN_FUNCTIONS) or (not is_fn and target in _MEAN_METHODS):
-                in_shape = shape(first)
-                if in_shape and out_shape and len(out_shape) >= 2 and out_shape[1] == in_shape[1] \
-                        and not _reduces_channels(node, len(in_shape)):
-                    layouts[node] = first_layout
-                else:
-                    layouts[node] = unknown(node, _name(node))
-            elif is_fn and target is operator.getitem and _is_spatial_slice(node):
-                layouts[node] = first_layout
-            else:
-                layouts[node] = unknown(node, _name(node))
+        state.layouts[node] = _visit(state, node, handlers)
+    return _finish(state, module)
 
-    return _finish(uf, producer_block, producers, layer_calls, mask_blocks, modules, module)
+
+def _visit(state: TraceState, node: fx.Node, handlers: CouplingHandlers) -> Layout | None:
+    """The layout of one node: graph inputs/outputs here, everything else through its handler."""
+    if node.op == "placeholder":
+        return state.fresh(node, "reaches the network input")
+    if node.op == "get_attr":
+        return None
+    if node.op == "output":
+        for arg in state.tensor_inputs(node):
+            state.block_all(state.layouts.get(arg), "reaches the network output")
+        return None
+    if node.op == "call_module":
+        sub = state.modules[node.target]
+        handler = handlers.for_module(sub)
+        return handler(state, node, sub) if handler else state.unknown(node, f"{type(sub).__name__} {node.target}")
+    if _shape(node) is None:  # sizes, shapes, tuples of tensors
+        if not (node.target is torch.Tensor.size or node.target in ("size", "dim") or node.target is getattr):
+            for arg in state.tensor_inputs(node):
+                state.block_all(state.layouts.get(arg), f"used by {_name(node)}")
+        return None
+    handler = handlers.for_call(node)
+    return handler(state, node, node.target) if handler else state.unknown(node, _name(node))
 
 
 def _name(node: fx.Node) -> str:
@@ -344,15 +349,98 @@ def _name(node: fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def _is_site_norm(source, norm_node: fx.Node, producers: dict, modules: dict) -> bool:
+def _label(node: fx.Node, target: Any) -> str:
+    """How a message names the op: the module's type, or the function/method name."""
+    return type(target).__name__ if node.op == "call_module" else _name(node)
+
+
+# -- handlers: modules --------------------------------------------------------------------------------
+
+def _mask(state: TraceState, node: fx.Node, module: nn.Module) -> Layout | None:
+    """A mask keeps its input's layout; the group of its single block is the mask's group."""
+    layout = state.first_layout(node)
+    if layout and len(layout) == 1:
+        state.mask_blocks.setdefault(node.target, layout[0][0])
+    return layout
+
+
+def _conv(state: TraceState, node: fx.Node, conv: nn.Module) -> Layout | None:
+    """Conv/ConvTranspose: a producer (groups 1), a channel-to-channel map (depthwise) or a barrier (grouped)."""
+    transposed = isinstance(conv, _CONV_TRANSPOSE_MODULES)
+    source = state.first_layout(node)
+    blocks = state.producer_block
+    if conv.groups == 1:
+        kind = "conv_transpose" if transposed else "conv"
+        blocks.setdefault(node.target, state.uf.new(conv.out_channels))
+        layout = [(blocks[node.target], 1)]
+    elif (not transposed and conv.groups == conv.in_channels == conv.out_channels and source
+          and len(source) == 1 and source[0][1] == 1):
+        kind, layout = "depthwise", source
+        if node.target in blocks:
+            state.uf.union(blocks[node.target], source[0][0])
+        else:
+            blocks[node.target] = source[0][0]
+    else:
+        kind = "grouped"
+        state.block_all(source, f"feeds grouped conv {node.target}")
+        layout = state.fresh(node, f"output of grouped conv {node.target}")
+        blocks.setdefault(node.target, layout[0][0])
+    state.add_producer(node, conv, kind, conv.out_channels)
+    return layout
+
+
+def _linear(state: TraceState, node: fx.Node, linear: nn.Linear) -> Layout | None:
+    """Linear on (N, C) input is a producer; on anything else a barrier."""
+    out_shape = _shape(node)
+    if out_shape is None or len(out_shape) != 2:
+        return state.unknown(node, f"Linear {node.target} on a tensor that is not 2-D")
+    state.producer_block.setdefault(node.target, state.uf.new(linear.out_features))
+    state.add_producer(node, linear, "linear", linear.out_features)
+    return [(state.producer_block[node.target], 1)]
+
+
+def _norm(state: TraceState, node: fx.Node, norm: nn.Module) -> Layout | None:
+    """BN keeps channels; unless it directly follows its producer it maps 0 to its shift (blocked)."""
+    layout = state.first_layout(node)
+    source = node.args[0] if node.args else None
+    if not _is_site_norm(source, node, state.producers):
+        state.block_all(layout, f"BN {node.target} does not directly follow its conv (maps 0 to its shift)")
+    return layout
+
+
+def _is_site_norm(source: Any, norm_node: fx.Node, producers: Mapping[str, Any]) -> bool:
     """A BN is a mask site when it directly consumes a producer call that has no other consumer."""
     if not isinstance(source, fx.Node) or source.op != "call_module" or source.target not in producers:
         return False
     return len(source.users) == 1 and norm_node.args[0] is source
 
 
-def _flatten_layout(source, node: fx.Node, layout: Layout | None, shape) -> Layout | None:
-    in_shape, out_shape = shape(source), shape(node)
+# -- handlers: modules and calls ----------------------------------------------------------------------
+
+def _keep(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    """Channel-preserving ops (activations with f(0) = 0, pooling, resampling, dropout): same layout."""
+    return state.first_layout(node)
+
+
+def _zero_breaking(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    """Ops with f(0) != 0 (sigmoid, exp ...): same layout, every channel blocked."""
+    layout = state.first_layout(node)
+    state.block_all(layout, f"{_label(node, target)} maps 0 to non-zero")
+    return layout
+
+
+def _flatten(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    """Flatten/view/reshape to (N, C*H*W): each channel becomes a run of H*W features."""
+    source = node.args[0] if node.args else None
+    layout = _flatten_layout(source, node, state.layout(source))
+    if layout is None:
+        what = f"Flatten {node.target}" if node.op == "call_module" else _name(node)
+        return state.unknown(node, what)
+    return layout
+
+
+def _flatten_layout(source: Any, node: fx.Node, layout: Layout | None) -> Layout | None:
+    in_shape, out_shape = _shape(source), _shape(node)
     if layout is None or in_shape is None or out_shape is None or len(out_shape) < 2:
         return None
     if in_shape[0] != out_shape[0]:
@@ -367,6 +455,18 @@ def _flatten_layout(source, node: fx.Node, layout: Layout | None, shape) -> Layo
     return None
 
 
+# -- handlers: calls ----------------------------------------------------------------------------------
+
+def _mean(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    """A reduction over spatial axes keeps the channels; over channels it is a barrier."""
+    first = node.args[0] if node.args else None
+    in_shape, out_shape = _shape(first), _shape(node)
+    if in_shape and out_shape and len(out_shape) >= 2 and out_shape[1] == in_shape[1] \
+            and not _reduces_channels(node, len(in_shape)):
+        return state.layout(first)
+    return state.unknown(node, _name(node))
+
+
 def _reduces_channels(node: fx.Node, ndim: int) -> bool:
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if dims is None:
@@ -375,32 +475,41 @@ def _reduces_channels(node: fx.Node, ndim: int) -> bool:
     return any(int(d) % ndim == 1 for d in dims)
 
 
-def _is_spatial_slice(node: fx.Node) -> bool:
+def _getitem(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    """``x[:, :, a:b, c:d]`` (a spatial slice) keeps the channels; any other indexing is a barrier."""
     index = node.args[1]
-    if not isinstance(index, tuple) or len(index) < 2:
-        return False
     full = slice(None, None, None)
-    return index[0] == full and index[1] == full and all(isinstance(i, slice) for i in index[2:])
+    if isinstance(index, tuple) and len(index) >= 2 and index[0] == full and index[1] == full \
+            and all(isinstance(i, slice) for i in index[2:]):
+        return state.first_layout(node)
+    return state.unknown(node, _name(node))
 
 
-def _combine(node, uf, layouts, shape, union_layouts, block_all, fresh, additive: bool) -> Layout | None:
-    out_shape = shape(node)
-    operands = [a for a in node.args[:2]]
-    tensors = [a for a in operands if isinstance(a, fx.Node) and shape(a) is not None]
+def _add(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    return _combine(state, node, additive=True)
+
+
+def _mul(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    return _combine(state, node, additive=False)
+
+
+def _combine(state: TraceState, node: fx.Node, additive: bool) -> Layout | None:
+    """add/sub union the operands' blocks; mul by a constant or a gate keeps the feature map's layout."""
+    operands = list(node.args[:2])
+    tensors = [a for a in operands if isinstance(a, fx.Node) and _shape(a) is not None]
     what = _name(node)
     if len(tensors) == 1:
         other = next((a for a in operands if a is not tensors[0]), None)
-        layout = layouts.get(tensors[0])
+        layout = state.layouts.get(tensors[0])
         if isinstance(other, fx.Node):  # a non-tensor node (e.g. a size): keep conservative
-            block_all(layout, f"{what} with a non-constant scalar")
-            return fresh(node, f"output of {what}")
+            state.block_all(layout, f"{what} with a non-constant scalar")
+            return state.fresh(node, f"output of {what}")
         if additive and other not in (0, 0.0):
-            block_all(layout, f"{what} of a non-zero constant")
+            state.block_all(layout, f"{what} of a non-zero constant")
         return layout
     a, b = tensors[0], tensors[1]
-    sa, sb = shape(a), shape(b)
-    la, lb = layouts.get(a), layouts.get(b)
-    out = tuple(out_shape)
+    sa, sb, out = _shape(a), _shape(b), _shape(node)
+    la, lb = state.layouts.get(a), state.layouts.get(b)
     if not additive and (la is None) != (lb is None):
         # a constant tensor times a feature map (e.g. a learned scale): multiplying keeps zeros
         return la if la is not None else lb
@@ -408,80 +517,109 @@ def _combine(node, uf, layouts, shape, union_layouts, block_all, fresh, additive
         if not additive:
             # x * gate with equal shapes (a gate over a 1x1 map): the gate already passed a sigmoid-like op,
             # so its channels are blocked; the product keeps x's zeros and needs no shared mask
-            a_blocked = any(uf.find(e) in uf.blocked for e, _ in la)
-            b_blocked = any(uf.find(e) in uf.blocked for e, _ in lb)
+            a_blocked, b_blocked = state.is_blocked(la), state.is_blocked(lb)
             if a_blocked != b_blocked:
                 return lb if a_blocked else la
-        union_layouts(la, lb, what)
+        state.union_layouts(la, lb, what)
         return la
     if not additive and la is not None and lb is not None and len(sa) == len(sb) and (sa == out or sb == out):
         # a gate (squeeze-excitation, or a per-pixel map): the result keeps the full operand's zeros; the
         # gate's own zeros would not be zeros of the full operand, so its channels are not maskable
         full, gate = (la, lb) if sa == out else (lb, la)
-        block_all(gate, f"gates a feature map in {what}")
+        state.block_all(gate, f"gates a feature map in {what}")
         return full
-    block_all(la, f"{what} with a broadcast operand")
-    block_all(lb, f"{what} with a broadcast operand")
-    return fresh(node, f"output of {what}")
+    state.block_all(la, f"{what} with a broadcast operand")
+    state.block_all(lb, f"{what} with a broadcast operand")
+    return state.fresh(node, f"output of {what}")
 
 
-def _cat_layout(node, layouts, shape, union_layouts, unknown) -> Layout | None:
+def _cat(state: TraceState, node: fx.Node, target: Any) -> Layout | None:
+    """``cat`` along channels concatenates layouts; along another axis it couples the operands."""
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    out_shape = shape(node)
+    out_shape = _shape(node)
     if not isinstance(tensors, (list, tuple)) or out_shape is None:
-        return unknown(node, "cat")
-    parts = [layouts.get(t) for t in tensors]
+        return state.unknown(node, "cat")
+    parts = [state.layouts.get(t) for t in tensors]
     if any(p is None for p in parts):
-        return unknown(node, "cat of a tensor without channels")
-    dim = int(dim) % len(out_shape)
-    if dim == 1:
+        return state.unknown(node, "cat of a tensor without channels")
+    if int(dim) % len(out_shape) == 1:
         return [entry for part in parts for entry in part]
     # concatenating along another axis puts the same channel index of every operand in one channel
     for part in parts[1:]:
-        union_layouts(parts[0], part, "cat")
+        state.union_layouts(parts[0], part, "cat")
     return parts[0]
 
 
-def _finish(uf, producer_block, producers, layer_calls, mask_blocks, modules, module) -> CouplingAnalysis:
+def default_handlers() -> CouplingHandlers:
+    """The rule table of the module docstring (a new value on every call; extend it with ``with_*``)."""
+    modules: dict[type, Handler] = {
+        ChannelMask: _mask, nn.Linear: _linear, nn.Flatten: _flatten,
+        **dict.fromkeys(_CONV_MODULES + _CONV_TRANSPOSE_MODULES, _conv),
+        **dict.fromkeys(_NORM_MODULES, _norm),
+        **dict.fromkeys(_PRESERVING_MODULES, _keep),
+        **dict.fromkeys(_ZERO_BREAKING_MODULES, _zero_breaking),
+    }
+    functions: dict[Any, Handler] = {
+        torch.cat: _cat, operator.getitem: _getitem,
+        **dict.fromkeys(_ADD_FUNCTIONS, _add), **dict.fromkeys(_MUL_FUNCTIONS, _mul),
+        **dict.fromkeys(_PRESERVING_FUNCTIONS, _keep), **dict.fromkeys(_ZERO_BREAKING_FUNCTIONS, _zero_breaking),
+        **dict.fromkeys(_FLATTEN_FUNCTIONS, _flatten), **dict.fromkeys(_MEAN_FUNCTIONS, _mean),
+    }
+    methods: dict[str, Handler] = {
+        **dict.fromkeys(_ADD_METHODS, _add), **dict.fromkeys(_MUL_METHODS, _mul),
+        **dict.fromkeys(_PRESERVING_METHODS, _keep), **dict.fromkeys(_ZERO_BREAKING_METHODS, _zero_breaking),
+        **dict.fromkeys(_FLATTEN_METHODS, _flatten), **dict.fromkeys(_MEAN_METHODS, _mean),
+    }
+    return CouplingHandlers(MappingProxyType(modules), MappingProxyType(functions), MappingProxyType(methods))
+
+
+# -- result -------------------------------------------------------------------------------------------
+
+def _finish(state: TraceState, module: fx.GraphModule) -> CouplingAnalysis:
+    uf = state.uf
     roots: dict[int, int] = {}
 
     def group_index(element: int) -> int:
         return roots.setdefault(uf.find(element), len(roots))
 
-    group_of = {name: group_index(element) for name, element in producer_block.items()}
+    group_of = {name: group_index(element) for name, element in state.producer_block.items()}
     layers = tuple(
         LayerInfo(name, sub, group_index(element), tuple((group_index(e), r) for e, r in layout), tuple(out_shape))
-        for name, sub, element, layout, out_shape in layer_calls
+        for name, sub, element, layout, out_shape in state.layer_calls
     )
-    masks = {name: group_index(element) for name, element in mask_blocks.items()}
+    masks = {name: group_index(element) for name, element in state.mask_blocks.items()}
     members: list[list[str]] = [[] for _ in roots]
     for name, index in group_of.items():
         members[index].append(name)
-    reasons = [""] * len(roots)
-    sizes = [0] * len(roots)
+    reasons, sizes = [""] * len(roots), [0] * len(roots)
     for root, index in roots.items():
         reasons[index] = uf.blocked.get(root, "")
         sizes[index] = uf.size[root]
-    for name, info in producers.items():
-        if info["kind"] == "grouped" and not reasons[group_of[name]]:
+    for name, (kind, _) in state.producers.items():
+        if kind == "grouped" and not reasons[group_of[name]]:
             reasons[group_of[name]] = f"output of grouped conv {name}"
     for index, names in enumerate(members):
         if not names and not reasons[index]:
             reasons[index] = "no producer"
-    producer_infos: dict[str, Producer] = {}
+    groups = tuple(ChannelGroup(tuple(names), sizes[i], not reasons[i], reasons[i]) for i, names in enumerate(members))
+    return CouplingAnalysis(groups, _producer_infos(state, module), group_of, layers, masks)
+
+
+def _producer_infos(state: TraceState, module: fx.GraphModule) -> dict[str, Producer]:
+    """Each producer with its mask site: the BN that is its only consumer, or the producer itself."""
+    infos: dict[str, Producer] = {}
     for node in module.graph.nodes:
-        if node.op != "call_module" or node.target not in producers or node.target in producer_infos:
+        if node.op != "call_module" or node.target not in state.producers or node.target in infos:
             continue
         users = list(node.users)
         norm = None
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _NORM_MODULES):
+        if len(users) == 1 and users[0].op == "call_module" and \
+                isinstance(state.modules[users[0].target], _NORM_MODULES):
             norm = users[0].target
-        info = producers[node.target]
-        producer_infos[node.target] = Producer(node.target, info["kind"], info["out_channels"], norm or node.target,
-                                               norm)
-    groups = tuple(ChannelGroup(tuple(names), sizes[i], not reasons[i], reasons[i]) for i, names in enumerate(members))
-    return CouplingAnalysis(groups, producer_infos, group_of, layers, masks)
+        kind, out_channels = state.producers[node.target]
+        infos[node.target] = Producer(node.target, kind, out_channels, norm or node.target, norm)
+    return infos
 
 
 def coupled_producers(model: nn.Module, example_input: torch.Tensor) -> list[Sequence[str]]:

@@ -2,13 +2,19 @@
 
 Procedure, for every configuration (thread count x batch size):
 
-1. Session creation time: every model's session is created ``session_repeats`` times, models
-   alternating, and the median is reported (the first creation in a process also pays for
-   onnxruntime's environment set-up; the median keeps that out).
-2. Warm-up: ``warmup`` runs per model, interleaved.
-3. Timed rounds: ``repeat`` rounds; each round times one ``session.run`` per model, in the order
-   A B C in even rounds and C B A in odd rounds, so slow drift (thermal, other processes) hits every
-   model alike. Garbage collection is paused while timing.
+1. Session creation time: every model's session is created ``session_repeats`` times, in a random
+   order each time, and the median is reported (the first creation in a process also pays for
+   onnxruntime's environment set-up; the median keeps that out). The timed rounds are split into
+   ``session_repeats`` blocks, each run with that creation's fresh sessions: a session's memory
+   placement can make it a steady ~1 % faster or slower than an identical one, and fresh sessions
+   per block keep one placement from deciding the comparison.
+2. Warm-up: ``warmup`` runs per model, interleaved, at the start of every block.
+3. Timed rounds: ``repeat`` rounds; each round times one ``session.run`` per model, in an order
+   drawn at random for every round (seeded by ``order_seed``; the orders are recorded in the JSON), so
+   slow drift (thermal, other processes) hits every model alike and no model holds a fixed position.
+   A fixed A B C / C B A alternation is biased: the model at the turn runs twice in a row with warm
+   caches and "wins" by a few per cent even against a byte-identical copy of itself. Garbage
+   collection is paused while timing.
 4. Per model: median, p90, p99, mean and standard deviation of the per-run latency (wall clock,
    ``time.perf_counter_ns``, including onnxruntime's output allocation).
 5. A/B: for every model i > 0 and every round r, the ratio ``t_0[r] / t_i[r]`` (> 1: model i is
@@ -78,6 +84,7 @@ class BenchOptions:
     measure_memory: bool = True
     confidence: float = 0.95
     seed: int = 0
+    order_seed: int = 0
 
     def validate(self) -> None:
         if not self.threads or any(t < 0 for t in self.threads):
@@ -139,6 +146,7 @@ class ConfigResult:
     batch_size: int
     models: tuple[ModelTiming, ...]
     comparisons: tuple[Comparison, ...]
+    orders: tuple[tuple[int, ...], ...] = ()  # per timed round: the model indices in the order they ran
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +180,8 @@ class BenchReport:
             "memory_method": self.memory_method,
             "configs": [{"threads": c.threads, "batch_size": c.batch_size,
                          "models": [timing(t) for t in c.models],
-                         "comparisons": [dataclasses.asdict(x) for x in c.comparisons]} for c in self.configs],
+                         "comparisons": [dataclasses.asdict(x) for x in c.comparisons],
+                         "round_orders": [list(o) for o in c.orders]} for c in self.configs],
         }
 
     def format_table(self) -> str:
@@ -277,48 +286,29 @@ def benchmark(models: Sequence[ModelSource], options: BenchOptions = BenchOption
 def _measure_config(models, labels, sizes, session_options: SessionOptions, batch_size: int | None,
                     options: BenchOptions, bar) -> ConfigResult:
     count = len(models)
+    rng = np.random.default_rng([options.order_seed, session_options.threads, batch_size or 0])
     creation_ms: list[list[float]] = [[] for _ in models]
-    sessions: list[Any] = [None] * count
-    for repeat in range(options.session_repeats):
-        order = range(count) if repeat % 2 == 0 else reversed(range(count))
-        for i in order:
-            sessions[i] = None  # release the previous session before timing the next creation
-            start = time.perf_counter_ns()
-            sessions[i] = create_session(models[i], session_options)
-            creation_ms[i].append((time.perf_counter_ns() - start) / 1e6)
-
-    feeds, shapes, all_specs = [], [], []
-    for i, session in enumerate(sessions):
-        specs = input_specs(session)
-        resolved = resolve_shapes(specs, options.input_shapes, batch_size, label=labels[i])
-        shapes.append(resolved)
-        all_specs.append(specs)
-        feeds.append(random_feeds(specs, resolved, seed=options.seed))
-    actual_batch = [next(iter(s.values()))[0] if s else 1 for s in shapes]
-
-    for i, session in enumerate(sessions):
-        _run(session, feeds[i], labels[i])  # one checked run, so a shape problem is reported clearly
-    for _ in range(options.warmup):
-        for i, session in enumerate(sessions):
-            session.run(None, feeds[i])
-            bar.update(1)
-
     samples = np.zeros((count, options.repeat), dtype=np.float64)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for round_index in range(options.repeat):
-            order = range(count) if round_index % 2 == 0 else reversed(range(count))
-            for i in order:
-                session, feed = sessions[i], feeds[i]
-                start = time.perf_counter_ns()
-                session.run(None, feed)
-                samples[i, round_index] = (time.perf_counter_ns() - start) / 1e6
-            bar.update(count)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    del sessions
+    orders = [tuple(rng.permutation(count).tolist()) for _ in range(options.repeat)]
+    blocks = np.array_split(np.arange(options.repeat), min(options.session_repeats, options.repeat))
+    feeds: list[dict] = []
+    for block_index, block in enumerate(blocks):
+        sessions = _create_sessions(models, session_options, rng.permutation(count).tolist(), creation_ms)
+        if block_index == 0:
+            feeds, shapes, all_specs = _feeds(sessions, labels, batch_size, options)
+            for i, session in enumerate(sessions):
+                _run(session, feeds[i], labels[i])  # one checked run, so a shape problem is reported clearly
+        for _ in range(options.warmup):
+            for i, session in enumerate(sessions):
+                session.run(None, feeds[i])
+            if block_index == 0:
+                bar.update(count)
+        _time_rounds(sessions, feeds, [orders[r] for r in block], samples[:, block[0]:block[-1] + 1])  # a view: blocks are contiguous
+        bar.update(count * len(block))
+        del sessions
+    for _ in range(options.session_repeats - len(blocks)):  # more creations asked for than rounds
+        _create_sessions(models, session_options, rng.permutation(count).tolist(), creation_ms)
+    actual_batch = [next(iter(s.values()))[0] if s else 1 for s in shapes]
 
     timings = []
     for i in range(count):
@@ -339,7 +329,45 @@ def _measure_config(models, labels, sizes, session_options: SessionOptions, batc
             speedup=float(np.median(ratios)), ci_low=float(low), ci_high=float(high),
             confidence=options.confidence, coverage=float(achieved),
             rounds=options.repeat, candidate_faster_fraction=float(np.mean(ratios > 1.0))))
-    return ConfigResult(session_options.threads, int(actual_batch[0]), tuple(timings), tuple(comparisons))
+    return ConfigResult(session_options.threads, int(actual_batch[0]), tuple(timings), tuple(comparisons),
+                        tuple(orders))
+
+
+def _create_sessions(models, session_options: SessionOptions, order: list[int], creation_ms: list[list[float]]) -> list:
+    """Fresh sessions, created (and timed) in ``order``."""
+    sessions: list[Any] = [None] * len(models)
+    for i in order:
+        start = time.perf_counter_ns()
+        sessions[i] = create_session(models[i], session_options)
+        creation_ms[i].append((time.perf_counter_ns() - start) / 1e6)
+    return sessions
+
+
+def _feeds(sessions, labels, batch_size: int | None, options: BenchOptions):
+    feeds, shapes, all_specs = [], [], []
+    for i, session in enumerate(sessions):
+        specs = input_specs(session)
+        resolved = resolve_shapes(specs, options.input_shapes, batch_size, label=labels[i])
+        shapes.append(resolved)
+        all_specs.append(specs)
+        feeds.append(random_feeds(specs, resolved, seed=options.seed))
+    return feeds, shapes, all_specs
+
+
+def _time_rounds(sessions, feeds, orders, out: np.ndarray) -> None:
+    """One ``session.run`` per model per round, in that round's order; ms into ``out[model, round]``."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index, order in enumerate(orders):
+            for i in order:
+                session, feed = sessions[i], feeds[i]
+                start = time.perf_counter_ns()
+                session.run(None, feed)
+                out[i, round_index] = (time.perf_counter_ns() - start) / 1e6
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _run(session, feed, label):

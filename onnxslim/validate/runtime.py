@@ -56,11 +56,13 @@ _ORT_DTYPES = {
 
 @dataclasses.dataclass(frozen=True)
 class SessionOptions:
-    """How to build an onnxruntime session: intra-op threads, graph optimisation level, providers."""
+    """How to build an onnxruntime session: intra-op threads, graph optimisation level, providers;
+    ``profile_prefix``: turn on onnxruntime's profiler, writing its trace to ``<prefix>_<time>.json``."""
 
     threads: int = 1
     opt_level: str = "all"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    profile_prefix: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,9 @@ def make_session_options(options: SessionOptions):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
+    if options.profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = options.profile_prefix
     return so
 
 

@@ -1,4 +1,4 @@
-"""The rule interface and the registry of op rules.
+"""The rule interface and :class:`RuleSet`, the value that maps ops to their rules.
 
 A rule states, for one op family,
 
@@ -6,31 +6,47 @@ A rule states, for one op family,
   channels it couples and which it keeps (and why);
 * ``rewrite(node, rewriter)`` — how to slice its weights and attributes once the plan is known;
 * ``allows_empty_input`` / ``allows_empty_output`` — whether a tensor may lose every channel here;
+* ``settle(node, plan)`` — restore channels until the plan is one the rewrite can apply (a grouped conv
+  keeps equal groups); returns True when it restored anything;
 * ``channel_scores`` — for channel-creating ops, an importance per output channel (L1 of the filter),
   used by ``prune`` and by rounding.
 
-Ops without a rule are barriers. Adding an op means adding one rule here (``@register``) and one test.
+A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
+"ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
+the rewrite and the cleanup; nothing is registered globally. ``@register`` marks a class of a rule module
+as one of that module's default rules (:func:`module_rules`); :func:`onnxslim.graph.rules.default_rules`
+collects them. Adding an op means adding one rule and one test.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import types
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
 
-from onnxslim.graph.channels import BARRIER, CONSTANT, LIVE, ChannelAnalysis, ChannelInfo, RemovalPlan
+from onnxslim.graph.values import BARRIER, CONSTANT, LIVE, ChannelInfo
 
 if TYPE_CHECKING:
+    from onnxslim.graph.analysis import ChannelAnalysis
+    from onnxslim.graph.model import Graph, WeightStore
+    from onnxslim.graph.plan import RemovalPlan
     from onnxslim.graph.rewrite import Rewriter
 
-_RULES: dict[str, Rule] = {}
+DEFAULT_DOMAIN = ""
+Reduction = Literal["none", "grouped", "full"]
+#: criteria computed from a layer's filters (see :func:`filter_scores`)
+FILTER_CRITERIA = ("l1", "l2", "fpgm")
 
 
 class Rule:
     """Default behaviour: nothing passes, nothing is rewritten (see :class:`BarrierRule`)."""
 
     op_types: tuple[str, ...] = ()
+    #: the ONNX domain of ``op_types`` ("" = the default domain "ai.onnx")
+    domain: str = DEFAULT_DOMAIN
     #: the outputs carry the channels of the feature input one-to-one (activations, BN, pooling ...)
     passthrough = False
 
@@ -47,42 +63,139 @@ class Rule:
     def allows_empty_output(self, node: onnx.NodeProto, position: int, plan: RemovalPlan) -> bool:
         return True
 
-    def channel_scores(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> np.ndarray | None:
+    def settle(self, node: onnx.NodeProto, plan: RemovalPlan) -> bool:
+        return False
+
+    # -- facts about the op used outside the analysis: prune, rounding, cleanup, stats --------------
+    #: the op reads each input channel with a weight and sums over channels (Conv, Gemm ...): ``macs``
+    #: counts its multiply-accumulates
+    counts_macs = False
+    #: mask training puts masks after this op, which follows a layer and rescales its channels (BN)
+    masks_go_after = False
+
+    def filters(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
+        """Channel-creating ops: the weights that make each output channel, shape (C_out, n), or None."""
+        return None
+
+    def channel_scores(self, node: onnx.NodeProto, analysis: ChannelAnalysis,
+                       criterion: str = "l1") -> np.ndarray | None:
+        """Importance of each output channel by ``criterion`` (see :func:`filter_scores`), from
+        :meth:`filters`; None for ops that create no channels."""
+        filters = self.filters(node, analysis.index)
+        return None if filters is None else filter_scores(filters, criterion)
+
+    def channel_gains(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
+        """Per-channel scale factors the op applies to its input (BN's gamma), for the ``bn`` criterion."""
+        return None
+
+    def reduction(self, node: onnx.NodeProto, slot: int) -> Reduction:
+        """How the op combines the channels of input ``slot``: "full" (a sum over all channels, e.g. a
+        one-group Conv), "grouped" (sums within channel groups), "none" (channels stay apart)."""
+        return "none"
+
+    def macs(self, node: onnx.NodeProto, dims: Callable[[str], tuple | None]) -> int | None:
+        """Multiply-accumulates of one sample (batch taken as 1) when ``counts_macs``; None when the
+        shapes are not static. ``dims(name)`` gives a tensor's shape (None entries for unknown dims)."""
+        return None
+
+    def multiplies(self, node: onnx.NodeProto) -> bool:
+        """The node is ``y = a * b`` elementwise (a per-channel scale left by a mask is one)."""
+        return False
+
+    def is_identity(self, node: onnx.NodeProto) -> bool:
+        """The node's output is its input unchanged (cleanup bypasses it)."""
+        return False
+
+    def commutes_with_positive_scale(self, node: onnx.NodeProto) -> bool:
+        """``f(s x) = s f(x)`` channel by channel for ``s > 0``: a positive scale moves through the op."""
+        return False
+
+    def fold_output_scale(self, node: onnx.NodeProto, index: Graph, weights: WeightStore, s: np.ndarray) -> bool:
+        """Multiply output channel ``c`` by ``s[c]`` inside the op's weights; False when it cannot."""
+        return False
+
+    def scaled_input_weight(self, node: onnx.NodeProto, slot: int, index: Graph, s: np.ndarray) -> np.ndarray | None:
+        """The float64 weight (input 1) that makes the op read input ``slot`` scaled by ``s`` per
+        channel, or None when the op cannot absorb that scale."""
         return None
 
 
 class BarrierRule(Rule):
-    """Unknown ops: every channel read or written is kept."""
+    """Ops that are barriers on purpose (or unknown): every channel read or written is kept."""
 
-    def __init__(self, why: str = "no rule for this op"):
+    def __init__(self, why: str = "no rule for this op", op_types: Iterable[str] = (),
+                 domain: str = DEFAULT_DOMAIN):
         self.why = why
+        self.op_types = tuple(op_types)
+        self.domain = domain
 
     def propagate(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> None:
         analysis.barrier(node, self.why)
 
 
-_UNKNOWN = BarrierRule()
-
-
 def register(rule_class: type[Rule]) -> type[Rule]:
-    instance = rule_class()
-    for op_type in rule_class.op_types:
-        _RULES[op_type] = instance
+    """Mark ``rule_class`` as a default rule of the module that defines it (see :func:`module_rules`).
+
+    Only the class is marked; nothing global changes.
+    """
+    rule_class._default_rule = True
     return rule_class
 
 
-def register_barrier(op_type: str, why: str) -> None:
-    _RULES[op_type] = BarrierRule(why)
+def module_rules(module: types.ModuleType) -> list[Rule]:
+    """The default rules of a rule module: one instance per ``@register`` class it defines, in
+    definition order, then its ``BARRIERS`` (a tuple of :class:`BarrierRule`)."""
+    classes = [value for value in vars(module).values()
+               if isinstance(value, type) and issubclass(value, Rule) and value.__dict__.get("_default_rule")
+               and value.__module__ == module.__name__]
+    return [cls() for cls in classes] + list(getattr(module, "BARRIERS", ()))
 
 
-def rule_for(node: onnx.NodeProto) -> Rule:
-    if node.domain not in ("", "ai.onnx"):
-        return _UNKNOWN
-    return _RULES.get(node.op_type, _UNKNOWN)
+def op_key(domain: str, op_type: str) -> tuple[str, str]:
+    """The key of an op in a rule set: (domain with "ai.onnx" spelt "", op_type)."""
+    return (DEFAULT_DOMAIN if domain in ("", "ai.onnx") else domain, op_type)
 
 
-def known_op_types() -> list[str]:
-    return sorted(op for op, rule in _RULES.items() if not isinstance(rule, BarrierRule))
+class RuleSet:
+    """An immutable map from ``(domain, op_type)`` to the :class:`Rule` of that op.
+
+    Later rules replace earlier ones for the ops they share; ops without a rule get ``fallback`` (a
+    barrier). :meth:`with_rules` returns a new set, so a caller can add a rule for a custom-domain op or
+    replace a default one without changing any other set::
+
+        rules = default_rules().with_rules(MyScaleRule())
+        slim(model, rules=rules)
+    """
+
+    def __init__(self, rules: Iterable[Rule] = (), fallback: Rule | None = None):
+        table: dict[tuple[str, str], Rule] = {}
+        for rule in rules:
+            for op_type in rule.op_types:
+                table[op_key(rule.domain, op_type)] = rule
+        self._table = types.MappingProxyType(table)
+        self.fallback = fallback if fallback is not None else BarrierRule()
+
+    def rule_for(self, node: onnx.NodeProto) -> Rule:
+        """The rule of ``node`` (by its domain and op_type), or the fallback barrier."""
+        return self._table.get(op_key(node.domain, node.op_type), self.fallback)
+
+    def with_rules(self, *rules: Rule) -> RuleSet:
+        """A new set with ``rules`` added; each replaces the current rule of the ops it names."""
+        return RuleSet([*self._table.values(), *rules], self.fallback)
+
+    def known_op_types(self, domain: str = DEFAULT_DOMAIN) -> list[str]:
+        """Sorted op types of ``domain`` that have a rule other than a barrier."""
+        domain = op_key(domain, "")[0]
+        return sorted(op for (d, op), rule in self._table.items() if d == domain and not isinstance(rule, BarrierRule))
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return op_key(*key) in self._table
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, str], Rule]]:
+        return iter(self._table.items())
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 # -- helpers shared by rules ---------------------------------------------------------------------
@@ -103,12 +216,20 @@ def keep_extra_outputs(node: onnx.NodeProto, analysis: ChannelAnalysis, first_ex
 
 
 def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name: str, info: ChannelInfo,
-                           used: np.ndarray, absorbs_constants: bool, constant_why: str = "") -> None:
+                           used: np.ndarray, absorbs_constants: bool, constant_why: str = "",
+                           trigger: np.ndarray | None = None) -> None:
     """The check for a reducing consumer (Conv, Gemm, MatMul ...) reading ``name``.
 
     Channel ``c`` may go when it is zero, when the consumer's weights ignore it (``~used[c]``), or when it
-    is a constant the consumer absorbs into its bias (``absorbs_constants``). Everything else is kept.
+    is a constant the consumer absorbs into its bias (``absorbs_constants``). Everything else is kept —
+    unconditionally, or (``trigger``: output ids) only while one of those outputs is kept.
     """
+    def keep(ids, kind, text):
+        if trigger is None:
+            analysis.keep(ids, kind, text)
+        else:
+            analysis.keep_if(trigger, ids, kind, text)
+
     ok = info.zero | ~used
     if absorbs_constants:
         ok |= info.const
@@ -116,10 +237,10 @@ def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name
         return
     label = f"{node.op_type} '{analysis.index.node_name(node)}'"
     live = ~ok & ~info.const
-    analysis.keep(info.ids[live], LIVE, f"live (non-zero) in '{name}', read by {label}")
+    keep(info.ids[live], LIVE, f"live (non-zero) in '{name}', read by {label}")
     constant = ~ok & info.const
     if constant.any():
-        analysis.keep(info.ids[constant], CONSTANT,
+        keep(info.ids[constant], CONSTANT,
                       f"non-zero constant in '{name}' that {label} cannot absorb{constant_why}")
 
 
@@ -137,6 +258,40 @@ def slice_bias(node: onnx.NodeProto, rewriter: Rewriter, keep_out: np.ndarray, s
         bias = rewriter.weights.read(node, slot)
         rewriter.weights.write(node, slot, np.compress(keep_out, bias, axis=bias.ndim - 1),
                                key=("take", bias.ndim - 1, keep_out.tobytes()))
+
+
+def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:
+    """One score per row of ``filters`` (C_out, n); larger means more important.
+
+    * ``l1``: sum of absolute weights (Li et al. 2017, "Pruning Filters for Efficient ConvNets");
+    * ``l2``: Euclidean norm;
+    * ``fpgm``: sum of Euclidean distances to the layer's other filters — filters near the geometric
+      median are replaceable by the others (He et al. 2019, "Filter Pruning via Geometric Median", eq. 6).
+
+    Raises ValueError for another criterion.
+    """
+    if criterion == "l1":
+        return np.abs(filters).sum(axis=1, dtype=np.float64)
+    values = filters.astype(np.float64)
+    if criterion == "l2":
+        return np.sqrt((values**2).sum(axis=1))
+    if criterion == "fpgm":
+        squared = (values**2).sum(axis=1)
+        distance2 = squared[:, None] + squared[None, :] - 2.0 * (values @ values.T)
+        return np.sqrt(np.maximum(distance2, 0.0)).sum(axis=1)
+    raise ValueError(f"unknown filter criterion {criterion!r}; choose one of {', '.join(FILTER_CRITERIA)}")
+
+
+def write_scaled(weights: WeightStore, node: onnx.NodeProto, slot: int, value: np.ndarray, factor: np.ndarray) -> None:
+    """Write ``value * factor`` (computed in float64) to input ``slot``, in ``value``'s dtype."""
+    weights.write(node, slot, (value.astype(np.float64) * factor).astype(value.dtype))
+
+
+def scale_vector(index: Graph, weights: WeightStore, node: onnx.NodeProto, slot: int, s: np.ndarray) -> None:
+    """Multiply the per-channel vector at input ``slot`` (a bias, BN's scale ...) by ``s``, when present."""
+    if len(node.input) > slot and node.input[slot]:
+        value = index.constant(node.input[slot])
+        write_scaled(weights, node, slot, value, s.reshape(value.shape) if value.size == len(s) else s)
 
 
 def aligned_axis(axis: int, rank: int, out_rank: int) -> int:

@@ -7,10 +7,16 @@ Conv, weight W (Cout, Cin/g, k...), g groups of a = Cin/g inputs and b = Cout/g 
 * Output ``o`` is the constant ``b[o]`` when ``W[o, i] = 0`` for every input ``i`` that is not zero
   (a dead filter, or a filter reading only deleted channels).
 * g = 1: input ``i`` may go when it is zero, when column ``W[:, i]`` is all zero (unused), or when it is a
-  constant ``v`` and the conv has no spatial padding: then ``b'[o] = b[o] + v * sum_k W[o, i, k]`` exactly.
-* g > 1 (grouped, depthwise): the inputs and outputs of one group form one unit, deleted as a whole
-  (the group count shrinks), so that the remaining groups keep equal sizes. For depthwise convs
-  (a = b = 1) this ties input channel ``i`` to output channel ``i``.
+  constant ``v`` and the conv has no spatial padding: then ``b'[o] = b[o] + v * sum_k W[o, i, k]`` exactly
+  (with groups, over the outputs ``o`` of the input's group).
+* g > 1 (grouped, depthwise with a multiplier): input ``k*a + j`` feeds only the ``b`` outputs of group
+  ``k``, so the conv holds a live input only while an output of its group is kept (a conditional keep;
+  a group whose outputs all go frees its inputs). Deleting channels keeps the conv exact as long as the
+  groups stay equal: **every group that stays keeps the same number a' >= 1 of inputs and b' >= 1 of
+  outputs** (they may sit at different positions: each group's filters are sliced with their own
+  columns), and a group goes only with all its inputs and outputs. The plan is settled to that
+  condition by restoring deleted channels (always exact); the group count becomes the groups that stay.
+  Plain depthwise convs (a = b = 1) couple input ``i`` with output ``i``: the same plan in one unit.
 
 ConvTranspose, W (Cin, Cout/g, k...): the same with the roles of the weight axes swapped; its outputs
 overlap, so constants cannot be absorbed.
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxslim.graph.channels import ChannelAnalysis
 from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
@@ -28,7 +33,9 @@ from onnxslim.graph.rules.base import (
     keep_all,
     layer_keeps,
     register,
+    scale_vector,
     slice_bias,
+    write_scaled,
 )
 
 
@@ -49,12 +56,85 @@ def has_padding(node, kernel: tuple[int, ...]) -> bool:
     return any(p != 0 for p in (get_attr(node, "pads") or []))
 
 
-def _group_units(analysis: ChannelAnalysis, in_ids: np.ndarray, out_ids: np.ndarray, groups: int) -> None:
-    """Couple each group's inputs and outputs into one unit."""
-    a, b = len(in_ids) // groups, len(out_ids) // groups
-    representative = in_ids[::a]  # first input channel of every group
-    analysis.couple(in_ids, np.repeat(representative, a))
-    analysis.couple(out_ids, np.repeat(representative, b))
+def _static_shapes(node, dims) -> tuple[tuple, tuple, tuple] | None:
+    """(x, W, y) shapes when static past the batch axis (W entirely), else None."""
+    x, w, y = dims(node.input[0]), dims(node.input[1]), dims(node.output[0])
+    if x is None or w is None or y is None or any(d is None for d in list(x[1:]) + list(w) + list(y[1:])):
+        return None
+    return x, w, y
+
+
+def _groups(node, x_ids: np.ndarray, y_ids: np.ndarray) -> tuple[int, int, int] | None:
+    """(g, a, b): groups, input channels and output channels per group; None when they do not divide."""
+    groups = get_attr(node, "group", 1)
+    if groups < 1 or len(x_ids) % groups or len(y_ids) % groups:
+        return None
+    return groups, len(x_ids) // groups, len(y_ids) // groups
+
+
+def _block_per_group(analysis, node, x, out, used: np.ndarray, groups: int, absorbs: bool, why: str) -> None:
+    """Keep the live inputs that group ``k``'s weights use, while an output of group ``k`` is kept.
+
+    ``used`` (g, a): whether any filter of the group reads its ``j``-th input. With one group the keep is
+    unconditional (as for any reducing consumer)."""
+    a, b = x.size // groups, out.size // groups
+    if groups == 1:
+        block_reduced_channels(analysis, node, node.input[0], x, used[0], absorbs, why)
+        return
+    if a == 1 and b == 1:  # plain depthwise: input i and output i go together, one unit (same plan)
+        analysis.couple(x.ids, out.ids)
+        return
+    for k in range(groups):
+        block_reduced_channels(analysis, node, node.input[0], x.take(np.arange(k * a, (k + 1) * a)), used[k],
+                               absorbs, why, trigger=out.ids[k * b:(k + 1) * b])
+
+
+def _balance_groups(plan, node, x_ids: np.ndarray, y_ids: np.ndarray) -> bool:
+    """Restore channels so every group that stays keeps the same number of inputs and of outputs.
+
+    A group stays when it keeps any input or output; it then needs at least one of each. The restored
+    channels are the first deleted ones of the group (restoring is always exact)."""
+    shape = _groups(node, x_ids, y_ids)
+    if shape is None or shape[0] == 1:
+        return False
+    groups, a, b = shape
+    keep_in = ~plan.removed[x_ids].reshape(groups, a)
+    keep_out = ~plan.removed[y_ids].reshape(groups, b)
+    kin, kout = keep_in.sum(axis=1), keep_out.sum(axis=1)
+    alive = (kin > 0) | (kout > 0)
+    if not alive.any():
+        return False
+    target_in, target_out = max(int(kin[alive].max()), 1), max(int(kout[alive].max()), 1)
+    restore = []
+    for k in np.flatnonzero(alive):
+        restore.extend(x_ids[k * a + np.flatnonzero(~keep_in[k])[: target_in - kin[k]]])
+        restore.extend(y_ids[k * b + np.flatnonzero(~keep_out[k])[: target_out - kout[k]]])
+    label = f"kept so that the groups of {node.op_type} '{plan.analysis.index.node_name(node)}' stay equal"
+    return plan.restore(restore, label)
+
+
+def _kept_by_group(keep_in: np.ndarray, keep_out: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Local positions (within their group) of the kept inputs and outputs of the groups that stay:
+    arrays (g', a') and (g', b'), and the settled plan guarantees they are rectangular."""
+    a, b = len(keep_in) // groups, len(keep_out) // groups
+    alive = keep_in.reshape(groups, a).any(axis=1)
+    kept_in = keep_in.reshape(groups, a)[alive]
+    kept_out = keep_out.reshape(groups, b)[alive]
+    local_in = np.nonzero(kept_in)[1].reshape(len(kept_in), -1)
+    local_out = np.nonzero(kept_out)[1].reshape(len(kept_out), -1)
+    return local_in, local_out
+
+
+def _kept_rows_and_columns(keep_rows, keep_cols, groups: int, rows_are_out: bool):
+    """Index arrays selecting the new weight from W (rows: the per-group axis 0, cols: axis 1)."""
+    keep_in, keep_out = (keep_cols, keep_rows) if rows_are_out else (keep_rows, keep_cols)
+    local_in, local_out = _kept_by_group(keep_in, keep_out, groups)
+    local_rows, local_cols = (local_out, local_in) if rows_are_out else (local_in, local_out)
+    per_row = len(keep_rows) // groups
+    alive = np.flatnonzero(keep_in.reshape(groups, -1).any(axis=1))
+    rows = (alive[:, None] * per_row + local_rows).reshape(-1)
+    cols = np.repeat(local_cols, local_rows.shape[1], axis=0)
+    return rows[:, None], cols, len(alive)
 
 
 @register
@@ -82,16 +162,49 @@ class ConvRule(Rule):
         dead = ~np.any(nonzero & live_in, axis=1)
         out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
         analysis.share_weight(node.input[1], x.ids, out.ids)
-        if groups == 1:
-            absorbs = not has_padding(node, weight.shape[2:])
-            block_reduced_channels(analysis, node, node.input[0], x, np.any(nonzero, axis=0), absorbs,
-                                   " (spatial padding)")
-        else:
-            _group_units(analysis, x.ids, out.ids, groups)
+        used = nonzero.reshape(groups, b, per_group).any(axis=1)  # (g, a)
+        absorbs = not has_padding(node, weight.shape[2:])
+        _block_per_group(analysis, node, x, out, used, groups, absorbs, " (spatial padding)")
 
-    def channel_scores(self, node, analysis):
-        weight = analysis.index.constant(node.input[1])
-        return np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1, dtype=np.float64)
+    def settle(self, node, plan):
+        x, y = plan.analysis.info.get(node.input[0]), plan.analysis.info.get(node.output[0])
+        return x is not None and y is not None and _balance_groups(plan, node, x.ids, y.ids)
+
+    def allows_empty_input(self, node, slot, plan):
+        return slot == 0 and plan.deletes(node)
+
+    counts_macs = True
+
+    def filters(self, node, index):
+        weight = index.constant(node.input[1])
+        return weight.reshape(weight.shape[0], -1)
+
+    def reduction(self, node, slot):
+        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
+
+    def macs(self, node, dims):
+        """``Cout * prod(out spatial) * Cin/g * prod(kernel)``."""
+        shapes = _static_shapes(node, dims)
+        return None if shapes is None else int(np.prod(shapes[2][1:], dtype=np.int64) * np.prod(shapes[1][1:], dtype=np.int64))
+
+    def fold_output_scale(self, node, index, weights, s):
+        """``W[o] *= s[o], b[o] *= s[o]``."""
+        weight = index.constant(node.input[1])
+        if weight is None or weight.shape[0] != len(s):
+            return False
+        write_scaled(weights, node, 1, weight, s.reshape(-1, *([1] * (weight.ndim - 1))))
+        scale_vector(index, weights, node, 2, s)
+        return True
+
+    def scaled_input_weight(self, node, slot, index, s):
+        """``W[:, i] *= s[i]`` (within each group); exact with zero padding since ``pad(s x) = s pad(x)``."""
+        weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+        groups = get_attr(node, "group", 1)
+        if slot != 0 or weight is None or weight.shape[1] * groups != len(s):
+            return None
+        factor = s.reshape(groups, 1, weight.shape[1], *([1] * (weight.ndim - 2)))
+        grouped = weight.astype(np.float64).reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        return (grouped * factor).reshape(weight.shape)
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)
@@ -101,24 +214,19 @@ class ConvRule(Rule):
         weights = rewriter.weights
         weight = weights.read(node, 1)
         groups = get_attr(node, "group", 1)
-        cout = weight.shape[0]
-        bias = _bias(rewriter, node, cout)
-        if groups == 1:
-            x = rewriter.info(node.input[0])
-            absorb = ~keep_in & x.const & (x.value != 0)
-            if absorb.any():
-                sums = weight[:, absorb].reshape(cout, int(absorb.sum()), -1).sum(axis=2, dtype=np.float64)
-                bias = bias + sums @ x.value[absorb]
-                rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
-            else:
-                slice_bias(node, rewriter, keep_out)
-            new_weight = weight[keep_out][:, keep_in]
-            weights.write(node, 1, new_weight, key=("conv", keep_out.tobytes(), keep_in.tobytes()))
+        cout, per_group = weight.shape[0], weight.shape[1]
+        rows, cols, kept_groups = _kept_rows_and_columns(keep_out, keep_in, groups, rows_are_out=True)
+        x = rewriter.info(node.input[0])
+        absorb = ~keep_in & x.const & (x.value != 0)
+        if absorb.any():  # b'[o] = b[o] + sum_j v[j] * sum_k W[o, j, k] over the deleted constant inputs j
+            sums = weight.reshape(cout, per_group, -1).sum(axis=2, dtype=np.float64)
+            values = np.where(absorb, x.value, 0.0).reshape(groups, per_group)
+            bias = _bias(rewriter, node, cout) + np.einsum("gbj,gj->gb", sums.reshape(groups, -1, per_group), values).reshape(-1)
+            rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
         else:
-            b = cout // groups
-            kept_groups = int(keep_out[::b].sum())
-            weights.write(node, 1, weight[keep_out], key=("take", 0, keep_out.tobytes()))
             slice_bias(node, rewriter, keep_out)
+        weights.write(node, 1, weight[rows, cols], key=("conv", groups, keep_out.tobytes(), keep_in.tobytes()))
+        if groups > 1:
             set_attr(node, "group", kept_groups)
 
 
@@ -135,6 +243,9 @@ class ConvTransposeRule(Rule):
             return
         groups = get_attr(node, "group", 1)
         cin, per_group = weight.shape[0], weight.shape[1]
+        if cin % groups:
+            analysis.barrier(node, "weight shape does not match the groups")
+            return
         cout = per_group * groups
         a = cin // groups
         bias = _bias(analysis, node, cout)
@@ -145,21 +256,51 @@ class ConvTransposeRule(Rule):
         dead = ~grouped.reshape(-1)
         out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
         analysis.share_weight(node.input[1], x.ids, out.ids)
-        if groups == 1:
-            block_reduced_channels(analysis, node, node.input[0], x, np.any(nonzero, axis=1), False,
-                                   " (transposed convolution outputs overlap)")
-        else:
-            _group_units(analysis, x.ids, out.ids, groups)
+        used = nonzero.any(axis=1).reshape(groups, a)
+        _block_per_group(analysis, node, x, out, used, groups, False, " (transposed convolution outputs overlap)")
         output_shape = get_attr(node, "output_shape")
         if output_shape is not None and len(output_shape) == x.rank:  # non-standard: includes N and C
             keep_all(analysis, node, out, "output_shape fixes the channel count")
 
-    def channel_scores(self, node, analysis):
-        weight = analysis.index.constant(node.input[1])
+    def settle(self, node, plan):
+        x, y = plan.analysis.info.get(node.input[0]), plan.analysis.info.get(node.output[0])
+        return x is not None and y is not None and _balance_groups(plan, node, x.ids, y.ids)
+
+    def allows_empty_input(self, node, slot, plan):
+        return slot == 0 and plan.deletes(node)
+
+    counts_macs = True
+
+    def filters(self, node, index):
+        """Output ``k * Cout/g + j`` is made by ``W[k*a : (k+1)*a, j]`` (a = Cin/g inputs per group)."""
+        weight = index.constant(node.input[1])
         groups = get_attr(node, "group", 1)
         cin, per_group = weight.shape[0], weight.shape[1]
-        per = np.abs(weight.reshape(groups, cin // groups, per_group, -1)).sum(axis=(1, 3), dtype=np.float64)
-        return per.reshape(-1)
+        grouped = weight.reshape(groups, cin // groups, per_group, -1).transpose(0, 2, 1, 3)
+        return grouped.reshape(groups * per_group, -1)
+
+    def reduction(self, node, slot):
+        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
+
+    def macs(self, node, dims):
+        """``Cin * prod(in spatial) * Cout/g * prod(kernel)``."""
+        shapes = _static_shapes(node, dims)
+        if shapes is None:
+            return None
+        x, w, _ = shapes
+        return int(np.prod(x[1:], dtype=np.int64) * w[1] * np.prod(w[2:], dtype=np.int64))
+
+    def fold_output_scale(self, node, index, weights, s):
+        """``W[i, j] *= s[k * Cout/g + j]`` for inputs ``i`` of group ``k``; ``b *= s``."""
+        weight = index.constant(node.input[1])
+        groups = get_attr(node, "group", 1)
+        if weight is None or weight.shape[1] * groups != len(s):
+            return False
+        per = s.reshape(groups, 1, weight.shape[1], *([1] * (weight.ndim - 2)))
+        grouped = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        weights.write(node, 1, (grouped * per).reshape(weight.shape).astype(weight.dtype))
+        scale_vector(index, weights, node, 2, s)
+        return True
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)
@@ -169,11 +310,8 @@ class ConvTransposeRule(Rule):
         weights = rewriter.weights
         weight = weights.read(node, 1)
         groups = get_attr(node, "group", 1)
-        per_group = weight.shape[1]
-        if groups == 1:
-            new_weight = weight[keep_in][:, keep_out]
-        else:
-            new_weight = weight[keep_in]
-            set_attr(node, "group", int(keep_out[::per_group].sum()))
-        weights.write(node, 1, new_weight, key=("convT", keep_out.tobytes(), keep_in.tobytes()))
+        rows, cols, kept_groups = _kept_rows_and_columns(keep_in, keep_out, groups, rows_are_out=False)
+        weights.write(node, 1, weight[rows, cols], key=("convT", groups, keep_out.tobytes(), keep_in.tobytes()))
+        if groups > 1:
+            set_attr(node, "group", kept_groups)
         slice_bias(node, rewriter, keep_out)

@@ -9,6 +9,8 @@ feature maps, whose channels are **coupled** (a residual Add, SE gating ``x * s`
 N×C×1×1), or constants, which are sliced along the channel axis. A channel of ``y`` is constant when
 every operand's channel is (``Mul``: when any operand's channel is zero). A ``Mul`` by a constant that
 varies only along the channel axis is a **mask**: its zero entries are the channels to delete.
+A feature operand whose channel dim is 1 (a spatial gate ``x * g[N,1,H,W]``, or ``x + g``) is read by
+every output channel: its one channel is kept, and the output carries the ids of the full operands.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import numpy as np
 import onnx
 
-from onnxslim.graph.channels import ChannelAnalysis, ChannelInfo
+from onnxslim.graph.channels import BARRIER, ChannelAnalysis, ChannelInfo
 from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
     Rule,
@@ -131,6 +133,12 @@ class UnaryRule(Rule):
         constants = [analysis.index.constant(name) for name in node.input]
         pass_through(node, analysis, apply_to_constants(unary_function(node, constants), info))
 
+    def is_identity(self, node):
+        return node.op_type == "Identity"
+
+    def commutes_with_positive_scale(self, node):
+        return node.op_type in ("Relu", "LeakyRelu", "Identity", "Dropout")
+
 
 # -- n-ary ops -----------------------------------------------------------------------------------
 
@@ -181,29 +189,40 @@ def _per_channel(constant: np.ndarray, axis: int, channels: int) -> tuple[np.nda
     return uniform, moved[:, 0]
 
 
+def _keep_broadcast_gates(node, analysis, operands, dims, channels) -> None:
+    """A feature operand with one channel broadcast over ``channels`` > 1 (a spatial gate
+    ``x[N,C,H,W] * g[N,1,H,W]``) is read by every output channel: its channel is kept, like a barrier
+    holding only what it reads. (Its value still flows: a zero gate makes every output channel zero.)"""
+    for op, d in zip(operands, dims):
+        if op.info is not None and d == 1 < channels:
+            analysis.keep(op.info.ids, BARRIER, f"{node.op_type} '{analysis.index.node_name(node)}' broadcasts "
+                                                f"'{op.name}' over {channels} channels")
+
+
 def _drop_zero_operands(node, rewriter) -> None:
-    """``Add(x, 0) = x``: a feature operand that is zero in every channel is dropped from Add / Sum (and
-    from Sub as the subtrahend). With one operand left the node becomes an Identity, which cleanup
-    removes; the zero branch then has no reader and goes as dead code (a pruned residual branch)."""
+    """``Add(x, 0) = x``: a feature operand that is zero in every channel is dropped from Add / Sum;
+    ``Sub(x, 0) = x`` and ``Sub(0, y) = Neg(y)``. With one operand left the node becomes an Identity
+    (which cleanup removes) or a Neg; the zero branch then has no reader and goes as dead code (a pruned
+    residual branch). Nothing is dropped when the zero operand carries the broadcast output shape."""
     if node.op_type not in ("Add", "Sum", "Sub"):
         return
     index = rewriter.index
     out_shape = index.shape(node.output[0])
     zero = [bool(info is not None and info.size and info.zero.all())
             for info in (rewriter.info(name) if not index.is_const(name) else None for name in node.input)]
-    if node.op_type == "Sub":
-        zero[0] = False
     survivors = [name for name, z in zip(node.input, zero) if not z]
     if not any(zero) or not survivors or out_shape is None:
         return
     if not any(index.same_shape(name, node.output[0]) for name in survivors):
         return  # a zero operand may carry the broadcast shape (dynamic dims compare by their symbol)
+    if node.op_type == "Sub" and zero[0]:
+        node.op_type = "Neg"
+    elif len(survivors) == 1:
+        node.op_type = "Identity"
+    elif node.op_type == "Sum" and len(survivors) == 2:
+        node.op_type = "Add"
     del node.input[:]
     node.input.extend(survivors)
-    if len(survivors) == 1 and node.op_type != "Sub":
-        node.op_type = "Identity"
-    elif len(survivors) == 2 and node.op_type == "Sum":
-        node.op_type = "Add"
 
 
 @register
@@ -251,6 +270,7 @@ class NaryRule(Rule):
             return
         for other in full[1:]:
             analysis.couple(full[0].info.ids, other.info.ids)
+        _keep_broadcast_gates(node, analysis, operands, dims, channels)
         # channel values: every operand as (const, value) per output channel
         consts, values = [], []
         for op, d in zip(operands, dims):
@@ -278,6 +298,12 @@ class NaryRule(Rule):
         analysis.set(node.output[0], info)
         if node.op_type == "Mul" and len(operands) == 2:
             self._note_mask(node, analysis, operands, axis, channels)
+
+    def multiplies(self, node):
+        return node.op_type == "Mul" and len(node.input) == 2
+
+    def commutes_with_positive_scale(self, node):
+        return node.op_type == "PRelu"
 
     def _note_mask(self, node, analysis, operands, axis, channels):
         feature = [op for op in operands if op.info is not None]

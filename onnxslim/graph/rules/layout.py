@@ -24,7 +24,8 @@ import numpy as np
 
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register, register_barrier
+from onnxslim.graph.rules.base import BarrierRule, Rule, normalize_axis, pass_through, register
+from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
 
 
@@ -338,6 +339,8 @@ class FlattenRule(Rule):
             return
         axis = normalize_axis(get_attr(node, "axis", 1), x.rank)
         block = _block_size(analysis.index.shape(node.input[0]), x)
+        if axis == 1 and x.axis != 1 and _map_reshape(node, analysis, x):
+            return
         if axis != 1 or x.axis != 1:
             analysis.barrier(node, "flattens across the batch")
             return
@@ -355,6 +358,29 @@ def _unknown_dims(analysis, names) -> bool:
     """Some tensor of ``names`` has an unknown dim other than the batch."""
     shapes = [analysis.index.shape(name) for name in names if name]
     return any(shape is None or None in shape[1:] for shape in shapes)
+
+
+def _static_map(node, analysis, x):
+    """(output channel axis, IndexMap) of a Reshape / Flatten of static per-sample dims that keeps the
+    batch axis (see :mod:`regroup`), or None."""
+    index = analysis.index
+    in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
+    if in_shape is None or out_shape is None or len(in_shape) != x.rank or x.axis == 0 or len(out_shape) < 2:
+        return None
+    if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]) or in_shape[0] != out_shape[0]:
+        return None
+    found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
+    return None if found is None else (found[0] + 1, found[1])
+
+
+def _map_reshape(node, analysis, x) -> bool:
+    """Give the output of a regrouping Reshape / Flatten its channels through the index map."""
+    found = _static_map(node, analysis, x)
+    if found is None:
+        return False
+    axis, index_map = found
+    apply_map(analysis, x, node.output[0], index_map, axis, len(analysis.index.shape(node.output[0])))
+    return True
 
 
 def _block_size(shape, x) -> int | None:
@@ -401,6 +427,8 @@ class ReshapeRule(Rule):
         if x is None:
             return
         kind, dims = self._kind(node, analysis, x)
+        if kind == "barrier" and _map_reshape(node, analysis, x):
+            return
         if kind == "barrier":
             if reshape_target(analysis.index, node) is not None:
                 analysis.barrier(node, "regroups the channel axis")
@@ -420,6 +448,12 @@ class ReshapeRule(Rule):
             return
         x = rewriter.info(node.input[0])
         kind, _ = self._kind(node, rewriter.analysis, x)
+        if kind == "barrier":  # an index map: the output's channel axis takes the kept count
+            out = rewriter.info(node.output[0])
+            dims = [-1, *rewriter.index.shape(node.output[0])[1:]]
+            dims[out.axis] = int(keep.sum())
+            node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array(dims, np.int64))
+            return
         if kind == "flatten":
             # a computed target (Shape -> Gather -> Concat) would still say the old size
             node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array([-1, int(keep.sum())], np.int64))
@@ -492,6 +526,31 @@ class ShapeRule(Rule):
         return False
 
 
-register_barrier("Size", "its value counts the channels")
-register_barrier("DepthToSpace", "moves channels into space")
-register_barrier("SpaceToDepth", "moves space into channels")
+@register
+class DepthToSpaceRule(Rule):
+    """DepthToSpace / SpaceToDepth (PixelShuffle and its inverse) move blocks of r*r channels into space
+    and back: an index map (see :mod:`regroup`). DepthToSpace couples the r*r input channels of each
+    output channel; SpaceToDepth gives each input channel r*r output channels. Deleting whole units
+    keeps the op exact with no attribute to change."""
+
+    op_types = ("DepthToSpace", "SpaceToDepth")
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        block = get_attr(node, "blocksize", 1)
+        mode = get_attr(node, "mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        index_map = (depth_to_space_map(x.size, block, mode) if node.op_type == "DepthToSpace"
+                     else space_to_depth_map(x.size, block))
+        if x.axis != 1 or x.rank != 4 or index_map is None:
+            analysis.barrier(node, "needs an NCHW input whose channels divide into blocks")
+            return
+        apply_map(analysis, x, node.output[0], index_map, 1, 4)
+
+
+BARRIERS = (
+    BarrierRule("its value counts the channels", ("Size",)),
+)

@@ -26,12 +26,12 @@ from onnxslim.graph.rules.base import (
     pass_through,
     register,
     slice_bias,
+    write_scaled,
 )
 
 
-def _gemm_matrix(node, analysis_or_rewriter) -> np.ndarray | None:
+def _gemm_matrix(node, index) -> np.ndarray | None:
     """B' = B or B^T, shape (K, M)."""
-    index = analysis_or_rewriter.index
     weight = index.constant(node.input[1])
     if weight is None or weight.ndim != 2:
         return None
@@ -59,7 +59,7 @@ class GemmRule(Rule):
 
     def propagate(self, node, analysis):
         a = analysis.feature(node.input[0])
-        matrix = _gemm_matrix(node, analysis)
+        matrix = _gemm_matrix(node, analysis.index)
         if a is None or matrix is None or get_attr(node, "transA", 0) or a.rank != 2 or a.axis != 1:
             analysis.barrier(node, "needs a (N, K) feature input and a constant weight")
             return
@@ -78,8 +78,42 @@ class GemmRule(Rule):
         block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1),
                                absorbs_constants=_gemm_bias(node, analysis.index, outputs) is not None)
 
-    def channel_scores(self, node, analysis):
-        return np.abs(_gemm_matrix(node, analysis)).sum(axis=0, dtype=np.float64)
+    counts_macs = True
+
+    def filters(self, node, index):
+        return _gemm_matrix(node, index).T
+
+    def reduction(self, node, slot):
+        return "full" if slot == 0 else "none"
+
+    def macs(self, node, dims):
+        """``K * M`` per row, whatever the batch."""
+        w = dims(node.input[1])
+        return int(w[0] * w[1]) if w is not None and len(w) == 2 else None
+
+    def fold_output_scale(self, node, index, weights, s):
+        """``B'[:, m] *= s[m]``, ``C[m] *= s[m]`` (C broadcast to M entries)."""
+        weight = index.constant(node.input[1])
+        trans_b = get_attr(node, "transB", 0)
+        if weight is None or get_attr(node, "transA", 0) or weight.shape[0 if trans_b else 1] != len(s):
+            return False
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        bias = index.constant(node.input[2]) if has_bias else None
+        if has_bias and bias is None:
+            return False
+        write_scaled(weights, node, 1, weight, s[:, None] if trans_b else s[None, :])
+        if bias is not None:
+            full = np.broadcast_to(bias, np.broadcast_shapes(bias.shape, (len(s),)))
+            write_scaled(weights, node, 2, full, s)
+        return True
+
+    def scaled_input_weight(self, node, slot, index, s):
+        """``B'[k] *= s[k]``."""
+        weight = index.constant(node.input[1])
+        trans_b = get_attr(node, "transB", 0)
+        if slot != 0 or weight is None or get_attr(node, "transA", 0) or weight.shape[1 if trans_b else 0] != len(s):
+            return None
+        return weight.astype(np.float64) * (s[None, :] if trans_b else s[:, None])
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)
@@ -137,8 +171,33 @@ class MatMulRule(Rule):
     def allows_empty_input(self, node, slot, plan):
         return _channelwise(node, plan.analysis.info)
 
-    def channel_scores(self, node, analysis):
-        return np.abs(analysis.index.constant(node.input[1])).sum(axis=0, dtype=np.float64)
+    counts_macs = True
+
+    def filters(self, node, index):
+        return index.constant(node.input[1]).T
+
+    def reduction(self, node, slot):
+        return "full" if slot == 0 else "none"
+
+    def macs(self, node, dims):
+        """``K * M`` for (N, K) @ (K, M); ``rows * K * M`` per sample for (N, ..., K) @ (K, M)."""
+        x, w, y = dims(node.input[0]), dims(node.input[1]), dims(node.output[0])
+        if w is not None and len(w) == 2 and (x is None or len(x) == 2):
+            return int(w[0] * w[1])
+        if x is None or w is None or y is None or any(d is None for d in list(x[1:]) + list(w) + list(y[1:])):
+            return None
+        if len(x) < 2 or len(w) < 2:
+            return None
+        rows = int(np.prod(x[1:-1], dtype=np.int64)) if len(x) > 2 else 1
+        return int(rows * x[-1] * w[-1])
+
+    def scaled_input_weight(self, node, slot, index, s):
+        """``B[k] *= s[k]`` for a (N, K) input."""
+        weight = index.constant(node.input[1])
+        if slot != 0 or weight is None or weight.ndim != 2 or weight.shape[0] != len(s) \
+                or len(index.shape(node.input[0]) or ()) != 2:
+            return None
+        return weight.astype(np.float64) * s[:, None]
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)

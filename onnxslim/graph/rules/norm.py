@@ -11,23 +11,33 @@ InstanceNormalization normalises each channel over space: a constant channel nor
 output is the constant ``B[c]``; parameters are sliced.
 
 LayerNormalization over axes that exclude the channel axis passes channels through (its parameters are
-not per channel). Normalisations that mix channels — LRN, GroupNormalization, LayerNormalization over the
-channel axis — are barriers.
+not per channel). GroupNormalization couples the channels of each group (whole groups go). Normalisations
+that mix channels otherwise — LRN, LayerNormalization over the channel axis — are barriers.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxslim.graph.model import get_attr
+from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
+    BarrierRule,
     Rule,
     keep_extra_outputs,
     normalize_axis,
     pass_through,
     register,
-    register_barrier,
+    scale_vector,
 )
+
+
+def _fold_scale(node, index, weights, s) -> bool:
+    """``scale *= s, B *= s``: the normalised channel is multiplied by ``s`` (both constant)."""
+    if any(index.constant(name) is None for name in node.input[1:3]):
+        return False
+    scale_vector(index, weights, node, 1, s)
+    scale_vector(index, weights, node, 2, s)
+    return True
 
 
 def _slice_parameters(node, rewriter, slots) -> None:
@@ -66,6 +76,16 @@ class BatchNormRule(Rule):
     def rewrite(self, node, rewriter):
         _slice_parameters(node, rewriter, (1, 2, 3, 4))
 
+    masks_go_after = True
+
+    def channel_gains(self, node, index):
+        """gamma (input 1): the ``bn`` criterion of Network Slimming (Liu et al. 2017) ranks by |gamma|."""
+        gamma = index.constant(node.input[1])
+        return None if gamma is None else gamma.astype(np.float64)
+
+    def fold_output_scale(self, node, index, weights, s):
+        return _fold_scale(node, index, weights, s)
+
 
 @register
 class InstanceNormRule(Rule):
@@ -83,6 +103,9 @@ class InstanceNormRule(Rule):
 
     def rewrite(self, node, rewriter):
         _slice_parameters(node, rewriter, (1, 2))
+
+    def fold_output_scale(self, node, index, weights, s):
+        return _fold_scale(node, index, weights, s)
 
 
 @register
@@ -106,6 +129,51 @@ class LayerNormRule(Rule):
         pass_through(node, analysis, x.with_values(x.zero & zero_bias, np.zeros(x.size)))
 
 
-register_barrier("LRN", "normalises across neighbouring channels")
-register_barrier("GroupNormalization", "normalises across groups of channels")
-register_barrier("MeanVarianceNormalization", "may normalise across channels")
+@register
+class GroupNormRule(Rule):
+    """GroupNormalization: channel ``c`` of group ``k = c // (C/G)`` is normalised with the mean and
+    variance of its whole group, ``y[c] = scale * (x[c] - mean_k) / sqrt(var_k + eps) + bias``.
+
+    Deleting one channel of a group would change that group's statistics, so the C/G channels of a group
+    are coupled: whole groups go, ``num_groups`` shrinks. A group whose channels are all zero has mean 0
+    and variance 0, so its output is exactly ``bias``. ``scale`` and ``bias`` are per group at opset 18
+    (shape G) and per channel from opset 21 (shape C); the rule reads which one from their size.
+    The exporters' spelling (Reshape to [N, G, -1], InstanceNormalization, Reshape back, Mul, Add) gets
+    the same coupling from the index maps of its Reshapes (see :mod:`regroup`).
+    """
+
+    op_types = ("GroupNormalization",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = analysis.feature(node.input[0])
+        scale, bias = (analysis.index.constant(name) for name in node.input[1:3])
+        groups = get_attr(node, "num_groups", 0)
+        if x is None or x.axis != 1 or scale is None or bias is None or groups < 1 or x.size % groups \
+                or scale.size not in (groups, x.size) or bias.size != scale.size:
+            analysis.barrier(node, "needs an NCHW input, constant scale and bias, and whole groups")
+            return
+        per = x.size // groups
+        analysis.couple(x.ids, np.repeat(x.ids[::per], per))
+        shift = bias.astype(np.float64).reshape(-1)
+        shift = np.repeat(shift, per) if shift.size == groups else shift
+        zero_group = np.repeat(x.zero.reshape(groups, per).all(axis=1), per)
+        pass_through(node, analysis, x.with_values(zero_group, shift))
+
+    def rewrite(self, node, rewriter):
+        keep = rewriter.keep(node.output[0])
+        if keep is None or keep.all():
+            return
+        groups = get_attr(node, "num_groups")
+        kept_groups = keep[:: len(keep) // groups]
+        set_attr(node, "num_groups", int(kept_groups.sum()))
+        for slot in (1, 2):
+            value = rewriter.index.constant(node.input[slot])
+            chosen = kept_groups if value.size == groups else keep
+            rewriter.weights.write(node, slot, value.reshape(-1)[chosen], key=("take", 0, chosen.tobytes()))
+
+
+BARRIERS = (
+    BarrierRule("normalises across neighbouring channels", ("LRN",)),
+    BarrierRule("may normalise across channels", ("MeanVarianceNormalization",)),
+)

@@ -1,8 +1,8 @@
 """Ops that work on each channel's spatial plane separately: channels pass through one-to-one.
 
-Constant channels: ``max``/``min``/``mean`` of a constant is that constant, so MaxPool, global pooling,
-AveragePool that excludes padding, and ReduceMean/Max/Min over non-channel axes keep them. AveragePool
-counting zero padding, LpPool and other reductions keep only zero. Resize (nearest or linear) and
+Constant channels: ``max``/``min``/``mean`` of a constant is that constant, so MaxPool, global pooling
+and AveragePool that excludes padding keep them (reductions: see :mod:`onnxslim.graph.rules.reduce`).
+AveragePool counting zero padding and LpPool keep only zero. Resize (nearest or linear) and
 Upsample interpolate between equal values and keep constants; cubic keeps only zero. Pad keeps a
 constant ``v`` when it pads with ``v`` (or replicates edges) and never pads the channel axis.
 
@@ -50,41 +50,8 @@ class PoolRule(Rule):
         const = x.const if keeps_constants else x.zero
         pass_through(node, analysis, x.with_values(const, x.value))
 
-
-@register
-class ReduceRule(Rule):
-    """Reductions over non-channel axes (ReduceMean over H, W is a global average pool)."""
-
-    op_types = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
-                "ReduceSumSquare", "ReduceLogSumExp")
-    passthrough = True
-
-    def _axes(self, node, analysis, rank):
-        axes = get_attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            constant = analysis.index.constant(node.input[1])
-            if constant is None:
-                return None
-            axes = constant.reshape(-1).tolist()
-        if not axes:
-            return None if not get_attr(node, "noop_with_empty_axes", 0) else []
-        return sorted(normalize_axis(int(a), rank) for a in axes)
-
-    def propagate(self, node, analysis):
-        x = _feature_or_barrier(node, analysis)
-        if x is None:
-            return
-        axes = self._axes(node, analysis, x.rank)
-        if axes is None or x.axis in axes:
-            analysis.barrier(node, "reduces over the channel axis (or over unknown axes)")
-            return
-        keepdims = get_attr(node, "keepdims", 1)
-        axis = x.axis if keepdims else x.axis - sum(1 for a in axes if a < x.axis)
-        rank = x.rank if keepdims else x.rank - len(axes)
-        keeps_constants = node.op_type in ("ReduceMean", "ReduceMax", "ReduceMin")
-        info = x.with_values(x.const if keeps_constants else x.zero, x.value)
-        info.axis, info.rank = axis, rank
-        pass_through(node, analysis, info)
+    def commutes_with_positive_scale(self, node):
+        return node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 
 
 @register

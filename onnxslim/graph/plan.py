@@ -1,0 +1,147 @@
+"""The removal plan: which element ids are deleted, derived from an analysis' keep reasons.
+
+Every class that nothing keeps is removed (:func:`plan_removal`). Keeping a class is always safe (the
+model's output never changes), so the plan then *restores* classes where deleting them is not allowed
+or not wanted: a tensor that would become empty where its producer or a reader cannot take that
+(:meth:`RemovalPlan.fill_empty_tensors`), and channels that round a layer's count up to a multiple
+(:meth:`RemovalPlan.round_layers`). Each restore records a STRUCTURAL reason.
+
+:meth:`RemovalPlan.settle` restores until every constraint holds at once: conditional keeps
+(:meth:`ChannelAnalysis.keep_if`, recorded with their own reason), non-empty tensors, and each rule's
+``settle`` (a grouped conv's groups stay equal). Each step only keeps more, so the loop ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from onnxslim.graph.values import STRUCTURAL, Reason
+
+if TYPE_CHECKING:
+    from onnxslim.graph.analysis import ChannelAnalysis
+
+
+def plan_removal(analysis: ChannelAnalysis, round_to: int = 1) -> RemovalPlan:
+    """Remove every class no reason keeps; then keep tensors non-empty and round layers to ``round_to``."""
+    reason = analysis.kept_reason()
+    plan = RemovalPlan(analysis, reason < 0, reason)
+    plan.settle()
+    if round_to > 1:
+        plan.round_layers(round_to)
+        plan.settle()
+    return plan
+
+
+class RemovalPlan:
+    """Which element ids are deleted (``removed``, bool per id); per-tensor keep masks derive from it.
+
+    ``reason`` holds, per id, the index into ``analysis.reasons`` of why its class is kept (-1: removed).
+    """
+
+    def __init__(self, analysis: ChannelAnalysis, removed: np.ndarray, reason: np.ndarray):
+        self.analysis = analysis
+        self.removed = removed
+        self.reason = reason
+        self.roots = analysis.uf.roots()
+
+    def keep(self, name: str) -> np.ndarray | None:
+        """Bool per channel of tensor ``name``: True where kept (None when it carries no channels)."""
+        info = self.analysis.info.get(name)
+        if info is None:
+            return None
+        return ~self.removed[info.ids]
+
+    def is_empty(self, name: str) -> bool:
+        info = self.analysis.info.get(name)
+        return info is not None and info.size > 0 and bool(self.removed[info.ids].all())
+
+    def restore(self, ids: Iterable[int], why: str | int) -> bool:
+        """Keep the classes of ``ids`` after all (always safe), recording ``why`` (a text, or the id of
+        a recorded reason). Returns True when something was restored."""
+        ids = np.asarray(list(ids), np.int64)
+        if not len(ids):
+            return False
+        members = np.isin(self.roots, self.roots[ids]) & self.removed
+        if not members.any():
+            return False
+        self.removed[members] = False
+        self.reason[members] = why if isinstance(why, int) else self.analysis.reason_id(Reason(STRUCTURAL, why))
+        return True
+
+    def settle(self) -> None:
+        """Restore channels until every constraint holds: conditional keeps, tensors that must not
+        become empty, and the rules' own constraints (``Rule.settle``)."""
+        analysis = self.analysis
+        changed = True
+        while changed:
+            changed = False
+            for trigger, ids, rid in analysis.conditional:
+                if not self.removed[trigger].all():
+                    changed |= self.restore(ids, rid)
+            changed |= self.fill_empty_tensors()
+            for node in analysis.index.nodes:
+                changed |= bool(analysis.rule_for(node).settle(node, self))
+
+    def deletes(self, node) -> bool:
+        """The rewrite deletes ``node`` outright: every output it has loses every channel."""
+        outputs = [name for name in node.output if name]
+        return bool(outputs) and all(self.is_empty(name) for name in outputs)
+
+    @property
+    def anything_removed(self) -> bool:
+        used = np.zeros(len(self.removed), bool)
+        for info in self.analysis.info.values():
+            used[info.ids] = True
+        return bool((self.removed & used).any())
+
+    def fill_empty_tensors(self) -> bool:
+        """Keep one channel of every tensor that would become empty where that is not allowed; returns
+        True when it restored anything."""
+        analysis = self.analysis
+        index = analysis.index
+        changed, restored = True, False
+        while changed:
+            changed = False
+            for node in index.nodes:
+                rule = analysis.rule_for(node)
+                for position, name in enumerate(node.output):
+                    if not name or not self.is_empty(name):
+                        continue
+                    allowed = rule.allows_empty_output(node, position, self) and all(
+                        analysis.rule_for(use.node).allows_empty_input(use.node, use.slot, self)
+                        or self.deletes(use.node) for use in index.uses(name)
+                    ) and name not in index.outputs
+                    if not allowed:
+                        self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' does not become empty")
+                        changed = restored = True
+        return restored
+
+    def round_layers(self, multiple: int) -> None:
+        """Keep extra channels so every channel-creating layer keeps a multiple of ``multiple``.
+
+        The extra channels are the removed ones whose producing filters have the largest L1 norm.
+        """
+        analysis = self.analysis
+        for _ in range(8):  # coupled layers can disturb each other; a few passes settle it
+            changed = False
+            for name, node in analysis.creators.items():
+                info = analysis.info[name]
+                keep = ~self.removed[info.ids]
+                kept, total = int(keep.sum()), info.size
+                if kept == 0 or kept % multiple == 0:
+                    continue
+                target = min(total, -(-kept // multiple) * multiple)
+                if target == kept:
+                    continue
+                scores = analysis.rule_for(node).channel_scores(node, analysis)
+                if scores is None:
+                    scores = np.zeros(total)
+                candidates = np.flatnonzero(~keep)
+                candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
+                self.restore(info.ids[candidates[: target - kept]], f"kept to round '{name}' to a multiple of {multiple}")
+                changed = True
+            if not changed:
+                return

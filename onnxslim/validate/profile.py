@@ -1,0 +1,269 @@
+"""Per-layer latency from onnxruntime's own profiler, and a before/after table of two models.
+
+Source: onnxruntime's built-in profiler (``SessionOptions.enable_profiling``; the Chrome-trace JSON it
+writes, one ``"cat": "Node"`` event named ``<node>_kernel_time`` per executed node and run, ``dur`` in
+microseconds, ``args.op_name`` the operator; one ``"cat": "Session"`` event ``model_run`` per run).
+
+Procedure: one session with profiling on; ``warmup + runs`` runs of the same random feed; a node's
+events are attributed to the run whose ``model_run`` interval contains them and the first ``warmup``
+runs are dropped. Per node: the median over runs of its kernel time. The nodes are those onnxruntime
+*executes*, after its graph optimisations: fused nodes (``Conv`` + ``Relu``), NCHWc layout nodes
+(``ReorderInput``/``ReorderOutput``) and renamed nodes appear as onnxruntime names them; with
+``opt_level="disable"`` they are the model's own nodes. ``overhead_ms`` is the median run time minus the
+kernels' sum (the executor, allocation, Python binding).
+
+Unnamed nodes are named after their first output before profiling (onnxruntime would number them,
+and numbers differ between a model and its slimmed copy). Comparing two models
+(:func:`compare_profiles`) matches nodes by name (slim keeps node and tensor names), then by op type
+and position for nodes without a partner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxslim.errors import OnnxSlimError
+from onnxslim.validate.runtime import (
+    ModelSource,
+    SessionOptions,
+    create_session,
+    input_specs,
+    model_name,
+    random_feeds,
+    resolve_shapes,
+)
+
+_KERNEL_SUFFIX = "_kernel_time"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTime:
+    """One executed node: median kernel time over the profiled runs, in milliseconds."""
+
+    node: str
+    op_type: str
+    median_ms: float
+    output_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProfile:
+    """All executed nodes of one model in execution order, with the run's median total (ms)."""
+
+    name: str
+    layers: tuple[LayerTime, ...]
+    run_ms: float
+    runs: int
+    threads: int
+
+    @property
+    def kernels_ms(self) -> float:
+        return float(sum(layer.median_ms for layer in self.layers))
+
+    @property
+    def overhead_ms(self) -> float:
+        return max(self.run_ms - self.kernels_ms, 0.0)
+
+    def by_op(self) -> dict[str, float]:
+        """Milliseconds per operator type, largest first."""
+        totals: dict[str, float] = {}
+        for layer in self.layers:
+            totals[layer.op_type] = totals.get(layer.op_type, 0.0) + layer.median_ms
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "run_ms": self.run_ms, "kernels_ms": self.kernels_ms,
+                "overhead_ms": self.overhead_ms, "runs": self.runs, "threads": self.threads,
+                "by_op_ms": self.by_op(), "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+
+def profile_layers(model: ModelSource, session_options: SessionOptions | None = None, *, runs: int = 20,
+                   warmup: int = 3, batch_size: int | None = None, input_shapes: dict | None = None,
+                   seed: int = 0, name: str | None = None) -> LayerProfile:
+    """Profile ``model`` with onnxruntime's profiler; see the module docstring.
+
+    Raises :class:`OnnxSlimError` for a model onnxruntime cannot load or run, or ``runs < 1``.
+    """
+    if runs < 1 or warmup < 0:
+        raise OnnxSlimError(f"need runs >= 1 and warmup >= 0, got {runs}, {warmup}")
+    session_options = session_options or SessionOptions()
+    label = name or model_name(model)
+    model = _named_nodes(model)
+    with tempfile.TemporaryDirectory(prefix="onnxslim-profile-") as tmp:
+        traced = dataclasses.replace(session_options, profile_prefix=str(Path(tmp) / "trace"))
+        session = create_session(model, traced)
+        specs = input_specs(session)
+        shapes = resolve_shapes(specs, input_shapes or {}, batch_size, label=label)
+        feed = random_feeds(specs, shapes, seed=seed)
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        trace_path = session.end_profiling()
+        events = json.loads(Path(trace_path).read_text())
+    layers, run_ms = parse_trace(events, skip_runs=warmup)
+    return LayerProfile(label, layers, run_ms, runs, session_options.threads)
+
+
+def _named_nodes(model: ModelSource) -> ModelSource:
+    """``model`` with every unnamed node named after its first output (a copy; files stay untouched)."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        if all(node.name for node in model.graph.node):
+            return model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+    else:
+        path = Path(model)
+        if path.suffix.lower() == ".ort" or not path.is_file():
+            return model
+        try:
+            copy = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not parseable here: the session will report it
+            return model
+        if all(node.name for node in copy.graph.node) or any(
+                t.data_location == onnx.TensorProto.EXTERNAL for t in copy.graph.initializer):
+            return model
+    for node in copy.graph.node:
+        if not node.name and node.output:
+            node.name = node.output[0]
+    return copy
+
+
+def parse_trace(events: Sequence[dict], skip_runs: int = 0) -> tuple[tuple[LayerTime, ...], float]:
+    """Per-node median kernel time (ms) and the median run time (ms) from an onnxruntime trace."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")[skip_runs:]
+    if not runs:
+        raise OnnxSlimError("the onnxruntime profile holds no timed run")
+    starts = np.array([start for start, _ in runs])
+    per_node: dict[str, list[float]] = {}
+    facts: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith(_KERNEL_SUFFIX):
+            continue
+        position = int(np.searchsorted(starts, event["ts"], side="right")) - 1
+        if position < 0 or event["ts"] > runs[position][1]:
+            continue  # a warm-up run
+        node = event["name"][: -len(_KERNEL_SUFFIX)]
+        per_node.setdefault(node, [0.0] * len(runs))[position] += event["dur"] / 1000.0
+        if node not in facts:
+            facts[node] = (event.get("args", {}).get("op_name", "?"), _output_shape(event))
+    layers = tuple(LayerTime(node, facts[node][0], float(np.median(times)), facts[node][1])
+                   for node, times in per_node.items())
+    return layers, float(np.median([(end - start) / 1000.0 for start, end in runs]))
+
+
+def _output_shape(event: dict) -> tuple[int, ...]:
+    shapes = event.get("args", {}).get("output_type_shape") or [{}]
+    dims = next(iter(shapes[0].values()), []) if shapes[0] else []
+    return tuple(int(d) for d in dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerComparison:
+    """One node before and after (None where the node exists on one side only); times in ms."""
+
+    node: str
+    op_type: str
+    before_ms: float | None
+    after_ms: float | None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.before_ms is None or not self.after_ms:
+            return None
+        return self.before_ms / self.after_ms
+
+
+def compare_profiles(before: LayerProfile, after: LayerProfile) -> list[LayerComparison]:
+    """Nodes of both models paired by name, in ``before``'s execution order, then ``after``-only nodes."""
+    remaining = {layer.node: layer for layer in after.layers}
+    rows = []
+    for layer in before.layers:
+        partner = remaining.pop(layer.node, None)
+        rows.append(LayerComparison(layer.node, layer.op_type, layer.median_ms,
+                                    partner.median_ms if partner else None))
+    unpaired = [i for i, row in enumerate(rows) if row.after_ms is None]
+    for i in unpaired:  # then by op type, in execution order
+        partner = next((layer for layer in remaining.values() if layer.op_type == rows[i].op_type), None)
+        if partner is not None:
+            del remaining[partner.node]
+            rows[i] = dataclasses.replace(rows[i], after_ms=partner.median_ms)
+    rows.extend(LayerComparison(layer.node, layer.op_type, None, layer.median_ms) for layer in remaining.values())
+    return rows
+
+
+def format_comparison(before: LayerProfile, after: LayerProfile, max_rows: int | None = 30) -> str:
+    """Terminal table: the slowest nodes of ``before`` (all with ``max_rows=None``), then totals."""
+    from onnxslim.validate.bench import _text_table
+
+    rows = compare_profiles(before, after)
+    ordered = sorted(rows, key=lambda r: -max(r.before_ms or 0.0, r.after_ms or 0.0))
+    shown = ordered if max_rows is None else ordered[:max_rows]
+    total = before.run_ms or 1.0
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    table = [(r.node[:48], r.op_type, ms(r.before_ms), ms(r.after_ms),
+              f"{r.speedup:.2f}x" if r.speedup else "-", f"{100 * (r.before_ms or 0.0) / total:.1f} %")
+             for r in shown]
+    lines = [f"per-layer latency (onnxruntime profiler, median of {before.runs} runs, {before.threads} thread(s)): "
+             f"{before.name} -> {after.name}"]
+    lines += _text_table(("node", "op", "before ms", "after ms", "speedup", "share before"), table)
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} faster nodes not shown")
+    lines.append(f"kernels {before.kernels_ms:.3f} -> {after.kernels_ms:.3f} ms; overhead {before.overhead_ms:.3f} -> "
+                 f"{after.overhead_ms:.3f} ms; run {before.run_ms:.3f} -> {after.run_ms:.3f} ms")
+    by_op = [(op, f"{t:.3f}", f"{after.by_op().get(op, 0.0):.3f}") for op, t in before.by_op().items()]
+    lines += ["", *_text_table(("op", "before ms", "after ms"), by_op)]
+    return "\n".join(lines)
+
+
+def format_profile(profile: LayerProfile, max_rows: int | None = 30) -> str:
+    """Terminal table of one model's slowest nodes."""
+    from onnxslim.validate.bench import _text_table
+
+    ordered = sorted(profile.layers, key=lambda layer: -layer.median_ms)
+    shown = ordered if max_rows is None else ordered[:max_rows]
+    total = profile.run_ms or 1.0
+    lines = [f"per-layer latency (onnxruntime profiler, median of {profile.runs} runs, {profile.threads} thread(s)): "
+             f"{profile.name}"]
+    lines += _text_table(("node", "op", "ms", "share", "output"),
+                         [(layer.node[:48], layer.op_type, f"{layer.median_ms:.3f}",
+                           f"{100 * layer.median_ms / total:.1f} %", "x".join(map(str, layer.output_shape)))
+                          for layer in shown])
+    lines.append(f"kernels {profile.kernels_ms:.3f} ms, overhead {profile.overhead_ms:.3f} ms, run {profile.run_ms:.3f} ms")
+    return "\n".join(lines)
+
+
+def plot_layer_latency(profiles: Sequence[LayerProfile], path, max_layers: int = 40) -> Path:
+    """PNG: grouped horizontal bars of per-node time for every profile (the first one's slowest nodes)."""
+    from onnxslim.plots import _figure, _save
+
+    if not profiles or not profiles[0].layers:
+        raise OnnxSlimError("no per-layer times to plot")
+    base = sorted(profiles[0].layers, key=lambda layer: -layer.median_ms)[:max_layers]
+    names = [layer.node for layer in base]
+    figure = _figure(9.0, max(3.0, 0.28 * len(names) * max(1, len(profiles)) / 1.5 + 1.5))
+    axes = figure.add_subplot(1, 1, 1)
+    height = 0.8 / len(profiles)
+    y = np.arange(len(names))
+    for k, profile in enumerate(profiles):
+        times = {layer.node: layer.median_ms for layer in profile.layers}
+        axes.barh(y + k * height, [times.get(n, 0.0) for n in names], height=height,
+                  label=f"{profile.name} ({profile.run_ms:.2f} ms/run)")
+    axes.set_yticks(y + height * (len(profiles) - 1) / 2)
+    axes.set_yticklabels([n[:40] for n in names], fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("median kernel time per run (ms), onnxruntime profiler")
+    axes.set_title(f"Per-layer latency, {profiles[0].threads} thread(s)")
+    axes.legend(fontsize=8)
+    return _save(figure, path)

@@ -1,0 +1,82 @@
+"""Conv and ConvTranspose rules: filters and criteria, MACs, reduction, mask-scale folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder, assert_equivalent
+from rankings import FILTERS, KEPT
+
+from onnxslim.graph.prune import channel_scores, prune
+from onnxslim.graph.slim import analyse, slim
+from onnxslim.graph.stats import model_stats
+
+
+def _conv_transpose_model(weight: np.ndarray, groups: int = 1):
+    """x (1, Cin, 4, 4) -> ConvTranspose (kernel 2, stride 2) -> Relu -> Conv 1x1 (-> 2) -> output."""
+    g = GraphBuilder()
+    x = g.input([1, weight.shape[0], 4, 4])
+    y = g.op("ConvTranspose", [x, g.const(weight, "w")], kernel_shape=[2, 2], strides=[2, 2], group=groups)
+    g.output(g.conv(g.op("Relu", [y]), weight.shape[1] * groups, 2, k=1, pad=0))
+    return g.model()
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_conv_transpose_l1_and_l2_rank_filters_differently(criterion):
+    # ConvTranspose W is (Cin, Cout, k, k): output j's filter is W[:, j] (here Cin = 1, 2x2 kernels)
+    model = _conv_transpose_model(FILTERS.reshape(1, 4, 2, 2))
+    analysis = analyse(model)
+    scores = next(iter(channel_scores(analysis, criterion).values()))
+    assert np.allclose(scores, np.abs(FILTERS).sum(1) if criterion == "l1" else np.linalg.norm(FILTERS, axis=1))
+    slimmed, _, masked = prune(model, ratio=0.5, criterion=criterion)
+    weights = {t.name: t for t in slimmed.graph.initializer}
+    node = next(n for n in slimmed.graph.node if n.op_type == "ConvTranspose")
+    kept = np.frombuffer(weights[node.input[1]].raw_data, np.float32).reshape(1, 2, 4)[0]
+    assert np.array_equal(kept, FILTERS[KEPT[criterion]])
+    assert_equivalent(masked, slimmed)
+
+
+def test_grouped_conv_transpose_filters_gather_each_groups_inputs():
+    weight = np.arange(4 * 3 * 2 * 2, dtype=np.float32).reshape(4, 3, 2, 2)  # 2 groups of 2 inputs, 6 outputs
+    model = _conv_transpose_model(weight, groups=2)
+    analysis = analyse(model)
+    node = next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+    filters = analysis.rule_for(node).filters(node, analysis.index)
+    assert filters.shape == (6, 8)
+    assert np.array_equal(filters[4], weight[2:4, 1].reshape(-1))  # output 4 = group 1, column 1
+
+
+def test_conv_filters_fpgm_and_reduction():
+    g = GraphBuilder()
+    x = g.input([1, 4, 6, 6])
+    y = g.conv(x, 4, 6)
+    g.output(g.conv(g.op("Relu", [y]), 6, 6, groups=3))
+    model = g.model()
+    analysis = analyse(model)
+    first, grouped = model.graph.node[0], model.graph.node[-1]
+    rule = analysis.rule_for(first)
+    filters = rule.filters(first, analysis.index)
+    naive = [sum(np.linalg.norm(filters[i].astype(np.float64) - filters[j]) for j in range(6)) for i in range(6)]
+    assert np.allclose(rule.channel_scores(first, analysis, "fpgm"), naive)
+    assert (rule.reduction(first, 0), rule.reduction(grouped, 0), rule.reduction(first, 1)) == ("full", "grouped", "none")
+
+
+def test_macs_of_conv_and_conv_transpose():
+    model = _conv_transpose_model(np.ones((3, 5, 2, 2), np.float32))
+    convt, conv = (n for n in model.graph.node if n.op_type in ("ConvTranspose", "Conv"))
+    # ConvTranspose: Cin * prod(in spatial) * Cout/g * prod(kernel); Conv: Cout * prod(out spatial) * Cin/g * k*k
+    assert model_stats(model).layer_macs == {convt.name: 3 * 16 * 5 * 4, conv.name: 2 * 64 * 5}
+
+
+def test_a_positive_mask_scale_after_conv_transpose_folds_into_it():
+    g = GraphBuilder()
+    x = g.input([1, 3, 4, 4])
+    w = g.weights(3, 4, 2, 2)
+    y = g.op("ConvTranspose", [x, g.const(w, "w"), g.const(g.weights(4, scale=0.1), "b")],
+             kernel_shape=[2, 2], strides=[2, 2])
+    g.output(g.conv(g.mask(y, 4, zeros=[3]), 4, 2))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert report.folded_masks == 1 and "Mul" not in [n.op_type for n in slimmed.graph.node]
+    assert [(layer.channels_before, layer.channels_after) for layer in report.layers] == [(4, 3), (2, 2)]
+    assert_equivalent(model, slimmed)

@@ -1,0 +1,77 @@
+"""Gemm and MatMul rules: filters and criteria, MACs, reduction, mask-scale folding (onnxruntime-checked)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder, assert_equivalent
+from rankings import FILTERS, KEPT
+
+from onnxslim.graph.prune import channel_scores, prune
+from onnxslim.graph.slim import analyse, slim
+from onnxslim.graph.stats import model_stats
+
+
+def _fc_model(op: str):
+    """x (1, 4) -> op (4 -> 4, filters = FILTERS) -> Relu -> Gemm (4 -> 2) -> output."""
+    g = GraphBuilder()
+    x = g.input([1, 4])
+    if op == "Gemm":
+        hidden = g.op("Gemm", [x, g.const(FILTERS, "w"), g.const(np.zeros(4, np.float32), "b")], transB=1)
+    else:
+        hidden = g.op("MatMul", [x, g.const(FILTERS.T.copy(), "w")])
+    g.output(g.gemm(g.op("Relu", [hidden]), 4, 2))
+    return g.model()
+
+
+def _first_weight_rows(model, op: str) -> np.ndarray:
+    weights = {t.name: t for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == op)
+    value = np.frombuffer(weights[node.input[1]].raw_data, np.float32).reshape(tuple(weights[node.input[1]].dims))
+    return value if op == "Gemm" else value.T
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_l1_and_l2_rank_filters_differently(op, criterion):
+    model = _fc_model(op)
+    analysis = analyse(model)
+    scores = next(iter(channel_scores(analysis, criterion).values()))
+    norms = np.abs(FILTERS).sum(1) if criterion == "l1" else np.linalg.norm(FILTERS, axis=1)
+    assert np.allclose(scores, norms)
+    slimmed, report, masked = prune(model, ratio=0.5, criterion=criterion)
+    assert np.array_equal(_first_weight_rows(slimmed, op), FILTERS[KEPT[criterion]])
+    assert_equivalent(masked, slimmed)
+
+
+def test_macs_and_reduction():
+    model = _fc_model("MatMul")
+    analysis = analyse(model)
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    rule = analysis.rule_for(matmul)
+    assert (rule.reduction(matmul, 0), rule.reduction(matmul, 1)) == ("full", "none")
+    assert model_stats(model).layer_macs == {matmul.name: 4 * 4, model.graph.node[-1].name: 4 * 2}
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_mask_scale_after_gemm_folds_into_its_weights(trans_b):
+    g = GraphBuilder()
+    x = g.input([2, 6])
+    hidden = g.mask(g.gemm(x, 6, 5, trans_b=trans_b), 5, zeros=[2], rank=2)
+    g.output(g.gemm(g.op("Tanh", [hidden]), 5, 3))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert "Mul" not in [n.op_type for n in slimmed.graph.node] and report.folded_masks == 1
+    assert [(layer.channels_before, layer.channels_after) for layer in report.layers] == [(5, 4), (3, 3)]
+    assert_equivalent(model, slimmed)
+
+
+def test_a_mask_scale_before_matmul_folds_into_its_rows():
+    g = GraphBuilder()
+    x = g.input([2, 6])
+    hidden = g.mask(g.op("Tanh", [g.gemm(x, 6, 5)]), 5, zeros=[0], rank=2)
+    g.output(g.op("MatMul", [hidden, g.const(g.weights(5, 3), "w")]))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert "Mul" not in [n.op_type for n in slimmed.graph.node] and report.folded_masks == 1
+    assert_equivalent(model, slimmed)

@@ -1,0 +1,69 @@
+"""Normalisation rules: BN gains for the ``bn`` criterion, masks after BN, scale folding, barriers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder, assert_equivalent
+
+from onnxslim.graph.prune import channel_scores, prune
+from onnxslim.graph.slim import analyse, slim
+
+
+def _conv_bn_model():
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.op("Relu", [g.bn(g.conv(x, 3, 6), 6)])
+    g.output(g.conv(y, 6, 2))
+    return g.model()
+
+
+def test_bn_criterion_ranks_by_the_gamma_of_the_following_batchnorm():
+    model = _conv_bn_model()
+    analysis = analyse(model)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    gamma = analysis.index.constant(bn.input[1])
+    scores = channel_scores(analysis, "bn")
+    assert np.allclose(scores[bn.input[0]], np.abs(gamma))
+    assert np.allclose(scores[model.graph.node[-1].output[0]], channel_scores(analysis, "l1")[model.graph.node[-1].output[0]])
+    assert analysis.rule_for(bn).masks_go_after
+
+
+def test_after_bn_placement_puts_the_mask_after_batchnorm():
+    model = _conv_bn_model()
+    slimmed, report, masked = prune(model, ratio=0.5, placement="after_bn")
+    mul = next(n for n in masked.graph.node if n.op_type == "Mul")
+    bn = next(n for n in masked.graph.node if n.op_type == "BatchNormalization")
+    assert mul.input[0] == bn.output[0]
+    assert report.layers[0].channels_after == 3
+    assert_equivalent(masked, slimmed)
+
+
+@pytest.mark.parametrize("norm", ["BatchNormalization", "InstanceNormalization"])
+def test_a_mask_scale_after_a_normalisation_folds_into_its_scale_and_shift(norm):
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.conv(x, 3, 4)
+    if norm == "BatchNormalization":
+        y = g.bn(y, 4)
+    else:
+        y = g.op(norm, [y, g.const(g.weights(4) + 1, "s"), g.const(g.weights(4), "b")])
+    g.output(g.conv(g.mask(y, 4, zeros=[1]), 4, 2))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert report.folded_masks == 1 and "Mul" not in [n.op_type for n in slimmed.graph.node]
+    assert report.layers[0].channels_after == 3
+    assert_equivalent(model, slimmed)
+
+
+@pytest.mark.parametrize("op", ["LRN"])
+def test_barrier_normalisations_keep_masked_channels(op):
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.mask(g.conv(x, 3, 4), 4, zeros=[1])
+    g.output(g.conv(g.op(op, [y], **({"size": 3} if op == "LRN" else {})), 4, 2))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert report.deleted_masked_channels == 0
+    assert any(f"barrier {op}" in kept.reason for kept in report.kept)
+    assert_equivalent(model, slimmed)

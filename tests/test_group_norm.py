@@ -1,0 +1,93 @@
+"""GroupNormalization (opset 21) and the exporters' decomposition: whole groups go (issue #11 kind 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from builders_groups import conv_outputs, export_both, group_norm, group_norm_decomposed, slim_exact
+from graphs import GraphBuilder
+from onnx import helper
+from torch import nn
+
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.slim import slim
+
+
+def _norm_then_masks(opset: int, norm) -> GraphBuilder:
+    """conv(8) -> group norm (4 groups of 2) -> mask [0, 1, 4] -> relu -> conv(6) -> mask [2] -> relu -> conv."""
+    g = GraphBuilder(opset=opset)
+    x = g.input([1, 3, 8, 8])
+    y = norm(g, g.conv(x, 3, 8), 8, 4)
+    y = g.op("Relu", [g.mask(y, 8, zeros=[0, 1, 4])])  # group 0 is all zero; channel 5 keeps channel 4
+    y = g.op("Relu", [g.mask(g.conv(y, 8, 6), 6, zeros=[2])])
+    g.output(g.conv(y, 6, 4), shape=[1, 4, 8, 8])
+    return g
+
+
+@pytest.mark.parametrize("norm", [group_norm, group_norm_decomposed], ids=["GroupNormalization", "decomposed"])
+def test_whole_groups_of_a_group_norm_go_and_what_follows_is_analysed(norm):
+    model = _norm_then_masks(21 if norm is group_norm else 17, norm).model()
+    slimmed, report = slim_exact(model)
+    assert conv_outputs(slimmed) == [6, 5, 4]
+    assert (report.masked_channels, report.deleted_masked_channels) == (4, 3)
+    assert report.macs_after < report.macs_before  # shapes after the norm are known
+    if norm is group_norm:
+        node = next(n for n in slimmed.graph.node if n.op_type == "GroupNormalization")
+        assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "num_groups")) == 3
+
+
+def test_a_zero_group_before_the_norm_becomes_its_bias():
+    g = GraphBuilder(opset=21)
+    x = g.input([1, 3, 8, 8])
+    y = group_norm(g, g.mask(g.conv(x, 3, 8), 8, zeros=[2, 3]), 8, 4)  # group 1 is zero -> bias
+    g.output(g.conv(g.op("Relu", [y]), 8, 4, k=1, pad=0), shape=[1, 4, 8, 8])  # unpadded: absorbs it
+    slimmed, report = slim_exact(g.model())
+    assert conv_outputs(slimmed) == [6, 4] and report.deleted_masked_channels == 2
+
+
+def test_group_normalization_18_is_refused_as_an_invalid_input():
+    g = _norm_then_masks(18, group_norm)
+    model = helper.make_model(helper.make_graph(g.nodes, "gn18", g.inputs, [
+        helper.make_tensor_value_info(g.outputs[0], 1, [1, 4, 8, 8])], g.initializers),
+        opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    with pytest.raises(OnnxSlimError, match="^invalid input model: .*deprecated"):
+        slim(model)
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 4, 3)
+        for name, (size, zeros) in {"m1": (8, [0, 1, 4]), "m2": (6, [2])}.items():
+            mask = torch.rand(1, size, 1, 1) + 0.5
+            mask[0, zeros] = 0
+            self.register_buffer(name, mask)
+        with torch.no_grad():
+            self.gn.weight.uniform_(0.5, 1.5)
+            self.gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.gn(self.c1(x)) * self.m1)
+        return self.c3(torch.relu(self.c2(y) * self.m2))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_torch_group_norm_exports(exporter):
+    torch.manual_seed(0)
+    model = export_both(GroupNormNet(), (torch.randn(1, 3, 8, 8),))[exporter]
+    slimmed, report = slim_exact(model)
+    assert conv_outputs(slimmed) == [6, 5, 4]
+    assert (report.masked_channels, report.deleted_masked_channels) == (4, 3)
+    assert np.isfinite(report.macs_after)
+
+
+def test_decomposed_group_norm_with_fewer_groups_than_channels_per_group():
+    g = GraphBuilder(opset=17)
+    x = g.input([1, 3, 8, 8])
+    y = group_norm_decomposed(g, g.conv(x, 3, 8), 8, 2)  # [N, 2, 4*8*8]: read along the 2 groups
+    y = g.op("Relu", [g.mask(y, 8, zeros=[4, 5, 6, 7, 0])])
+    g.output(g.conv(y, 8, 4), shape=[1, 4, 8, 8])
+    slimmed, report = slim_exact(g.model())
+    assert conv_outputs(slimmed) == [4, 4]
+    assert (report.masked_channels, report.deleted_masked_channels) == (5, 4)

@@ -1,0 +1,114 @@
+"""Grouped convs (1 < groups < C) and depthwise convs with a channel multiplier: the same number of
+channels goes from every group, so the groups stay equal (issue #11 kind 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders_groups import export_both, grouped_conv
+from graphs import GraphBuilder, assert_equivalent
+from onnx import helper, numpy_helper
+from torch import nn
+
+from onnxslim.graph.slim import slim
+
+
+def _conv_weights(model):
+    inits = {t.name: t for t in model.graph.initializer}
+    return [(tuple(inits[n.input[1]].dims), helper.get_attribute_value(next(
+        (a for a in n.attribute if a.name == "group"), helper.make_attribute("group", 1))))
+        for n in model.graph.node if n.op_type == "Conv"]
+
+
+def _slim(model):
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.params_after <= report.params_before
+    return slimmed, report
+
+
+def test_unequal_deletions_per_group_are_balanced_to_the_largest_kept_count():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 4, 8, k=1, pad=0), 8, zeros=[1, 2, 6])])  # group 0 loses 2, group 1 loses 1
+    y = g.op("Relu", [grouped_conv(g, y, 8, 6, groups=2)])
+    g.output(g.conv(y, 6, 4, k=1, pad=0))
+    slimmed, report = _slim(g.model())
+    assert _conv_weights(slimmed) == [((6, 4, 1, 1), 1), ((6, 3, 3, 3), 2), ((4, 6, 1, 1), 1)]
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, 2)
+    assert "groups of Conv" in report.kept[0].reason
+
+
+def test_masked_outputs_of_a_grouped_conv_go_the_same_number_per_group():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    y = g.op("Relu", [g.conv(x, 4, 8, k=1, pad=0)])
+    y = g.op("Relu", [g.mask(grouped_conv(g, y, 8, 12, groups=4), 12, zeros=[0, 4, 5, 7, 11])])
+    g.output(g.conv(y, 12, 4, k=1, pad=0))
+    slimmed, report = _slim(g.model())
+    # groups of 3 outputs: {0}, {4, 5}, {7}, {11} -> one output per group goes, 4 and 5 keep one back
+    assert _conv_weights(slimmed)[1:] == [((8, 2, 3, 3), 4), ((4, 8, 1, 1), 1)]
+    assert report.deleted_masked_channels == 4
+
+
+def test_depthwise_with_a_channel_multiplier_drops_dead_groups_and_balances_the_rest():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.conv(x, 3, 4, k=1, pad=0)])
+    # multiplier 2: group k = outputs 2k, 2k+1; group 0 dies, the others keep one output each
+    y = g.op("Relu", [g.mask(grouped_conv(g, y, 4, 8, groups=4), 8, zeros=[0, 1, 3, 5, 7])])
+    g.output(g.conv(y, 8, 4, k=1, pad=0))
+    slimmed, report = _slim(g.model())
+    assert _conv_weights(slimmed) == [((3, 3, 1, 1), 1), ((3, 1, 3, 3), 3), ((4, 3, 1, 1), 1)]
+    assert report.deleted_masked_channels == 5
+
+
+def test_a_constant_input_of_an_unpadded_grouped_conv_is_absorbed_into_its_group_only():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    y = g.conv(x, 4, 8, k=1, pad=0)
+    w = next(t for t in g.initializers if t.name == g.nodes[-1].input[1])
+    b = next(t for t in g.initializers if t.name == g.nodes[-1].input[2])
+    for tensor, value in ((w, 0.0), (b, 0.7)):
+        array = numpy_helper.to_array(tensor).copy()
+        array[[2, 5]] = value  # channels 2 (group 0) and 5 (group 1) are the constant 0.7
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    y = g.op("Relu", [grouped_conv(g, g.op("Relu", [y]), 8, 4, groups=2, k=1)])
+    g.output(g.conv(y, 4, 4, k=1, pad=0))
+    slimmed, _ = _slim(g.model())
+    assert _conv_weights(slimmed)[:2] == [((6, 4, 1, 1), 1), ((4, 3, 1, 1), 2)]
+
+
+class ResNeXtBlock(nn.Module):
+    """1x1 -> grouped 3x3 (cardinality 4) -> 1x1 with a residual; masks after the first two BNs."""
+
+    def __init__(self, c=8, width=16, cardinality=4, zeros1=(), zeros2=()):
+        super().__init__()
+        self.reduce, self.bn1 = nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.grouped, self.bn2 = nn.Conv2d(width, width, 3, padding=1, groups=cardinality, bias=False), nn.BatchNorm2d(width)
+        self.expand = nn.Conv2d(width, c, 1)
+        for name, zeros in (("m1", zeros1), ("m2", zeros2)):
+            mask = torch.rand(1, width, 1, 1) + 0.5
+            mask[0, list(zeros)] = 0
+            self.register_buffer(name, mask)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.reduce(x)) * self.m1)
+        y = torch.relu(self.bn2(self.grouped(y)) * self.m2)
+        return torch.relu(x + self.expand(y))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_resnext_block_exported_from_torch(exporter):
+    torch.manual_seed(0)
+    # groups of 4 channels: mask 1 (the grouped conv's inputs) takes one from each group;
+    # mask 2 (its outputs) takes 2, 1, 1, 1 -> one per group goes, one of {1, 2} stays
+    block = ResNeXtBlock(zeros1=[0, 5, 9, 13], zeros2=[1, 2, 4, 8, 12])
+    model = export_both(block, (torch.randn(1, 8, 6, 6),))[exporter]
+    slimmed, report = _slim(model)
+    weights = _conv_weights(slimmed)
+    assert weights[0][0][0] == 12 and weights[1] == ((12, 3, 3, 3), 4) and weights[2][0][:2] == (8, 12)
+    assert (report.masked_channels, report.deleted_masked_channels) == (9, 8)

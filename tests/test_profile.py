@@ -1,0 +1,78 @@
+"""Per-layer latency from onnxruntime's profiler: trace parsing, node naming, before/after, `bench --per-layer`."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from _validate_models import conv_net
+from click.testing import CliRunner
+
+from onnxslim.cli import main
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.slim import slim
+from onnxslim.validate.profile import compare_profiles, format_comparison, parse_trace, profile_layers
+from onnxslim.validate.runtime import SessionOptions
+
+
+def _event(cat, name, ts, dur, op="Conv"):
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"op_name": op,
+                                                                     "output_type_shape": [{"float": [1, 4, 2, 2]}]}}
+
+
+def test_parse_trace_drops_warmup_runs_and_takes_medians():
+    events = []
+    for run, (conv_us, relu_us) in enumerate([(900, 900), (100, 10), (300, 30), (200, 20)]):
+        start = 10_000 * run
+        events.append(_event("Session", "model_run", start, 2_000))
+        events.append(_event("Node", "c_kernel_time", start + 5, conv_us))
+        events.append(_event("Node", "c_fence_before", start + 4, 0))
+        events.append(_event("Node", "r_kernel_time", start + 1_000, relu_us, op="Relu"))
+    layers, run_ms = parse_trace(events, skip_runs=1)
+    assert [(layer.node, layer.op_type) for layer in layers] == [("c", "Conv"), ("r", "Relu")]
+    assert layers[0].median_ms == pytest.approx(0.2) and layers[1].median_ms == pytest.approx(0.02)
+    assert layers[0].output_shape == (1, 4, 2, 2) and run_ms == pytest.approx(2.0)
+    with pytest.raises(OnnxSlimError, match="no timed run"):
+        parse_trace(events, skip_runs=4)
+
+
+def test_profile_names_nodes_and_pairs_before_with_after():
+    mask = np.ones(16)
+    mask[:6] = 0
+    masked = conv_net(16, size=16, mask=mask)
+    assert not any(node.name for node in masked.graph.node)  # onnxruntime would number them
+    slimmed, _ = slim(masked)
+    plain = SessionOptions(opt_level="disable")
+    before = profile_layers(masked, plain, runs=5, warmup=1, name="masked")
+    after = profile_layers(slimmed, plain, runs=5, warmup=1, name="slim")
+    # without graph optimisations the executed nodes are the model's own, named after their outputs
+    assert [layer.node for layer in before.layers] == [node.output[0] for node in masked.graph.node]
+    assert [layer.op_type for layer in before.layers] == [node.op_type for node in masked.graph.node]
+    conv = next(layer for layer in after.layers if layer.op_type == "Conv")
+    assert conv.output_shape == (1, 10, 16, 16)  # 6 of 16 channels deleted
+    assert 0 < before.kernels_ms <= before.run_ms and before.overhead_ms >= 0
+    rows = compare_profiles(before, after)
+    paired = {r.node for r in rows if r.before_ms is not None and r.after_ms is not None}
+    assert {"c", "r", "g", "f"} <= paired  # conv, relu, pool, flatten keep their names
+    assert any(r.op_type == "Mul" and r.after_ms is None for r in rows)  # the mask is gone after slimming
+    text = format_comparison(before, after)
+    assert "before ms" in text and "Conv" in text
+
+
+def test_bench_per_layer_cli_writes_table_json_and_plot(tmp_path):
+    mask = np.ones(16)
+    mask[:6] = 0
+    masked = conv_net(16, size=16, mask=mask)
+    a, b = tmp_path / "masked.onnx", tmp_path / "slim.onnx"
+    onnx.save(masked, str(a))
+    slim(masked, b)
+    out, plot = tmp_path / "bench.json", tmp_path / "layers.png"
+    result = CliRunner().invoke(main, ["bench", str(a), str(b), "--warmup", "1", "--repeat", "5",
+                                       "--session-repeats", "1", "--no-memory", "--per-layer", "--json", str(out),
+                                       "--layer-plot", str(plot), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "per-layer latency" in result.output and "masked.onnx -> slim.onnx" in result.output
+    data = json.loads(out.read_text())
+    assert [p["name"] for p in data["per_layer"]] == ["masked.onnx", "slim.onnx"]
+    assert all(p["layers"] and p["run_ms"] > 0 for p in data["per_layer"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
