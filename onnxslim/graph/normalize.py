@@ -24,6 +24,9 @@ node list and the *new* initializers are written back into the ModelProto.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import onnx
 import onnx.reference.ops
 import onnx_ir as ir
@@ -55,12 +58,13 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
         for value in node.outputs:
             value.shape = None  # exported value_info is not trusted
     modified = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(view).modified
-    while True:
-        modified |= fold_constants(view, onnx_shape_inference=False, input_size_limit=_INPUT_LIMIT,
-                                   output_size_limit=_GROWTH_LIMIT, should_fold=_should_fold).modified
-        if not _fold_multi_output(view):
-            break
-        modified = True
+    with _quiet_folder():
+        while True:
+            modified |= fold_constants(view, onnx_shape_inference=False, input_size_limit=_INPUT_LIMIT,
+                                       output_size_limit=_GROWTH_LIMIT, should_fold=_should_fold).modified
+            if not _fold_multi_output(view):
+                break
+            modified = True
     if not modified:
         return 0
     for node in graph:
@@ -68,6 +72,18 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
     before = len(model.graph.node)
     _write_back(model, graph, original)
     return before - len(model.graph.node)
+
+
+@contextlib.contextmanager
+def _quiet_folder():
+    """The folder logs what it skips (multi-output ops, large results) as warnings: not news to a user."""
+    logger = logging.getLogger("onnxscript.optimizer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _should_fold(node: ir.Node) -> bool | None:
