@@ -75,10 +75,14 @@ class QuantizeRule(Rule):
         with np.errstate(all="ignore"):
             if node.op_type == "QuantizeLinear":
                 low, high = _quantized_type_range(node, index)
-                value = np.clip(np.rint(x.value / scale) + zero_point, low, high)
+                ratio = x.value / scale
+                value = np.clip(np.rint(ratio) + zero_point, low, high)
+                # a constant known only to float precision may round either way near a half: unknown
+                decided = (x.value == 0) | (np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) > 1e-3)
             else:
                 value = (x.value - zero_point) * scale.astype(np.float32)
-        const = x.const & np.isfinite(value)
+                decided = np.ones(x.size, bool)
+        const = x.const & np.isfinite(value) & decided
         pass_through(node, analysis, x.with_values(const, value))
 
     def rewrite(self, node, rewriter):
