@@ -228,12 +228,13 @@ class WeightStore:
             return
         tensor = index.initializers[name]
         readers = index.uses(name)
-        exclusive = len(readers) == 1 and name not in index.outputs
+        cache_key = (name, key) if key is not None else None
+        new_name = self._renamed.get(cache_key) if cache_key is not None else None
+        # the last reader of a split initializer joins the copy its twins made (never a second copy)
+        exclusive = len(readers) == 1 and name not in index.outputs and new_name is None
         if exclusive:
             index.update(name, value)
             return
-        cache_key = (name, key) if key is not None else None
-        new_name = self._renamed.get(cache_key) if cache_key is not None else None
         if new_name is None:
             new_name = index.fresh_name(name)
             new_tensor = index.graph.initializer.add()

@@ -12,6 +12,9 @@ spelled. The work is done by well-kept libraries, not by an evaluator of our own
    opset 9 ...) and applies its exact simplifications (``Identity`` and inference ``Dropout`` removed,
    ``Cast`` to the same type dropped ...).
 
+Before that, :func:`alias_constant_identities` lets readers of ``Identity(initializer)`` read the
+initializer itself, so that a shared weight stays one tensor.
+
 Left alone: ``QuantizeLinear`` / ``DequantizeLinear`` (int8 weights stay int8; the QDQ rule reads them),
 ``ConstantOfShape``, random generators, control flow, and results much larger than the constants they
 replace. The model's semantics, opset and IR version do not change; exported ``value_info`` is not used
@@ -144,3 +147,33 @@ def _write_back(model: onnx.ModelProto, graph: ir.Graph, original: dict) -> None
             model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     names = [o.name for o in model.graph.output]
     assert names == [v.name for v in graph.outputs], "constant folding renamed a graph output"
+
+
+def alias_constant_identities(model: onnx.ModelProto) -> int:
+    """Let readers of ``Identity(initializer)`` read the initializer itself; returns how many went.
+
+    The legacy torch exporter shares a weight between two uses of one module that way. Folding the
+    Identity into a new initializer would be a second copy of the weight (a larger model); an alias keeps
+    the one copy, which the analysis then couples (both readers slice it alike). Identities whose output
+    is a graph output or is read inside a control-flow body stay.
+    """
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    keep_names = {o.name for o in graph.output}
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                keep_names.update(n for inner in body.node for n in inner.input)
+    alias = {node.output[0]: node.input[0] for node in graph.node
+             if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in initializers
+             and node.output[0] not in keep_names}
+    if not alias:
+        return 0
+    survivors = [node for node in graph.node if not (node.op_type == "Identity" and node.output[0] in alias)]
+    for node in survivors:
+        for slot, name in enumerate(node.input):
+            if name in alias:
+                node.input[slot] = alias[name]
+    del graph.node[:]
+    graph.node.extend(survivors)
+    return len(alias)
