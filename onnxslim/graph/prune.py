@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.cleanup import remove_dead_code
 from onnxslim.graph.report import SlimReport
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
@@ -156,6 +157,18 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
     return len(inserted)
 
 
+def _drop_dead_code(model: onnx.ModelProto) -> None:
+    """Constants that normalisation folded (a DequantizeLinear of a weight ...) leave their sources unread:
+    drop them from the masked reference (and from the graph inputs of IR 3 models, which list them)."""
+    before = {t.name for t in model.graph.initializer}
+    remove_dead_code(model)
+    gone = before - {t.name for t in model.graph.initializer}
+    if gone:
+        survivors = [value for value in model.graph.input if value.name not in gone]
+        del model.graph.input[:]
+        model.graph.input.extend(survivors)
+
+
 def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
           input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
@@ -172,6 +185,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     analysis = analyse(masked, input_shapes, rules=rules)
     selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
     insert_masks(masked, analysis, selection.roots, placement)
+    _drop_dead_code(masked)
     check_model(masked, what="the masked model")
     slimmed, report = slim(masked, input_shapes=input_shapes, round_to=round_to, rules=rules)
     report.notes = selection.notes + report.notes
