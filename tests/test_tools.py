@@ -62,3 +62,13 @@ def test_latency_efficiency_tool(tmp_path):
     assert row["model"] == "yolo_style" and row["macs_ratio"] > 1.5  # half the channels of most layers
     assert row["efficiency"] == pytest.approx(row["speedup"] / row["macs_ratio"])
     assert "speedup / MACs ratio" in stdout
+
+
+@pytest.mark.slow
+def test_latency_efficiency_tool_target_mode(tmp_path):
+    out = tmp_path / "target.json"
+    run_tool("bench_latency_efficiency.py", "--models", "mobilenet_v3_small", "--size", "32", "--rounds", "3",
+             "--warmup", "0", "--target-latency", "0.6", "--json", out)
+    (row,) = json.loads(out.read_text())["targets"]
+    assert row["target"] == 0.6 and 1 <= row["prunes"] <= 8 and 0 < row["macs_fraction"] < 1
+    assert row["error"] == pytest.approx(row["verified_latency_fraction"] / 0.6 - 1)

@@ -14,6 +14,11 @@ minimum >= 0.80, no model slower than dense).
 
     python tools/bench_latency_efficiency.py --size 224 --rounds 30            # the full run
     python tools/bench_latency_efficiency.py --size 96 --rounds 15 --threads 1 --batch 1   # reduced
+    python tools/bench_latency_efficiency.py --target-latency 0.5 --models resnet50,mobilenet_v3_small
+
+With ``--target-latency F`` each model is pruned with ``prune --target-latency F`` instead
+(:func:`onnxslim.graph.allocate.prune_to_target`), then the result is timed against the dense model in
+a separate A/B of ``--rounds`` rounds: target, achieved latency fraction (1 / speedup) and its error.
 """
 
 from __future__ import annotations
@@ -151,6 +156,22 @@ def measure(name: str, args, folder: Path) -> list[dict]:
     return rows
 
 
+def measure_target(name: str, args, folder: Path) -> dict:
+    from onnxslim.graph.allocate import prune_to_target
+    from onnxslim.validate.speedcheck import verify_speed
+
+    path, shape = export_onnx(name, args.size, folder)
+    shapes = {"input": [1, *shape]}
+    slimmed, report, _, result = prune_to_target(path, "latency", args.target_latency, rounds=args.rounds,
+                                                 round_to=args.round_to, input_shapes=shapes)
+    check = verify_speed(path, slimmed, report.macs_before, report.macs_after, rounds=args.rounds, input_shapes=shapes)
+    achieved = 1.0 / check.speedup
+    return {"model": name, "target": args.target_latency, "search_achieved": result.achieved, "ratio": result.ratio,
+            "prunes": len(result.steps), "verified_latency_fraction": achieved,
+            "ci": [1.0 / check.ci_high, 1.0 / check.ci_low], "error": achieved / args.target_latency - 1.0,
+            "macs_fraction": report.macs_after / report.macs_before}
+
+
 def print_table(rows: list[dict]) -> None:
     print("| model | ratio | threads | batch | dense ms | MACs ratio | speedup (95 % CI) | speedup / MACs ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -180,6 +201,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--round-to", default="auto")
+    parser.add_argument("--target-latency", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.ratios = [float(v) for v in args.ratios.split(",")]
@@ -189,6 +211,8 @@ def main() -> int:
     cores = os.cpu_count() or 1
     if max(args.threads) > cores:
         print(f"note: {max(args.threads)} threads on a {cores}-core machine: those rows oversubscribe the CPU")
+    if args.target_latency is not None:
+        return run_targets(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
         for name in args.models.split(","):
@@ -203,6 +227,23 @@ def main() -> int:
 
         write_json_atomic(args.json, {"rows": rows, "size": args.size, "rounds": args.rounds, "cores": cores,
                                       "round_to": args.round_to, "summary": summary(rows)})
+    return 0
+
+
+def run_targets(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
+        rows = [measure_target(name, args, Path(tmp)) for name in args.models.split(",")]
+    print("| model | target | ratio found | prunes | verified latency fraction (95 % CI) | error | MACs fraction |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['target']:.2f} | {r['ratio']:.3f} | {r['prunes']} | "
+              f"{r['verified_latency_fraction']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | {r['error']:+.1%} | "
+              f"{r['macs_fraction']:.3f} |")
+    print(f"input {args.size}x{args.size}, 1 thread, batch 1, {args.rounds} rounds per A/B")
+    if args.json:
+        from onnxslim.io import write_json_atomic
+
+        write_json_atomic(args.json, {"targets": rows, "size": args.size, "rounds": args.rounds})
     return 0
 
 
