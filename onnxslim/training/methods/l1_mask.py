@@ -18,6 +18,10 @@ For coupled (shared) masks the score is the maximum over the coupled producers. 
 fine-tuned with masks frozen. Paper defaults: ``epsilon = 0.01``; ``lam = 0.03`` for LeNet-5 and
 ``0.005`` for VGG-16.
 
+**Distributed (DDP) lockstep.** No state besides parameters: masks and weights are identical on every
+rank (DDP all-reduces the gradients, including the L1 subgradient), so the proximal steps and the
+zeroing scores are identical; the controller also broadcasts the finalized masks from rank 0.
+
 Deviations (``docs/faithfulness.md``): the mask multiplies the filter's whole output, **bias included**
 (and sits after the BN when there is one), since a channel is exactly zero only if its bias is scaled too;
 the paper trains with Adam, the recipes here with SGD (set ``optimizer = "adam"`` in the phase to follow

@@ -1,0 +1,378 @@
+"""Fashion-MNIST reproduction: every sparsity method at matched cost, three seeds, beside Torch-Pruning.
+
+Protocol (docs/faithfulness.md, "How the reproduction avoids the test split"):
+
+* data: ``--train`` images for training and ``--val`` for validation, both drawn from the 60,000 training
+  images with a fixed seed (disjoint); the 10,000 test images are used once per row, for its figure;
+* **matched cost**: each method's strength (its one knob in :data:`KNOBS`) is chosen by bisection so that
+  the mask training removes the target share of MACs (``--costs``, default 50 % and 70 %). A probe is the
+  dense model of seed 0 trained through the sparse phase; only its MACs after slimming decide. The
+  validation accuracy of each probe is recorded, the test split is not touched. The knob chosen for seed
+  0 is used for every seed;
+* every row: dense phase (shared per model and seed), sparse phase, zero masks, fine-tune; the **dense
+  baseline** of a seed is trained for the same total epochs on the same split; the slimmed ONNX model is
+  evaluated with onnxruntime on the test split; speedup is dense over slimmed ONNX latency (1 thread,
+  batch 1, interleaved rounds); max |PyTorch masked - slimmed ONNX| over the test images;
+* **Torch-Pruning** (``pip install torch-pruning``, an optional dependency of this tool only): the
+  dense model of the same seed pruned to the same MACs with its magnitude (L1) and group-norm importance
+  (``MetaPruner``), then fine-tuned for the same sparse + fine-tune epochs.
+
+Each row is written to ``OUT/rows/<key>.json`` with a fingerprint of its settings as soon as it is done;
+a rerun skips rows whose fingerprint matches (so the table can be built over several runs) and redoes
+those whose settings changed. ``REPRODUCE_FMNIST.md`` / ``.json`` and ``accuracy_vs_macs.png`` are written
+from every finished row.
+
+    python tools/reproduce_fmnist.py --data ../shared/data/fashion-mnist --out runs/fmnist --threads 1
+    python tools/reproduce_fmnist.py --data DIR --models lenet5 --methods l1_mask,ssr_l21 --seeds 0
+    python tools/reproduce_fmnist.py --data DIR --quick      # smoke run: tiny data, one epoch per phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxslim.data import ArrayDataset, load_dataset  # noqa: E402
+from onnxslim.io import write_json_atomic, write_text_atomic  # noqa: E402
+from onnxslim.training.masks import attach_masks, masked_summary  # noqa: E402
+from onnxslim.training.methods import get_method  # noqa: E402
+from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions  # noqa: E402
+from onnxslim.zoo import get_model  # noqa: E402
+
+METHODS = ("l1_mask", "bn_slimming", "l1_norm", "ssr_l21", "ssr_l20", "gal", "joint")
+
+# per model: zoo params, input size, epochs (dense, sparse, fine-tune), SGD lr, batch
+MODELS = {
+    "lenet5": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
+               "epochs": (6, 6, 6), "lr": 0.02, "batch": 64},
+    "resnet20": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
+                 "epochs": (8, 4, 6), "lr": 0.05, "batch": 64},
+    "resnet56": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
+                 "epochs": (8, 4, 6), "lr": 0.05, "batch": 64},
+    "vgg16": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 32, "width": 0.25}, "size": 32,
+              "epochs": (8, 4, 6), "lr": 0.02, "batch": 64},
+}
+
+# per method: fixed params, the knob bisected to reach a MACs target, its range, and its scale
+KNOBS = {
+    "l1_mask": ({"proximal": True, "mask_lr_scale": 20.0, "criterion": "mean_abs"}, "lam", (1e-3, 0.3), "log"),
+    "bn_slimming": ({"target": "bn", "lam": 1e-4}, "percent", (0.05, 0.95), "linear"),
+    "l1_norm": ({"scope": "global"}, "ratio", (0.05, 0.95), "linear"),
+    "ssr_l21": ({"layer_lams": [], "update_every": 25, "include_norm": True}, "lam", (1e-3, 1.0), "log"),
+    "ssr_l20": ({"layer_lams": [], "update_every": 25, "include_norm": True}, "lam", (1e-2, 3.0), "log"),
+    "gal": ({"lam_structure": 0.0, "mask_step": 1}, "lam_channel", (1e-3, 1.0), "log"),
+    "joint": ({}, "max_pruned_fraction", (0.1, 0.95), "linear"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Everything that shapes a row's result (its fingerprint)."""
+
+    data: str
+    train: int
+    val: int
+    model: str
+    epochs: tuple[int, int, int]
+    quick: bool
+
+    def fingerprint(self, **extra) -> str:
+        payload = json.dumps({**dataclasses.asdict(self), **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def split_data(folder: str, train: int, val: int, size: int, seed: int = 0):
+    """(train, val, test): disjoint train/val subsets of the training images (fixed seed), full test."""
+    full = load_dataset(f"fashion-mnist:{folder}", "train")
+    test = load_dataset(f"fashion-mnist:{folder}", "test")
+    order = np.random.default_rng(seed).permutation(len(full.images))
+    if train + val > len(order):
+        raise SystemExit(f"--train + --val ({train + val}) exceeds the {len(order)} training images")
+    parts = [_subset(full, order[:train], size, "train"), _subset(full, order[train:train + val], size, "val")]
+    return (*parts, _subset(test, np.arange(len(test.images)), size, "test"))
+
+
+def _subset(data: ArrayDataset, index: np.ndarray, size: int, name: str) -> ArrayDataset:
+    images = torch.from_numpy(np.ascontiguousarray(data.images[index]))
+    if images.shape[-1] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return dataclasses.replace(data, images=np.ascontiguousarray(images.numpy()),
+                               labels=np.ascontiguousarray(data.labels[index]), name=f"fashion-mnist {name}")
+
+
+def phases(spec: dict, setting: Setting) -> tuple[PhaseConfig, PhaseConfig, PhaseConfig]:
+    dense, sparse, finetune = setting.epochs
+    lr = spec["lr"]
+    return (PhaseConfig("dense", dense, lr=lr), PhaseConfig("sparse", sparse, lr=lr, schedule="constant"),
+            PhaseConfig("finetune", finetune, lr=lr))
+
+
+def dense_model(ctx, seed: int) -> torch.nn.Module:
+    """The dense phase of ``seed`` (trained once, cached as a state dict of plain tensors)."""
+    path = ctx.out / "dense" / f"{ctx.setting.model}_seed{seed}_{ctx.setting.fingerprint(seed=seed)}.pt"
+    torch.manual_seed(seed)
+    model = get_model(ctx.setting.model, ctx.spec["params"])
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    options = TrainOptions(batch_size=ctx.spec["batch"], seed=seed, progress=ctx.progress)
+    Trainer(model, ctx.train, options=options).fit([ctx.phases[0]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def mask_train(ctx, method: str, knob_value: float, seed: int, finetune: bool) -> torch.nn.Module:
+    fixed, knob, _, _ = KNOBS[method]
+    model = copy.deepcopy(dense_model(ctx, seed))
+    example = torch.from_numpy(ctx.train.images[:2])
+    attach_masks(model, example)
+    options = TrainOptions(batch_size=ctx.spec["batch"], seed=seed, progress=ctx.progress, evaluate_every_epoch=False)
+    trainer = Trainer(model, ctx.train, test_data=ctx.val, method=get_method(method, {**fixed, knob: knob_value}),
+                      options=options, reference_model=dense_model(ctx, seed))
+    steps = [ctx.phases[1], ctx.phases[2] if finetune else dataclasses.replace(ctx.phases[2], epochs=0)]
+    trainer.fit(steps)
+    return model
+
+
+def macs_removed(model: torch.nn.Module, example: torch.Tensor) -> float:
+    summary = masked_summary(model, example)
+    return 1.0 - summary.macs_live / summary.macs
+
+
+def calibrate(ctx, method: str, target: float, probes: int) -> dict:
+    """Bisect the method's knob (seed 0) until the MACs removed are closest to ``target``."""
+    _, knob, (low, high), scale = KNOBS[method]
+    example = torch.from_numpy(ctx.train.images[:2])
+    tried = []
+    for _ in range(probes):
+        value = math.sqrt(low * high) if scale == "log" else (low + high) / 2
+        model = mask_train(ctx, method, value, seed=0, finetune=False)
+        removed = macs_removed(model, example)
+        tried.append({knob: value, "macs_removed": removed})
+        low, high = (value, high) if removed < target else (low, value)
+    best = min(tried, key=lambda t: abs(t["macs_removed"] - target))
+    return {"knob": knob, "value": best[knob], "macs_removed_probe": best["macs_removed"], "probes": tried}
+
+
+def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> dict:
+    """Export, slim, and measure the test accuracy, speedup and max diff of the slimmed ONNX model."""
+    from onnxslim.graph.slim import slim
+    from onnxslim.training.export import export
+    from onnxslim.validate.accuracy import evaluate
+    from onnxslim.validate.bench import benchmark
+
+    folder = ctx.out / "onnx" / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    example = torch.from_numpy(ctx.test.images[:2])
+    model.eval()
+    dense.eval()
+    export(model, example, folder / "masked.onnx")
+    export(dense, example, folder / "dense.onnx")
+    shape = {"input": [1, *ctx.test.images.shape[1:]]}
+    _, report = slim(folder / "masked.onnx", folder / "slim.onnx", input_shapes=shape)
+    accuracy = evaluate(str(folder / "slim.onnx"), ctx.test).metric
+    with torch.no_grad():
+        reference = np.concatenate([model(torch.from_numpy(x)).numpy() for x, _ in ctx.test.batches(500)])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "slim.onnx"))
+    slimmed = np.concatenate([session.run(None, {"input": x})[0] for x, _ in ctx.test.batches(500)])
+    bench = benchmark([str(folder / "dense.onnx"), str(folder / "slim.onnx")], threads=1, batch=1,
+                      warmup=5 if ctx.setting.quick else 30, repeat=20 if ctx.setting.quick else 200)
+    return {"accuracy": accuracy, "params_before": report.params_before, "params_after": report.params_after,
+            "macs_before": report.macs_before, "macs_after": report.macs_after,
+            "max_abs_diff": float(np.abs(reference - slimmed).max()), "speedup": bench.speedup(1)}
+
+
+def run_row(ctx, method: str, target: float, seed: int, knob: dict) -> dict:
+    started = time.perf_counter()
+    model = mask_train(ctx, method, knob["value"], seed, finetune=True)
+    row = onnx_row(ctx, model, dense_model(ctx, seed), f"{ctx.setting.model}_{method}_{target}_{seed}")
+    return {**row, "method": method, "target": target, "seed": seed, "knob": knob["knob"], "value": knob["value"],
+            "seconds": time.perf_counter() - started}
+
+
+def baseline_accuracy(ctx, seed: int) -> float:
+    """Top-1 (test) of the dense model trained for the whole budget (dense + sparse + fine-tune epochs)."""
+    model = copy.deepcopy(dense_model(ctx, seed))
+    options = TrainOptions(batch_size=ctx.spec["batch"], seed=seed, progress=ctx.progress, evaluate_every_epoch=False)
+    extra = [dataclasses.replace(ctx.phases[1], kind="dense"), dataclasses.replace(ctx.phases[2], kind="dense")]
+    return Trainer(model, ctx.train, test_data=ctx.test, options=options).fit(extra).test_metric
+
+
+def torch_pruning_row(ctx, importance: str, target: float, seed: int) -> dict:
+    """Torch-Pruning's MetaPruner with L1 magnitude or group-norm importance, to ``target`` MACs removed."""
+    import torch_pruning as tp
+
+    dense = dense_model(ctx, seed)
+    example = torch.from_numpy(ctx.train.images[:2])
+    base_macs, _ = tp.utils.count_ops_and_params(dense, example)
+    low, high, best = 0.0, 0.95, None
+    for _ in range(8):  # bisect the pruning ratio on MACs only
+        ratio = (low + high) / 2
+        model = copy.deepcopy(dense)
+        imp = tp.importance.GroupNormImportance(p=2) if importance == "group_norm" else tp.importance.MagnitudeImportance(p=1)
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=[last]).step()
+        removed = 1.0 - tp.utils.count_ops_and_params(model, example)[0] / base_macs
+        if best is None or abs(removed - target) < abs(best[1] - target):
+            best = (model, removed, ratio)
+        low, high = (ratio, high) if removed < target else (low, ratio)
+    model = best[0]
+    options = TrainOptions(batch_size=ctx.spec["batch"], seed=seed, progress=ctx.progress, evaluate_every_epoch=False)
+    steps = [dataclasses.replace(ctx.phases[1], kind="dense"), dataclasses.replace(ctx.phases[2], kind="dense")]
+    Trainer(model, ctx.train, options=options).fit(steps)
+    row = onnx_row(ctx, model, dense, f"{ctx.setting.model}_tp-{importance}_{target}_{seed}")
+    return {**row, "method": f"torch-pruning {importance}", "target": target, "seed": seed, "knob": "pruning_ratio",
+            "value": best[2]}
+
+
+@dataclasses.dataclass
+class Context:
+    setting: Setting
+    spec: dict
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    out: Path
+    progress: bool
+
+    @property
+    def phases(self):
+        return phases(self.spec, self.setting)
+
+
+def cached(ctx: Context, key: str, fingerprint: str, compute) -> dict:
+    """A row from ``OUT/rows/<key>.json`` when its fingerprint matches, else computed and written."""
+    path = ctx.out / "rows" / f"{key}.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            return stored
+        print(f"   {key}: settings changed since it was written, redoing it", flush=True)
+    result = {**compute(), "fingerprint": fingerprint}
+    write_json_atomic(path, result)
+    return result
+
+
+def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool) -> list[dict]:
+    rows = []
+    model = ctx.setting.model
+    baselines = {s: cached(ctx, f"{model}_baseline_{s}", ctx.setting.fingerprint(seed=s),
+                           lambda s=s: {"accuracy": baseline_accuracy(ctx, s)})["accuracy"] for s in seeds}
+    for method in methods:
+        for target in targets:
+            knob = cached(ctx, f"{model}_{method}_{target}_calibration",
+                          ctx.setting.fingerprint(method=method, target=target, knobs=KNOBS[method], probes=probes),
+                          lambda m=method, t=target: calibrate(ctx, m, t, probes))
+            for seed in seeds:
+                fp = ctx.setting.fingerprint(method=method, target=target, seed=seed, knob=knob["value"])
+                row = cached(ctx, f"{model}_{method}_{target}_{seed}", fp,
+                             lambda m=method, t=target, s=seed: run_row(ctx, m, t, s, knob))
+                rows.append({**row, "model": model, "baseline": baselines[seed]})
+                print(f"== {model} {method} target {target:.0%} seed {seed}: MACs -"
+                      f"{1 - row['macs_after'] / row['macs_before']:.1%}, acc {row['accuracy']:.4f} "
+                      f"(dense {baselines[seed]:.4f}), {row['speedup']:.2f}x", flush=True)
+    if with_tp:
+        for importance in ("magnitude", "group_norm"):
+            for target in targets:
+                for seed in seeds:
+                    fp = ctx.setting.fingerprint(tp=importance, target=target, seed=seed)
+                    row = cached(ctx, f"{model}_tp-{importance}_{target}_{seed}", fp,
+                                 lambda i=importance, t=target, s=seed: torch_pruning_row(ctx, i, t, s))
+                    rows.append({**row, "model": model, "baseline": baselines[seed]})
+    return rows
+
+
+def _mean_std(values) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown(rows: list[dict], command: str, seconds: float) -> str:
+    from onnxslim.report import markdown_table
+
+    lines = ["# Fashion-MNIST reproduction (matched cost)", "", f"Produced by `{command}` in {seconds / 60:.0f} min.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["target"], row["method"]), []).append(row)
+    table = []
+    for (model, target, method), subset in groups.items():
+        table.append((model, f"{target:.0%}", method, str(len(subset)), _mean_std([r["baseline"] for r in subset]),
+                      _mean_std([r["accuracy"] for r in subset]),
+                      f"{statistics.mean(1 - r['params_after'] / r['params_before'] for r in subset):.1%}",
+                      f"{statistics.mean(1 - r['macs_after'] / r['macs_before'] for r in subset):.1%}",
+                      f"{statistics.mean(r['speedup'] for r in subset):.2f}x",
+                      f"{max(r['max_abs_diff'] for r in subset):.1e}"))
+    lines.append(markdown_table(("model", "target MACs removed", "method", "seeds", "dense top-1 %", "slimmed top-1 %",
+                                 "params removed", "MACs removed", "ORT speedup", "max abs diff"), table,
+                                align="lllrrrrrrr"))
+    lines += ["", "Top-1 on the 10,000 test images (mean ± std over seeds), onnxruntime for the slimmed model; the "
+              "dense baseline is trained for the same total epochs on the same split. Knobs were chosen on MACs "
+              "only (seed 0, validation split for the probes' accuracy); the test split is evaluated once per row."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="folder with the four Fashion-MNIST IDX files")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fmnist")
+    parser.add_argument("--models", default="lenet5,resnet20", help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--costs", default="0.5,0.7", help="target shares of MACs removed")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--val", type=int, default=5000)
+    parser.add_argument("--probes", type=int, default=5, help="bisection probes per method and cost")
+    parser.add_argument("--torch-pruning", action="store_true", help="add Torch-Pruning rows (pip install torch-pruning)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 512/256 images, one epoch per phase, 2 probes")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m for m in args.models.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown: {', '.join(unknown)}")
+    targets = [float(v) for v in args.costs.split(",")]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    train_n, val_n, probes = (512, 256, 2) if args.quick else (args.train, args.val, args.probes)
+    started = time.perf_counter()
+    rows = []
+    for model in models:
+        spec = MODELS[model]
+        epochs = (1, 1, 1) if args.quick else spec["epochs"]
+        train, val, test = split_data(args.data, train_n, val_n, spec["size"])
+        if args.quick:
+            test = dataclasses.replace(test, images=test.images[:512], labels=test.labels[:512])
+        setting = Setting(str(Path(args.data).resolve()), train_n, val_n, model, epochs, args.quick)
+        ctx = Context(setting, spec, train, val, test, args.out, not args.no_progress)
+        rows += run_model(ctx, methods, targets, seeds, probes, args.torch_pruning)
+    command = "python tools/reproduce_fmnist.py " + " ".join(sys.argv[1:])
+    write_json_atomic(args.out / "REPRODUCE_FMNIST.json", {"command": command, "rows": rows})
+    write_text_atomic(args.out / "REPRODUCE_FMNIST.md", markdown(rows, command, time.perf_counter() - started))
+    print(markdown(rows, command, time.perf_counter() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
