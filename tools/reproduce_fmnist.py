@@ -174,7 +174,7 @@ def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> d
     from onnxslim.graph.slim import slim
     from onnxslim.training.export import export
     from onnxslim.validate.accuracy import evaluate
-    from onnxslim.validate.bench import benchmark
+    from onnxslim.validate.bench import BenchOptions, benchmark
 
     folder = ctx.out / "onnx" / tag
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,18 +185,19 @@ def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> d
     export(dense, example, folder / "dense.onnx")
     shape = {"input": [1, *ctx.test.images.shape[1:]]}
     _, report = slim(folder / "masked.onnx", folder / "slim.onnx", input_shapes=shape)
-    accuracy = evaluate(str(folder / "slim.onnx"), ctx.test).metric
+    accuracy = evaluate(str(folder / "slim.onnx"), ctx.test, progress=False).value
     with torch.no_grad():
         reference = np.concatenate([model(torch.from_numpy(x)).numpy() for x, _ in ctx.test.batches(500)])
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(folder / "slim.onnx"))
     slimmed = np.concatenate([session.run(None, {"input": x})[0] for x, _ in ctx.test.batches(500)])
-    bench = benchmark([str(folder / "dense.onnx"), str(folder / "slim.onnx")], threads=1, batch=1,
-                      warmup=5 if ctx.setting.quick else 30, repeat=20 if ctx.setting.quick else 200)
+    options = BenchOptions(threads=(1,), batch_sizes=(1,), warmup=5 if ctx.setting.quick else 30,
+                           repeat=20 if ctx.setting.quick else 200, measure_memory=False)
+    bench = benchmark([str(folder / "dense.onnx"), str(folder / "slim.onnx")], options, progress=False)
     return {"accuracy": accuracy, "params_before": report.params_before, "params_after": report.params_after,
             "macs_before": report.macs_before, "macs_after": report.macs_after,
-            "max_abs_diff": float(np.abs(reference - slimmed).max()), "speedup": bench.speedup(1)}
+            "max_abs_diff": float(np.abs(reference - slimmed).max()), "speedup": bench.comparisons[0].speedup}
 
 
 def run_row(ctx, method: str, target: float, seed: int, knob: dict) -> dict:
