@@ -195,8 +195,15 @@ def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> d
     options = BenchOptions(threads=(1,), batch_sizes=(1,), warmup=5 if ctx.setting.quick else 30,
                            repeat=20 if ctx.setting.quick else 200, measure_memory=False)
     bench = benchmark([str(folder / "dense.onnx"), str(folder / "slim.onnx")], options, progress=False)
-    return {"accuracy": accuracy, "params_before": report.params_before, "params_after": report.params_after,
-            "macs_before": report.macs_before, "macs_after": report.macs_after,
+    import onnx
+
+    from onnxslim.graph.stats import model_stats
+
+    # against the dense model: Torch-Pruning rows come already pruned, so "masked" is no reference there
+    before = model_stats(onnx.load(str(folder / "dense.onnx")), shape)
+    after = model_stats(onnx.load(str(folder / "slim.onnx")), shape)
+    return {"accuracy": accuracy, "params_before": before.params, "params_after": after.params,
+            "macs_before": before.macs, "macs_after": after.macs, "deleted_masked_channels": report.deleted_masked_channels,
             "max_abs_diff": float(np.abs(reference - slimmed).max()), "speedup": bench.comparisons[0].speedup}
 
 
@@ -227,7 +234,8 @@ def torch_pruning_row(ctx, importance: str, target: float, seed: int) -> dict:
     for _ in range(8):  # bisect the pruning ratio on MACs only
         ratio = (low + high) / 2
         model = copy.deepcopy(dense)
-        imp = tp.importance.GroupNormImportance(p=2) if importance == "group_norm" else tp.importance.MagnitudeImportance(p=1)
+        imp = (tp.importance.GroupMagnitudeImportance(p=2) if importance == "group_norm"  # group L2 norm
+               else tp.importance.MagnitudeImportance(p=1))
         last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
         tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=[last]).step()
         removed = 1.0 - tp.utils.count_ops_and_params(model, example)[0] / base_macs
