@@ -34,6 +34,7 @@ from onnxslim.graph.normalize import alias_constant_identities, constants_to_ini
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
+from onnxslim.graph.rounding import resolve_round_to
 from onnxslim.graph.rules import RuleSet, default_rules
 from onnxslim.graph.shapes import infer_shapes, skeleton
 from onnxslim.graph.stats import model_stats
@@ -74,20 +75,21 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
-         input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int = 1,
-         check: bool = True, rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport]:
+         input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int | str = 1,
+         check: bool = True, rules: RuleSet | None = None, target_device: str | None = None,
+         ) -> tuple[onnx.ModelProto, SlimReport]:
     """Delete every provably-zero channel; returns the slimmed model and a report.
 
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
-    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` with full shape
-    inference (without it, the structural check only); ``rules`` is the rule set (default
+    channels so each layer's count is a multiple of it (``"auto"``: the onnxruntime NCHWc block of this
+    machine or of ``target_device``, see :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
+    with full shape inference (without it, the structural check only); ``rules`` is the rule set (default
     :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
     for ops of other domains).
     The output is written atomically when ``output_path`` is given.
     """
-    if round_to < 1:
-        raise OnnxSlimError(f"round_to must be >= 1, got {round_to}")
+    rounding = resolve_round_to(round_to, target_device)
     source, size_before = load_model(model, copy=False)
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
@@ -97,7 +99,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
     before = model_stats(model, shapes=index.shapes, rules=analysis.rules)
-    plan = analysis.plan(round_to=round_to)
+    plan = analysis.plan(round_to=rounding.multiple)
     layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size)
                      for name, node in analysis.creators.items()}
     mask_summary = _mask_summary(analysis, plan)
@@ -133,6 +135,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         folded_masks=folded, remaining_masks=[m for m in kept_masks if m in mask_summary[3]],
         input_shapes={k: list(v) for k, v in (input_shapes or {}).items()},
         removed_nodes=removed_nodes,
+        rounding=rounding.to_dict(),
     )
     if output_path is not None:
         report.size_after = save_model_atomic(model, output_path)
