@@ -36,7 +36,7 @@ from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
 from onnxslim.graph.rounding import resolve_round_to
 from onnxslim.graph.rules import RuleSet, default_rules
-from onnxslim.graph.shapes import infer_shapes, skeleton
+from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import load_onnx, save_model_atomic
 
@@ -70,8 +70,9 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     check_input(model)
     alias_constant_identities(model)
     constants_to_initializers(model, sources)
-    shapes = infer_shapes(model, input_shapes)
-    return ChannelAnalysis(Graph(model, shapes, sources), rules if rules is not None else default_rules()).run()
+    inferred = infer_model(model, input_shapes)
+    index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
+    return ChannelAnalysis(index, rules if rules is not None else default_rules()).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
