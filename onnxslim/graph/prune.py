@@ -115,7 +115,7 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         for name, info in analysis.info.items():
             if not chosen[roots[info.ids]].any():
                 continue
-            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) == "full"]
+            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) != "none"]
             if readers:
                 targets.append(name)
     else:

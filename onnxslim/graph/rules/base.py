@@ -96,6 +96,11 @@ class Rule:
         one-group Conv), "grouped" (sums within channel groups), "none" (channels stay apart)."""
         return "none"
 
+    def channel_groups(self, node: onnx.NodeProto) -> int:
+        """Groups a "grouped" reduction splits its input and output channels into (a grouped conv's
+        ``group``); deleting channels must keep the groups equal. 1 for every other op."""
+        return 1
+
     def params(self, node: onnx.NodeProto, index: Graph) -> int:
         """Parameters of the op: elements of the initializers it reads (weights, bias, BN vectors)."""
         return sum(int(np.prod(index.initializers[name].dims, dtype=np.int64))
