@@ -102,9 +102,9 @@ class Rule:
         return 1
 
     def params(self, node: onnx.NodeProto, index: Graph) -> int:
-        """Parameters of the op: elements of the initializers it reads (weights, bias, BN vectors)."""
-        return sum(int(np.prod(index.initializers[name].dims, dtype=np.int64))
-                   for name in node.input if name in index.initializers)
+        """Parameters of the op: elements of the constants it reads (weights, bias, BN vectors; a
+        quantized weight counts its int8 elements)."""
+        return sum(int(np.prod(index.shape(name), dtype=np.int64)) for name in node.input if index.is_const(name))
 
     def macs(self, node: onnx.NodeProto, dims: Callable[[str], tuple | None]) -> int | None:
         """Multiply-accumulates of one sample (batch taken as 1) when ``counts_macs``; None when the
@@ -301,8 +301,13 @@ def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:
 
 
 def write_scaled(weights: WeightStore, node: onnx.NodeProto, slot: int, value: np.ndarray, factor: np.ndarray) -> None:
-    """Write ``value * factor`` (computed in float64) to input ``slot``, in ``value``'s dtype."""
-    weights.write(node, slot, (value.astype(np.float64) * factor).astype(value.dtype))
+    """Write ``value * factor`` (computed in float64) to input ``slot``, in ``value``'s dtype; readers of
+    one shared initializer scaled by the same factor share one scaled copy."""
+    factor = np.asarray(factor)
+    scaled = (value.astype(np.float64) * factor).astype(value.dtype)
+    if scaled.shape == value.shape and np.array_equal(scaled, value):
+        return  # e.g. a zero bias: nothing to write (and nothing to split when it is shared)
+    weights.write(node, slot, scaled, key=("scale", factor.shape, factor.tobytes()))
 
 
 def scale_vector(index: Graph, weights: WeightStore, node: onnx.NodeProto, slot: int, s: np.ndarray) -> None:
