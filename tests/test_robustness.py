@@ -169,7 +169,7 @@ def test_external_data_files_count_as_inputs_and_outputs(tmp_path, case):
 @pytest.mark.parametrize("args, fragment", [
     (["slim", "{dir}", "out.onnx"], "is a directory"),
     (["prune", "{model}", "out.onnx", "--ratio", "1.0"], "--ratio"),
-    (["slim", "{model}", "out.onnx", "--round-to", "0"], "--round-to"),
+    (["slim", "{model}", "out.onnx", "--round-to", "0"], "round"),
     (["run", "{recipe}", "--threads", "0"], "--threads"),
     (["run", "{recipe}", "--threads", "two"], "--threads"),
     (["bench", "{model}", "--threads", "1,x"], "--threads"),
