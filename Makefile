@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/onnxslim run models/lenet5_mnist.toml --out runs/demo
+	$(VENV)/bin/onnxslim run models/lenet5_mnist.toml --out runs/demo --resume
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests

@@ -27,20 +27,23 @@ def _default_out(recipe) -> Path:
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: runs/<recipe name>).")
-@click.option("--resume", is_flag=True, help="Continue training from the checkpoints in the output folder.")
+@click.option("--resume", is_flag=True, help="Continue training from the checkpoints in the output folder "
+              "(refused when they were trained with another recipe).")
+@click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run: its checkpoints, "
+              "models and reports are deleted first (other files are kept).")
 @click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
 @click.option("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's choice).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print REPORT.json instead of the table.")
-def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | None, threads: int | None,
-        progress: bool, as_json: bool) -> None:
+def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, device: str | None,
+        threads: int | None, progress: bool, as_json: bool) -> None:
     from onnxslim.pipeline import REPORT_FILE, run_recipe
     from onnxslim.recipes import load_recipe
 
     recipe = load_recipe(recipe_path)
     _set_threads(threads)
     out = out_dir or _default_out(recipe)
-    report = run_recipe(recipe, out, resume=resume, progress=progress, device=device)
+    report = run_recipe(recipe, out, resume=resume, overwrite=overwrite, progress=progress, device=device)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -56,18 +59,20 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | Non
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder for dense.pt, baseline.pt, masked.pt (default: runs/<recipe name>).")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoints in the output folder.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints in the output folder "
+              "(refused when they were trained with another recipe).")
+@click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run (its run files are deleted).")
 @click.option("--baseline/--no-baseline", default=False,
               help="Also train the dense baseline with the same epoch budget (baseline.pt).")
 @click.option("--method", default=None, help="Override the recipe's method (its params are then defaults).")
 @click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
 @click.option("--threads", type=int, default=None, help="PyTorch intra-op threads.")
 @click.option("--progress/--no-progress", default=True)
-def train(recipe_path: Path, out_dir: Path | None, resume: bool, baseline: bool, method: str | None,
+def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, baseline: bool, method: str | None,
           device: str | None, threads: int | None, progress: bool) -> None:
     import dataclasses
 
-    from onnxslim.pipeline import load_data, train_models
+    from onnxslim import pipeline
     from onnxslim.recipes import MethodSpec, load_recipe
     from onnxslim.training.masks import masked_summary
 
@@ -76,14 +81,9 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, baseline: bool,
         recipe = dataclasses.replace(recipe, method=MethodSpec(method, {}))
     _set_threads(threads)
     out = out_dir or _default_out(recipe)
-    train_data, test_data = load_data(recipe)
-    trained = train_models(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device,
-                           baseline=baseline)
-    import numpy as np
-    import torch
-
-    example = torch.from_numpy(np.ascontiguousarray(train_data.images[:2]))
-    click.echo(masked_summary(trained.masked.cpu(), example).format_table())
+    run = pipeline.start_run(recipe, out, resume=resume, overwrite=overwrite, progress=progress, device=device)
+    trained = pipeline.train(run, baseline=baseline)
+    click.echo(masked_summary(trained.masked.cpu(), run.example).format_table())
     metric = trained.mask_result.metric_name
     if trained.dense_result is not None:
         click.echo(f"dense ({recipe.training.dense.epochs} epochs) {metric}: {trained.dense_result.test_metric:.4f}")

@@ -48,6 +48,9 @@ from onnxslim.training.methods import (
 from onnxslim.training.tasks import Task, task_for_dataset
 
 CHECKPOINT_FORMAT = "onnxslim-checkpoint/1"
+# what resuming reads from a checkpoint
+_RESUME_KEYS = ("phases", "phase_index", "epoch", "model", "seed", "batch_size", "method_name", "history",
+                "finalized", "torch_rng")
 PHASE_KINDS = ("dense", "sparse", "finetune")
 
 
@@ -333,6 +336,10 @@ class Trainer:
 
     def _load_checkpoint(self, phases: list[PhaseConfig]) -> dict:
         state = load_checkpoint(self.checkpoint)
+        missing = [key for key in _RESUME_KEYS if key not in state]
+        if missing:
+            raise OnnxSlimError(f"{self.checkpoint}: incomplete checkpoint (no {', '.join(missing)}); remove it or "
+                                f"run without --resume")
         if state["phases"] != [dataclasses.asdict(p) for p in phases]:
             raise OnnxSlimError(f"{self.checkpoint}: written for different phases; remove it or run without --resume")
         if state["seed"] != self.options.seed or state["batch_size"] != self.options.batch_size:
