@@ -7,6 +7,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxslim.graph.slim import slim
+
 
 class GraphBuilder:
     """Builds a model node by node with random (seeded) weights."""
@@ -141,3 +143,28 @@ def assert_equivalent(reference: onnx.ModelProto, candidate: onnx.ModelProto, fe
         diff = float(np.max(np.abs(e - a))) if e.size else 0.0
         assert diff <= tolerance * scale + 1e-7, f"max diff {diff} vs max |out| {scale}"
     return expected, actual
+
+
+# -- helpers of the rule tests ----------------------------------------------------------------
+
+def slim_checked(model: onnx.ModelProto, **options):
+    slimmed, report = slim(model, **options)
+    assert_equivalent(model, slimmed)
+    assert report.params_after <= report.params_before
+    return slimmed, report
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def conv_channels(model: onnx.ModelProto) -> list[int]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return [int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "Conv"]
+
+
+def head(g: GraphBuilder, x, c, k=3):
+    """A consumer that reduces over channels (a padded conv) and the graph output."""
+    y = g.conv(x, c, 4, k=k, pad=k // 2)
+    g.output(y)
+    return y

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder, assert_equivalent
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
+from onnx import helper, numpy_helper
 from rankings import FILTERS, KEPT
 
 from onnxslim.graph.prune import channel_scores, prune
@@ -80,3 +81,88 @@ def test_a_positive_mask_scale_after_conv_transpose_folds_into_it():
     assert report.folded_masks == 1 and "Mul" not in [n.op_type for n in slimmed.graph.node]
     assert [(layer.channels_before, layer.channels_after) for layer in report.layers] == [(4, 3), (2, 2)]
     assert_equivalent(model, slimmed)
+
+
+def _dead_weights_positive_bias(g: GraphBuilder, conv_node, channels) -> None:
+    """Zero the filters of ``channels`` but give them a positive bias: the channel is the constant b."""
+    for slot, value in ((1, 0.0), (2, 0.3)):
+        t = next(t for t in g.initializers if t.name == conv_node.input[slot])
+        arr = numpy_helper.to_array(t).copy()
+        arr[list(channels)] = value
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def test_dead_filter_with_bias_is_kept_before_a_padded_conv_and_absorbed_by_an_unpadded_one():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    c = g.conv(x, 3, 6)
+    _dead_weights_positive_bias(g, g.nodes[-1], [1, 2])
+    y = g.op("Relu", [c])
+    g.output(g.conv(y, 6, 4, k=3, pad=1), g.conv(y, 6, 4, k=1, pad=0))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 4, 4]  # the padded conv cannot absorb the constant
+
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    c = g.conv(x, 3, 6)
+    _dead_weights_positive_bias(g, g.nodes[-1], [1, 2])
+    g.output(g.conv(g.op("Relu", [c]), 6, 4, k=1, pad=0), g.conv(g.op("Relu", [c]), 6, 4, k=3, pad=0))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4, 4]  # absorbed into both unpadded convs' biases
+
+
+def test_depthwise_conv_ties_input_and_output_channels():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    expand = g.op("Relu", [g.mask(g.conv(x, 4, 12, k=1, pad=0), 12, zeros=[0, 5, 7])])
+    dw = g.op("Relu", [g.conv(expand, 12, 12, groups=12)])
+    g.output(g.conv(dw, 12, 4, k=1, pad=0))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [9, 9, 4]
+    dw_node = [n for n in slimmed.graph.node if n.op_type == "Conv"][1]
+    assert helper.get_attribute_value(next(a for a in dw_node.attribute if a.name == "group")) == 9
+
+
+def test_mask_after_depthwise_deletes_its_input_channel_too():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    expand = g.op("Relu", [g.conv(x, 4, 8, k=1, pad=0)])
+    dw = g.op("Relu", [g.mask(g.conv(expand, 8, 8, groups=8), 8, zeros=[1, 2])])
+    g.output(g.conv(dw, 8, 4, k=1, pad=0))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 6, 4]
+
+
+def test_grouped_conv_deletes_a_dead_group_and_balances_the_others():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 4, 8, k=1, pad=0), 8, zeros=[0, 1, 2, 3, 5])])
+    grouped = g.op("Relu", [g.conv(y, 8, 6, groups=2)])
+    g.output(g.conv(grouped, 6, 4, k=1, pad=0))
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [3, 3, 4]  # group 0 goes (its outputs are absorbed constants)
+    assert report.deleted_masked_channels == 5  # channel 5 too: group 1 is the only group left
+
+
+def test_conv_transpose_as_consumer_and_producer():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 4, 6), 6, zeros=[1, 4])])
+    w = g.weights(6, 5, 2, 2)
+    up = g.op("ConvTranspose", [y, g.const(w), g.const(g.weights(5, scale=0.1))], kernel_shape=[2, 2], strides=[2, 2])
+    up = g.op("Relu", [g.mask(up, 5, zeros=[0])])
+    head(g, up, 5)
+    slimmed, _ = slim_checked(g.model())
+    convt = next(n for n in slimmed.graph.node if n.op_type == "ConvTranspose")
+    dims = next(t.dims for t in slimmed.graph.initializer if t.name == convt.input[1])
+    assert list(dims) == [4, 4, 2, 2]
+
+
+def test_grouped_conv_transpose():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 4, 6), 6, zeros=[0, 1, 2])])
+    up = g.op("ConvTranspose", [y, g.const(g.weights(6, 2, 2, 2))], kernel_shape=[2, 2], strides=[2, 2], group=2)
+    head(g, g.op("Relu", [up]), 4)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed)[0] == 3

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from graphs import GraphBuilder, assert_equivalent
-from onnx import helper
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, ops, slim_checked
+from onnx import TensorProto, helper
 
 from onnxslim.graph.rules import default_rules
 from onnxslim.graph.slim import slim
@@ -32,3 +33,107 @@ def test_a_positive_mask_scale_moves_through_prelu_but_not_sigmoid(act, folds_in
     slimmed, report = slim(model)
     assert report.folded_masks == int(folds_into_producer)
     assert_equivalent(model, slimmed)
+
+
+@pytest.mark.parametrize("op,attrs,deleted", [
+    ("Relu", {}, True), ("LeakyRelu", {"alpha": 0.1}, True), ("Elu", {}, True), ("Selu", {}, True),
+    ("Tanh", {}, True), ("Softsign", {}, True), ("HardSwish", {}, True), ("Identity", {}, True),
+    ("Dropout", {}, True), ("Celu", {}, True), ("Sigmoid", {}, False), ("HardSigmoid", {}, False),
+    ("Softplus", {}, False), ("Exp", {}, False),
+])
+def test_activations_keep_zero_exactly_when_f0_is_zero(op, attrs, deleted):
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.op(op, [g.mask(g.conv(x, 3, 6), 6, zeros=[1, 4])], **attrs)
+    head(g, y, 6)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed)[0] == (4 if deleted else 6)
+    if not deleted:
+        assert report.kept and "constant" in report.kept[0].reason
+
+
+def test_clip_prelu_and_cast_pass_zero():
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Clip", [g.mask(g.conv(x, 3, 6), 6, zeros=[2]), g.const(np.float32(0)), g.const(np.float32(6))])
+    y = g.op("PRelu", [y, g.const(g.rng.uniform(0, 0.3, (6, 1, 1)).astype(np.float32))])
+    y = g.op("Cast", [y], to=TensorProto.FLOAT)
+    head(g, y, 6)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed)[0] == 5
+
+
+def residual_graph(zeros_a, zeros_b, op="Add"):
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    stem = g.op("Relu", [g.mask(g.conv(x, 4, 8), 8, zeros=zeros_a)])
+    inner = g.op("Relu", [g.mask(g.conv(stem, 8, 6), 6, zeros=[2])])
+    branch = g.mask(g.conv(inner, 6, 8), 8, zeros=zeros_b)
+    y = g.op("Relu", [g.op(op, [stem, branch])])
+    head(g, y, 8)
+    return g.model()
+
+
+def test_residual_add_couples_channels_and_deletes_shared_zeros():
+    slimmed, report = slim_checked(residual_graph([1, 5], [1, 5]))
+    assert conv_channels(slimmed) == [6, 5, 6, 4]
+    assert report.deleted_masked_channels == report.masked_channels
+
+
+def test_residual_add_keeps_a_channel_that_is_live_on_the_other_side():
+    slimmed, report = slim_checked(residual_graph([1, 5], [5]))
+    assert conv_channels(slimmed) == [7, 5, 7, 4]
+    assert any("live" in kept.reason for kept in report.kept)
+
+
+@pytest.mark.parametrize("op", ["Sum", "Max", "Sub", "Mul"])
+def test_other_binary_couplings(op):
+    slimmed, _ = slim_checked(residual_graph([3], [3], op=op))
+    assert conv_channels(slimmed)[0] == 7
+
+
+def test_sum_of_three_branches():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    branches = [g.mask(g.conv(x, 4, 6), 6, zeros=[0, 2]) for _ in range(3)]
+    head(g, g.op("Relu", [g.op("Sum", branches)]), 6)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
+def test_squeeze_excitation_gating_couples_gate_and_features(gate):
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    feat = g.op("Relu", [g.mask(g.conv(x, 4, 8), 8, zeros=[0, 6])])
+    squeeze = g.op("Relu", [g.mask(g.conv(g.op("GlobalAveragePool", [feat]), 8, 4, k=1, pad=0), 4, zeros=[1])])
+    excite = g.op(gate, [g.conv(squeeze, 4, 8, k=1, pad=0)])
+    head(g, g.op("Mul", [feat, excite]), 8)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 3, 6, 4]
+    assert report.deleted_masked_channels == 3
+
+
+def test_decomposed_hardswish_keeps_zero():
+    g = GraphBuilder(opset=11)
+    x = g.input([1, 3, 8, 8])
+    y = g.mask(g.conv(x, 3, 6), 6, zeros=[2, 3])
+    hs = g.op("Div", [g.op("Mul", [y, g.op("Clip", [g.op("Add", [y, g.const(np.float32(3))]),
+                                                    g.const(np.float32(0)), g.const(np.float32(6))])]),
+                      g.const(np.float32(6))])
+    head(g, hs, 6)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]
+
+
+def test_zero_residual_branch_is_removed_from_the_graph():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    stem = g.op("Relu", [g.conv(x, 4, 8)])
+    branch = g.conv(g.op("Relu", [g.conv(stem, 8, 6)]), 6, 8)
+    gated = g.op("Mul", [branch, g.const(np.array([0.0], np.float32))])  # a block mask of 0 (GAL)
+    y = g.op("Relu", [g.op("Add", [stem, gated])])
+    head(g, y, 8)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [8, 4]  # the branch's two convs are gone
+    assert "Add" not in ops(slimmed) and "Mul" not in ops(slimmed)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from graphs import GraphBuilder, assert_equivalent
-from onnx import helper
+import numpy as np
+import pytest
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, ops, slim_checked
+from onnx import helper, numpy_helper
 
 from onnxslim.graph.rules import default_rules, module_rules
 from onnxslim.graph.rules import layout as layout_rules
@@ -26,3 +28,108 @@ def test_a_mask_before_flatten_and_gemm_deletes_blocks_of_features():
     slimmed, report = slim(model)
     assert [(layer.channels_before, layer.channels_after) for layer in report.layers] == [(5, 3), (2, 2)]
     assert_equivalent(model, slimmed)
+
+
+def test_concat_offsets():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    a = g.op("Relu", [g.mask(g.conv(x, 3, 4), 4, zeros=[1])])
+    b = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[0, 5])])
+    head(g, g.op("Concat", [a, b, x], axis=1), 13)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [3, 4, 4]
+
+
+def test_concat_drops_a_branch_whose_channels_all_go():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    a = g.op("Relu", [g.mask(g.conv(x, 3, 4), 4, zeros=[0, 1, 2, 3])])
+    b = g.op("Relu", [g.conv(x, 3, 6)])
+    head(g, g.op("Concat", [a, b], axis=1), 10)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 4]
+    assert "Concat" not in ops(slimmed)  # a Concat of the one remaining input is gone
+
+
+@pytest.mark.parametrize("opset,style", [(11, "attr"), (13, "input"), (18, "num_outputs")])
+def test_split_on_the_channel_axis(opset, style):
+    g = GraphBuilder(opset=opset)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[0, 1, 6])])
+    if style == "attr":
+        a, b = g.op("Split", [y], outputs=2, axis=1, split=[4, 4])
+    elif style == "input":
+        a, b = g.op("Split", [y, g.const(np.array([4, 4], np.int64))], outputs=2, axis=1)
+    else:
+        a, b = g.op("Split", [y], outputs=2, axis=1, num_outputs=2)
+    g.output(g.conv(a, 4, 4), g.conv(b, 4, 4))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [5, 4, 4]
+
+
+def test_slice_and_gather_on_the_channel_axis():
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 10), 10, zeros=[0, 3, 4, 8])])
+    s = g.op("Slice", [y, g.const(np.array([2], np.int64)), g.const(np.array([7], np.int64)),
+                       g.const(np.array([1], np.int64))])
+    gathered = g.op("Gather", [y, g.const(np.array([9, 8, 0, 1], np.int64))], axis=1)
+    g.output(g.conv(s, 5, 4), g.conv(gathered, 4, 4))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [5, 4, 4]  # the zeros go, and channel 7, which nothing reads
+    slice_node = next(n for n in slimmed.graph.node if n.op_type == "Slice")
+    starts, ends = (numpy_helper.to_array(next(t for t in slimmed.graph.initializer if t.name == n))
+                    for n in slice_node.input[1:3])
+    assert (int(starts[0]), int(ends[0])) == (1, 4)  # kept 1,2,5,6,9: old 2..6 -> new 1..3
+
+
+def test_reshape_to_gemm_with_a_constant_and_with_a_computed_target():
+    for computed in (False, True):
+        g = GraphBuilder(opset=13)
+        x = g.input([2, 3, 8, 8])
+        y = g.op("MaxPool", [g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1, 2])])], kernel_shape=[4, 4], strides=[4, 4])
+        if computed:
+            batch = g.op("Gather", [g.op("Shape", [y]), g.const(np.array([0], np.int64))], axis=0)
+            target = g.op("Concat", [batch, g.const(np.array([24], np.int64))], axis=0)
+        else:
+            target = g.const(np.array([2, 24], np.int64))
+        g.output(g.gemm(g.op("Reshape", [y, target]), 24, 5))
+        slimmed, _ = slim_checked(g.model())
+        assert conv_channels(slimmed) == [4]
+
+
+def test_flatten_squeeze_and_matmul():
+    g = GraphBuilder(opset=13)
+    x = g.input([2, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[4])])
+    flat = g.op("Flatten", [g.op("MaxPool", [y], kernel_shape=[4, 4], strides=[4, 4])], axis=1)
+    a = g.op("MatMul", [flat, g.const(g.weights(24, 7))])
+    pooled = g.op("Squeeze", [g.op("GlobalAveragePool", [y]), g.const(np.array([2, 3], np.int64))])
+    b = g.op("MatMul", [pooled, g.const(g.weights(6, 7))])
+    g.output(g.op("Add", [a, b]))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [5]
+
+
+def test_channel_shuffle_reshape_is_a_barrier():
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[0, 1])])
+    y = g.op("Reshape", [y, g.const(np.array([1, 2, 4, 8, 8], np.int64))])
+    y = g.op("Transpose", [y], perm=[0, 2, 1, 3, 4])
+    y = g.op("Reshape", [y, g.const(np.array([1, 8, 8, 8], np.int64))])
+    head(g, y, 8)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed)[0] == 8
+
+
+def test_zero_inception_branch_and_its_concat_slice_are_removed():
+    g = GraphBuilder()
+    x = g.input([1, 4, 8, 8])
+    a = g.op("Relu", [g.conv(x, 4, 6)])
+    b = g.op("Relu", [g.conv(g.op("Relu", [g.conv(x, 4, 3, k=1, pad=0)]), 3, 5)])
+    b = g.op("Mul", [b, g.const(np.float32(0.0))])  # a branch mask of 0
+    head(g, g.op("Concat", [a, b], axis=1), 11)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 4]
+    assert "Concat" not in ops(slimmed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder, assert_equivalent
+from graphs import GraphBuilder, assert_equivalent, conv_channels, slim_checked
 from rankings import FILTERS, KEPT
 
 from onnxslim.graph.prune import channel_scores, prune
@@ -75,3 +75,23 @@ def test_a_mask_scale_before_matmul_folds_into_its_rows():
     slimmed, report = slim(model)
     assert "Mul" not in [n.op_type for n in slimmed.graph.node] and report.folded_masks == 1
     assert_equivalent(model, slimmed)
+
+
+def test_non_zero_constant_is_absorbed_by_gemm_bias():
+    g = GraphBuilder()
+    x = g.input([2, 3, 8, 8])
+    y = g.op("Sigmoid", [g.mask(g.conv(x, 3, 6), 6, zeros=[0, 5])])
+    y = g.op("Flatten", [g.op("GlobalAveragePool", [y])], axis=1)
+    g.output(g.gemm(y, 6, 4))
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4]
+    assert report.deleted_masked_channels == 2
+
+
+def test_hidden_neurons_of_a_gemm_stack():
+    g = GraphBuilder()
+    x = g.input([2, 20])
+    h = g.op("Relu", [g.mask(g.gemm(x, 20, 16), 16, zeros=range(0, 16, 2), rank=2)])
+    g.output(g.gemm(h, 16, 4))
+    slimmed, report = slim_checked(g.model())
+    assert report.params_after == 20 * 8 + 8 + 8 * 4 + 4

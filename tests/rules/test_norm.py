@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder, assert_equivalent
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, ops, slim_checked
 
 from onnxslim.graph.prune import channel_scores, prune
 from onnxslim.graph.slim import analyse, slim
@@ -67,3 +67,30 @@ def test_barrier_normalisations_keep_masked_channels(op):
     assert report.deleted_masked_channels == 0
     assert any(f"barrier {op}" in kept.reason for kept in report.kept)
     assert_equivalent(model, slimmed)
+
+
+def test_batchnorm_shift_makes_a_dead_filter_non_zero_and_a_mask_after_bn_deletes_it():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.bn(g.conv(x, 3, 6, dead=[0, 1], bias=False), 6)  # dead filters, but BN shifts them
+    head(g, y, 6)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 4]
+
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.bn(g.conv(x, 3, 6), 6), 6, zeros=[0, 1])])
+    head(g, y, 6)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]
+    assert "Mul" not in ops(slimmed) and report.folded_masks == 1
+
+
+def test_instance_norm_passes_channels():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.mask(g.conv(x, 3, 6), 6, zeros=[0, 2])
+    y = g.op("InstanceNormalization", [y, g.const(np.ones(6, np.float32)), g.const(np.zeros(6, np.float32))])
+    head(g, g.op("Relu", [y]), 6)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from graphs import GraphBuilder, assert_equivalent
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
 
 from onnxslim.graph.slim import slim
 
@@ -30,3 +31,54 @@ def test_maxpool_whose_indices_are_read_is_a_barrier_and_keeps_the_scale():
     slimmed, report = slim(model)
     assert report.folded_masks == 0
     assert_equivalent(model, slimmed)
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ("LpPool", {"kernel_shape": [2, 2]}),
+    ("GlobalAveragePool", {}), ("GlobalMaxPool", {}),
+])
+def test_pooling_passes_channels(op, attrs):
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.op(op, [g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[0, 3])])], **attrs)
+    head(g, y, 6)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_with_scales_and_with_sizes(mode):
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1])])
+    a = g.op("Resize", [y, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode=mode)
+    b = g.op("Resize", [y, "", "", g.const(np.array([1, 6, 12, 12], np.int64))], mode=mode)
+    g.output(g.conv(a, 6, 4), g.conv(b, 6, 4))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [5, 4, 4]
+
+
+def test_upsample_opset9_and_pad():
+    g = GraphBuilder(opset=9)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1, 2])])
+    y = g.op("Upsample", [y, g.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    y = g.op("Pad", [y], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant", value=0.0)
+    g.output(g.conv(y, 6, 4, pad=0))
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == [4, 4]
+
+
+def test_pad_opset13_with_nonzero_fill_keeps_zero_channels_before_a_padded_conv_only_when_unequal():
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 8, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1])])
+    y = g.op("Pad", [y, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), g.const(np.float32(1.0))])
+    g.output(g.conv(y, 6, 4, pad=0))
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [6, 4]
+    assert report.kept

@@ -8,8 +8,11 @@ A rule states, for one op family,
 * ``allows_empty_input`` / ``allows_empty_output`` — whether a tensor may lose every channel here;
 * ``settle(node, plan)`` — restore channels until the plan is one the rewrite can apply (a grouped conv
   keeps equal groups); returns True when it restored anything;
-* ``channel_scores`` — for channel-creating ops, an importance per output channel (L1 of the filter),
-  used by ``prune`` and by rounding.
+* what ``prune``, rounding, ``cleanup`` and ``stats`` ask of the op, so that they name no op types:
+  ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
+  ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``counts_macs`` /
+  ``macs``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
+  ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights).
 
 A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
 "ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
