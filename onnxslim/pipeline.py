@@ -257,7 +257,7 @@ def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
     method = get_method(recipe.method.name, recipe.method.params)
     training = recipe.training
     payload = {
-        "model": {"name": recipe.model.name, "params": model_parameters(recipe.model.name, recipe.model.params)},
+        "model": {**recipe.model.to_dict(), "params": model_parameters(recipe.model.name, recipe.model.params)},
         "data": dataclasses.asdict(recipe.data),
         "method": {"name": method.name, "params": dataclasses.asdict(method.params)},
         "training": {"seed": training.seed, "batch_size": training.batch_size,
@@ -332,7 +332,8 @@ def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test:
     expected = spec.input_shape()
     if tuple(train.images.shape[1:]) != expected:
         raise OnnxSlimError(f"model {spec.name} expects inputs {expected} but {train.name} has "
-                            f"{tuple(train.images.shape[1:])}; set in_channels/input_size in [model.params]")
+                            f"{tuple(train.images.shape[1:])}; set in_channels/input_size in [model.params] "
+                            f"(or [model] input_shape)")
     cfg = recipe.training
     options = TrainOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=device or cfg.device, progress=progress)
     extra = {"model_spec": spec.to_dict(), "recipe": recipe.name, "fingerprint": recipe_fingerprint(recipe)}

@@ -55,7 +55,7 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, 
         raise SystemExit(1)
 
 
-@click.command(help="Train a zoo model with channel masks and a sparsity method (the training steps of a recipe).")
+@click.command(help="Train a zoo model (or your own factory) with channel masks and a sparsity method (the training steps of a recipe).")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder for dense.pt, baseline.pt, masked.pt (default: runs/<recipe name>).")
@@ -98,7 +98,8 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .onnx file to write.")
 @click.option("--model", "model_name", default=None,
-              help="Zoo model name (default: the one recorded in the checkpoint).")
+              help="Zoo model name or a factory 'package.module:function' (default: the one recorded in the "
+              "checkpoint, a factory included).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Model parameter (repeatable), e.g. --param width=0.5; values are parsed as JSON when possible.")
 @click.option("--legacy", is_flag=True, help="Use the TorchScript exporter instead of torch.export (dynamo).")

@@ -402,11 +402,11 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     state = load_checkpoint(path)
     recorded = state.get("extra", {}).get("model_spec")
     if model_name is not None:
-        spec = ModelSpec(model_name, dict(params or {}))
+        spec = ModelSpec(model_name, dict(params or {}), ModelSpec.from_dict(recorded).sample_shape if recorded else None)
     elif recorded is not None:
-        spec = ModelSpec.from_dict(recorded)
+        spec = ModelSpec.from_dict(recorded)  # a zoo name, or a factory (a user's model) imported and called
         if params:
-            spec = ModelSpec(spec.name, {**spec.params, **params})
+            spec = dataclasses.replace(spec, params={**spec.params, **params})
     else:
         raise OnnxSlimError(f"{path}: the checkpoint does not record its model; pass the model name")
     model = spec.build()
