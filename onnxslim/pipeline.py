@@ -338,6 +338,9 @@ def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test:
     options = TrainOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=device or cfg.device, progress=progress)
     extra = {"model_spec": spec.to_dict(), "recipe": recipe.name, "fingerprint": recipe_fingerprint(recipe)}
 
+    example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
+    method = get_method(recipe.method.name, recipe.method.params)
+    _refuse_inapplicable(method, spec, example)
     torch.manual_seed(cfg.seed)
     dense = spec.build()
     dense_trainer = Trainer(dense, train, test_data=test, options=options, checkpoint=out / "dense.pt", extra=extra)
@@ -354,15 +357,22 @@ def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test:
         seconds["baseline"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
     masked = copy.deepcopy(dense).cpu()
     attach_masks(masked, example)
-    method = get_method(recipe.method.name, recipe.method.params)
     mask_trainer = Trainer(masked, train, test_data=test, method=method, options=options,
                            checkpoint=out / "masked.pt", extra={**extra, "masked": True}, reference_model=dense)
     mask_result = mask_trainer.fit([cfg.sparse, cfg.finetune], resume=resume)
     seconds["masked"] = time.perf_counter() - started
     return TrainedModels(dense, baseline_model, masked, dense_result, baseline_result, mask_result, seconds)
+
+
+def _refuse_inapplicable(method, spec, example: torch.Tensor) -> None:
+    """Ask the method, before any training, whether it can train this model (with masks attached)."""
+    probe = spec.build()
+    attach_masks(probe, example)
+    reason = method.applicable(probe)
+    if reason:
+        raise OnnxSlimError(f"method {method.name} cannot train model {spec.name}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,9 +515,10 @@ def check_targets(recipe: Recipe, report: RunReport) -> list[TargetCheck]:
     if targets.min_macs_removed is not None:
         checks.append(TargetCheck("min_macs_removed", targets.min_macs_removed, report.macs_removed,
                                   report.macs_removed >= targets.min_macs_removed))
-    if targets.max_accuracy_drop is not None:
-        checks.append(TargetCheck("max_accuracy_drop", targets.max_accuracy_drop, report.accuracy_drop,
-                                  report.accuracy_drop <= targets.max_accuracy_drop + 1e-12))
+    if targets.max_accuracy_drop_pt is not None:  # percentage points
+        drop_pt = 100.0 * report.accuracy_drop
+        checks.append(TargetCheck("max_accuracy_drop_pt", targets.max_accuracy_drop_pt, drop_pt,
+                                  drop_pt <= targets.max_accuracy_drop_pt + 1e-10))
     if targets.max_abs_diff is not None:
         checks.append(TargetCheck("max_abs_diff", targets.max_abs_diff, report.max_abs_diff,
                                   report.max_abs_diff <= targets.max_abs_diff))

@@ -47,16 +47,22 @@
 
     [targets]                             # each optional; checked and reported
     min_params_removed = 0.90             # fraction of the dense model's parameters removed
-    max_accuracy_drop = 0.005             # dense accuracy - slimmed accuracy (fraction, 0.005 = 0.5 pt)
+    max_accuracy_drop_pt = 0.5            # dense accuracy - slimmed accuracy, in percentage points
     max_abs_diff = 1e-4                   # PyTorch masked model vs slimmed ONNX on the test set
     min_macs_removed = 0.0
 
-Unknown keys anywhere are errors, so a typo never silently falls back to a default.
+Validation names the key path in every error (``recipe.toml: [training.sparse] lr must be > 0, got
+-1.0``): unknown keys anywhere (a typo never silently falls back to a default), wrong types (an int
+where a string belongs, a value where a table belongs), NaN and infinities, and numbers outside their
+range (counts below zero, batch sizes and learning rates not above zero, fractions outside [0, 1]).
+Accuracy drops are in percentage points, as in ``onnxslim check --max-accuracy-drop``; the former key
+``max_accuracy_drop`` (a fraction) is refused with the value converted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -131,7 +137,7 @@ class ValidateSpec:
 @dataclasses.dataclass(frozen=True)
 class Targets:
     min_params_removed: float | None = None
-    max_accuracy_drop: float | None = None
+    max_accuracy_drop_pt: float | None = None  # percentage points
     max_abs_diff: float | None = None
     min_macs_removed: float | None = None
 
@@ -182,36 +188,44 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(raw: Mapping[str, Any], source: str = "<dict>", default_name: str = "recipe") -> Recipe:
-    _check_keys(raw, _SECTIONS, source)
+    _check_keys(raw, _SECTIONS, source, "")
     model_raw = _table(raw, "model", source)
-    _check_keys(model_raw, {"name", "params", "input_shape"}, f"{source} [model]")
+    _check_keys(model_raw, {"name", "params", "input_shape"}, source, "model")
     if "name" not in model_raw:
         raise OnnxSlimError(f"{source}: [model] needs a name")
     shape = model_raw.get("input_shape")
     if shape is not None and (not isinstance(shape, list) or not shape or
                               any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
-        raise OnnxSlimError(f"{source} [model] input_shape must be a list of positive integers [C, H, W]")
-    model = ModelSpec(str(model_raw["name"]), dict(model_raw.get("params", {})), tuple(shape) if shape else None)
+        raise OnnxSlimError(f"{source}: [model] input_shape must be a list of positive integers [C, H, W]")
+    model = ModelSpec(_string(model_raw["name"], source, "model", "name"),
+                      _params(model_raw, source, "model"), tuple(shape) if shape else None)
     model_parameters(model.name, model.params)  # validates the names now, not after training
-    data = _dataclass(DataSpec, _table(raw, "data", source), f"{source} [data]")
+    data = _dataclass(DataSpec, _table(raw, "data", source), source, "data")
     method_raw = _table(raw, "method", source)
-    _check_keys(method_raw, {"name", "params"}, f"{source} [method]")
-    method = MethodSpec(str(method_raw.get("name", "l1_mask")), dict(method_raw.get("params", {})))
-    params_from_mapping(method_class(method.name).Params, method.params, f"{source} [method.params]")
+    _check_keys(method_raw, {"name", "params"}, source, "method")
+    method = MethodSpec(_string(method_raw.get("name", "l1_mask"), source, "method", "name"),
+                        _params(method_raw, source, "method"))
+    params_from_mapping(method_class(method.name).Params, method.params, f"{source}: [method.params]")
     training = _training(_table(raw, "training", source), source)
-    export = _dataclass(ExportSpec, _table(raw, "export", source), f"{source} [export]")
-    slim = _dataclass(SlimSpec, _table(raw, "slim", source), f"{source} [slim]")
-    validate = _dataclass(ValidateSpec, _table(raw, "validate", source), f"{source} [validate]")
-    targets = _dataclass(Targets, _table(raw, "targets", source), f"{source} [targets]")
-    return Recipe(str(raw.get("name", default_name)), model, data, method, training, export, validate, targets,
-                  source, slim)
+    export = _dataclass(ExportSpec, _table(raw, "export", source), source, "export")
+    slim = _dataclass(SlimSpec, _table(raw, "slim", source), source, "slim")
+    validate = _dataclass(ValidateSpec, _table(raw, "validate", source), source, "validate")
+    targets_raw = _table(raw, "targets", source)
+    if "max_accuracy_drop" in targets_raw:
+        old = targets_raw["max_accuracy_drop"]
+        hint = f" = {100 * old:g}" if isinstance(old, (int, float)) and not isinstance(old, bool) else ""
+        raise OnnxSlimError(f"{source}: [targets] max_accuracy_drop (a fraction) is now max_accuracy_drop_pt in "
+                            f"percentage points: write max_accuracy_drop_pt{hint}")
+    targets = _dataclass(Targets, targets_raw, source, "targets")
+    name = _string(raw.get("name", default_name), source, "", "name")
+    return Recipe(name, model, data, method, training, export, validate, targets, source, slim)
 
 
 def _training(raw: Mapping[str, Any], source: str) -> TrainingSpec:
     phases = {"dense", "sparse", "finetune"}
-    _check_keys(raw, {"seed", "batch_size", "device"} | phases, f"{source} [training]")
+    _check_keys(raw, {"seed", "batch_size", "device"} | phases, source, "training")
     scalars = {k: v for k, v in raw.items() if k not in phases}
-    spec = _dataclass(TrainingSpec, scalars, f"{source} [training]")
+    spec = _dataclass(TrainingSpec, scalars, source, "training")
     updates = {}
     for kind in sorted(phases):
         if kind not in raw:
@@ -221,7 +235,7 @@ def _training(raw: Mapping[str, Any], source: str) -> TrainingSpec:
             raise OnnxSlimError(f"{source}: [training.{kind}] must be a table")
         if "kind" in table:
             raise OnnxSlimError(f"{source}: [training.{kind}] must not set 'kind'")
-        updates[kind] = _dataclass(PhaseConfig, {"kind": kind, **table}, f"{source} [training.{kind}]")
+        updates[kind] = _dataclass(PhaseConfig, {"kind": kind, **table}, source, f"training.{kind}")
     return dataclasses.replace(spec, **updates)
 
 
@@ -232,21 +246,80 @@ def _table(raw: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
     return value
 
 
-def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def _params(raw: Mapping[str, Any], source: str, section: str) -> dict[str, Any]:
+    """A ``params`` table: a table, with finite numbers only (their names and types are checked by the
+    model or method they belong to)."""
+    params = raw.get("params", {})
+    if not isinstance(params, Mapping):
+        raise OnnxSlimError(f"{source}: [{section}] params must be a table, got {params!r}")
+    for key, value in params.items():
+        _finite(value, f"{source}: [{section}.params] {key}")
+    return dict(params)
+
+
+def _finite(value: Any, what: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OnnxSlimError(f"{what} must be a finite number, got {value}")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _finite(item, f"{what}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _finite(item, what)
+
+
+def _string(value: Any, source: str, section: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise OnnxSlimError(f"{source}: {_path(section, key)} must be a string, got {value!r}")
+    return value
+
+
+def _path(section: str, key: str) -> str:
+    return f"[{section}] {key}" if section else key
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], source: str, section: str) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
+        where = f"{source}: [{section}]" if section else source
         raise OnnxSlimError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
 
 
-def _dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
+def _dataclass(cls: type, values: Mapping[str, Any], source: str, section: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
-    _check_keys(values, fields, where)
+    _check_keys(values, fields, source, section)
     hints = typing.get_type_hints(cls)
-    converted = {key: _typed(value, hints.get(key), f"{where}: {key}") for key, value in values.items()}
+    converted = {}
+    for key, value in values.items():
+        what = f"{source}: {_path(section, key)}"
+        converted[key] = _in_range(key, _typed(value, hints.get(key), what), what)
     try:
         return cls(**converted)
     except TypeError as exc:
-        raise OnnxSlimError(f"{where}: {exc}") from None
+        raise OnnxSlimError(f"{source}: [{section}] {exc}") from None
+
+
+# lower bounds (value, inclusive) and upper bounds of numeric keys; a key not listed takes any finite value
+_LOWER = {
+    **dict.fromkeys(("seed", "split_seed", "train_samples", "test_samples", "epochs", "warmup", "latency_threads",
+                     "momentum", "weight_decay", "max_abs_diff", "min_params_removed", "min_macs_removed"),
+                    (0, True)),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "latency_batch", "repeat", "lr", "opset"),
+                    (0, False)),
+    "round_to": (1, True),
+}
+_UPPER = {"momentum": 1.0, "min_params_removed": 1.0, "min_macs_removed": 1.0}
+
+
+def _in_range(key: str, value: Any, what: str) -> Any:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    low = _LOWER.get(key)
+    if low is not None and (value < low[0] or (value == low[0] and not low[1])):
+        raise OnnxSlimError(f"{what} must be {'>=' if low[1] else '>'} {low[0]}, got {value}")
+    if key in _UPPER and value > _UPPER[key]:
+        raise OnnxSlimError(f"{what} must be <= {_UPPER[key]:g}, got {value}")
+    return value
 
 
 def _typed(value: Any, hint: Any, what: str) -> Any:
@@ -263,6 +336,8 @@ def _typed(value: Any, hint: Any, what: str) -> Any:
     if int in allowed and isinstance(value, int):
         return value
     if float in allowed and isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise OnnxSlimError(f"{what} must be a finite number, got {value}")
         return float(value)
     if str in allowed and isinstance(value, str):
         return value

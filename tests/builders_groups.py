@@ -86,3 +86,22 @@ def conv_outputs(model: onnx.ModelProto) -> list[int]:
     """Output channels of every Conv, in graph order."""
     inits = {t.name: t for t in model.graph.initializer}
     return [int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "Conv"]
+
+
+def nhwc_conv_net(g: GraphBuilder, size: int, zeros1, zeros2, zeros3, flatten: str = "Flatten") -> str:
+    """tf2onnx style: an NHWC input [1, size, size, 3] -> Transpose -> conv(8) -> mask ``zeros1`` (NCHW)
+    -> Transpose to NHWC -> Relu -> mask ``zeros2`` ([C] on the last axis) -> Transpose -> conv(6) ->
+    Transpose to NHWC -> mask ``zeros3`` -> Flatten (or Reshape) -> MatMul(5) -> Add. Returns the output."""
+    x = g.input([1, size, size, 3])
+    y = g.mask(g.conv(g.op("Transpose", [x], perm=[0, 3, 1, 2]), 3, 8), 8, zeros=zeros1)
+    y = g.op("Relu", [g.op("Transpose", [y], perm=[0, 2, 3, 1])])
+    y = g.op("Mul", [y, g.const(g.mask_values(8, zeros2))])
+    y = g.conv(g.op("Transpose", [y], perm=[0, 3, 1, 2]), 8, 6)
+    y = g.op("Transpose", [y], perm=[0, 2, 3, 1])
+    y = g.op("Relu", [g.op("Mul", [y, g.const(g.mask_values(6, zeros3))])])
+    if flatten == "Flatten":
+        y = g.op("Flatten", [y], axis=1)
+    else:
+        y = g.op("Reshape", [y, g.const(np.array([-1, size * size * 6], np.int64))])
+    y = g.op("MatMul", [y, g.const(g.weights(size * size * 6, 5))])
+    return g.op("Add", [y, g.const(g.weights(5, scale=0.1))])

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if "dense" in summary:
         drop = 100.0 * (summary["dense"]["metric"] - slim_metric)
         summary["drop_pt"] = drop
-        checks["metric_drop"] = drop <= 100.0 * targets.max_accuracy_drop
+        checks["metric_drop"] = drop <= targets.max_accuracy_drop_pt
     summary["checks"] = checks
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"{args.setting}: dense {summary.get('dense', {}).get('metric', float('nan')):.4f}  "

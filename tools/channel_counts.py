@@ -13,7 +13,8 @@ compared with another's: a refactoring of the engine must leave every count unch
 ``tests/fixtures/channel_counts_921edcf.json`` was recorded from commit 921edcf (before the rule set
 refactoring of issue #10) with the default test modules below; compare a later tree with it to show that a
 refactoring kept every count (changes that delete more channels on purpose show up as differences too).
-Hypothesis runs with a fixed seed.
+Hypothesis runs with a fixed seed. Measured for the refactoring alone (commit 944c88d, in a checkout of
+it): ``compare`` -> "compared 182 of 182 recorded slim calls: 0 differ".
 """
 
 from __future__ import annotations

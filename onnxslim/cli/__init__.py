@@ -1,14 +1,20 @@
 """The ``onnxslim`` command line: a thin click layer over the Python API.
 
 Commands live in one module per area and are imported only when invoked, so ``onnxslim slim`` never
-pays for importing torch. Errors the user can cause are :class:`~onnxslim.errors.OnnxSlimError`: they
-print one line and exit with code 2 (click's own usage errors use 2 as well); ``check`` uses 1 for a
-failed gate.
+pays for importing torch. Errors the user can cause are :class:`~onnxslim.errors.OnnxSlimError`, and
+click's own usage errors (a bad option value, a folder given as MODEL, a missing argument) are reported
+the same way: one ``error: ...`` line on stderr and exit code 2; ``check`` uses 1 for a failed gate.
+SIGTERM (CI cancellation, ``timeout``, ``docker stop``) unwinds like Ctrl-C, so partly written temporary
+files are removed; the process then exits with 128 + 15.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
+import sys
+from collections.abc import Iterator
 
 import click
 
@@ -67,6 +73,49 @@ class _LazyGroup(click.Group):
         except OnnxSlimError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # a file-system error no layer turned into a message (a folder that cannot be made)
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's ``main`` with usage errors as one ``error:`` line (exit 2) and SIGTERM as an unwind."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        with _sigterm_unwinds():
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.exceptions.NoArgsIsHelpError as exc:  # bare `onnxslim`: the help, as before
+                exc.show()
+                code = exc.exit_code
+            except click.ClickException as exc:
+                click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+                code = 2
+            except click.exceptions.Abort:
+                click.echo("Aborted!", err=True)
+                code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the command runs, SIGTERM raises SystemExit(143), so ``finally``/``except`` blocks run."""
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _unavailable(name: str, module_name: str) -> click.Command:

@@ -6,23 +6,15 @@ from pathlib import Path
 
 import click
 
-from onnxslim.errors import OnnxSlimError
+from onnxslim.cli.common import Command, input_path, output_path, single_output
 
 _input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
     help="Static shape for an input with dynamic dims, e.g. input:1,3,224,224 (repeatable). "
          "Needed for Flatten of dynamic maps and for MACs.")
-_json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+_json_option = click.option("--json", "json_path", type=output_path(dir_okay=False), default=None,
                             help="Write the report as JSON.")
 _rows_option = click.option("--all", "show_all", is_flag=True, help="Show every layer (default: the first 40).")
-
-
-def _output_path(model: Path, output: Path) -> Path:
-    if output.resolve() == model.resolve():
-        raise OnnxSlimError(f"refusing to overwrite the input model {model}; choose another -o path")
-    if output.is_dir():
-        raise OnnxSlimError(f"-o {output} is a directory; give a file name")
-    return output
 
 
 def _write_json(path: Path | None, payload: dict) -> None:
@@ -32,10 +24,11 @@ def _write_json(path: Path | None, payload: dict) -> None:
         write_json_atomic(path, payload)
 
 
-@click.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write the slimmed model (atomically).")
+@click.command(cls=Command)
+@click.argument("model", type=input_path(dir_okay=False))
+@click.argument("output_arg", metavar="[OUT]", required=False, type=output_path(dir_okay=False))
+@click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
+              help="Where to write the slimmed model (atomically); or give it as OUT.")
 @_input_shape_option
 @click.option("--round-to", default=1, show_default=True, type=click.IntRange(min=1),
               help="Keep extra channels so every layer's count is a multiple of N (may run faster).")
@@ -43,11 +36,12 @@ def _write_json(path: Path | None, payload: dict) -> None:
               help="Fold the remaining mask scales into neighbouring weights.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Run onnx.checker (full check) on the result.")
 @_json_option
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--plot", "plot_path", type=output_path(dir_okay=False), default=None,
               help="Write a PNG of the channels per layer before and after.")
 @_rows_option
-def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, plot_path, show_all):
-    """Delete every provably-zero channel of MODEL; the result computes the same outputs.
+def slim(model, output_arg, output, input_shapes, round_to, fold_masks, check, json_path, plot_path, show_all):
+    """Delete every provably-zero channel of MODEL and write the result to OUT (or -o OUT); the result
+    computes the same outputs.
 
     Prints the channels per layer before and after, params, MACs and file size, and any masked
     channels that had to be kept with the reason (a barrier op, a graph output, a coupled live channel).
@@ -55,7 +49,7 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, pl
     from onnxslim.graph.shapes import parse_input_shapes
     from onnxslim.graph.slim import slim as slim_model
 
-    output = _output_path(model, output)
+    output = single_output(output_arg, output)
     _, report = slim_model(model, output, input_shapes=parse_input_shapes(input_shapes), fold_masks=fold_masks,
                            round_to=round_to, check=check)
     click.echo(report.format_table(max_rows=None if show_all else 40))
@@ -67,28 +61,32 @@ def slim(model, output, input_shapes, round_to, fold_masks, check, json_path, pl
         plot_layer_channels(report.layers, plot_path, title=f"Channels per layer: {model.name}")
 
 
-@click.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write the pruned, slimmed model.")
+@click.command(cls=Command)
+@click.argument("model", type=input_path(dir_okay=False))
+@click.argument("output_arg", metavar="[OUT]", required=False, type=output_path(dir_okay=False))
+@click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
+              help="Where to write the pruned, slimmed model; or give it as OUT.")
 @click.option("--ratio", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Fraction of each layer's prunable channels to remove (of all prunable channels with --scope global).")
+              help="Fraction of each layer's channels to remove, at most (with --scope global: of the prunable "
+                   "cost, see --cost).")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "fpgm", "bn", "random"]), default="l1", show_default=True,
               help="Channel importance: filter L1/L2 norm, FPGM (distance to the geometric median), |BN gamma|, or random.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--cost", type=click.Choice(["macs", "params"]), default="macs", show_default=True,
+              help="With --scope global: rank channels by importance per unit of this cost.")
 @click.option("--min-channels", default=1, show_default=True, type=click.IntRange(min=1),
               help="Channels every layer keeps at least.")
 @click.option("--placement", type=click.Choice(["consumers", "after_bn"]), default="consumers", show_default=True,
               help="Where the zero masks go before slimming (see docs of onnxslim.graph.prune).")
-@click.option("--save-masked", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--save-masked", type=output_path(dir_okay=False), default=None,
               help="Also write the masked (unslimmed) model: the exact reference of the pruned one.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--round-to", default=1, show_default=True, type=click.IntRange(min=1))
 @_input_shape_option
 @_json_option
 @_rows_option
-def prune(model, output, ratio, criterion, scope, min_channels, placement, save_masked, seed, round_to,
-          input_shapes, json_path, show_all):
+def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels, placement, save_masked, seed,
+          round_to, input_shapes, json_path, show_all):
     """Remove a fraction of MODEL's channels chosen by a criterion (any ONNX model), then slim.
 
     Coupled channels (residual groups) are chosen together; channels held by barriers are never chosen.
@@ -97,10 +95,8 @@ def prune(model, output, ratio, criterion, scope, min_channels, placement, save_
     from onnxslim.graph.prune import prune as prune_model
     from onnxslim.graph.shapes import parse_input_shapes
 
-    output = _output_path(model, output)
-    if save_masked is not None:
-        _output_path(model, save_masked)
-    _, report, _ = prune_model(model, output, ratio=ratio, criterion=criterion, scope=scope,
+    output = single_output(output_arg, output)
+    _, report, _ = prune_model(model, output, ratio=ratio, criterion=criterion, scope=scope, cost=cost,
                                min_channels=min_channels, input_shapes=parse_input_shapes(input_shapes),
                                round_to=round_to, seed=seed, placement=placement, masked_path=save_masked)
     click.echo(report.format_table(max_rows=None if show_all else 40))
@@ -108,8 +104,8 @@ def prune(model, output, ratio, criterion, scope, min_channels, placement, save_
     _write_json(json_path, report.to_dict())
 
 
-@click.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.command(cls=Command)
+@click.argument("model", type=input_path(dir_okay=False))
 @_input_shape_option
 @_json_option
 @_rows_option

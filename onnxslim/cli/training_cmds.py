@@ -7,15 +7,24 @@ from pathlib import Path
 
 import click
 
+from onnxslim.cli.common import Command, input_path, output_path, single_output
 from onnxslim.errors import OnnxSlimError
+
+_threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                               help="PyTorch intra-op threads (default: PyTorch's choice).")
+_recipe_argument = click.argument("recipe_path", metavar="RECIPE", type=input_path(dir_okay=False))
+
+
+def _method_choices() -> list[str]:
+    from onnxslim.training.methods import available_methods
+
+    return available_methods()
 
 
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
-        if threads < 1:
-            raise OnnxSlimError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
@@ -23,16 +32,16 @@ def _default_out(recipe) -> Path:
     return Path("runs") / recipe.name
 
 
-@click.command(help="Run a recipe end to end: train, mask-train, export, slim, validate, report.")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.command(cls=Command, help="Run a recipe end to end: train, mask-train, export, slim, validate, report.")
+@_recipe_argument
+@click.option("--out", "out_dir", type=output_path(file_okay=False), default=None,
               help="Output folder (default: runs/<recipe name>).")
 @click.option("--resume", is_flag=True, help="Continue training from the checkpoints in the output folder "
               "(refused when they were trained with another recipe).")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run: its checkpoints, "
               "models and reports are deleted first (other files are kept).")
 @click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
-@click.option("--threads", type=int, default=None, help="PyTorch intra-op threads (default: PyTorch's choice).")
+@_threads_option
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print REPORT.json instead of the table.")
 def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, device: str | None,
@@ -55,18 +64,21 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, 
         raise SystemExit(1)
 
 
-@click.command(help="Train a zoo model (or your own factory) with channel masks and a sparsity method (the training steps of a recipe).")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.command(cls=Command,
+               help="Train a zoo model (or your own factory) with channel masks and a sparsity method (the training "
+                    "steps of a recipe).")
+@_recipe_argument
+@click.option("--out", "out_dir", type=output_path(file_okay=False), default=None,
               help="Output folder for dense.pt, baseline.pt, masked.pt (default: runs/<recipe name>).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoints in the output folder "
               "(refused when they were trained with another recipe).")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run (its run files are deleted).")
 @click.option("--baseline/--no-baseline", default=False,
               help="Also train the dense baseline with the same epoch budget (baseline.pt).")
-@click.option("--method", default=None, help="Override the recipe's method (its params are then defaults).")
+@click.option("--method", type=click.Choice(_method_choices()), default=None,
+              help="Override the recipe's method (its params are then defaults).")
 @click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
-@click.option("--threads", type=int, default=None, help="PyTorch intra-op threads.")
+@_threads_option
 @click.option("--progress/--no-progress", default=True)
 def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, baseline: bool, method: str | None,
           device: str | None, threads: int | None, progress: bool) -> None:
@@ -93,10 +105,11 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool
     click.echo(f"checkpoint: {out / 'masked.pt'}")
 
 
-@click.command(help="Export a trained checkpoint to ONNX with masks as per-channel Mul nodes.")
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The .onnx file to write.")
+@click.command(cls=Command, help="Export a trained checkpoint to ONNX with masks as per-channel Mul nodes.")
+@click.argument("checkpoint", type=input_path(dir_okay=False))
+@click.argument("output_arg", metavar="[OUT]", required=False, type=output_path(dir_okay=False))
+@click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
+              help="The .onnx file to write; or give it as OUT.")
 @click.option("--model", "model_name", default=None,
               help="Zoo model name or a factory 'package.module:function' (default: the one recorded in the "
               "checkpoint, a factory included).")
@@ -104,20 +117,25 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool
               help="Model parameter (repeatable), e.g. --param width=0.5; values are parsed as JSON when possible.")
 @click.option("--legacy", is_flag=True, help="Use the TorchScript exporter instead of torch.export (dynamo).")
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch of the example input (batch stays dynamic).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch of the example input (the batch dimension stays dynamic unless --static-batch).")
+@click.option("--static-batch", is_flag=True,
+              help="Fix the batch dimension to --batch (static input shapes, e.g. for NNAPI/CoreML).")
 @click.option("--check/--no-check", default=True, help="Compare onnxruntime with PyTorch after exporting.")
-def export(checkpoint: Path, output: Path, model_name: str | None, params: tuple[str, ...], legacy: bool, opset: int,
-           batch: int, check: bool) -> None:
+def export(checkpoint: Path, output_arg: Path | None, output: Path | None, model_name: str | None,
+           params: tuple[str, ...], legacy: bool, opset: int, batch: int, static_batch: bool, check: bool) -> None:
     import torch
 
     from onnxslim.training.export import export as export_model
     from onnxslim.training.trainer import model_from_checkpoint
     from onnxslim.zoo import ModelSpec
 
+    output = single_output(output_arg, output)
     model, state = model_from_checkpoint(checkpoint, model_name, _parse_params(params))
     spec = ModelSpec.from_dict(state["extra"]["model_spec"])
     example = torch.randn((batch, *spec.input_shape()), generator=torch.Generator().manual_seed(0))
-    result = export_model(model, example, output, dynamo=not legacy, opset=opset, check=check)
+    result = export_model(model, example, output, dynamo=not legacy, opset=opset, check=check,
+                          dynamic_batch=not static_batch)
     diff = f", max |onnxruntime - PyTorch| {result.max_abs_diff:.3g}" if result.max_abs_diff is not None else ""
     click.echo(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, "
                f"{result.mask_nodes} mask Mul nodes{diff})")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
+from onnxslim.cli.common import Command, input_path, input_spec, output_path
 from onnxslim.errors import OnnxSlimError
+from onnxslim.validate.equivalence import DEFAULT_ATOL, DEFAULT_RTOL
 
 
 def _int_list(value: str | None, option: str) -> tuple[int, ...] | None:
@@ -32,8 +34,8 @@ _input_shape_option = click.option(
     help="Shape of an input with dynamic dimensions, e.g. input:1,3,224,224 (repeatable).")
 
 
-@click.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.command(cls=Command)
+@click.argument("models", nargs=-1, required=True, type=input_path(dir_okay=False))
 @click.option("--threads", default="1", show_default=True, help="Intra-op thread counts, comma-separated (1,2,4).")
 @click.option("--batch", "batch", default=None, help="Batch sizes, comma-separated (1,8); default: the model's.")
 @_input_shape_option
@@ -55,14 +57,14 @@ _input_shape_option = click.option(
               help="Seed of the per-round model order (recorded in the JSON as round_orders).")
 @click.option("--mobile", is_flag=True,
               help="One thread, models converted to ORT format with onnxruntime's tools, plus its mobile-usability check.")
-@click.option("--mobile-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--mobile-dir", type=output_path(file_okay=False), default=None,
               help="Keep the converted .ort files here (default: a temporary folder).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write all figures as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+@click.option("--json", "json_path", type=output_path(dir_okay=False), default=None, help="Write all figures as JSON.")
+@click.option("--plot", "plot_path", type=output_path(dir_okay=False), default=None,
               help="Write a latency box plot (PNG).")
 @click.option("--per-layer", is_flag=True,
               help="Also profile every model with onnxruntime's profiler: time per layer, before -> after.")
-@click.option("--layer-plot", "layer_plot_path", type=click.Path(path_type=Path), default=None,
+@click.option("--layer-plot", "layer_plot_path", type=output_path(dir_okay=False), default=None,
               help="With --per-layer: write a PNG bar chart of the slowest layers.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
@@ -101,15 +103,18 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
         click.echo("")
         click.echo(format_comparison(profiles[0], profile) if len(profiles) > 1 else format_profile(profile))
     if artifacts:
-        from onnxslim.validate.mobile import usability_summary
+        from onnxslim.validate.mobile import fixed_shape_advice, usability_summary
 
         click.echo("")
         click.echo("mobile (ORT format, converted with onnxruntime.tools.convert_onnx_models_to_ort):")
-        for artifact in artifacts:
+        for model, artifact in zip(models, artifacts):
             kept = f" -> {artifact.ort_path}" if mobile_dir else ""
             click.echo(f"  {artifact.source}: .onnx {artifact.onnx_size_bytes:,} B, .ort {artifact.ort_size_bytes:,} B{kept}")
             for line in usability_summary(artifact.usability_log):
                 click.echo(f"    {line}")
+            advice = fixed_shape_advice(model, artifact.usability_log)
+            if advice:
+                click.echo(f"    advice: {advice}")
     if json_path:
         payload = report.to_dict()
         payload["mobile"] = [
@@ -143,41 +148,49 @@ def _per_layer(targets, options, report) -> list:
             for target, timing in zip(targets, report.models)]
 
 
-@click.command()
-@click.argument("reference", type=click.Path(path_type=Path))
-@click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--data", default=None,
+@click.command(cls=Command)
+@click.argument("reference", type=input_path(dir_okay=False))
+@click.argument("candidate", type=input_path(dir_okay=False))
+@click.option("--data", type=input_spec(), default=None,
               help="Labelled data: mnist, mnist:32, an ImageFolder directory or an .npz (default: random inputs).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--samples", default=8, show_default=True, type=click.IntRange(min=1),
               help="Number of seeded random inputs when no --data is given.")
 @_input_shape_option
-@click.option("--max-accuracy-drop", type=float, default=None, help="Fail if accuracy drops by more (percentage points).")
-@click.option("--max-abs-diff", type=click.FloatRange(min=0), default=None,
-              help="Absolute tolerance on outputs (an element fails only if it also exceeds --rtol).")
-@click.option("--rtol", type=click.FloatRange(min=0), default=None, help="Relative tolerance on outputs.")
+@click.option("--max-accuracy-drop", type=float, default=None,
+              help="Fail if accuracy drops by more, in percentage points (0.5 = half a point).")
+@click.option("--atol", "--max-abs-diff", "max_abs_diff", type=click.FloatRange(min=0), default=None,
+              help="Absolute tolerance on outputs (an element fails only if it also exceeds --rtol). "
+                   f"Without any threshold: atol {DEFAULT_ATOL:g}, rtol {DEFAULT_RTOL:g}.")
+@click.option("--rtol", "--max-rel-diff", "rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative tolerance on outputs.")
 @click.option("--error-stat", type=click.Choice(["elemwise", "max", "mean", "median"]), default="elemwise",
               show_default=True, help="Which error statistic is compared with the tolerances.")
 @click.option("--min-speedup", type=click.FloatRange(min=0), default=None,
               help="Fail if the candidate is not this many times faster (median of interleaved-round ratios).")
 @click.option("--max-size-ratio", type=click.FloatRange(min=0), default=None,
               help="Fail if candidate bytes / reference bytes is larger.")
+@click.option("--max-macs-ratio", type=click.FloatRange(min=0), default=None,
+              help="Fail if candidate MACs / reference MACs is larger (e.g. 0.5: at least half the MACs gone).")
+@click.option("--max-params-ratio", type=click.FloatRange(min=0), default=None,
+              help="Fail if candidate parameters / reference parameters is larger.")
 @click.option("--speed", is_flag=True, help="Measure the speedup even without --min-speedup.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0), help="onnxruntime intra-op threads.")
 @click.option("--rounds", default=50, show_default=True, type=click.IntRange(min=1), help="Timed A/B rounds.")
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON.")
-@click.option("--report-dir", type=click.Path(path_type=Path), default=None, help="Write check.md and check.json here.")
+@click.option("--json", "json_path", type=output_path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--report-dir", type=output_path(file_okay=False, writes=("check.md", "check.json")), default=None,
+              help="Write check.md and check.json here.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.pass_context
 def check(ctx, reference, candidate, data, limit, batch_size, samples, input_shapes, max_accuracy_drop, max_abs_diff,
-          rtol, error_stat, min_speedup, max_size_ratio, speed, threads, rounds, warmup, seed, json_path, report_dir,
+          rtol, error_stat, min_speedup, max_size_ratio, max_macs_ratio, max_params_ratio, speed, threads, rounds, warmup, seed, json_path, report_dir,
           progress):
     """CI gate: compare CANDIDATE with REFERENCE; exit 1 when a threshold fails, 2 on bad input.
 
-    Prints a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set).
+    Without thresholds it checks equivalence (outputs within the default --atol/--rtol). Prints a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set).
     """
     from onnxslim.graph.shapes import parse_input_shapes
     from onnxslim.io import write_json_atomic
@@ -185,7 +198,8 @@ def check(ctx, reference, candidate, data, limit, batch_size, samples, input_sha
     from onnxslim.validate.gate import CheckOptions, GateThresholds, run_check
 
     thresholds = GateThresholds(max_accuracy_drop=max_accuracy_drop, max_abs_diff=max_abs_diff, rtol=rtol,
-                                error_stat=error_stat, min_speedup=min_speedup, max_size_ratio=max_size_ratio)
+                                error_stat=error_stat, min_speedup=min_speedup, max_size_ratio=max_size_ratio,
+                                max_macs_ratio=max_macs_ratio, max_params_ratio=max_params_ratio)
     options = CheckOptions(data=data, limit=limit, batch_size=batch_size, random_samples=samples, seed=seed,
                            input_shapes=parse_input_shapes(input_shapes), threads=threads, measure_speed=speed,
                            bench_warmup=warmup, bench_repeat=rounds, progress=progress)

@@ -158,12 +158,14 @@ class ChannelAnalysis:
                 self.keep(info.ids, BARRIER, f"read inside a control-flow body ('{name}')")
         return self
 
-    def kept_reason(self) -> np.ndarray:
-        """Per element id: index into ``reasons`` of the first reason its class is kept, or -1."""
+    def kept_reason(self, kind: str | None = None) -> np.ndarray:
+        """Per element id: index into ``reasons`` of the first reason (of ``kind``, when given) its class
+        is kept, or -1."""
         roots = self.uf.roots()
         reason_of_root = np.full(self.uf.size, -1, np.int64)
         for ids, rid in reversed(self._keeps):  # reversed: the earliest reason wins
-            reason_of_root[roots[ids]] = rid
+            if kind is None or self.reasons[rid].kind == kind:
+                reason_of_root[roots[ids]] = rid
         return reason_of_root[roots]
 
     def kept_by(self, kind: str) -> np.ndarray:

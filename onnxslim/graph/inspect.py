@@ -114,7 +114,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
     for name, node in analysis.creators.items():
         info = analysis.info[name]
         node_name = index.node_name(node)
-        params = sum(int(np.prod(index.initializers[i].dims, dtype=np.int64)) for i in node.input if i in index.initializers)
+        params = analysis.rule_for(node).params(node, index)
         layers.append(LayerInfo(
             node=node_name, op_type=node.op_type, tensor=name, channels=info.size,
             zero_channels=tuple(np.flatnonzero(zero_class[roots[info.ids]]).tolist()),

@@ -8,9 +8,9 @@
    its rule has ``channel_gains`` (BatchNormalization; L1 when there is none), ``random`` (seeded). A
    class's score is the sum over the layers that create it, so a residual group is judged by all its
    convolutions.
-3. ``scope="layer"``: each layer loses the ``ratio`` lowest-scoring of its prunable channels (keeping
-   ``min_channels``); ``scope="global"``: the ``ratio`` lowest classes of the whole network, scores
-   normalised by each layer's mean.
+3. :mod:`onnxslim.graph.selection` chooses: ``scope="layer"``: each layer loses at most ``ratio`` of its
+   channels (rounded to its coupled units), counting classes chosen for other layers; ``scope="global"``:
+   the classes with the lowest importance per unit of cost (MACs or params) up to ``ratio`` of the cost.
 4. The choice becomes **masks**: a per-channel ``Mul`` with zeros is inserted where a reducing layer
    reads a chosen channel (``placement="consumers"``), or right after each creating layer and its
    BatchNormalization (``placement="after_bn"``, where mask training puts them). That masked model is
@@ -29,8 +29,8 @@ from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.report import SlimReport
 from onnxslim.graph.rules import RuleSet
-from onnxslim.graph.slim import analyse, load_model, slim
-from onnxslim.graph.values import BARRIER
+from onnxslim.graph.selection import Cost, Selection, choose
+from onnxslim.graph.slim import analyse, check_model, load_model, slim
 from onnxslim.io import save_model_atomic
 
 CRITERIA = ("l1", "l2", "fpgm", "bn", "random")
@@ -69,43 +69,36 @@ def _following_gains(analysis: ChannelAnalysis, name: str, size: int) -> np.ndar
 
 
 def choose_classes(analysis: ChannelAnalysis, ratio: float, criterion: str = "l1", scope: str = "layer",
-                   min_channels: int = 1, seed: int = 0) -> np.ndarray:
-    """Element ids (one per chosen class) to remove."""
+                   min_channels: int = 1, seed: int = 0, cost: Cost = "macs") -> Selection:
+    """The classes to remove and notes for the user (see :mod:`onnxslim.graph.selection`).
+
+    Raises OnnxSlimError for a bad ratio or scope, and for ``criterion="bn"`` on a model without any
+    BatchNormalization after its layers (exporters fold BN into the convs in eval mode).
+    """
     if not 0.0 <= ratio < 1.0:
         raise OnnxSlimError(f"ratio must be in [0, 1), got {ratio}")
     if scope not in ("layer", "global"):
         raise OnnxSlimError(f"scope must be 'layer' or 'global', got {scope!r}")
-    roots = analysis.uf.roots()
-    locked = analysis.kept_by(BARRIER)
-    scores = channel_scores(analysis, criterion, seed)
-    class_score: dict[int, float] = {}
-    for name, layer_scores in scores.items():
-        ids = analysis.info[name].ids
-        mean = float(np.mean(layer_scores)) or 1.0
-        normalised = layer_scores / mean if scope == "global" else layer_scores
-        for root, value in zip(roots[ids], normalised):
-            class_score[int(root)] = class_score.get(int(root), 0.0) + float(value)
-    chosen: set[int] = set()
-    if scope == "global":
-        candidates = sorted((s, r) for r, s in class_score.items() if not locked[r])
-        chosen.update(r for _, r in candidates[: int(round(ratio * len(candidates)))])
-    else:
-        for name in scores:
-            layer_roots = roots[analysis.info[name].ids]
-            free = [int(r) for r in dict.fromkeys(layer_roots.tolist()) if not locked[r]]
-            budget = min(int(ratio * len(layer_roots)), len(layer_roots) - min_channels)
-            free.sort(key=lambda r: class_score[r])
-            chosen.update(free[: max(budget, 0)])
-    # never empty a layer completely
-    for name in scores:
-        layer_roots = roots[analysis.info[name].ids]
-        alive = [r for r in layer_roots if int(r) not in chosen]
-        if len(alive) < min_channels:
-            for r in sorted(dict.fromkeys(layer_roots.tolist()), key=lambda r: -class_score.get(r, 0.0)):
-                chosen.discard(int(r))
-                if sum(int(x) not in chosen for x in layer_roots) >= min_channels:
-                    break
-    return np.array(sorted(chosen), np.int64)
+    if cost not in ("macs", "params"):
+        raise OnnxSlimError(f"cost must be 'macs' or 'params', got {cost!r}")
+    notes = _criterion_notes(analysis, criterion)
+    selection = choose(analysis, channel_scores(analysis, criterion, seed), ratio, scope, min_channels, cost)
+    selection.notes[:0] = notes
+    return selection
+
+
+def _criterion_notes(analysis: ChannelAnalysis, criterion: str) -> list[str]:
+    if criterion != "bn":
+        return []
+    sizes = {name: analysis.info[name].size for name in analysis.creators}
+    without = [name for name, size in sizes.items() if _following_gains(analysis, name, size) is None]
+    if sizes and len(without) == len(sizes):
+        raise OnnxSlimError("--criterion bn needs BatchNormalization after the layers, and this model has none "
+                            "(exporters fold BN into the convs in eval mode); use l1, l2 or fpgm")
+    if without:
+        return [f"--criterion bn: {len(without)} of {len(sizes)} layers have no BatchNormalization after them; "
+                "they are ranked by the L1 norm of their filters"]
+    return []
 
 
 def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots: np.ndarray,
@@ -134,7 +127,8 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
                     name = uses[0].node.output[0]
                 targets.append(name)
     graph = model.graph
-    positions = {node.output[0]: position for position, node in enumerate(graph.node) if node.output}
+    # every output of every node (the second output of a Split ...); graph inputs go first (-1)
+    positions = {name: position for position, node in enumerate(graph.node) for name in node.output if name}
     inserted, added = [], []
     for name in targets:
         info = analysis.info[name]
@@ -166,17 +160,24 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
           input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
           placement: str = "consumers", masked_path: str | os.PathLike | None = None,
-          rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
+          rules: RuleSet | None = None, cost: Cost = "macs") -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
     """Prune ``ratio`` of the prunable channels; returns (slimmed model, report, masked model).
 
     The masked model is the unslimmed reference that the slimmed model reproduces exactly. ``rules``
-    is the rule set of the analysis and the slim (default :func:`onnxslim.graph.rules.default_rules`).
+    is the rule set of the analysis and the slim (default :func:`onnxslim.graph.rules.default_rules`);
+    ``cost`` is what ``scope="global"`` ranks importance against (MACs per sample, or params). Both
+    files are written only when everything succeeded; the report's ``notes`` say what limited the choice.
     """
     masked, _ = load_model(model)
     analysis = analyse(masked, input_shapes, rules=rules)
-    chosen = choose_classes(analysis, ratio, criterion, scope, min_channels, seed)
-    insert_masks(masked, analysis, chosen, placement)
+    selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
+    insert_masks(masked, analysis, selection.roots, placement)
+    check_model(masked, what="the masked model")
+    slimmed, report = slim(masked, input_shapes=input_shapes, round_to=round_to, rules=rules)
+    report.notes = selection.notes + report.notes
+    # written only once everything succeeded: a failed command leaves no output file
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
-    slimmed, report = slim(masked, output_path, input_shapes=input_shapes, round_to=round_to, rules=rules)
+    if output_path is not None:
+        report.size_after = save_model_atomic(slimmed, output_path)
     return slimmed, report, masked

@@ -42,6 +42,7 @@ class SlimReport:
     remaining_masks: list[str]
     input_shapes: dict[str, list[int]]
     removed_nodes: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)  # what limited the result (prune's budgets ...)
 
     @property
     def masked_behind_barriers(self) -> int:
@@ -83,6 +84,7 @@ class SlimReport:
         for kept in self.kept:
             shown = ",".join(str(c) for c in kept.channels[:8]) + (",..." if len(kept.channels) > 8 else "")
             lines.append(f"kept {len(kept.channels)} masked channel(s) [{shown}] of {kept.tensor}: {kept.reason}")
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 

@@ -16,7 +16,6 @@ An input that fails ``onnx.checker`` (full check) is refused as invalid input be
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,7 +37,7 @@ from onnxslim.graph.rewrite import Rewriter
 from onnxslim.graph.rules import RuleSet, default_rules
 from onnxslim.graph.shapes import infer_shapes, skeleton
 from onnxslim.graph.stats import model_stats
-from onnxslim.io import save_model_atomic
+from onnxslim.io import load_onnx, save_model_atomic
 
 # above this size the checker runs on the weight-free skeleton (plus our own tensor-size check),
 # so that checking never holds a second serialised copy of a large model
@@ -54,16 +53,10 @@ def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) ->
         duplicate = onnx.ModelProto()
         duplicate.CopyFrom(model)
         return duplicate, serialized_size(model)
-    path = Path(model)
-    if not path.is_file():
-        raise OnnxSlimError(f"model file not found: {path}")
-    try:
-        loaded = onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise OnnxSlimError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    loaded, size = load_onnx(model)  # external data and initializer byte counts checked there
     if not loaded.graph.node:
-        raise OnnxSlimError(f"{path}: not an ONNX model with a graph (no nodes)")
-    return loaded, path.stat().st_size
+        raise OnnxSlimError(f"{model}: not an ONNX model with a graph (no nodes)")
+    return loaded, size
 
 
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
@@ -176,7 +169,7 @@ def check_input(model: onnx.ModelProto) -> None:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
 
 
-def check_model(model: onnx.ModelProto, full: bool = True) -> None:
+def check_model(model: onnx.ModelProto, full: bool = True, what: str = "the slimmed model") -> None:
     """``onnx.checker`` on the result; ``full`` adds strict shape inference. Large models are checked
     through their skeleton (structure, types and shapes, without serialising the weights again) plus a
     tensor size check. Even without ``full`` the structure (topological order, defined inputs, types)
@@ -188,9 +181,9 @@ def check_model(model: onnx.ModelProto, full: bool = True) -> None:
             onnx.checker.check_model(skeleton(model), full_check=full)
             _check_tensor_sizes(model)
     except onnx.checker.ValidationError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails onnx.checker: {_first_line(exc)}") from None
+        raise OnnxSlimError(f"internal error: {what} fails onnx.checker: {_first_line(exc)}") from None
     except onnx.shape_inference.InferenceError as exc:
-        raise OnnxSlimError(f"internal error: the slimmed model fails shape inference: {_first_line(exc)}") from None
+        raise OnnxSlimError(f"internal error: {what} fails shape inference: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from onnxslim.data import ArrayDataset
 from onnxslim.errors import OnnxSlimError
-from onnxslim.io import write_with_atomic
+from onnxslim.io import atomic_open
 from onnxslim.training.masks import freeze_masks, has_masks
 from onnxslim.training.methods import (
     MaskReport,
@@ -332,7 +332,8 @@ class Trainer:
             "completed": index == len(phases) - 1 and epoch >= phases[index].epochs,
             "extra": self.extra,
         }
-        write_with_atomic(self.checkpoint, lambda tmp: torch.save(payload, tmp))
+        with atomic_open(self.checkpoint) as handle:  # a Python file: a full disk is an OSError, not a C++ one
+            torch.save(payload, handle)
 
     def _load_checkpoint(self, phases: list[PhaseConfig]) -> dict:
         state = load_checkpoint(self.checkpoint)
@@ -364,17 +365,38 @@ class Trainer:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a trainer checkpoint (any device's tensors are mapped to the CPU)."""
+    """Read a trainer checkpoint (any device's tensors are mapped to the CPU).
+
+    Loaded with ``torch.load(weights_only=True)``: only tensors and plain containers/scalars are
+    unpickled, so a crafted file can never run code. Raises :class:`OnnxSlimError` when the file is
+    missing, unreadable, holds any other object, or is not an onnxslim checkpoint.
+    """
+    import pickle
+
     path = Path(path)
     if not path.exists():
         raise OnnxSlimError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise OnnxSlimError(f"checkpoint {path} is a directory")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises pickle/zip/runtime errors
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused: never fall back to full unpickling
+        refused = _refused_global(exc)
+        if refused is None:
+            raise OnnxSlimError(f"{path}: not a readable checkpoint (UnpicklingError)") from None
+        raise OnnxSlimError(f"{path}: refusing to load a checkpoint holding objects other than tensors and "
+                            f"plain values ({refused})") from None
+    except Exception as exc:  # torch.load raises zip/runtime/EOF errors
         raise OnnxSlimError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise OnnxSlimError(f"{path}: not an onnxslim checkpoint")
     return state
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The line of torch's weights_only message naming the refused global (None: the file is garbage)."""
+    named = [line.strip().rstrip(".") for line in str(exc).splitlines() if "GLOBAL" in line]
+    return named[0] if named else None
 
 
 def _make_optimizer(phase: PhaseConfig, groups: list[dict]) -> torch.optim.Optimizer:

@@ -15,6 +15,10 @@ The error statistic decides what is compared with the tolerances:
 * ``max`` / ``mean`` / ``median``: the output fails if that statistic of the absolute differences
   exceeds ``atol`` AND the same statistic of the relative differences exceeds ``rtol``.
 
+Without tolerances from the user, :data:`DEFAULT_ATOL` and :data:`DEFAULT_RTOL` apply (Polygraphy's
+default is 1e-5 for both; fp32 slimming folds mask scales into weights, which moves outputs by a few
+ulps of their magnitude, so onnxslim allows 1e-4 of either kind).
+
 The median needs every difference in memory; the other statistics are accumulated batch by batch.
 Outputs are matched by name when both models have the same output names, by position otherwise.
 """
@@ -39,6 +43,10 @@ from onnxslim.validate.runtime import (
     random_feeds,
     resolve_shapes,
 )
+
+# the equivalence tolerance when the user gives none
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4
 
 ERROR_STATS = ("elemwise", "max", "mean", "median")
 

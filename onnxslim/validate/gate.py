@@ -6,10 +6,16 @@ Checks, each active only when its threshold is given:
   (top-1, or mIoU for segmentation data); needs labelled data.
 * output difference: every output passes :mod:`onnxslim.validate.equivalence` with ``atol =
   max_abs_diff`` (0 when only ``rtol`` is given) and ``rtol`` (0 when only ``max_abs_diff`` is given).
+  With no threshold at all the gate is an equivalence check at :data:`DEFAULT_ATOL` / :data:`DEFAULT_RTOL`
+  (an element fails when it exceeds both); when other thresholds are given without a tolerance, the
+  output difference is reported at those defaults but not gated.
 * speedup: the median over interleaved rounds of ``t_reference / t_candidate`` (see
   :mod:`onnxslim.validate.bench`) ``>= min_speedup``. The confidence interval is reported next to it.
 * size ratio: ``bytes_candidate / bytes_reference <= max_size_ratio`` (files on disk including
   external data).
+* MACs and parameter ratios: ``macs_candidate / macs_reference <= max_macs_ratio`` and the same for
+  parameters (counted by :mod:`onnxslim.graph.stats`; MACs per sample need static shapes, see
+  ``input_shapes``), so a model that comes out less slimmed than expected fails.
 
 The inputs are the dataset's images when data is given, otherwise ``random_samples`` seeded random
 inputs of the reference's input shapes. Outputs of both models are compared on the very same inputs
@@ -35,6 +41,8 @@ from onnxslim.report import format_bytes, format_count, markdown_table
 from onnxslim.validate.accuracy import AccuracyMeter, AccuracyResult, run_batches
 from onnxslim.validate.bench import BenchOptions, BenchReport, benchmark
 from onnxslim.validate.equivalence import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
     ERROR_STATS,
     EquivalenceResult,
     check_compatible,
@@ -50,10 +58,13 @@ from onnxslim.validate.runtime import (
     model_size_bytes,
 )
 
+_RATIO_NAMES = ("max_size_ratio", "max_macs_ratio", "max_params_ratio")
+
 
 @dataclasses.dataclass(frozen=True)
 class GateThresholds:
-    """None disables a check. ``max_accuracy_drop`` is in percentage points."""
+    """None disables a check. ``max_accuracy_drop`` is in percentage points; ratios are candidate over
+    reference."""
 
     max_accuracy_drop: float | None = None
     max_abs_diff: float | None = None
@@ -61,9 +72,27 @@ class GateThresholds:
     error_stat: str = "elemwise"
     min_speedup: float | None = None
     max_size_ratio: float | None = None
+    max_macs_ratio: float | None = None
+    max_params_ratio: float | None = None
+
+    @property
+    def none_given(self) -> bool:
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self) if f.name != "error_stat")
+
+    @property
+    def gates_outputs(self) -> bool:
+        """Whether the output difference is a threshold (given tolerances, or the default check)."""
+        return self.max_abs_diff is not None or self.rtol is not None or self.none_given
+
+    def tolerances(self) -> tuple[float, float]:
+        """(atol, rtol) the outputs are compared with."""
+        if self.max_abs_diff is None and self.rtol is None:
+            return DEFAULT_ATOL, DEFAULT_RTOL
+        return (self.max_abs_diff if self.max_abs_diff is not None else 0.0,
+                self.rtol if self.rtol is not None else 0.0)
 
     def validate(self) -> None:
-        for name in ("max_accuracy_drop", "max_abs_diff", "rtol", "min_speedup", "max_size_ratio"):
+        for name in ("max_accuracy_drop", "max_abs_diff", "rtol", "min_speedup", *_RATIO_NAMES):
             value = getattr(self, name)
             if value is not None and (not np.isfinite(value) or (value < 0 and name != "max_accuracy_drop")):
                 raise OnnxSlimError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -152,11 +181,12 @@ class CheckReport:
         lines = [f"## onnxslim check: {verdict}", "",
                  f"Reference `{self.reference}` vs candidate `{self.candidate}` on {self.inputs}.", ""]
         if self.checks:
+            if not any(c.name == "output difference" for c in self.checks):
+                lines += [f"Output difference not gated (no --atol/--rtol); mismatches below are counted at "
+                          f"atol {self.equivalence.atol:g}, rtol {self.equivalence.rtol:g}.", ""]
             lines.append(markdown_table(
                 ("check", "value", "required", "result"),
                 [(c.name, c.figure, c.requirement, "pass" if c.passed else "**FAIL**") for c in self.checks]))
-        else:
-            lines.append("No thresholds were given: figures only.")
         for check in self.failures():
             if check.detail:
                 lines += ["", f"- {check.name}: {check.detail}"]
@@ -212,8 +242,7 @@ def run_check(reference: ModelSource, candidate: ModelSource, thresholds: GateTh
     ref_session = create_session(reference, session_options)
     cand_session = create_session(candidate, session_options)
     pairs = check_compatible(ref_session, cand_session, ref_label, cand_label)
-    atol = thresholds.max_abs_diff if thresholds.max_abs_diff is not None else 0.0
-    rtol = thresholds.rtol if thresholds.rtol is not None else 0.0
+    atol, rtol = thresholds.tolerances()
     meters = make_meters(ref_session, cand_session, pairs, atol, rtol, thresholds.error_stat)
 
     ref_accuracy = cand_accuracy = agreement = None
@@ -261,9 +290,10 @@ def run_check(reference: ModelSource, candidate: ModelSource, thresholds: GateTh
             progress=options.progress, names=[ref_label, cand_label])
 
     ref_size, cand_size = model_size_bytes(reference), model_size_bytes(candidate)
-    checks = _evaluate_thresholds(thresholds, equivalence, ref_accuracy, cand_accuracy, bench, ref_size, cand_size)
     stats = {"reference": _model_stats(reference, options.input_shapes),
              "candidate": _model_stats(candidate, options.input_shapes)}
+    checks = _evaluate_thresholds(thresholds, equivalence, ref_accuracy, cand_accuracy, bench, ref_size, cand_size)
+    checks += _ratio_checks(thresholds, stats)
     return CheckReport(ref_label, cand_label, inputs, tuple(checks), equivalence, ref_accuracy, cand_accuracy,
                        agreement, ref_size, cand_size, bench, stats)
 
@@ -278,7 +308,7 @@ def _evaluate_thresholds(thresholds: GateThresholds, equivalence: EquivalenceRes
             "accuracy drop", drop, thresholds.max_accuracy_drop, drop <= thresholds.max_accuracy_drop,
             f"{drop:.2f} pp ({ref_accuracy.metric} {100 * ref_accuracy.value:.2f}% -> {100 * cand_accuracy.value:.2f}%)",
             f"<= {thresholds.max_accuracy_drop:g} pp"))
-    if thresholds.max_abs_diff is not None or thresholds.rtol is not None:
+    if thresholds.gates_outputs:
         failing = [o for o in equivalence.outputs if not o.passed]
         mismatches = sum(o.mismatches for o in equivalence.outputs)
         elements = sum(o.elements for o in equivalence.outputs)
@@ -302,6 +332,24 @@ def _evaluate_thresholds(thresholds: GateThresholds, equivalence: EquivalenceRes
             "size ratio", ratio, thresholds.max_size_ratio, ratio <= thresholds.max_size_ratio,
             f"{ratio:.3f} ({format_bytes(ref_size)} -> {format_bytes(cand_size)})",
             f"<= {thresholds.max_size_ratio:g}"))
+    return checks
+
+
+def _ratio_checks(thresholds: GateThresholds, stats: Mapping[str, Mapping[str, Any]]) -> list[GateCheck]:
+    """The MACs and parameter-count ratios (candidate / reference); raises when they cannot be counted."""
+    checks = []
+    for key, label, limit in (("macs", "MACs ratio", thresholds.max_macs_ratio),
+                              ("params", "params ratio", thresholds.max_params_ratio)):
+        if limit is None:
+            continue
+        ref, cand = stats["reference"], stats["candidate"]
+        if "error" in ref or "error" in cand:
+            raise OnnxSlimError(f"--max-{key}-ratio: cannot count {key} ({ref.get('error') or cand.get('error')})")
+        if key == "macs" and not (ref.get("macs_complete", True) and cand.get("macs_complete", True)):
+            raise OnnxSlimError("--max-macs-ratio: some layers have dynamic shapes; fix them with --input-shape")
+        ratio = cand[key] / ref[key] if ref[key] else float("inf")
+        checks.append(GateCheck(label, ratio, limit, ratio <= limit,
+                                f"{ratio:.3f} ({format_count(ref[key])} -> {format_count(cand[key])})", f"<= {limit:g}"))
     return checks
 
 

@@ -126,6 +126,35 @@ def usability_summary(log: str) -> list[str]:
     return lines
 
 
+def fixed_shape_advice(model: ModelSource, log: str) -> str | None:
+    """A command that fixes the model's dynamic input dims, when the usability log says it would help.
+
+    Dynamic dims become 1 (the phone's batch); returns None when every input is static or the log
+    does not ask for fixed shapes.
+    """
+    if "if modified to have fixed input shapes: YES" not in log and \
+            "if modified to have fixed input shapes: MAYBE" not in log:
+        return None
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    initializers = {t.name for t in proto.graph.initializer}
+    fixes = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            shape = ",".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims)
+            fixes.append((value.name, shape))
+    if not fixes:
+        return None
+    source = Path(model_name(model) if isinstance(model, onnx.ModelProto) else model)
+    target = source.with_name(f"{source.stem}_static{source.suffix or '.onnx'}")
+    commands = [f"python -m onnxruntime.tools.make_dynamic_shape_fixed --input_name {name} --input_shape {shape} "
+                f"{source} {target}" for name, shape in fixes]
+    return ("dynamic input shapes keep NNAPI/CoreML from running it; fix them with: " + " && ".join(commands)
+            + " (or re-export with `onnxslim export --static-batch`)")
+
+
 def prepare_mobile(models: list[ModelSource], output_dir: str | os.PathLike) -> list[MobileArtifact]:
     """Convert every model to ``.ort`` in ``output_dir`` and run the usability check on each."""
     artifacts = []

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.io import path_size_with_data
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
@@ -88,22 +89,7 @@ def model_size_bytes(source: ModelSource) -> int:
     path = Path(source)
     if not path.is_file():
         raise OnnxSlimError(f"model not found: {path}")
-    size = path.stat().st_size
-    if path.suffix.lower() == ".ort":
-        return size
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not parseable here; the session will report it
-        return size
-    locations = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
-    for location in locations:
-        side_file = path.parent / location
-        if side_file.exists():
-            size += side_file.stat().st_size
-    return size
+    return path_size_with_data(path)
 
 
 def resolve_providers(providers: Sequence[str]) -> tuple[str, ...]:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
 from onnx import helper, numpy_helper
-from rankings import FILTERS, KEPT
 
 from onnxslim.graph.prune import channel_scores, prune
 from onnxslim.graph.slim import analyse, slim
 from onnxslim.graph.stats import model_stats
+from rules.rankings import FILTERS, KEPT
 
 
 def _conv_transpose_model(weight: np.ndarray, groups: int = 1):

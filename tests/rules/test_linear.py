@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from graphs import GraphBuilder, assert_equivalent, conv_channels, slim_checked
-from rankings import FILTERS, KEPT
 
 from onnxslim.graph.prune import channel_scores, prune
 from onnxslim.graph.slim import analyse, slim
 from onnxslim.graph.stats import model_stats
+from rules.rankings import FILTERS, KEPT
 
 
 def _fc_model(op: str):

@@ -11,7 +11,7 @@ A rule states, for one op family,
 * what ``prune``, rounding, ``cleanup`` and ``stats`` ask of the op, so that they name no op types:
   ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
   ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``counts_macs`` /
-  ``macs``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
+  ``macs``, ``params``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
   ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights).
 
 A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
@@ -96,6 +96,11 @@ class Rule:
         one-group Conv), "grouped" (sums within channel groups), "none" (channels stay apart)."""
         return "none"
 
+    def params(self, node: onnx.NodeProto, index: Graph) -> int:
+        """Parameters of the op: elements of the initializers it reads (weights, bias, BN vectors)."""
+        return sum(int(np.prod(index.initializers[name].dims, dtype=np.int64))
+                   for name in node.input if name in index.initializers)
+
     def macs(self, node: onnx.NodeProto, dims: Callable[[str], tuple | None]) -> int | None:
         """Multiply-accumulates of one sample (batch taken as 1) when ``counts_macs``; None when the
         shapes are not static. ``dims(name)`` gives a tensor's shape (None entries for unknown dims)."""
@@ -176,7 +181,12 @@ class RuleSet:
             for op_type in rule.op_types:
                 table[op_key(rule.domain, op_type)] = rule
         self._table = types.MappingProxyType(table)
-        self.fallback = fallback if fallback is not None else BarrierRule()
+        self._fallback = fallback if fallback is not None else BarrierRule()
+
+    @property
+    def fallback(self) -> Rule:
+        """The rule of ops no rule names (a barrier unless given)."""
+        return self._fallback
 
     def rule_for(self, node: onnx.NodeProto) -> Rule:
         """The rule of ``node`` (by its domain and op_type), or the fallback barrier."""

@@ -476,12 +476,24 @@ class SqueezeRule(Rule):
 
 @register
 class TransposeRule(Rule):
+    """Transpose moves the channel axis to ``perm.index(axis)``.
+
+    A graph input's layout is unknown (axis 1 is a guess, and its channels are kept anyway): a Transpose
+    reading it decides it. NHWC inputs of tf2onnx / keras2onnx exports are transposed to NCHW before the
+    first conv, so the Transpose's output gets (kept) channels on axis 1.
+    """
+
     op_types = ("Transpose",)
     passthrough = True
 
     def propagate(self, node, analysis):
         x = _feature(node, analysis)
         if x is None:
+            return
+        shape = analysis.index.shape(node.output[0])
+        if node.input[0] in {v.name for v in analysis.index.inputs} and shape and len(shape) >= 2 and shape[1]:
+            info = analysis.fresh(None, node.output[0], shape[1], 1, len(shape))
+            analysis.keep(info.ids, BARRIER, f"graph input '{node.input[0]}'")
             return
         perm = get_attr(node, "perm") or list(reversed(range(x.rank)))
         info = x.with_values(x.const, x.value)

@@ -126,6 +126,11 @@ class ReduceRule(Rule):
         axes = reduced_axes(node, plan.analysis, x.rank)
         return axes is not None and x.axis in axes
 
+    def reduction(self, node, slot):
+        """"full" for the data input: over the channel axis it sums (or maxes) every channel. Over other
+        axes a mask put before it by ``prune`` is harmless (channels pass one-to-one), so no axes are read."""
+        return "full" if slot == 0 else "none"
+
     def allows_empty_input(self, node, slot, plan):
         return not self._reduces_channels(node, plan)
 

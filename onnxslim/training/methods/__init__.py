@@ -128,6 +128,11 @@ class SparsityMethod:
             raise OnnxSlimError(f"method {self.name}: params must be {self.Params.__name__}")
 
     # -- lifecycle -------------------------------------------------------------------------------------
+    def applicable(self, model: nn.Module) -> str | None:
+        """Why this method cannot train ``model`` (masks attached), or None when it can; asked before
+        any training so that a run never fails after its dense phase."""
+        return None
+
     def setup(self, model: nn.Module, ctx: SetupContext) -> None:
         pass
 

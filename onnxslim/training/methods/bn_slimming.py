@@ -64,6 +64,12 @@ class BNSlimming(SparsityMethod):
     name = "bn_slimming"
     Params = BNSlimmingParams
 
+    def applicable(self, model: nn.Module) -> str | None:
+        if self.params.target == "bn" and not _norm_gammas(model):
+            return ("target='bn' scores BatchNorm scales, but no masked layer is followed by a BatchNorm; "
+                    "use target = \"mask\" or another method")
+        return None
+
     def regularization(self, model: nn.Module, ctx: StepContext) -> torch.Tensor | None:
         if self.params.lam == 0:
             return None

@@ -1,0 +1,262 @@
+"""Which channel classes ``prune`` removes: per-layer budgets over coupled units, or a global ranking.
+
+Terms. A *class* is a set of coupled channels, deleted all-or-nothing (a residual group, the channels of
+one grouped-conv group, a depthwise conv's input and outputs, the two operands of a gate ``x1 * x2``).
+A *layer* is a channel-creating node (Conv, ConvTranspose, Gemm, MatMul) with ``n`` output channels; the
+channels of one class in one layer are that layer's *unit* of the class (``u`` channels: 1 for a plain
+conv, the group size for a grouped one). Classes held by a barrier are never chosen.
+
+* ``scope="layer"``: every layer's budget is ``B = floor(ratio * n)`` channels. Layers are visited in graph
+  order; each takes its lowest-scoring free classes while **every** layer the class touches stays within
+  budget rounded to the nearest unit, ``removed + u <= B + u // 2``, and keeps ``min_channels``. A class
+  chosen for one layer counts against every other layer it belongs to, so no layer loses more than the
+  ratio plus half a unit (Torch-Pruning's per-group budget, DepGraph, Fang et al. CVPR 2023, sec. 3.3).
+* ``scope="global"``: classes are ranked by importance per unit of cost — importance is the sum over
+  its layers of the channel scores divided by that layer's mean score; cost is the MACs (or params) that
+  deleting it saves: per layer ``max(u_out * cost/n_out, u_in * cost/n_in)`` (a depthwise unit is both
+  an output and an input of one layer and saves its cost once). The cheapest-to-lose classes go until
+  ``ratio`` of the layers' total cost is removed, counted per layer as ``cost * (1-a)(1-b)`` left for
+  fractions ``a`` of outputs and ``b`` of inputs removed; every layer output and input keeps
+  ``min_channels``.
+
+Notes (returned with the choice): a layer whose budget a barrier makes unreachable (layers writing a
+graph output are not mentioned), MACs unknown so params were used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.plan import RemovalPlan
+from onnxslim.graph.stats import count_macs
+from onnxslim.graph.values import BARRIER, STRUCTURAL, Reason
+
+_ROUNDS = 4  # choose, settle, choose again in place of what the structure gave back
+Scope = Literal["layer", "global"]
+Cost = Literal["macs", "params"]
+
+
+@dataclasses.dataclass
+class Selection:
+    """The chosen classes (one element id, the root, per class) and what the user should know."""
+
+    roots: np.ndarray
+    notes: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    name: str  # the output tensor
+    node: str  # the node's name
+    size: int
+    units: dict[int, int]  # root -> channels of that class in this layer's output
+    in_size: int  # channels of its feature input (0 when it reads a constant or shape-less tensor)
+    in_units: dict[int, int]  # root -> channels of that class in its feature input
+
+
+def _units(roots: np.ndarray, ids: np.ndarray) -> dict[int, int]:
+    found, counts = np.unique(roots[ids], return_counts=True)
+    return dict(zip(found.tolist(), counts.tolist()))
+
+
+def _layers(analysis: ChannelAnalysis, roots: np.ndarray, names) -> list[_Layer]:
+    layers = []
+    for name in names:
+        node = analysis.creators[name]
+        x = analysis.feature(node.input[0])
+        layers.append(_Layer(name, analysis.index.node_name(node), analysis.info[name].size,
+                             _units(roots, analysis.info[name].ids), x.size if x is not None else 0,
+                             _units(roots, x.ids) if x is not None else {}))
+    return layers
+
+
+class _Tally:
+    """Channels removed so far per layer output and per layer input; a class fits when no layer output
+    nor input would keep fewer than ``min_channels`` (a layer fed only zeros would be deleted whole)."""
+
+    def __init__(self, layers: list[_Layer], min_channels: int, chosen: set[int] = frozenset()):
+        self.min_channels = min_channels
+        self.layers = layers
+        self.removed = {layer.name: 0 for layer in layers}
+        self.removed_in = {layer.name: 0 for layer in layers}
+        self.members: dict[int, list[_Layer]] = {}
+        self.readers: dict[int, list[_Layer]] = {}
+        for layer in layers:
+            for root in layer.units:
+                self.members.setdefault(root, []).append(layer)
+            for root in layer.in_units:
+                self.readers.setdefault(root, []).append(layer)
+        for root in chosen:
+            self.add(root)
+
+    def within_budgets(self, root: int, budget: dict[str, int]) -> bool:
+        """Every layer the class belongs to stays within its budget, rounded to the nearest unit."""
+        return all(self.removed[m.name] + m.units[root] <= budget[m.name] + m.units[root] // 2
+                   for m in self.members.get(root, ()))
+
+    def leaves_enough(self, root: int) -> bool:
+        return all(m.size - self.removed[m.name] - m.units[root] >= self.min_channels
+                   for m in self.members.get(root, ())) and \
+            all(r.in_size - self.removed_in[r.name] - r.in_units[root] >= self.min_channels
+                for r in self.readers.get(root, ()))
+
+    def remaining_cost(self, layer_cost: dict[str, float]) -> float:
+        """The cost left in the layers: ``cost * (1 - a) * (1 - b)`` for a fraction ``a`` of outputs and ``b``
+        of inputs removed, ``cost * (1 - max(a, b))`` when its inputs and outputs are one unit (depthwise)."""
+        left = 0.0
+        for layer in self.layers:
+            a = self.removed[layer.name] / layer.size
+            b = self.removed_in[layer.name] / layer.in_size if layer.in_size else 0.0
+            tied = layer.in_units.keys() & layer.units.keys()
+            left += layer_cost.get(layer.name, 0.0) * ((1 - max(a, b)) if tied else (1 - a) * (1 - b))
+        return left
+
+    def add(self, root: int) -> None:
+        for member in self.members.get(root, ()):
+            self.removed[member.name] += member.units[root]
+        for reader in self.readers.get(root, ()):
+            self.removed_in[reader.name] += reader.in_units[root]
+
+
+def class_scores(analysis: ChannelAnalysis, roots: np.ndarray, scores: dict[str, np.ndarray],
+                 normalise: bool) -> dict[int, float]:
+    """Per class: the sum of its channels' scores over the layers that create it (each layer's scores
+    divided by their mean when ``normalise``)."""
+    result: dict[int, float] = {}
+    for name, layer_scores in scores.items():
+        values = layer_scores / (float(np.mean(layer_scores)) or 1.0) if normalise else layer_scores
+        for root, value in zip(roots[analysis.info[name].ids].tolist(), values.tolist()):
+            result[root] = result.get(root, 0.0) + float(value)
+    return result
+
+
+def choose(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: float, scope: Scope = "layer",
+           min_channels: int = 1, cost: Cost = "macs") -> Selection:
+    """The classes to remove (see the module docstring); ``scores`` maps a layer's output tensor to one
+    score per output channel (higher = more important)."""
+    roots = analysis.uf.roots()
+    locked = analysis.kept_by(BARRIER)
+    layers = _layers(analysis, roots, scores)
+    notes: list[str] = []
+    if scope == "global":
+        chosen = _choose_global(analysis, roots, layers, class_scores(analysis, roots, scores, True),
+                                locked, ratio, min_channels, cost, notes)
+    else:
+        chosen = _choose_per_layer(analysis, layers, class_scores(analysis, roots, scores, False), locked, ratio,
+                                   min_channels)
+        notes.extend(_unreachable_budgets(analysis, roots, layers, locked, chosen, ratio))
+    return Selection(np.array(sorted(chosen), np.int64), notes)
+
+
+def _choose_per_layer(analysis: ChannelAnalysis, layers: list[_Layer], score: dict[int, float], locked: np.ndarray,
+                      ratio: float, min_channels: int) -> set[int]:
+    budget = {layer.name: int(ratio * layer.size) for layer in layers}
+    chosen: set[int] = set()
+    tried: set[int] = set()  # classes the structure gave back (an unequal group): not chosen again
+    for _ in range(_ROUNDS):
+        tally = _Tally(layers, min_channels, chosen)
+        added = False
+        for layer in layers:
+            for root in sorted((r for r in layer.units if not locked[r] and r not in chosen and r not in tried),
+                               key=lambda r: score[r]):
+                if tally.removed[layer.name] >= budget[layer.name]:
+                    break
+                if tally.within_budgets(root, budget) and tally.leaves_enough(root):
+                    chosen.add(root)
+                    tally.add(root)
+                    added = True
+        settled = settle_choice(analysis, chosen)
+        tried |= chosen - settled
+        chosen = settled
+        if not added:
+            break
+    return chosen
+
+
+def settle_choice(analysis: ChannelAnalysis, chosen: set[int]) -> set[int]:
+    """The chosen classes that the graph's structure lets go together: the removal plan's structural
+    constraints (tensors that must not become empty, each rule's ``settle``: a grouped conv's groups stay
+    equal) give back the others. Only ever fewer: budgets still hold."""
+    roots = analysis.uf.roots()
+    removed = np.isin(roots, np.fromiter(chosen, np.int64, len(chosen)))
+    rid = analysis.reason_id(Reason(STRUCTURAL, "not chosen by prune"))
+    plan = RemovalPlan(analysis, removed, np.where(removed, -1, rid))
+    changed = True
+    while changed:
+        changed = plan.fill_empty_tensors()
+        for node in analysis.index.nodes:
+            changed |= bool(analysis.rule_for(node).settle(node, plan))
+    return {r for r in chosen if plan.removed[r]}
+
+
+def _choose_global(analysis, roots, layers, importance, locked, ratio, min_channels, cost, notes) -> set[int]:
+    layer_cost = _layer_costs(analysis, cost, notes)
+    class_cost = _class_costs(analysis, roots, layer_cost)
+    total = sum(layer_cost.values())
+    tally = _Tally(layers, min_channels)
+    chosen: set[int] = set()
+    free = [r for r in importance if not locked[r]]
+    for root in sorted(free, key=lambda r: importance[r] / max(class_cost.get(r, 0.0), 1e-12)):
+        if total - tally.remaining_cost(layer_cost) >= ratio * total:
+            break
+        if tally.leaves_enough(root):
+            chosen.add(root)
+            tally.add(root)
+    saved = total - tally.remaining_cost(layer_cost)
+    if total and saved < ratio * total - 1e-9:
+        notes.append(f"--scope global: {100 * saved / total:.1f}% of the {cost} removed instead of "
+                     f"{100 * ratio:.1f}% (the rest is held by barriers or min_channels)")
+    return chosen
+
+
+def _class_costs(analysis: ChannelAnalysis, roots: np.ndarray, layer_cost: dict[str, float]) -> dict[int, float]:
+    """Per class: the cost its deletion saves in the layers that create or read it (additive estimate)."""
+    index = analysis.index
+    result: dict[int, float] = {}
+    for name, node in analysis.creators.items():
+        total = layer_cost.get(name, 0.0)
+        out_ids, in_info = analysis.info[name].ids, analysis.feature(node.input[0])
+        saving = {root: count * total / len(out_ids) for root, count in _units(roots, out_ids).items()}
+        if in_info is not None and in_info.size and not index.is_const(node.input[0]):
+            for root, count in _units(roots, in_info.ids).items():
+                saving[root] = max(saving.get(root, 0.0), count * total / in_info.size)
+        for root, value in saving.items():
+            result[root] = result.get(root, 0.0) + value
+    return result
+
+
+def _layer_costs(analysis: ChannelAnalysis, cost: Cost, notes: list[str]) -> dict[str, float]:
+    """MACs (per sample, static shapes) or params of every layer, keyed by its output tensor."""
+    index = analysis.index
+    if cost == "macs":
+        _, complete, per_node = count_macs(index.model, index.shapes)
+        if complete:
+            return {name: float(per_node.get(index.node_name(node), 0)) for name, node in analysis.creators.items()}
+        notes.append("MACs are unknown for some layers (dynamic shapes; see --input-shape): ranked by params")
+    result = {}
+    for name, node in analysis.creators.items():
+        result[name] = float(sum(int(np.prod(index.shape(w) or (0,))) for w in node.input[1:] if index.is_const(w)))
+    return result
+
+
+def _unreachable_budgets(analysis, roots, layers, locked, chosen, ratio) -> list[str]:
+    """A note per layer whose budget cannot be met because a barrier holds too many of its channels."""
+    reasons = analysis.kept_reason(BARRIER)
+    notes = []
+    for layer in layers:
+        held = [r for r in layer.units if locked[r]]
+        held_channels = sum(layer.units[r] for r in held)
+        target = int(ratio * layer.size)
+        if not held or layer.size - held_channels >= target:
+            continue
+        removed = sum(n for r, n in layer.units.items() if r in chosen)
+        why = analysis.reasons[reasons[held[0]]].text if reasons[held[0]] >= 0 else "a barrier"
+        if why.startswith("graph output"):
+            continue  # the model's outputs are out of reach by definition: not worth a note
+        notes.append(f"'{layer.node}': {held_channels} of {layer.size} channels are out of reach ({why}); "
+                     f"{removed} removed instead of {target}")
+    return notes

@@ -1,0 +1,59 @@
+"""NHWC graphs (tf2onnx / keras2onnx style) and transposes that move the channel axis (issue #11 kind 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from builders_groups import conv_outputs, export_both, nhwc_conv_net, slim_exact
+from graphs import GraphBuilder
+from torch import nn
+
+
+def test_nhwc_input_masks_in_both_layouts_and_a_dense_after_a_transposed_flatten():
+    g = GraphBuilder(opset=13)
+    g.output(nhwc_conv_net(g, size=6, zeros1=[0, 3], zeros2=[1], zeros3=[1, 5], flatten="Flatten"))
+    slimmed, report = slim_exact(g.model())
+    assert conv_outputs(slimmed) == [5, 4]
+    assert (report.masked_channels, report.deleted_masked_channels) == (5, 5)
+    matmul = next(n for n in slimmed.graph.node if n.op_type == "MatMul")
+    weight = next(t for t in slimmed.graph.initializer if t.name == matmul.input[1])
+    assert list(weight.dims) == [6 * 6 * 4, 5]  # each deleted channel took its H*W features
+
+
+def test_reshape_of_an_nhwc_map_to_a_dense():
+    g = GraphBuilder(opset=13)
+    g.output(nhwc_conv_net(g, size=4, zeros1=[2], zeros2=[0], zeros3=[0], flatten="Reshape"))
+    slimmed, report = slim_exact(g.model())
+    assert conv_outputs(slimmed) == [6, 5]
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, 3)
+
+
+class KerasStyle(nn.Module):
+    """An NHWC model as Keras writes it: permute to NCHW for the convs, back to NHWC, flatten, Dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.dense = nn.Linear(4 * 4 * 6, 5)
+        for name, (size, zeros) in {"m1": (8, [0, 5]), "m2": (6, [2, 3])}.items():
+            mask = torch.rand(size) + 0.5
+            mask[zeros] = 0
+            self.register_buffer(name, mask)
+
+    def forward(self, x):  # x: N, H, W, C
+        y = self.c1(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = torch.relu(y * self.m1)  # an NHWC mask: [C] on the last axis
+        y = self.c2(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = torch.relu(y * self.m2)
+        return self.dense(y.reshape(y.shape[0], -1))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_keras_style_nhwc_export(exporter):
+    torch.manual_seed(0)
+    model = export_both(KerasStyle(), (torch.randn(1, 4, 4, 3),))[exporter]
+    slimmed, report = slim_exact(model)
+    assert conv_outputs(slimmed) == [6, 4]
+    assert (report.masked_channels, report.deleted_masked_channels) == (4, 4)
+    assert np.isfinite(report.macs_after)
