@@ -96,6 +96,7 @@ class RunReport:
     files: dict[str, str]
     torch_accuracy: dict[str, float | None]
     latency_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    onnx_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # PyTorch module -> ONNX node (slim.onnx)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,8 +113,9 @@ class RunReport:
         if self.targets:
             lines += ["## Targets", "", markdown_table(("target", "required", "measured", "result"), [
                 (c.name, f"{c.target:.4g}", f"{c.value:.4g}", "ok" if c.ok else "**FAILED**") for c in self.targets]), ""]
-        lines += ["## Live channels per layer", "", markdown_table(("layer", "live", "channels"), [
-            (name, str(live), str(total)) for name, (live, total) in self.live_channels.items()]), ""]
+        lines += ["## Live channels per layer", "", markdown_table(("layer (PyTorch module)", "ONNX node", "live", "channels"), [
+            (name, self.onnx_nodes.get(name, ""), str(live), str(total))
+            for name, (live, total) in self.live_channels.items()], align="llrr"), ""]
         hints = self.advice()
         lines += [f"**Note:** {hint}." for hint in hints] + ([""] if hints else [])
         lines += ["Plots: `layers.png` (channels per layer), `latency.png` (latency distributions)."]
@@ -484,6 +486,7 @@ def _run_report(run: Run, trained: TrainedModels, exported: ExportedModels, slim
                         "masked": trained.mask_result.test_metric},
         latency_details={name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "threads": t.threads,
                                 "batch_size": t.batch_size} for name, t in timings.items()},
+        onnx_nodes={layer.module: layer.node for layer in slim_report.layers if layer.module},
     )
 
 

@@ -166,6 +166,14 @@ def test_run_trains_exports_slims_and_reports_a_user_model(user_package, tmp_pat
     # the layers are named by their PyTorch module paths
     assert {"stem.0", "layer1.conv1", "layer1.shortcut.0", "branch_a.0", "branch_b.0"} <= set(report["live_channels"])
 
+    # ... and so are the slim report, REPORT.md (ONNX node beside) and inspect (issue #14 item 2)
+    rows = (out / "slim_report.txt").read_text().split("\n\n")[0].splitlines()[2:]
+    assert rows and all(row.split(" (")[0] in report["live_channels"] and " (node_" in row for row in rows)
+    markdown = (out / "REPORT.md").read_text()
+    assert "| layer1.shortcut.0 | node_" in markdown and "| branch_b.0 |" in markdown
+    inspected = runner.invoke(main, ["inspect", str(out / "masked.onnx")])
+    assert inspected.exit_code == 0 and "layer1.conv1 (" in inspected.output and "se.expand (" in inspected.output
+
     # export rebuilds the checkpoint through the recorded factory
     exported = runner.invoke(main, ["export", str(out / "masked.pt"), "-o", str(tmp_path / "again.onnx")])
     assert exported.exit_code == 0, exported.output
