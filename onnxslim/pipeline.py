@@ -48,6 +48,7 @@ from onnxslim.io import write_text_atomic
 from onnxslim.plots import plot_latency, plot_layer_channels
 from onnxslim.recipes import Recipe
 from onnxslim.report import markdown_table, write_report
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.export import ExportResult
 from onnxslim.training.export import export as export_onnx
 from onnxslim.training.masks import attach_masks, masked_summary
@@ -136,11 +137,12 @@ class RunReport:
     def advice(self) -> list[str]:
         """Hints for figures that look wrong to a user, each with what to try."""
         hints = []
-        round_to = int(self.recipe.get("slim", {}).get("round_to", 1))
-        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before and round_to == 1:
+        round_to = str(self.recipe.get("slim", {}).get("round_to", "auto"))
+        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before and round_to == "1":
             hints.append(f"the slimmed model is slower than the dense one ({self.latency_ms_after:.4f} vs "
                          f"{self.latency_ms_before:.4f} ms) although it has fewer MACs: onnxruntime's CPU "
-                         "convolutions are slow for channel counts off multiples of 8; try [slim] round_to = 8")
+                         "convolutions are slow for channel counts off their NCHWc block (4, 8 or 16 by CPU); "
+                         'try [slim] round_to = "auto"')
         return hints
 
     def format_table(self) -> str:
@@ -223,12 +225,16 @@ def start_run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, over
     Raises :class:`OnnxSlimError` (one line) for a folder it may not use.
     """
     out = Path(out_dir)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    if resume:
-        check_resumable(out, recipe_fingerprint(recipe))
+
+    def prepare() -> None:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        if resume:
+            check_resumable(out, recipe_fingerprint(recipe))
+        for name in DERIVED:
+            (out / name).unlink(missing_ok=True)
+
+    DistContext.current().on_main(prepare)  # under torchrun: rank 0 decides, every rank raises its error
     train_data, test_data = load_data(recipe)
-    for name in DERIVED:
-        (out / name).unlink(missing_ok=True)
     return Run(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device)
 
 
@@ -408,7 +414,8 @@ def slim(run: Run, exported: ExportedModels) -> SlimmedModel:
     """Stage 5: ``slim.onnx`` from ``masked.onnx`` (:func:`onnxslim.graph.slim.slim`), exactly equivalent."""
     started = time.perf_counter()
     path = run.path("slim.onnx")
-    _, report = slim_onnx(exported.masked, path, input_shapes=run.input_shapes, round_to=run.recipe.slim.round_to)
+    _, report = slim_onnx(exported.masked, path, input_shapes=run.input_shapes, round_to=run.recipe.slim.round_to,
+                          target_device=run.recipe.slim.target_device)
     dense_stats = model_stats(onnx.load(str(exported.dense)), run.input_shapes)
     run.seconds["slim"] = time.perf_counter() - started
     return SlimmedModel(path, report, dense_stats)
@@ -491,8 +498,9 @@ def _run_report(run: Run, trained: TrainedModels, exported: ExportedModels, slim
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-               progress: bool = True, device: str | None = None) -> RunReport:
-    """Run every stage of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json).
+               progress: bool = True, device: str | None = None) -> RunReport | None:
+    """Run every stage of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json);
+    None on ranks > 0 of a torchrun launch, which only train (:mod:`onnxslim.training.distributed`).
 
     The same as calling the stage functions one by one::
 
@@ -504,6 +512,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
     """
     run = start_run(recipe, out_dir, resume=resume, overwrite=overwrite, progress=progress, device=device)
     trained = train(run)
+    if not DistContext.current().is_main:
+        return None
     exported = export(run, trained)
     slimmed = slim(run, exported)
     return report(run, trained, exported, slimmed, validate(run, trained, exported, slimmed))

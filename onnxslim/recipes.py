@@ -36,7 +36,7 @@
     opset = 18
 
     [slim]
-    round_to = 1                          # keep channel counts multiples of this (onnxslim slim --round-to)
+    round_to = "auto"                     # channel counts multiples of this; auto: onnxruntime's NCHWc block
 
     [validate]
     eval_batch_size = 256
@@ -118,11 +118,18 @@ class ExportSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SlimSpec:
-    round_to: int = 1
+    round_to: int | str = "auto"  # see onnxslim.graph.rounding
+    target_device: str | None = None
 
     def __post_init__(self) -> None:
-        if self.round_to < 1:
-            raise OnnxSlimError(f"[slim] round_to must be >= 1, got {self.round_to}")
+        from onnxslim.graph.rounding import TARGETS, parse_round_to
+
+        try:
+            parse_round_to(self.round_to)
+        except OnnxSlimError as exc:
+            raise OnnxSlimError(f"[slim] {exc}") from None
+        if self.target_device is not None and self.target_device not in TARGETS:
+            raise OnnxSlimError(f"[slim] target_device must be one of {', '.join(TARGETS)}, got {self.target_device!r}")
 
 
 @dataclasses.dataclass(frozen=True)

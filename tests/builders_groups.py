@@ -105,3 +105,24 @@ def nhwc_conv_net(g: GraphBuilder, size: int, zeros1, zeros2, zeros3, flatten: s
         y = g.op("Reshape", [y, g.const(np.array([-1, size * size * 6], np.int64))])
     y = g.op("MatMul", [y, g.const(g.weights(size * size * 6, 5))])
     return g.op("Add", [y, g.const(g.weights(5, scale=0.1))])
+
+
+def shared_head_levels(g: GraphBuilder, levels: int = 3, zeros=(), channels: int = 8) -> list[str]:
+    """FPN levels (8x8, 4x4, 2x2 ...) from a stem, each run through one shared head: conv 3x3 -> BN ->
+    mask ``zeros`` -> Relu -> conv 1x1 (4), every initializer of the head read by every level."""
+    x = g.input([1, 3, 4 * 2 ** levels, 4 * 2 ** levels])
+    head_w = [g.const(g.weights(channels, channels, 3, 3)), g.const(g.weights(channels, scale=0.1))]
+    bn = [g.const(v) for v in (g.rng.uniform(0.5, 1.5, channels).astype(np.float32),
+                               g.rng.uniform(-0.5, 0.5, channels).astype(np.float32),
+                               g.rng.uniform(-0.2, 0.2, channels).astype(np.float32),
+                               g.rng.uniform(0.5, 1.5, channels).astype(np.float32))]
+    mask = g.const(g.mask_values(channels, zeros).reshape(1, channels, 1, 1))
+    out_w = [g.const(g.weights(4, channels, 1, 1)), g.const(g.weights(4, scale=0.1))]
+    level, outputs = g.op("Relu", [g.conv(x, 3, channels, stride=2)]), []
+    for index in range(levels):
+        if index:
+            level = g.op("Relu", [g.conv(level, channels, channels, stride=2)])
+        y = g.op("Conv", [level, *head_w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        y = g.op("Relu", [g.op("Mul", [g.op("BatchNormalization", [y, *bn]), mask])])
+        outputs.append(g.op("Conv", [y, *out_w], kernel_shape=[1, 1]))
+    return outputs

@@ -7,7 +7,7 @@ whole-layer), residual Add / Sub / Mul / Max / Min / Sum (also broadcast from a 
 Concat, Split into 2-4 outputs, Slice and Gather on the channel axis, Pad (constant, reflect, edge),
 Resize, SE gates, spatial gates (ReduceMean/ReduceMax over channels, or a C->1 conv), channel shuffles,
 NHWC Transpose round trips (with a mask in NHWC), GroupNormalization (opset 21) or its exporters'
-decomposition, and QDQ pairs on activations. A head (Flatten -> Gemm, GlobalAveragePool -> Gemm, or a
+decomposition, QDQ pairs on activations and int8 QDQ convs (per-channel weight scales). A head (Flatten -> Gemm, GlobalAveragePool -> Gemm, or a
 Keras-style NHWC Flatten -> Gemm) ends it. The opset is 13, 17, 18 or 21.
 
 Draws go through a :class:`Draw` so that the same generator runs under hypothesis (shrinking, the CI
@@ -344,11 +344,32 @@ def qdq(b: Builder) -> None:
     b.add(b.g.op("DequantizeLinear", [q, scale, zero_point]), c)
 
 
+def qdq_conv(b: Builder) -> None:
+    """An int8 QDQ conv as quantizers write it: DQ(Q(x)) -> Conv(W = DequantizeLinear(int8, per-channel
+    scale on axis 0, zero point 0)) with a float bias."""
+    src, c = b.pick()
+    cout = b.draw.integer(1, 8, "cout")
+    scale = b.g.const(np.float32(0.05))
+    zero_point = b.g.const(np.int8(0))
+    x = b.g.op("DequantizeLinear", [b.g.op("QuantizeLinear", [src, scale, zero_point]), scale, zero_point])
+    levels = b.g.rng.integers(-127, 128, (cout, c, 3, 3)).astype(np.int8)
+    levels[b.draw.subset(cout, "dead")] = 0
+    w_scale = b.g.rng.uniform(0.002, 0.01, cout).astype(np.float32)
+    weight = b.g.op("DequantizeLinear", [b.g.const(levels, "wq"), b.g.const(w_scale, "ws"),
+                                         b.g.const(np.zeros(cout, np.int8), "wz")], axis=0)
+    y = b.g.op("Conv", [x, weight, b.g.const(b.g.weights(cout, scale=0.1), "b")], kernel_shape=[3, 3],
+               pads=[1, 1, 1, 1])
+    if b.draw.choice([True, False], "mask_after"):
+        y = b.mask(y, cout)
+    b.add(b.activation(y), cout)
+
+
 KINDS: dict[str, Callable[[Builder], None]] = {
     "conv": conv, "conv_bn_mask": conv_bn_mask, "dead": dead, "grouped": grouped, "conv_transpose": conv_transpose,
     "act": act, "pool": pool, "mask": mask, "binop": binop, "concat": concat, "split": split,
     "slice": slice_channels, "gather": gather_channels, "pad": pad, "resize": resize, "se_gate": se_gate,
     "spatial_gate": spatial_gate, "shuffle": shuffle, "transpose": transpose, "group_norm": group_norm, "qdq": qdq,
+    "qdq_conv": qdq_conv,
 }
 # how often each kind is drawn (convs and masks more often: they make the channels and the zeros)
 _WEIGHTS = {"conv": 2, "conv_bn_mask": 3, "mask": 2}

@@ -32,7 +32,7 @@ def masked_model(tmp_path):
 def test_slim_command_writes_model_table_and_json(masked_model, tmp_path):
     out, report, plot = tmp_path / "slim.onnx", tmp_path / "report.json", tmp_path / "layers.png"
     result = CliRunner().invoke(main, ["slim", str(masked_model), "-o", str(out), "--json", str(report),
-                                       "--plot", str(plot)])
+                                       "--plot", str(plot), "--round-to", "1"])
     assert result.exit_code == 0, result.output
     assert "8 -> 5" in result.output and "params:" in result.output and "MACs:" in result.output
     assert "barrier LRN" in result.output  # the masked channel held by the LRN, with the reason

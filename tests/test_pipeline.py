@@ -39,6 +39,8 @@ schedule = "constant"
 [training.finetune]
 epochs = 1
 lr = 0.02
+[slim]
+round_to = 1  # the tests below count deleted channels exactly
 [validate]
 warmup = 2
 repeat = 10
@@ -118,6 +120,7 @@ def test_shipped_recipes_are_valid():
     ({"model": {"name": "lenet5"}, "training": {"dense": {"epochs": 1, "optimizer": "lbfgs"}}}, "optimizer"),
     ({"model": {}}, "needs a name"),
     ({"model": {"name": "lenet5"}, "slim": {"round_to": 0}}, "round_to must be >= 1"),
+    ({"model": {"name": "lenet5"}, "slim": {"round_to": "fast"}}, "round_to must be 'auto' or an integer"),
 ])
 def test_recipe_errors_are_one_line(raw, message):
     with pytest.raises(OnnxSlimError, match=message):
@@ -219,7 +222,7 @@ def test_report_advises_round_to_when_slimmed_model_is_slower():
                   accuracy_drop=0.0, masked_channels=10, deleted_masked_channels=10, live_channels={},
                   targets=[], targets_met=True, seconds={}, files={}, torch_accuracy={})
     slower = RunReport(**fields)
-    assert "round_to = 8" in slower.format_table() and "round_to = 8" in slower.to_markdown()
+    assert 'round_to = "auto"' in slower.format_table() and 'round_to = "auto"' in slower.to_markdown()
     faster = RunReport(**{**fields, "latency_ms_after": 0.3})
     assert faster.advice() == [] and "round_to" not in faster.format_table()
     rounded = RunReport(**{**fields, "recipe": {"slim": {"round_to": 8}}})

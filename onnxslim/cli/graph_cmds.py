@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from onnxslim.cli.common import Command, input_path, output_path, single_output
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.rounding import TARGETS
 
 _input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
@@ -14,6 +16,20 @@ _input_shape_option = click.option(
          "Needed for Flatten of dynamic maps and for MACs.")
 _json_option = click.option("--json", "json_path", type=output_path(dir_okay=False), default=None,
                             help="Write the report as JSON.")
+_round_to_option = click.option(
+    "--round-to", default="auto", show_default=True, metavar="auto|N",
+    help="Channel counts as multiples of N; auto: onnxruntime's NCHWc block of this CPU (or of --target-device). "
+         "slim keeps extra masked channels; prune rounds the kept count to the nearest multiple. 1: off.")
+_target_option = click.option(
+    "--target-device", type=click.Choice(list(TARGETS)), default=None,
+    help="Round for this CPU instead of this machine (e.g. build on x86, ship to arm64).")
+_verify_option = click.option(
+    "--verify-speed/--no-verify-speed", default=True, show_default=True,
+    help="After writing, a quick A/B (15 rounds, 1 thread) of input vs result; warns when it is not faster "
+         "despite fewer MACs.")
+_ensure_option = click.option(
+    "--ensure-faster", is_flag=True,
+    help="Build the result with round-to 1, the NCHWc block and twice it; keep the fastest (all exact).")
 _rows_option = click.option("--all", "show_all", is_flag=True, help="Show every layer (default: the first 40).")
 
 
@@ -30,8 +46,8 @@ def _write_json(path: Path | None, payload: dict) -> None:
 @click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
               help="Where to write the slimmed model (atomically); or give it as OUT.")
 @_input_shape_option
-@click.option("--round-to", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Keep extra channels so every layer's count is a multiple of N (may run faster).")
+@_round_to_option
+@_target_option
 @click.option("--fold-masks/--keep-masks", default=True, show_default=True,
               help="Fold the remaining mask scales into neighbouring weights.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Run onnx.checker (full check) on the result.")
@@ -39,7 +55,10 @@ def _write_json(path: Path | None, payload: dict) -> None:
 @click.option("--plot", "plot_path", type=output_path(dir_okay=False), default=None,
               help="Write a PNG of the channels per layer before and after.")
 @_rows_option
-def slim(model, output_arg, output, input_shapes, round_to, fold_masks, check, json_path, plot_path, show_all):
+@_verify_option
+@_ensure_option
+def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_masks, check, json_path, plot_path,
+         show_all, verify_speed, ensure_faster):
     """Delete every provably-zero channel of MODEL and write the result to OUT (or -o OUT); the result
     computes the same outputs.
 
@@ -50,8 +69,14 @@ def slim(model, output_arg, output, input_shapes, round_to, fold_masks, check, j
     from onnxslim.graph.slim import slim as slim_model
 
     output = single_output(output_arg, output)
-    _, report = slim_model(model, output, input_shapes=parse_input_shapes(input_shapes), fold_masks=fold_masks,
-                           round_to=round_to, check=check)
+    shapes = parse_input_shapes(input_shapes)
+
+    def build(multiple):
+        slimmed, report = slim_model(model, None, input_shapes=shapes, fold_masks=fold_masks, round_to=multiple,
+                                     target_device=target_device, check=check)
+        return slimmed, report, None
+
+    report = _write_result(model, output, build, round_to, target_device, shapes, verify_speed, ensure_faster)
     click.echo(report.format_table(max_rows=None if show_all else 40))
     click.echo(f"wrote {output}")
     _write_json(json_path, report.to_dict())
@@ -81,12 +106,15 @@ def slim(model, output_arg, output, input_shapes, round_to, fold_masks, check, j
 @click.option("--save-masked", type=output_path(dir_okay=False), default=None,
               help="Also write the masked (unslimmed) model: the exact reference of the pruned one.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--round-to", default=1, show_default=True, type=click.IntRange(min=1))
+@_round_to_option
+@_target_option
 @_input_shape_option
 @_json_option
 @_rows_option
+@_verify_option
+@_ensure_option
 def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels, placement, save_masked, seed,
-          round_to, input_shapes, json_path, show_all):
+          round_to, target_device, input_shapes, json_path, show_all, verify_speed, ensure_faster):
     """Remove a fraction of MODEL's channels chosen by a criterion (any ONNX model), then slim.
 
     Coupled channels (residual groups) are chosen together; channels held by barriers are never chosen.
@@ -96,12 +124,47 @@ def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels
     from onnxslim.graph.shapes import parse_input_shapes
 
     output = single_output(output_arg, output)
-    _, report, _ = prune_model(model, output, ratio=ratio, criterion=criterion, scope=scope, cost=cost,
-                               min_channels=min_channels, input_shapes=parse_input_shapes(input_shapes),
-                               round_to=round_to, seed=seed, placement=placement, masked_path=save_masked)
+    shapes = parse_input_shapes(input_shapes)
+
+    def build(multiple):
+        return prune_model(model, None, ratio=ratio, criterion=criterion, scope=scope, cost=cost,
+                           min_channels=min_channels, input_shapes=shapes, round_to=multiple,
+                           target_device=target_device, seed=seed, placement=placement)
+
+    report = _write_result(model, output, build, round_to, target_device, shapes, verify_speed, ensure_faster,
+                           masked_path=save_masked)
     click.echo(report.format_table(max_rows=None if show_all else 40))
     click.echo(f"wrote {output}" + (f" (masked reference: {save_masked})" if save_masked else ""))
     _write_json(json_path, report.to_dict())
+
+
+def _write_result(source, output, build, round_to, target_device, shapes, verify_speed: bool, ensure_faster: bool,
+                  masked_path=None):
+    """``build(round_to) -> (model, report, masked or None)``, with several roundings under ``ensure_faster``;
+    write the model (and the masked reference) atomically, then the quick speed check; returns the report."""
+    from onnxslim.graph.rounding import resolve_round_to
+    from onnxslim.io import save_model_atomic
+    from onnxslim.validate import speedcheck
+
+    if ensure_faster:
+        block = resolve_round_to("auto", target_device).multiple
+        requested = resolve_round_to(round_to, target_device).multiple
+        (model, report, masked), chosen, tried = speedcheck.ensure_faster(
+            source, build, [requested, 1, block, 2 * block], input_shapes=shapes)
+        report.notes.append("ensure-faster: " + ", ".join(f"round-to {m}: {s:.2f}x" for m, s in tried)
+                            + f"; kept round-to {chosen}")
+    else:
+        model, report, masked = build(round_to)
+    if masked_path is not None:
+        save_model_atomic(masked, masked_path)
+    report.size_after = save_model_atomic(model, output)
+    if verify_speed:
+        try:
+            check = speedcheck.verify_speed(source, output, report.macs_before, report.macs_after, input_shapes=shapes)
+            report.notes.append(check.note())
+        except OnnxSlimError as exc:
+            report.notes.append(f"speed check skipped: {exc}")
+    return report
 
 
 @click.command(cls=Command)

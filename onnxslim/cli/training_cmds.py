@@ -32,6 +32,25 @@ def _default_out(recipe) -> Path:
     return Path("runs") / recipe.name
 
 
+def _nproc_option(command):
+    return click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Train in N local processes (DistributedDataParallel; gloo on CPU, NCCL on CUDA): "
+                             "relaunches this command under `torchrun --standalone --nproc-per-node N`.")(command)
+
+
+def _start_distributed(nproc: int | None, device: str) -> bool:
+    """Relaunch under torchrun for ``--nproc N`` (exits with its code), else join torchrun's process group
+    when launched by it; True on the process that prints and writes (rank 0)."""
+    import os
+    import sys
+
+    from onnxslim.training.distributed import init_from_env, launch
+
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(launch(nproc, sys.argv[1:]))
+    return init_from_env(device).is_main
+
+
 @click.command(cls=Command, help="Run a recipe end to end: train, mask-train, export, slim, validate, report.")
 @_recipe_argument
 @click.option("--out", "out_dir", type=output_path(file_okay=False), default=None,
@@ -44,15 +63,20 @@ def _default_out(recipe) -> Path:
 @_threads_option
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print REPORT.json instead of the table.")
+@_nproc_option
 def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, device: str | None,
-        threads: int | None, progress: bool, as_json: bool) -> None:
+        threads: int | None, progress: bool, as_json: bool, nproc: int | None) -> None:
     from onnxslim.pipeline import REPORT_FILE, run_recipe
     from onnxslim.recipes import load_recipe
 
     recipe = load_recipe(recipe_path)
+    main_rank = _start_distributed(nproc, device or recipe.training.device)
     _set_threads(threads)
     out = out_dir or _default_out(recipe)
-    report = run_recipe(recipe, out, resume=resume, overwrite=overwrite, progress=progress, device=device)
+    report = run_recipe(recipe, out, resume=resume, overwrite=overwrite, progress=progress and main_rank,
+                        device=device)
+    if report is None:  # ranks > 0 under torchrun: they train; rank 0 exports, slims, validates, reports
+        return
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -80,8 +104,9 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, 
 @click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
 @_threads_option
 @click.option("--progress/--no-progress", default=True)
+@_nproc_option
 def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, baseline: bool, method: str | None,
-          device: str | None, threads: int | None, progress: bool) -> None:
+          device: str | None, threads: int | None, progress: bool, nproc: int | None) -> None:
     import dataclasses
 
     from onnxslim import pipeline
@@ -91,10 +116,14 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool
     recipe = load_recipe(recipe_path)
     if method is not None:
         recipe = dataclasses.replace(recipe, method=MethodSpec(method, {}))
+    main_rank = _start_distributed(nproc, device or recipe.training.device)
     _set_threads(threads)
     out = out_dir or _default_out(recipe)
-    run = pipeline.start_run(recipe, out, resume=resume, overwrite=overwrite, progress=progress, device=device)
+    run = pipeline.start_run(recipe, out, resume=resume, overwrite=overwrite, progress=progress and main_rank,
+                             device=device)
     trained = pipeline.train(run, baseline=baseline)
+    if not main_rank:
+        return
     click.echo(masked_summary(trained.masked.cpu(), run.example).format_table())
     metric = trained.mask_result.metric_name
     if trained.dense_result is not None:

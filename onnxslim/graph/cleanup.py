@@ -35,6 +35,7 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
     rules = plan.analysis.rules
     weights = WeightStore(index)
     folded, kept, removed = 0, [], set()
+    foldable = _folds_that_keep_sharing(index, plan)
     for node in list(index.nodes):
         scale = _channel_scale(node, index, plan)
         if scale is None:
@@ -43,6 +44,9 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
         x, y = node.input[1 - constant_slot], node.output[0]
         if y in index.outputs and (x in index.outputs or len(index.uses(x)) != 1 or x not in index.producer):
             kept.append(index.node_name(node))  # the graph output name must survive
+            continue
+        if id(node) not in foldable:
+            kept.append(index.node_name(node))  # folding would split a shared weight (a larger model)
             continue
         if np.all(factors == 1) or _scale_producer(index, rules, weights, x, factors) \
                 or _scale_consumers(index, rules, weights, y, factors):
@@ -53,6 +57,59 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
             kept.append(index.node_name(node))
     _drop_nodes(index, removed)
     return folded, kept
+
+
+class _RecordingStore(WeightStore):
+    """A WeightStore that only records the writes a fold would make: (initializer, node, key)."""
+
+    def __init__(self, index: Graph):
+        super().__init__(index)
+        self.writes: list[tuple[str, int, object]] = []
+
+    def write(self, node, slot, value, key=None) -> None:
+        self.writes.append((node.input[slot], id(node), key))
+
+
+def _folds_that_keep_sharing(index: Graph, plan: RemovalPlan) -> set[int]:
+    """ids of the scale Muls whose fold does not make the model larger.
+
+    A fold writes scaled copies of weights; an initializer read by several nodes (a head shared by the
+    levels of an FPN) stays one tensor only when *every* reader gets the same scaled value — each level's
+    mask folds with the same factors. A dry run records every fold's writes; a fold that would split
+    shared initializers by more elements than the Mul's own constant frees is dropped (an exporter that
+    merged equal biases of two layers still lets a mask fold: the copy replaces the mask), until the
+    remaining folds agree. The model never grows."""
+    rules = plan.analysis.rules
+    writes: dict[int, tuple[list[tuple[str, int, object]], int]] = {}
+    for node in index.nodes:
+        scale = _channel_scale(node, index, plan)
+        if scale is None:
+            continue
+        factors, constant_slot = scale
+        store = _RecordingStore(index)
+        x, y, constant = node.input[1 - constant_slot], node.output[0], node.input[constant_slot]
+        if not np.all(factors == 1) and not _scale_producer(index, rules, store, x, factors):
+            _scale_consumers(index, rules, store, y, factors)
+        freed = _elements(index, constant) if len(index.uses(constant)) == 1 else 0
+        writes[id(node)] = (store.writes, freed)
+    changed = True
+    while changed:
+        changed = False
+        written: dict[tuple[str, object], set[int]] = {}
+        for entries, _ in writes.values():
+            for name, reader, key in entries:
+                written.setdefault((name, key), set()).add(reader)
+        for mul, (entries, freed) in list(writes.items()):
+            split = sum(_elements(index, name) for name, _, key in entries
+                        if {id(u.node) for u in index.uses(name)} - written[(name, key)])
+            if split > freed:
+                del writes[mul]
+                changed = True
+    return set(writes)
+
+
+def _elements(index: Graph, name: str) -> int:
+    return int(np.prod(index.shape(name) or (), dtype=np.int64))
 
 
 def _drop_nodes(index: Graph, doomed: set[int]) -> None:
@@ -133,7 +190,8 @@ def _scale_consumers(index: Graph, rules: RuleLookup, weights: WeightStore, y: s
             return False
         plans.append((use.node, scaled))
     for node, scaled in plans:
-        weights.write(node, 1, scaled.astype(index.constant(node.input[1]).dtype))
+        weights.write(node, 1, scaled.astype(index.constant(node.input[1]).dtype),
+                      key=("scaled input", node.op_type, s.tobytes()))
     return True
 
 

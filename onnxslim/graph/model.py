@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.graph import quantized
 
 Shape = tuple  # tuple[int | None, ...]
 _CACHE_LIMIT = 1 << 16  # elements; larger arrays are decoded on demand so the model is never held twice
@@ -81,11 +82,12 @@ class Graph:
     """Producers, consumers, constants and shapes of a model's main graph."""
 
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, Shape] | None = None,
-                 sources: dict[str, onnx.TensorProto] | None = None):
+                 sources: dict[str, onnx.TensorProto] | None = None, symbols: dict[str, tuple] | None = None):
         self.model = model
         self.graph = model.graph
         self.opset = opset_version(model)
         self.shapes: dict[str, Shape] = dict(shapes or {})
+        self.symbols: dict[str, tuple] = dict(symbols or {})  # per dim: its symbol (dim_param) or None
         self.sources = sources if sources is not None else {}  # placeholder name -> tensor holding its data
         self.updates: dict[str, np.ndarray] = {}  # new values not yet written into the protos
         self._cache: dict[str, np.ndarray] = {}
@@ -113,15 +115,22 @@ class Graph:
                 for body in _subgraphs(attr):
                     self.subgraph_reads.update(_outer_reads(body))
         self._cache = {k: v for k, v in self._cache.items() if k in self.initializers}
+        # DequantizeLinear of initializers (QDQ weights): read as constants, written back quantized
+        self.quantized: dict[str, onnx.NodeProto] = {
+            node.output[0]: node for node in self.nodes if quantized.is_quantized_constant(node, self.initializers)}
 
     def uses(self, name: str) -> list[Use]:
         return self.consumers.get(name, [])
 
     def is_const(self, name: str) -> bool:
-        return name in self.initializers
+        return name in self.initializers or name in self.quantized
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer (read-only), or None for a computed tensor or an absent input."""
+        """The value of an initializer or a quantized constant (read-only), or None for a computed tensor
+        or an absent input."""
+        if name in self.quantized:
+            q, scale, zero_point, axis = self.quantization(name)
+            return quantized.dequantize(q, scale, zero_point, axis)
         if not name or name not in self.initializers:
             return None
         if name in self.updates:
@@ -135,12 +144,39 @@ class Graph:
             self._cache[name] = array
         return array
 
+    def quantization(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+        """(q, scale, zero point, axis or None per tensor) of the quantized constant ``name``."""
+        node = self.quantized[name]
+        q, scale = self.constant(node.input[0]), self.constant(node.input[1])
+        zero_point = self.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return (q, *quantized.parameters(node, q, scale, zero_point))
+
     def shape(self, name: str) -> Shape | None:
+        if name in self.quantized:
+            return self.shape(self.quantized[name].input[0])
         if name in self.updates:
             return self.updates[name].shape
         if name in self.initializers:
             return tuple(self.initializers[name].dims)
         return self.shapes.get(name)
+
+    def same_shape(self, a: str, b: str) -> bool:
+        """True when tensors ``a`` and ``b`` surely have one shape at run time: every dim is the same
+        number, or an unknown dim that shape inference gave the same symbol (the dynamic batch)."""
+        shape_a, shape_b = self.shape(a), self.shape(b)
+        if shape_a is None or shape_b is None or len(shape_a) != len(shape_b):
+            return False
+        symbols_a, symbols_b = self.symbols.get(a, ()), self.symbols.get(b, ())
+        for axis, (dim_a, dim_b) in enumerate(zip(shape_a, shape_b)):
+            if dim_a is None or dim_b is None:
+                symbol = symbols_a[axis] if axis < len(symbols_a) else None
+                if dim_a is not None or dim_b is not None or symbol is None:
+                    return False
+                if symbol != (symbols_b[axis] if axis < len(symbols_b) else None):
+                    return False
+            elif dim_a != dim_b:
+                return False
+        return True
 
     def update(self, name: str, value: np.ndarray) -> None:
         """Give initializer ``name`` a new value (written into the proto by :meth:`flush_updates`)."""
@@ -187,14 +223,18 @@ class WeightStore:
         """
         index = self.index
         name = node.input[slot]
+        if name in index.quantized:
+            self._write_quantized(node, slot, value, key)
+            return
         tensor = index.initializers[name]
         readers = index.uses(name)
-        exclusive = len(readers) == 1 and name not in index.outputs
+        cache_key = (name, key) if key is not None else None
+        new_name = self._renamed.get(cache_key) if cache_key is not None else None
+        # the last reader of a split initializer joins the copy its twins made (never a second copy)
+        exclusive = len(readers) == 1 and name not in index.outputs and new_name is None
         if exclusive:
             index.update(name, value)
             return
-        cache_key = (name, key) if key is not None else None
-        new_name = self._renamed.get(cache_key) if cache_key is not None else None
         if new_name is None:
             new_name = index.fresh_name(name)
             new_tensor = index.graph.initializer.add()
@@ -207,6 +247,34 @@ class WeightStore:
         node.input[slot] = new_name
         index.consumers[name] = [u for u in readers if not (u.node is node and u.slot == slot)]
         index.consumers.setdefault(new_name, []).append(Use(node, slot))
+
+    def _write_quantized(self, node: onnx.NodeProto, slot: int, value: np.ndarray, key: object) -> None:
+        """A quantized constant read by this node alone takes a selection of its entries as new int8 data,
+        scales and zero points (see :mod:`onnxslim.graph.quantized`); any other value, or a quantized
+        constant that several nodes read, is given to this node dequantized (exact, as float)."""
+        index = self.index
+        name = node.input[slot]
+        dequantizer = index.quantized[name]
+        q, scale, zero_point, axis = index.quantization(name)
+        found = quantized.requantize(np.asarray(value), q.dtype, scale, zero_point, axis)
+        if found is None or len(index.uses(name)) != 1 or name in index.outputs:
+            cache_key = (name, "float", key) if key is not None else None
+            new_name = self._renamed.get(cache_key) if cache_key is not None else None
+            if new_name is None:
+                new_name = self.add(f"{name}_float", np.asarray(value, scale.dtype))
+                if cache_key is not None:
+                    self._renamed[cache_key] = new_name
+            node.input[slot] = new_name
+            index.consumers[name] = [u for u in index.uses(name) if not (u.node is node and u.slot == slot)]
+            index.consumers.setdefault(new_name, []).append(Use(node, slot))
+            return
+        new_q, new_scale, new_zero_point = found
+        sub_key = None if key is None else ("requantized", key)
+        self.write(dequantizer, 0, new_q, key=sub_key)
+        if axis is not None:  # per-axis parameters follow the selected channels
+            self.write(dequantizer, 1, new_scale.astype(scale.dtype), key=sub_key)
+            if len(dequantizer.input) > 2 and dequantizer.input[2]:
+                self.write(dequantizer, 2, new_zero_point.astype(zero_point.dtype), key=sub_key)
 
     def add(self, base: str, value: np.ndarray) -> str:
         """A new initializer (e.g. a bias that did not exist); returns its name."""

@@ -28,9 +28,11 @@ from onnx import helper, numpy_helper
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.report import SlimReport
+from onnxslim.graph.rounding import resolve_round_to, round_choice
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
 from onnxslim.graph.slim import analyse, check_model, load_model, slim
+from onnxslim.graph.values import BARRIER
 from onnxslim.io import save_model_atomic
 
 CRITERIA = ("l1", "l2", "fpgm", "bn", "random")
@@ -115,7 +117,7 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         for name, info in analysis.info.items():
             if not chosen[roots[info.ids]].any():
                 continue
-            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) == "full"]
+            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) != "none"]
             if readers:
                 targets.append(name)
     else:
@@ -158,22 +160,29 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
 
 def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
-          input_shapes: dict[str, list[int]] | None = None, round_to: int = 1, seed: int = 0,
+          input_shapes: dict[str, list[int]] | None = None, round_to: int | str = 1, seed: int = 0,
           placement: str = "consumers", masked_path: str | os.PathLike | None = None,
-          rules: RuleSet | None = None, cost: Cost = "macs") -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
+          rules: RuleSet | None = None, cost: Cost = "macs", target_device: str | None = None,
+          ) -> tuple[onnx.ModelProto, SlimReport, onnx.ModelProto]:
     """Prune ``ratio`` of the prunable channels; returns (slimmed model, report, masked model).
 
     The masked model is the unslimmed reference that the slimmed model reproduces exactly. ``rules``
     is the rule set of the analysis and the slim (default :func:`onnxslim.graph.rules.default_rules`);
     ``cost`` is what ``scope="global"`` ranks importance against (MACs per sample, or params). Both
     files are written only when everything succeeded; the report's ``notes`` say what limited the choice.
+    ``round_to`` (an int or ``"auto"``, :mod:`onnxslim.graph.rounding`) rounds every pruned layer's
+    *kept* count to the nearest multiple, as Torch-Pruning does.
     """
+    rounding = resolve_round_to(round_to, target_device)
     masked, _ = load_model(model)
     analysis = analyse(masked, input_shapes, rules=rules)
     selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
-    insert_masks(masked, analysis, selection.roots, placement)
+    roots = round_choice(analysis, selection.roots, channel_scores(analysis, criterion, seed), rounding.multiple,
+                         analysis.kept_by(BARRIER))
+    insert_masks(masked, analysis, roots, placement)
     check_model(masked, what="the masked model")
-    slimmed, report = slim(masked, input_shapes=input_shapes, round_to=round_to, rules=rules)
+    slimmed, report = slim(masked, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
+    report.rounding = rounding.to_dict(kept_counts=True)
     report.notes = selection.notes + report.notes
     # written only once everything succeeded: a failed command leaves no output file
     if masked_path is not None:

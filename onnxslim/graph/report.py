@@ -50,6 +50,7 @@ class SlimReport:
     input_shapes: dict[str, list[int]]
     removed_nodes: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)  # what limited the result (prune's budgets ...)
+    rounding: dict[str, Any] | None = None  # what round_to resolved to and why (onnxslim.graph.rounding)
 
     @property
     def masked_behind_barriers(self) -> int:
@@ -92,6 +93,8 @@ class SlimReport:
             shown = ",".join(str(c) for c in kept.channels[:8]) + (",..." if len(kept.channels) > 8 else "")
             lines.append(f"kept {len(kept.channels)} masked channel(s) [{shown}] of {kept.tensor}: {kept.reason}")
         lines.extend(f"note: {note}" for note in self.notes)
+        if self.rounding and self.rounding["multiple"] > 1:
+            lines.append(f"note: {self.rounding['description']}")
         return "\n".join(lines)
 
 

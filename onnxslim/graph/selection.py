@@ -8,9 +8,14 @@ conv, the group size for a grouped one). Classes held by a barrier are never cho
 
 * ``scope="layer"``: every layer's budget is ``B = floor(ratio * n)`` channels. Layers are visited in graph
   order; each takes its lowest-scoring free classes while **every** layer the class touches stays within
-  budget rounded to the nearest unit, ``removed + u <= B + u // 2``, and keeps ``min_channels``. A class
+  budget rounded to the nearest unit, ``removed + u <= B + (u - 1) // 2``, and keeps ``min_channels``. A class
   chosen for one layer counts against every other layer it belongs to, so no layer loses more than the
   ratio plus half a unit (Torch-Pruning's per-group budget, DepGraph, Fang et al. CVPR 2023, sec. 3.3).
+  Around a grouped conv the groups must stay equal: a class goes in a *bundle* with one class of every
+  other group (or, one input per group as in a depthwise conv with a channel multiplier, with its whole
+  group); the bundle's channels in a layer are that layer's unit. The choice is then settled against
+  the removal plan's structural constraints (channels given back, never taken) and topped up, a few
+  rounds.
 * ``scope="global"``: classes are ranked by importance per unit of cost — importance is the sum over
   its layers of the channel scores divided by that layer's mean score; cost is the MACs (or params) that
   deleting it saves: per layer ``max(u_out * cost/n_out, u_in * cost/n_in)`` (a depthwise unit is both
@@ -26,6 +31,7 @@ graph output are not mentioned), MACs unknown so params were used.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -90,19 +96,28 @@ class _Tally:
                 self.members.setdefault(root, []).append(layer)
             for root in layer.in_units:
                 self.readers.setdefault(root, []).append(layer)
-        for root in chosen:
-            self.add(root)
+        self.add(chosen)
 
-    def within_budgets(self, root: int, budget: dict[str, int]) -> bool:
-        """Every layer the class belongs to stays within its budget, rounded to the nearest unit."""
-        return all(self.removed[m.name] + m.units[root] <= budget[m.name] + m.units[root] // 2
-                   for m in self.members.get(root, ()))
+    def _counts(self, bundle: Iterable[int]) -> tuple[dict[str, int], dict[str, int]]:
+        """Channels of ``bundle`` per layer output and per layer input."""
+        out: dict[str, int] = {}
+        into: dict[str, int] = {}
+        for root in bundle:
+            for member in self.members.get(root, ()):
+                out[member.name] = out.get(member.name, 0) + member.units[root]
+            for reader in self.readers.get(root, ()):
+                into[reader.name] = into.get(reader.name, 0) + reader.in_units[root]
+        return out, into
 
-    def leaves_enough(self, root: int) -> bool:
-        return all(m.size - self.removed[m.name] - m.units[root] >= self.min_channels
-                   for m in self.members.get(root, ())) and \
-            all(r.in_size - self.removed_in[r.name] - r.in_units[root] >= self.min_channels
-                for r in self.readers.get(root, ()))
+    def fits(self, bundle: Iterable[int], budget: dict[str, int] | None) -> bool:
+        """Removing the classes of ``bundle`` together keeps every layer within its budget (when given),
+        rounded to the nearest unit, and leaves every layer output and input ``min_channels``."""
+        out, into = self._counts(bundle)
+        sizes = {layer.name: (layer.size, layer.in_size) for layer in self.layers}
+        return all(sizes[name][0] - self.removed[name] - n >= self.min_channels
+                   and (budget is None or self.removed[name] + n <= budget[name] + (n - 1) // 2)
+                   for name, n in out.items()) and \
+            all(sizes[name][1] - self.removed_in[name] - n >= self.min_channels for name, n in into.items())
 
     def remaining_cost(self, layer_cost: dict[str, float]) -> float:
         """The cost left in the layers: ``cost * (1 - a) * (1 - b)`` for a fraction ``a`` of outputs and ``b``
@@ -115,11 +130,12 @@ class _Tally:
             left += layer_cost.get(layer.name, 0.0) * ((1 - max(a, b)) if tied else (1 - a) * (1 - b))
         return left
 
-    def add(self, root: int) -> None:
-        for member in self.members.get(root, ()):
-            self.removed[member.name] += member.units[root]
-        for reader in self.readers.get(root, ()):
-            self.removed_in[reader.name] += reader.in_units[root]
+    def add(self, bundle: Iterable[int]) -> None:
+        out, into = self._counts(bundle)
+        for name, n in out.items():
+            self.removed[name] += n
+        for name, n in into.items():
+            self.removed_in[name] += n
 
 
 def class_scores(analysis: ChannelAnalysis, roots: np.ndarray, scores: dict[str, np.ndarray],
@@ -155,26 +171,76 @@ def choose(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: floa
 def _choose_per_layer(analysis: ChannelAnalysis, layers: list[_Layer], score: dict[int, float], locked: np.ndarray,
                       ratio: float, min_channels: int) -> set[int]:
     budget = {layer.name: int(ratio * layer.size) for layer in layers}
+    groups = _GroupStructures(analysis)
     chosen: set[int] = set()
-    tried: set[int] = set()  # classes the structure gave back (an unequal group): not chosen again
+    tried: set[int] = set()  # classes the structure gave back: not chosen again
+
+    def free(root: int) -> bool:
+        return not locked[root] and root not in chosen and root not in tried
+
     for _ in range(_ROUNDS):
         tally = _Tally(layers, min_channels, chosen)
         added = False
         for layer in layers:
-            for root in sorted((r for r in layer.units if not locked[r] and r not in chosen and r not in tried),
-                               key=lambda r: score[r]):
+            for root in sorted(filter(free, layer.units), key=lambda r: score[r]):
                 if tally.removed[layer.name] >= budget[layer.name]:
                     break
-                if tally.within_budgets(root, budget) and tally.leaves_enough(root):
-                    chosen.add(root)
-                    tally.add(root)
+                bundle = groups.bundle(root, free, score) if free(root) else []
+                if bundle and tally.fits(bundle, budget):
+                    chosen.update(bundle)
+                    tally.add(bundle)
                     added = True
         settled = settle_choice(analysis, chosen)
         tried |= chosen - settled
-        chosen = settled
+        chosen &= settled
         if not added:
             break
     return chosen
+
+
+class _GroupStructures:
+    """The groups of every grouped reduction (a grouped conv: g groups of ``a`` inputs and ``b`` outputs).
+
+    Deleting keeps groups equal: a side with several channels per group loses the same number in every
+    group, so a class there goes in a **bundle** with the lowest-scoring free class of each other group; a
+    side with one channel per group (a depthwise input) loses only whole groups, so a class there goes
+    with every class of its group, inputs and outputs."""
+
+    def __init__(self, analysis: ChannelAnalysis):
+        roots = analysis.uf.roots()
+        self.balanced: dict[int, list[list[int]]] = {}  # root -> the groups of its side
+        self.whole: dict[int, list[int]] = {}  # root -> every class of its group
+        for node in analysis.index.nodes:
+            rule = analysis.rule_for(node)
+            g = rule.channel_groups(node) if rule.reduction(node, 0) == "grouped" else 1
+            x, y = analysis.feature(node.input[0]), analysis.info.get(node.output[0])
+            if g < 2 or x is None or y is None or x.size % g or y.size % g:
+                continue
+            sides = [roots[x.ids].reshape(g, -1).tolist(), roots[y.ids].reshape(g, -1).tolist()]
+            for side in sides:
+                for k, members in enumerate(side):
+                    for root in members:
+                        if len(members) > 1:
+                            self.balanced.setdefault(root, side)
+                        else:
+                            self.whole.setdefault(root, sides[0][k] + sides[1][k])
+
+    def bundle(self, root: int, free, score: dict[int, float]) -> list[int]:
+        """The classes that go with ``root`` (empty when some of them are not free)."""
+        if root in self.balanced:
+            bundle = [root]
+            for members in self.balanced[root]:
+                if root in members:
+                    continue
+                candidates = [r for r in members if free(r) and r not in bundle]
+                if not candidates:
+                    return []
+                bundle.append(min(candidates, key=lambda r: score.get(r, 0.0)))
+            return bundle
+        if root in self.whole:
+            bundle = list(dict.fromkeys(self.whole[root]))
+            return bundle if all(r == root or free(r) for r in bundle) else []
+        return [root]
 
 
 def settle_choice(analysis: ChannelAnalysis, chosen: set[int]) -> set[int]:
@@ -203,9 +269,9 @@ def _choose_global(analysis, roots, layers, importance, locked, ratio, min_chann
     for root in sorted(free, key=lambda r: importance[r] / max(class_cost.get(r, 0.0), 1e-12)):
         if total - tally.remaining_cost(layer_cost) >= ratio * total:
             break
-        if tally.leaves_enough(root):
+        if tally.fits([root], None):
             chosen.add(root)
-            tally.add(root)
+            tally.add([root])
     saved = total - tally.remaining_cost(layer_cost)
     if total and saved < ratio * total - 1e-9:
         notes.append(f"--scope global: {100 * saved / total:.1f}% of the {cost} removed instead of "
@@ -233,13 +299,13 @@ def _layer_costs(analysis: ChannelAnalysis, cost: Cost, notes: list[str]) -> dic
     """MACs (per sample, static shapes) or params of every layer, keyed by its output tensor."""
     index = analysis.index
     if cost == "macs":
-        _, complete, per_node = count_macs(index.model, index.shapes)
+        _, complete, per_node = count_macs(index.model, index.shapes, analysis.rules)
         if complete:
             return {name: float(per_node.get(index.node_name(node), 0)) for name, node in analysis.creators.items()}
         notes.append("MACs are unknown for some layers (dynamic shapes; see --input-shape): ranked by params")
     result = {}
     for name, node in analysis.creators.items():
-        result[name] = float(sum(int(np.prod(index.shape(w) or (0,))) for w in node.input[1:] if index.is_const(w)))
+        result[name] = float(analysis.rule_for(node).params(node, index))
     return result
 
 

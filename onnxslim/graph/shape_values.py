@@ -118,7 +118,7 @@ def reshape_target(index: Graph, node) -> list | None:
         if entry == 0 and not isinstance(entry, Dim) and not allow_zero:
             entry = Dim(node.input[0], position, in_shape[position])
         if isinstance(entry, Dim):
-            if entry.tensor == node.input[0] and entry.axis == 0:
+            if entry.axis == 0 and _same_batch(index, entry.tensor, node.input[0]):
                 entry = Dim("in", 0, in_shape[0])  # the batch stays the batch
             elif entry.tensor == node.input[0] and in_shape[entry.axis] is not None:
                 entry = in_shape[entry.axis]
@@ -137,6 +137,14 @@ def reshape_target(index: Graph, node) -> list | None:
             if where == 0 or len(symbolic) != 1 or not is_dim_of(dims[0], "in", 0):
                 return None
             total_dims, known_dims = in_shape[1:], [d for d in dims[1:] if d != -1]
+        elif where == 0 and in_shape[0] is None:
+            # a constant target [-1, C*H*W] (torch's default exporter) with a dynamic batch: when the other
+            # dims hold exactly the input's non-batch elements, the -1 is the batch
+            rest = in_shape[1:]
+            if any(d is None for d in rest) or np.prod(dims[1:], dtype=np.int64) != np.prod(rest, dtype=np.int64):
+                return None
+            dims[0] = Dim("in", 0, None)
+            return dims
         else:
             total_dims, known_dims = in_shape, [d for d in dims if d != -1]
         if any(d is None for d in total_dims):
@@ -146,3 +154,11 @@ def reshape_target(index: Graph, node) -> list | None:
             return None
         dims[where] = total // known
     return dims
+
+
+def _same_batch(index: Graph, a: str, b: str) -> bool:
+    """Axis 0 of ``a`` and of ``b`` are one dim at run time (the same tensor, or the same symbol)."""
+    if a == b:
+        return True
+    symbol_a, symbol_b = index.symbols.get(a, (None,))[:1], index.symbols.get(b, (None,))[:1]
+    return bool(symbol_a) and symbol_a[0] is not None and symbol_a == symbol_b

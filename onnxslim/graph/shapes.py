@@ -28,7 +28,7 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None =
         if value.name in initializer_names:
             continue
         value = _with_shape(value, input_shapes.get(value.name)) if input_shapes and value.name in input_shapes else value
-        inputs.append(value)
+        inputs.append(_named_dynamic_dims(value))
     if input_shapes:
         unknown = set(input_shapes) - {i.name for i in inputs}
         if unknown:
@@ -109,10 +109,43 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
     return shapes_of(infer_model(model, input_shapes))
 
 
+def symbols_of(inferred: onnx.ModelProto) -> dict[str, tuple]:
+    """Per tensor of an inferred graph, the symbolic name (``dim_param``) of each dim, None where it has none.
+
+    Shape inference carries an input's symbol through the graph (``batch`` stays ``batch``), so two
+    unknown dims with the same symbol are equal at run time.
+    """
+    graph = inferred.graph
+    symbols: dict[str, tuple] = {}
+    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            symbols[value.name] = tuple(d.dim_param or None for d in value.type.tensor_type.shape.dim)
+    return symbols
+
+
 def value_shape(value: onnx.ValueInfoProto) -> tuple | None:
+    """Static dims of a declared or inferred shape; None per unknown dim (a symbol, no value, or the -1
+    that Paddle2ONNX writes for a dynamic dim)."""
     if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                 for d in value.type.tensor_type.shape.dim)
+
+
+def _named_dynamic_dims(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """``value`` with a symbol on every unknown dim (``-1`` or nameless), so that inference can tell which
+    unknown dims are equal."""
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return value
+    dims = value.type.tensor_type.shape.dim
+    if all(d.dim_param or (d.HasField("dim_value") and d.dim_value >= 0) for d in dims):
+        return value
+    named = onnx.ValueInfoProto()
+    named.CopyFrom(value)
+    for axis, dim in enumerate(named.type.tensor_type.shape.dim):
+        if not dim.dim_param and not (dim.HasField("dim_value") and dim.dim_value >= 0):
+            dim.dim_param = f"{value.name}__dim{axis}"  # setting dim_param clears dim_value (a oneof)
+    return named
 
 
 def input_signature(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -128,7 +161,8 @@ def _with_shape(value: onnx.ValueInfoProto, dims: list[int]) -> onnx.ValueInfoPr
         raise OnnxSlimError(f"input {value.name!r} has rank {len(declared)}, but --input-shape gives {len(dims)} dims")
     for declared_dim, dim in zip(declared or (), dims):
         if declared_dim is not None and declared_dim != dim:
-            raise OnnxSlimError(f"input {value.name!r} has fixed shape {list(declared)}; cannot use {dims}")
+            shown = ",".join("?" if d is None else str(d) for d in declared)
+            raise OnnxSlimError(f"input {value.name!r} has fixed shape [{shown}]; cannot use {dims}")
     return helper.make_tensor_value_info(value.name, tensor_type.elem_type, dims)
 
 

@@ -31,12 +31,13 @@ from onnxslim.graph.cleanup import (
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
 from onnxslim.graph.names import module_path
-from onnxslim.graph.normalize import constants_to_initializers
+from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
+from onnxslim.graph.rounding import resolve_round_to
 from onnxslim.graph.rules import RuleSet, default_rules
-from onnxslim.graph.shapes import infer_shapes, skeleton
+from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import load_onnx, save_model_atomic
 
@@ -68,35 +69,39 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
     check_input(model)
+    alias_constant_identities(model)
     constants_to_initializers(model, sources)
-    shapes = infer_shapes(model, input_shapes)
-    return ChannelAnalysis(Graph(model, shapes, sources), rules if rules is not None else default_rules()).run()
+    inferred = infer_model(model, input_shapes)
+    index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
+    return ChannelAnalysis(index, rules if rules is not None else default_rules()).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
-         input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int = 1,
-         check: bool = True, rules: RuleSet | None = None) -> tuple[onnx.ModelProto, SlimReport]:
+         input_shapes: dict[str, list[int]] | None = None, fold_masks: bool = True, round_to: int | str = 1,
+         check: bool = True, rules: RuleSet | None = None, target_device: str | None = None,
+         ) -> tuple[onnx.ModelProto, SlimReport]:
     """Delete every provably-zero channel; returns the slimmed model and a report.
 
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
-    channels so each layer's count is a multiple of it; ``check`` runs ``onnx.checker`` with full shape
-    inference (without it, the structural check only); ``rules`` is the rule set (default
+    channels so each layer's count is a multiple of it (``"auto"``: the onnxruntime NCHWc block of this
+    machine or of ``target_device``, see :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
+    with full shape inference (without it, the structural check only); ``rules`` is the rule set (default
     :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
     for ops of other domains).
     The output is written atomically when ``output_path`` is given.
     """
-    if round_to < 1:
-        raise OnnxSlimError(f"round_to must be >= 1, got {round_to}")
+    rounding = resolve_round_to(round_to, target_device)
     source, size_before = load_model(model, copy=False)
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
     original_inputs = [i.name for i in model.graph.input]
+    writes_value_info = len(model.graph.value_info) > 0  # an input without any stays without (never larger)
 
     analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
     before = model_stats(model, shapes=index.shapes, rules=analysis.rules)
-    plan = analysis.plan(round_to=round_to)
+    plan = analysis.plan(round_to=rounding.multiple)
     layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size, module_path(node))
                      for name, node in analysis.creators.items()}
     mask_summary = _mask_summary(analysis, plan)
@@ -113,6 +118,8 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         refresh_shapes(model)
     except OnnxSlimError as exc:
         raise OnnxSlimError(f"internal error: the slimmed model fails {exc}") from None
+    if not writes_value_info:
+        del model.graph.value_info[:]
     check_model(model, full=check)
     assert model.ir_version == ir_version and [(o.domain, o.version) for o in model.opset_import] == opset_imports
 
@@ -130,6 +137,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         folded_masks=folded, remaining_masks=[m for m in kept_masks if m in mask_summary[3]],
         input_shapes={k: list(v) for k, v in (input_shapes or {}).items()},
         removed_nodes=removed_nodes,
+        rounding=rounding.to_dict(),
     )
     if output_path is not None:
         report.size_after = save_model_atomic(model, output_path)

@@ -1,6 +1,7 @@
 """Parameter and MAC counts of an ONNX model.
 
-* params: elements of all floating-point initializers (integer ones are shapes and indices).
+* params: elements of all floating-point initializers (integer ones are shapes and indices) and of
+  quantized weights (the int8 data behind a DequantizeLinear).
 * MACs: multiply-accumulates of one sample (batch dimension taken as 1), from static shapes, of every
   op whose rule counts them (``Rule.counts_macs`` / ``Rule.macs``): Conv, ConvTranspose, Gemm and MatMul
   in the default rules — ``Cout * prod(out spatial) * Cin/g * prod(kernel)`` for Conv,
@@ -15,6 +16,7 @@ import dataclasses
 import numpy as np
 import onnx
 
+from onnxslim.graph import quantized
 from onnxslim.graph.rules import RuleSet, default_rules
 from onnxslim.graph.shapes import infer_shapes
 
@@ -30,9 +32,13 @@ class ModelStats:
 
 
 def count_params(model: onnx.ModelProto) -> int:
+    """Elements of the floating-point initializers and of the quantized weights (the integer data of a
+    DequantizeLinear of initializers, see :mod:`onnxslim.graph.quantized`)."""
+    names = {t.name for t in model.graph.initializer}
+    data = {node.input[0] for node in model.graph.node if quantized.is_quantized_constant(node, names)}
     total = 0
     for tensor in model.graph.initializer:
-        if tensor.data_type in _FLOAT_TYPES:
+        if tensor.data_type in _FLOAT_TYPES or tensor.name in data:
             total += int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
     return total
 

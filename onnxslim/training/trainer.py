@@ -13,6 +13,13 @@ or ``step``: x0.1 at 50 % and 75 %).
 Determinism: epoch ``e`` of phase ``p`` shuffles with ``numpy.random.default_rng([seed, p, e])`` and
 seeds torch with a value derived from the same triple, so an interrupted run resumed from its last
 checkpoint gives the same weights as an uninterrupted one (on the same device and thread count).
+
+Distributed (``torchrun``, :mod:`onnxslim.training.distributed`): ``batch_size`` is the global batch;
+each of ``W`` ranks trains on ``B / W`` samples of it (:func:`onnxslim.training.batches.epoch_indices`,
+DistributedSampler's sharding of the same permutation), DDP averages the gradients, and rank 0 alone
+evaluates (the result is broadcast) and writes checkpoints. Compared with one process on the same global
+batch, the result is close but not bit-exact: BatchNorm normalises each rank's ``B / W`` samples with their
+own batch statistics (DDP has no cross-rank BN on the CPU), and float sums are taken in another order.
 A checkpoint (``torch.save``, written atomically) holds the model state (masks included), optimizer,
 method state, phase/epoch position, history and the RNG states; ``extra`` lets callers store e.g. the
 model spec to rebuild the model.
@@ -32,17 +39,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from onnxslim.data import ArrayDataset
 from onnxslim.errors import OnnxSlimError
 from onnxslim.io import atomic_open
+from onnxslim.training.batches import as_source, epoch_indices, iterate, per_rank_batch, rank_batches
+from onnxslim.training.batches import steps_per_epoch as steps_per_epoch_of
+from onnxslim.training.controller import MaskController, run_step
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.masks import freeze_masks, has_masks
 from onnxslim.training.methods import (
     MaskReport,
-    SetupContext,
     SparsityMethod,
     StepContext,
     StepOutput,
-    default_param_groups,
     mask_report,
 )
 from onnxslim.training.tasks import Task, task_for_dataset
@@ -142,32 +150,51 @@ def _epoch_seed(seed: int, phase: int, epoch: int) -> int:
 
 
 class Trainer:
-    """Trains ``model`` on ``train_data`` through a list of phases (see the module docstring).
+    """Trains ``model`` on ``train_data`` through a list of phases (see the module docstring): a loop over
+    :class:`~onnxslim.training.controller.MaskController`, which runs the method's hooks.
 
+    ``train_data``: an ArrayDataset, ``(images, labels)`` arrays or a map-style torch Dataset of
+    ``(input, target)`` pairs; ``options.batch_size`` is the global batch (split over DDP ranks).
     ``method`` is required for ``sparse``/``finetune`` phases. ``checkpoint`` (a path) is written after
-    every epoch; ``fit(phases, resume=True)`` continues from it when it exists.
+    every epoch (by rank 0); ``fit(phases, resume=True)`` continues from it when it exists, with any
+    number of processes. ``dist`` defaults to the initialised process group (one process otherwise).
     """
 
-    def __init__(self, model: nn.Module, train_data: ArrayDataset, *, test_data: ArrayDataset | None = None,
+    def __init__(self, model: nn.Module, train_data: Any, *, test_data: Any = None,
                  task: Task | None = None, method: SparsityMethod | None = None,
                  options: TrainOptions = TrainOptions(), checkpoint: str | Path | None = None,
-                 extra: Mapping[str, Any] | None = None, reference_model: nn.Module | None = None):
-        if len(train_data) == 0:
-            raise OnnxSlimError(f"{train_data.name}: no training samples")
+                 extra: Mapping[str, Any] | None = None, reference_model: nn.Module | None = None,
+                 dist: DistContext | None = None):
+        self.source = as_source(train_data)
+        if len(self.source) == 0:
+            raise OnnxSlimError(f"{self.source.name}: no training samples")
+        self.dist = dist if dist is not None else DistContext.current()
+        per_rank_batch(options.batch_size, self.dist.world_size)
         self.device = resolve_device(options.device)
         self.model = model.to(self.device)
         self.train_data = train_data
         self.test_data = test_data
-        self.task = task or task_for_dataset(train_data)
+        self.task = task or task_for_dataset(self.source)
         self.method = method
         self.options = options
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.extra = dict(extra or {})
         self.reference_model = reference_model
         self.history: list[EpochRecord] = []
-        self.finalize_report: MaskReport | None = None
-        self._finalized = False
-        self._setup_done = False
+        self._controller: MaskController | None = None
+
+    @property
+    def controller(self) -> MaskController:
+        """The controller of this run (created on first use: the method's ``setup`` runs then)."""
+        if self._controller is None:
+            self._controller = MaskController(self.model, self.method, train_data=self.source, task=self.task,
+                                              reference_model=self.reference_model, device=self.device,
+                                              attach=False, dist=self.dist)
+        return self._controller
+
+    @property
+    def finalize_report(self) -> MaskReport | None:
+        return self.controller.finalize_report if self._controller is not None else None
 
     # -- public ----------------------------------------------------------------------------------------
     def fit(self, phases: Sequence[PhaseConfig], resume: bool = False) -> TrainResult:
@@ -178,12 +205,14 @@ class Trainer:
             if phase.kind in ("sparse", "finetune") and not has_masks(self.model):
                 raise OnnxSlimError(f"a {phase.kind} phase needs a model with channel masks (attach_masks)")
         started = time.perf_counter()
-        self._setup_method()
+        self.controller  # noqa: B018 — the method's setup, before a checkpoint restores its state
         position = (0, 0)  # (phase index, completed epochs in it)
         state = None
-        if resume and self.checkpoint is not None and self.checkpoint.exists():
-            state = self._load_checkpoint(phases)
-            position = (state["phase_index"], state["epoch"])
+        if resume and self.checkpoint is not None:
+            state = self.dist.on_main(lambda: self._read_checkpoint(phases))
+            if state is not None:
+                self._restore(state)
+                position = (state["phase_index"], state["epoch"])
         for index, phase in enumerate(phases):
             if index < position[0]:
                 continue
@@ -195,71 +224,59 @@ class Trainer:
         return TrainResult(self.history, test_metric, self.task.metric_name, self.finalize_report,
                            time.perf_counter() - started)
 
-    def evaluate(self, dataset: ArrayDataset) -> float:
-        """The task metric of the model (eval mode) on ``dataset``."""
+    def evaluate(self, dataset: Any) -> float:
+        """The task metric of the model (eval mode) on ``dataset`` (computed by rank 0, given to all ranks:
+        every rank must call it)."""
+        return self.dist.on_main(lambda: self._evaluate(as_source(dataset)))
+
+    def _evaluate(self, source) -> float:
         metric = self.task.new_metric()
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for images, labels in dataset.batches(self.options.eval_batch_size):
-                    inputs = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-                    targets = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device)
-                    metric.update(self.model(inputs), targets)
+                for inputs, targets in iterate(source, self.options.eval_batch_size):
+                    metric.update(self.model(inputs.to(self.device)), targets.to(self.device))
         finally:
             self.model.train(was_training)
         return metric.compute()
 
     # -- phases ----------------------------------------------------------------------------------------
-    def _setup_method(self) -> None:
-        if self.method is None or self._setup_done:
-            return
-        example = torch.from_numpy(np.ascontiguousarray(self.train_data.images[:2])).to(self.device)
-        self.method.setup(self.model, SetupContext(self.train_data, self.task, self.device, example,
-                                                   self.reference_model))
-        self._setup_done = True
-
     def _run_phase(self, index: int, phase: PhaseConfig, phases: list[PhaseConfig], start_epoch: int,
                    state: dict | None) -> None:
-        if phase.kind == "finetune" and not self._finalized:
-            self.finalize_report = self.method.finalize_masks(self.model)
-            self._finalized = True
-        freeze_masks(self.model, frozen=phase.kind != "sparse")
-        optimizer = self.optimizer_for(phase)
+        optimizer = _make_optimizer(phase, self.controller.begin_phase(phase))
         if state is not None and state.get("optimizer") is not None and start_epoch > 0:
             optimizer.load_state_dict(state["optimizer"])
         if start_epoch >= phase.epochs:
             return
-        steps_per_epoch = math.ceil(len(self.train_data) / self.options.batch_size)
+        steps_per_epoch = steps_per_epoch_of(len(self.source), self.options.batch_size, self.dist.world_size)
         total_steps = steps_per_epoch * phase.epochs
         global_offset = sum(p.epochs for p in phases[:index]) * steps_per_epoch
         for epoch in range(start_epoch, phase.epochs):
             record = self._run_epoch(index, phase, optimizer, epoch, steps_per_epoch, total_steps, global_offset)
             self.history.append(record)
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and self.dist.is_main:
                 self._save_checkpoint(phases, index, epoch + 1, optimizer)
 
     def _run_epoch(self, index, phase, optimizer, epoch, steps_per_epoch, total_steps, global_offset) -> EpochRecord:
-        seed = self.options.seed
-        torch.manual_seed(_epoch_seed(seed, index, epoch))
-        order = np.random.default_rng([seed, index, epoch]).permutation(len(self.train_data))
+        seed, ctl, dist = self.options.seed, self.controller, self.dist
+        torch.manual_seed(_epoch_seed(seed, index, epoch) + dist.rank)  # per-rank dropout; rank 0 as one process
+        indices = epoch_indices(len(self.source), seed, index, epoch, dist.rank, dist.world_size)
+        ctl.epoch, ctl.step_in_phase = epoch, epoch * steps_per_epoch
+        ctl.global_step = global_offset + ctl.step_in_phase
         self.model.train()
         metric = self.task.new_metric()
         started = time.perf_counter()
         loss_sum, batches, lr = 0.0, 0, phase.lr
-        bar = tqdm(range(steps_per_epoch), desc=f"{phase.kind} {epoch + 1}/{phase.epochs}", leave=False,
-                   disable=not self.options.progress, unit="batch")
-        for batch_index in bar:
-            step = epoch * steps_per_epoch + batch_index
-            lr = phase.lr_at(step, total_steps)
+        bar = tqdm(rank_batches(indices, per_rank_batch(self.options.batch_size, dist.world_size)),
+                   desc=f"{phase.kind} {epoch + 1}/{phase.epochs}", leave=False,
+                   disable=not self.options.progress or not dist.is_main, unit="batch")
+        for batch_index, chosen in enumerate(bar):
+            lr = phase.lr_at(epoch * steps_per_epoch + batch_index, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            chosen = order[batch_index * self.options.batch_size:(batch_index + 1) * self.options.batch_size]
-            inputs = torch.from_numpy(self.train_data.images[chosen]).to(self.device)
-            targets = torch.from_numpy(self.train_data.labels[chosen]).to(self.device)
-            ctx = StepContext(self.model, self.task, optimizer, phase, epoch, step, global_offset + step, lr,
-                              self.device)
-            result = self.step(ctx, inputs, targets)
+            inputs, targets = (t.to(self.device) for t in self.source.fetch(chosen))
+            result = ctl.step(inputs, targets, optimizer, lr)
             if not math.isfinite(result.loss):
                 raise OnnxSlimError(f"{phase.kind} phase, epoch {epoch + 1}: the loss is {result.loss} "
                                     f"(training diverged; lower the learning rate)")
@@ -270,8 +287,8 @@ class Trainer:
             if batch_index % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
         bar.close()
-        if phase.kind == "sparse" and self.method is not None:
-            self.method.after_epoch(self.model, ctx)
+        ctl.end_epoch(optimizer)
+        loss_sum, batches = dist.all_reduce_sum([loss_sum, batches])
         test_metric = None
         if self.options.evaluate_every_epoch and self.test_data is not None:
             test_metric = self.evaluate(self.test_data)
@@ -284,34 +301,19 @@ class Trainer:
 
     def optimizer_for(self, phase: PhaseConfig) -> torch.optim.Optimizer:
         """The optimizer ``fit`` builds for ``phase`` (the method's parameter groups in a sparse phase)."""
-        if phase.kind == "sparse" and self.method is not None:
-            return _make_optimizer(phase, self.method.param_groups(self.model, phase))
-        return _make_optimizer(phase, default_param_groups(self.model, phase.weight_decay))
+        return _make_optimizer(phase, self.controller.param_groups(phase))
 
     def step(self, ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """One training step on a batch, exactly as ``fit`` runs it (method hooks included)."""
         sparse = ctx.phase.kind == "sparse" and self.method is not None
-        if sparse:
-            custom = self.method.train_step(ctx, inputs, targets)
-            if custom is not None:
-                self.method.after_step(self.model, ctx)
-                return custom
-        outputs = self.model(inputs)
-        loss = self.task.loss(outputs, targets)
-        total = loss
-        if sparse:
-            penalty = self.method.regularization(self.model, ctx)
-            if penalty is not None:
-                total = loss + penalty
-        ctx.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        ctx.optimizer.step()
+        result = run_step(self.method if sparse else None, ctx, inputs, targets)
         if sparse:
             self.method.after_step(self.model, ctx)
-        return StepOutput(float(loss.detach()), outputs)
+        return result
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _save_checkpoint(self, phases, index: int, epoch: int, optimizer) -> None:
+        ctl = self.controller
         payload = {
             "format": CHECKPOINT_FORMAT,
             "phases": [dataclasses.asdict(p) for p in phases],
@@ -322,12 +324,13 @@ class Trainer:
             "method_name": self.method.name if self.method is not None else None,
             "method_params": dataclasses.asdict(self.method.params) if self.method is not None else None,
             "method_state": self.method.state_dict() if self.method is not None else None,
-            "finalized": self._finalized,
-            "finalize_report": self.finalize_report.to_dict() if self.finalize_report else None,
+            "finalized": ctl.finalized,
+            "finalize_report": ctl.finalize_report.to_dict() if ctl.finalize_report else None,
             "history": [dataclasses.asdict(r) for r in self.history],
             "torch_rng": torch.get_rng_state(),
             "seed": self.options.seed,
-            "batch_size": self.options.batch_size,
+            "batch_size": self.options.batch_size,  # global: the same for any number of processes
+            "world_size": self.dist.world_size,  # informative only
             "masked": has_masks(self.model),
             "completed": index == len(phases) - 1 and epoch >= phases[index].epochs,
             "extra": self.extra,
@@ -335,7 +338,10 @@ class Trainer:
         with atomic_open(self.checkpoint) as handle:  # a Python file: a full disk is an OSError, not a C++ one
             torch.save(payload, handle)
 
-    def _load_checkpoint(self, phases: list[PhaseConfig]) -> dict:
+    def _read_checkpoint(self, phases: list[PhaseConfig]) -> dict | None:
+        """Rank 0: the checkpoint to resume from, checked against this run (None when there is none)."""
+        if not self.checkpoint.exists():
+            return None
         state = load_checkpoint(self.checkpoint)
         missing = [key for key in _RESUME_KEYS if key not in state]
         if missing:
@@ -348,20 +354,21 @@ class Trainer:
         method_name = self.method.name if self.method is not None else None
         if state["method_name"] != method_name:
             raise OnnxSlimError(f"{self.checkpoint}: written for method {state['method_name']}, not {method_name}")
+        return state
+
+    def _restore(self, state: dict) -> None:
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise OnnxSlimError(f"{self.checkpoint}: does not fit this model ({str(exc).splitlines()[0]})") from None
+        ctl = self.controller
         if self.method is not None and state.get("method_state") is not None:
             self.method.load_state_dict(state["method_state"])
         self.history = [EpochRecord(**r) for r in state["history"]]
-        self._finalized = bool(state["finalized"])
+        ctl.finalized = bool(state["finalized"])
         if state.get("finalize_report"):
-            report = state["finalize_report"]
-            self.finalize_report = MaskReport({k: tuple(v) for k, v in report["per_mask"].items()}, report["zeroed"],
-                                              report["zero_total"], report["channels"])
+            ctl.finalize_report = MaskReport.from_dict(state["finalize_report"])
         torch.set_rng_state(state["torch_rng"])
-        return state
 
 
 def load_checkpoint(path: str | Path) -> dict:

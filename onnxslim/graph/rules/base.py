@@ -96,6 +96,11 @@ class Rule:
         one-group Conv), "grouped" (sums within channel groups), "none" (channels stay apart)."""
         return "none"
 
+    def channel_groups(self, node: onnx.NodeProto) -> int:
+        """Groups a "grouped" reduction splits its input and output channels into (a grouped conv's
+        ``group``); deleting channels must keep the groups equal. 1 for every other op."""
+        return 1
+
     def params(self, node: onnx.NodeProto, index: Graph) -> int:
         """Parameters of the op: elements of the initializers it reads (weights, bias, BN vectors)."""
         return sum(int(np.prod(index.initializers[name].dims, dtype=np.int64))
@@ -296,8 +301,13 @@ def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:
 
 
 def write_scaled(weights: WeightStore, node: onnx.NodeProto, slot: int, value: np.ndarray, factor: np.ndarray) -> None:
-    """Write ``value * factor`` (computed in float64) to input ``slot``, in ``value``'s dtype."""
-    weights.write(node, slot, (value.astype(np.float64) * factor).astype(value.dtype))
+    """Write ``value * factor`` (computed in float64) to input ``slot``, in ``value``'s dtype; readers of
+    one shared initializer scaled by the same factor share one scaled copy."""
+    factor = np.asarray(factor)
+    scaled = (value.astype(np.float64) * factor).astype(value.dtype)
+    if scaled.shape == value.shape and np.array_equal(scaled, value):
+        return  # e.g. a zero bias: nothing to write (and nothing to split when it is shared)
+    weights.write(node, slot, scaled, key=("scale", factor.shape, factor.tobytes()))
 
 
 def scale_vector(index: Graph, weights: WeightStore, node: onnx.NodeProto, slot: int, s: np.ndarray) -> None:

@@ -182,6 +182,9 @@ class ConvRule(Rule):
     def reduction(self, node, slot):
         return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
 
+    def channel_groups(self, node):
+        return get_attr(node, "group", 1)
+
     def macs(self, node, dims):
         """``Cout * prod(out spatial) * Cin/g * prod(kernel)``."""
         shapes = _static_shapes(node, dims)
@@ -281,6 +284,9 @@ class ConvTransposeRule(Rule):
 
     def reduction(self, node, slot):
         return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
+
+    def channel_groups(self, node):
+        return get_attr(node, "group", 1)
 
     def macs(self, node, dims):
         """``Cin * prod(in spatial) * Cout/g * prod(kernel)``."""

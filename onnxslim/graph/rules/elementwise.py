@@ -211,10 +211,10 @@ def _drop_zero_operands(node, rewriter) -> None:
     zero = [bool(info is not None and info.size and info.zero.all())
             for info in (rewriter.info(name) if not index.is_const(name) else None for name in node.input)]
     survivors = [name for name, z in zip(node.input, zero) if not z]
-    if not any(zero) or not survivors or out_shape is None or None in out_shape:
+    if not any(zero) or not survivors or out_shape is None:
         return
-    if len(survivors) == 1 and tuple(index.shape(survivors[0]) or ()) != tuple(out_shape):
-        return  # the zero operand carried the broadcast shape
+    if not any(index.same_shape(name, node.output[0]) for name in survivors):
+        return  # a zero operand may carry the broadcast shape (dynamic dims compare by their symbol)
     if node.op_type == "Sub" and zero[0]:
         node.op_type = "Neg"
     elif len(survivors) == 1:

@@ -6,9 +6,11 @@
 * Split / Slice / Gather on the channel axis: each output takes a sub-range (or a list) of the input's
   channels; sizes, bounds and indices are recomputed in the kept numbering. On other axes they pass
   channels through.
-* Flatten (axis 1) and a Reshape of a static (N, C, H, W) map to (N, C*H*W): feature ``c*H*W + s``
-  belongs to channel ``c``, so a channel becomes a block of H*W features that a Gemm / MatMul reads; the
-  Reshape target is rewritten to ``[-1, C'*H*W]``. A Reshape that keeps (N, C) and regroups the rest
+* Flatten (axis 1) and a Reshape of a (N, C, H, W) map with static C, H, W to (N, C*H*W), with any batch
+  N (a constant ``[-1, C*H*W]`` target, or ``Shape -> Gather -> Concat``): feature ``c*H*W + s`` belongs to
+  channel ``c``, so a channel becomes a block of H*W features that a Gemm / MatMul reads; the Reshape
+  target is rewritten to ``[-1, C'*H*W]``. When H or W is unknown before run time the op is a barrier
+  whose reason names ``--input-shape``. A Reshape that keeps (N, C) and regroups the rest
   passes channels through. Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
   later op expects channels on axis 1 (it only moves the axis here).
 * Squeeze / Unsqueeze / Transpose keep channels and move the channel axis.
@@ -173,8 +175,12 @@ class SplitRule(Rule):
         if axis != x.axis:
             pass_through(node, analysis, x, outputs=len(node.output))
             return
-        if sizes is None or int(np.sum(sizes)) != x.size:
-            analysis.barrier(node, "split sizes are computed or do not add up")
+        if sizes is None:
+            unknown = _unknown_dims(analysis, node.input[:1])
+            analysis.barrier(node, "split sizes are computed" + (GIVE_SHAPE if unknown else ""))
+            return
+        if int(np.sum(sizes)) != x.size:
+            analysis.barrier(node, "split sizes do not add up")
             return
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         for position, name in enumerate(node.output):
@@ -244,7 +250,8 @@ class SliceRule(_ChannelSelection):
             if known and axes is not None and x.axis not in [normalize_axis(int(a), x.rank) for a in axes]:
                 pass_through(node, analysis, x)
                 return
-            analysis.barrier(node, "slice bounds are computed")
+            unknown = _unknown_dims(analysis, node.input[:1])
+            analysis.barrier(node, "slice bounds are computed" + (GIVE_SHAPE if unknown else ""))
             return
         starts, ends, axes, steps = operands
         if x.axis not in axes:
@@ -334,10 +341,23 @@ class FlattenRule(Rule):
         block = _block_size(analysis.index.shape(node.input[0]), x)
         if axis == 1 and x.axis != 1 and _map_reshape(node, analysis, x):
             return
-        if axis != 1 or x.axis != 1 or block is None:
-            analysis.barrier(node, "flattens across the batch or over dynamic spatial dims")
+        if axis != 1 or x.axis != 1:
+            analysis.barrier(node, "flattens across the batch")
+            return
+        if block is None:
+            analysis.barrier(node, "flattens over dynamic spatial dims" + GIVE_SHAPE)
             return
         analysis.set(node.output[0], _flattened(x, block))
+
+
+# said where channels stay only because a dim is not known before run time
+GIVE_SHAPE = " (a dim is unknown before run time: give --input-shape)"
+
+
+def _unknown_dims(analysis, names) -> bool:
+    """Some tensor of ``names`` has an unknown dim other than the batch."""
+    shapes = [analysis.index.shape(name) for name in names if name]
+    return any(shape is None or None in shape[1:] for shape in shapes)
 
 
 def _static_map(node, analysis, x):
@@ -410,7 +430,11 @@ class ReshapeRule(Rule):
         if kind == "barrier" and _map_reshape(node, analysis, x):
             return
         if kind == "barrier":
-            analysis.barrier(node, "regroups the channel axis (or its target shape is unknown)")
+            if reshape_target(analysis.index, node) is not None:
+                analysis.barrier(node, "regroups the channel axis")
+            else:
+                unknown = _unknown_dims(analysis, [node.input[0], node.output[0]])
+                analysis.barrier(node, "its target shape is unknown" + (GIVE_SHAPE if unknown else ""))
         elif kind == "flatten":
             analysis.set(node.output[0], _flattened(x, _block_size(analysis.index.shape(node.input[0]), x)))
         else:

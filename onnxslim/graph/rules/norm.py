@@ -40,6 +40,23 @@ def _fold_scale(node, index, weights, s) -> bool:
     return True
 
 
+def share_parameters(node, analysis, ids, slots) -> None:
+    """Nodes reading one per-channel parameter initializer (a BN shared by the levels of an FPN head)
+    must slice it alike: couple their channels, so that the parameter stays one tensor.
+
+    Only a node's twins are coupled — nodes of the same op reading the same initializer at every one of
+    ``slots`` (the same module applied again); an exporter that merged equal constants of unrelated
+    layers (all-ones scales) does not tie those layers together (they get their own slices instead)."""
+    names = tuple(node.input[slot] if slot < len(node.input) else "" for slot in slots)
+    if not names or not names[0] or len(analysis.index.uses(names[0])) < 2:
+        return
+    twin = all(use.node.op_type == node.op_type and
+               tuple(use.node.input[s] if s < len(use.node.input) else "" for s in slots) == names
+               for use in analysis.index.uses(names[0]) if use.slot == slots[0])
+    if twin:
+        analysis.share_weight(f"{node.op_type}:{names}", ids, ids)
+
+
 def _slice_parameters(node, rewriter, slots) -> None:
     keep = rewriter.keep(node.output[0])
     if keep is None or keep.all():
@@ -67,6 +84,7 @@ class BatchNormRule(Rule):
             return
         if keep_extra_outputs(node, analysis, 1, "training outputs are read"):
             return
+        share_parameters(node, analysis, x.ids, (1, 2, 3, 4))
         scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
         eps = get_attr(node, "epsilon", 1e-5)
         with np.errstate(all="ignore"):
@@ -98,6 +116,7 @@ class InstanceNormRule(Rule):
         if x is None or x.axis != 1 or scale is None or bias is None:
             analysis.barrier(node, "needs a feature input and constant parameters")
             return
+        share_parameters(node, analysis, x.ids, (1, 2))
         # (v - mean) is exactly 0 only for a zero channel; other constants could round to tiny values
         pass_through(node, analysis, x.with_values(x.zero, bias.astype(np.float64)))
 
@@ -155,6 +174,7 @@ class GroupNormRule(Rule):
             return
         per = x.size // groups
         analysis.couple(x.ids, np.repeat(x.ids[::per], per))
+        share_parameters(node, analysis, x.ids, (1, 2))
         shift = bias.astype(np.float64).reshape(-1)
         shift = np.repeat(shift, per) if shift.size == groups else shift
         zero_group = np.repeat(x.zero.reshape(groups, per).all(axis=1), per)

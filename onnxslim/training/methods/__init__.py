@@ -44,7 +44,17 @@ In eager training mode masks are applied through the BN affine parameters / prod
 (:class:`~onnxslim.training.masks.MaskedSite`); graphs traced in any mode see explicit ``Mul`` nodes.
 
 :class:`StepContext` carries ``model, task, optimizer, phase, epoch, step (within the phase),
-global_step, lr, device`` — enough for lr-scaled proximal steps and every-K-iterations schedules.
+global_step, lr, device`` — enough for lr-scaled proximal steps and every-K-iterations schedules — and
+``forward_model`` (call it for a training forward: the ``DistributedDataParallel`` wrapper under DDP) and
+``dist`` (:class:`~onnxslim.training.distributed.DistContext`).
+
+**Distributed lockstep.** Under DDP every rank runs every hook on its own shard of the batch. Gradients
+(``.grad`` after ``backward``) are averaged over ranks by DDP, so weights and masks stay identical; any
+other state a hook keeps or decides from must be identical on every rank too: compute it from
+parameters/gradients, or ``ctx.dist.all_reduce_mean_`` / ``ctx.dist.broadcast_`` it (no-ops with one
+process). BatchNorm running statistics are averaged by the controller at epoch ends and before
+``finalize_masks``; a hook that probes the model in eval mode calls ``ctx.dist.sync_norm_statistics``
+first. Each method's docstring says what it does.
 
 Helpers for methods: :func:`mask_filter_scores` (per mask, per channel, a score over all coupled
 producers), :func:`zero_lowest` (set a channel set to zero keeping at least ``min_channels`` per mask),
@@ -63,6 +73,7 @@ import torch
 from torch import nn
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.masks import ChannelMask, MaskSite, iter_masks
 
 _REGISTRY: dict[str, type[SparsityMethod]] = {}
@@ -88,6 +99,12 @@ class StepContext:
     global_step: int  # 0-based over all phases of the run
     lr: float  # the learning rate used for this step
     device: torch.device
+    forward_model: nn.Module | None = None  # what to call for the training forward: the DDP wrapper under DDP
+    dist: DistContext = dataclasses.field(default_factory=DistContext)  # ranks; collectives for lockstep state
+
+    def __post_init__(self) -> None:
+        if self.forward_model is None:
+            self.forward_model = self.model
 
 
 @dataclasses.dataclass
@@ -109,6 +126,11 @@ class MaskReport:
     def to_dict(self) -> dict:
         return {"per_mask": {k: list(v) for k, v in self.per_mask.items()}, "zeroed": self.zeroed,
                 "zero_total": self.zero_total, "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MaskReport:
+        return cls({k: tuple(v) for k, v in data["per_mask"].items()}, data["zeroed"], data["zero_total"],
+                   data["channels"])
 
 
 @dataclasses.dataclass(frozen=True)

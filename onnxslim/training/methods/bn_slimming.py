@@ -13,6 +13,10 @@ whose sites have no BN (e.g. hidden Linear neurons) is scored by |m| under ``tar
 untouched under ``target="bn"``. For coupled masks the score is the largest |gamma| of the coupled BNs.
 At least ``min_channels`` per mask survive. Paper defaults: ``lam = 1e-4`` (CIFAR), pruning 70 %
 (VGG-16 on CIFAR-10) — ``percent = 0.7``.
+
+**Distributed (DDP) lockstep.** The criterion reads BN ``gamma`` (a parameter, identical on every rank
+since DDP all-reduces its gradient) and the masks, never the running statistics; the global threshold is
+computed identically on every rank, and the controller broadcasts the finalized masks from rank 0.
 """
 
 from __future__ import annotations

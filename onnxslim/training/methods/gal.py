@@ -61,6 +61,13 @@ factor), so its data gradient only redistributes and the L1 term shrinks the who
 epsilon matters; the number of channels that survive then changes steeply with ``lam_channel``. Structure
 scales sit before an addition / concatenation and do not have this problem.
 
+**Distributed (DDP) lockstep.** The student's forward goes through the DDP wrapper, so the gradients
+of weights, channel masks and structure scales are all-reduced (averaged) by DDP, and the FISTA steps —
+computed from those gradients and identical parameters — are identical on every rank. D starts from the
+same seed on every rank and its gradients are **all-reduced** (averaged) before each D step, so D and its
+optimizer stay identical. The teacher is a copy of identical weights. The controller broadcasts the
+finalized masks from rank 0.
+
 Deviations from the authors' code: their loss also back-propagates ``lambda * ||m||_1`` into the mask
 gradient before the FISTA proximal step, which applies the L1 shrinkage twice (use ``2 * lambda`` here to
 match it); their D is three linear layers without activations and 128 outputs, ours an MLP with
@@ -262,7 +269,7 @@ class GAL(SparsityMethod):
             raise OnnxSlimError("gal: setup was not run")
         with torch.no_grad():
             teacher_features = output_features(self.teacher(inputs))
-        outputs = model(inputs)
+        outputs = ctx.forward_model(inputs)  # the DDP wrapper under DDP: weight and mask gradients are averaged
         student_features = output_features(outputs)
 
         # 1. discriminator
@@ -278,6 +285,7 @@ class GAL(SparsityMethod):
             d_loss = d_loss + hp.adversarial_regularization * _bce(fake, 1.0)
         self.d_optimizer.zero_grad(set_to_none=True)
         d_loss.backward()
+        ctx.dist.all_reduce_mean_(p.grad for p in disc.parameters())  # D in lockstep over ranks
         self.d_optimizer.step()
 
         # 2. student weights (and mask gradients)

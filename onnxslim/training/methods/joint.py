@@ -58,6 +58,11 @@ and fine-tune phases) sets the masks of dead and still-pressured channels to 0 (
 per mask, the largest ``|m|``); the trainer then freezes every mask, so the zeros stay exact and the
 slim engine deletes those channels.
 
+**Distributed (DDP) lockstep.** Gradient counts and reference levels are computed from the mask
+gradients after DDP's all-reduce (identical on every rank); the probe batch is the same samples on every
+rank and is run after BN running statistics are all-reduced (averaged); at each window end the chosen
+pressured/dead sets are broadcast from rank 0, so decisions are identical by construction.
+
 **Coupled masks.** All decisions are per mask, i.e. per coupled group: the gradient is the group's
 (summed over sites), redundancy must hold at every site, and zeroing one entry removes the channel
 from every coupled producer, which is what the slim engine needs to delete it.
@@ -83,6 +88,8 @@ import torch
 from torch import nn
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.training.batches import as_source
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.masks import ChannelMask, iter_masks
 from onnxslim.training.methods import (
     MaskReport,
@@ -257,10 +264,13 @@ class JointSparsity(SparsityMethod):
     def setup(self, model: nn.Module, ctx: SetupContext) -> None:
         self._ensure_state(model)
         if self.params.redundancy_source == "responses" and self.params.redundancy_every > 0:
-            data = ctx.train_data
+            if ctx.train_data is None:
+                raise OnnxSlimError("joint: redundancy_source='responses' probes the training data; pass it "
+                                    "(MaskController(..., train_data=...)) or use redundancy_source='weights'")
+            data = as_source(ctx.train_data)
             count = min(self.params.probe_samples, len(data))
             index = np.unique(np.linspace(0, len(data) - 1, count).round().astype(np.int64))
-            self._probe = torch.from_numpy(np.ascontiguousarray(data.images[index])).to(ctx.device)
+            self._probe = data.fetch(index)[0].to(ctx.device)
 
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         self._ensure_state(model)
@@ -293,15 +303,18 @@ class JointSparsity(SparsityMethod):
                     weight.copy_(torch.where(state.dead.to(weight.device), torch.zeros_like(weight), weight))
         self._window_steps += 1
         if self._window_steps >= params.window:
-            self.end_window(model)
+            self.end_window(model, ctx.dist)
 
-    def end_window(self, model: nn.Module) -> None:
-        """Window end: choose the channels under pressure from counts and redundancy; reset the counts."""
+    def end_window(self, model: nn.Module, dist: DistContext | None = None) -> None:
+        """Window end: choose the channels under pressure from counts and redundancy; reset the counts.
+        With ``dist`` the probe sees BN statistics averaged over ranks and rank 0's choice is broadcast."""
         params = self.params
+        dist = dist or DistContext()
         self._ensure_state(model)
         check_redundancy = params.redundancy_every > 0 and self._windows % params.redundancy_every == 0
         responses = {}
         if check_redundancy and params.redundancy_source == "responses" and self._probe is not None:
+            dist.sync_norm_statistics(model)
             responses = response_similarity(model, self._probe, params.max_positions)
         totals = {"window": self._windows + 1, "live": 0, "rare": 0, "redundant": 0, "pressured": 0, "dead": 0}
         for name, mask in iter_masks(model):
@@ -325,6 +338,7 @@ class JointSparsity(SparsityMethod):
             totals["redundant"] += int(redundant.sum())
             totals["pressured"] += int(state.pressured.sum())
             totals["dead"] += int(state.dead.sum())
+        dist.broadcast_(t for s in self._state.values() for t in (s.pressured, s.dead))
         self.history.append(totals)
         self._window_steps = 0
         self._windows += 1

@@ -17,6 +17,10 @@ its filter ``w_c`` falls below ``epsilon``:
 For coupled (shared) masks the score is the maximum over the coupled producers. Finally the network is
 fine-tuned with masks frozen. Paper defaults: ``epsilon = 0.01``; ``lam = 0.03`` for LeNet-5 and
 ``0.005`` for VGG-16.
+
+**Distributed (DDP) lockstep.** No state besides parameters: masks and weights are identical on every
+rank (DDP all-reduces the gradients, including the L1 subgradient), so the proximal steps and the
+zeroing scores are identical; the controller also broadcasts the finalized masks from rank 0.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ producers, as Li et al. do for the layers tied by residual additions) and
 ``skip_coupled=True`` leaves masks shared by several producers alone (Li et al. prune only the first
 layer of each residual block). Pruned channels get mask 0; the network is then fine-tuned with frozen
 masks. Paper default for the per-layer ratio varies by layer; ``ratio = 0.5`` is used here.
+
+**Distributed (DDP) lockstep.** Scores are weight norms (identical on every rank under DDP); the
+controller broadcasts the finalized masks from rank 0.
 """
 
 from __future__ import annotations

@@ -48,6 +48,11 @@ match wins; other layers get ``lam``), ``rho = 1``, ``K = 200`` iterations (the 
 optimizer settings (lr 0.01, momentum 0.9, batch 256, weight decay 4e-5) belong to the phases. Paper
 result: LeNet 20-50-500 -> 3-11-108 at +0.05 pt error. The same ``lam`` table is used for ``l2,0``,
 whose threshold is ``sqrt(2 lam / rho)``.
+
+**Distributed (DDP) lockstep.** W is identical on every rank (DDP all-reduces its gradients); every F/Y
+update is computed from it on every rank and then **broadcast from rank 0**, so F, Y and the W-step's
+target stay bit-identical whatever the ranks' arithmetic. ``finalize_masks`` decides from F (identical)
+and the controller broadcasts the resulting masks from rank 0.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ import torch
 from torch import nn
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.training.distributed import DistContext
 from onnxslim.training.masks import ChannelMask, iter_masks
 from onnxslim.training.methods import (
     MaskReport,
@@ -288,7 +294,7 @@ class SSR(SparsityMethod):
     def after_step(self, model: nn.Module, ctx: StepContext) -> None:
         self.iterations += 1
         if self.iterations % self.params.update_every == 0:
-            self.update()
+            self.update(ctx.dist)
 
     def finalize_masks(self, model: nn.Module) -> MaskReport:
         self._require_setup()
@@ -309,8 +315,9 @@ class SSR(SparsityMethod):
         return zero_channels(model, prune, self.params.min_channels, scores)
 
     # -- AULM ------------------------------------------------------------------------------------------
-    def update(self) -> None:
-        """One F-step (proximal operator on ``T = W + Y/rho``) and multiplier update ``Y += rho (W - F)``."""
+    def update(self, dist: DistContext | None = None) -> None:
+        """One F-step (proximal operator on ``T = W + Y/rho``) and multiplier update ``Y += rho (W - F)``;
+        with ``dist``, F and Y are then broadcast from rank 0."""
         self._require_setup()
         if self.F is None:
             self._initialise()
@@ -327,6 +334,8 @@ class SSR(SparsityMethod):
                     self.F[index + offset] = f
                     self.Y[index + offset] = self.Y[index + offset] + rho * (w - f)
                 index += count
+        if dist is not None:
+            dist.broadcast_([*self.F, *self.Y])
         self._refresh_target()
         self.updates += 1
         self.last_update = self.iterations

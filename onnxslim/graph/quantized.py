@@ -1,0 +1,95 @@
+"""Quantized constants: ``DequantizeLinear(q, scale, zero_point)`` whose inputs are all initializers.
+
+QDQ models (onnxruntime.quantization, QDQ format) keep every weight as an int8 (or uint8 / int32 bias)
+initializer ``q`` behind a ``DequantizeLinear``, with one scale and zero point per tensor or per output
+channel (``axis``). The analysis reads such a weight by its value; a rewrite that *selects* entries of it
+(channels deleted from a filter, a bias, a mask) is written back in the quantized form, so int8 stays int8.
+
+ONNX DequantizeLinear (opset 10-21): ``y = (q - zero_point) * scale`` with ``scale`` / ``zero_point``
+scalars (per tensor) or 1-D along ``axis`` (per axis, default axis 1); the subtraction is exact in int32
+and the product is one float32 (scale's type) multiplication, which is what :func:`dequantize` computes.
+
+Writing back (:func:`requantize`): the new value must be a selection of the old dequantized entries.
+Along the quantization axis every new slice ``v_i`` is matched, in order, to the first original channel
+``j`` whose parameters reproduce it *exactly*: ``q_i = clip(rint(v_i / s_j) + z_j)`` with
+``(q_i - z_j) * s_j == v_i`` bit for bit. A selection in order always matches (greedy matching of a
+subsequence is complete), and any exact match gives the same float weights. A value that no parameters
+reproduce exactly (a bias that absorbed a constant, a weight scaled by a folded mask) is not a selection:
+the caller stores it dequantized (float), which stays exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def is_quantized_constant(node: onnx.NodeProto, initializers) -> bool:
+    """A DequantizeLinear of the default domain reading only initializers (not blocked quantization)."""
+    return (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and len(node.output) == 1
+            and all(name in initializers for name in node.input if name)
+            and not _attr(node, "block_size", 0))
+
+
+def parameters(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None):
+    """(scale, zero point, axis or None for per tensor) with the zero point defaulted to 0 of q's type."""
+    zero_point = np.zeros_like(scale, dtype=q.dtype) if zero_point is None else zero_point
+    if scale.size == 1 and scale.ndim <= 1:
+        return scale.reshape(()), zero_point.reshape(()), None
+    axis = _attr(node, "axis", 1)
+    return scale, zero_point, (axis + q.ndim if axis < 0 else axis)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
+    """``(q - zero_point) * scale`` as onnxruntime computes it (int32 difference, one float product)."""
+    if axis is not None:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    difference = q.astype(np.int64) - zero_point.astype(np.int64)
+    return difference.astype(scale.dtype) * scale
+
+
+def requantize(value: np.ndarray, q_dtype: np.dtype, scale: np.ndarray, zero_point: np.ndarray,
+               axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(q, scale, zero point) that dequantize exactly to ``value``, or None when no selection of the
+    original channels does (see the module docstring)."""
+    if axis is None:
+        q = _quantize(value, scale, zero_point, q_dtype)
+        return None if q is None else (q, scale, zero_point)
+    moved = np.moveaxis(np.asarray(value), axis, 0)
+    chosen, slices, j = [], [], 0
+    for v in moved:
+        q = None
+        while j < len(scale) and q is None:
+            q = _quantize(v, scale[j], zero_point[j], q_dtype)
+            j += 1
+        if q is None:
+            return None
+        chosen.append(j - 1)
+        slices.append(q)
+    q = np.moveaxis(np.stack(slices) if slices else np.zeros(moved.shape, q_dtype), 0, axis)
+    return q, scale[chosen], zero_point[chosen]
+
+
+def _quantize(value: np.ndarray, scale, zero_point, q_dtype: np.dtype) -> np.ndarray | None:
+    """``clip(rint(value / scale) + zero_point)`` when it dequantizes to ``value`` bit for bit, else None."""
+    value = np.asarray(value)
+    if value.dtype != np.asarray(scale).dtype:
+        return None
+    info = np.iinfo(q_dtype)
+    with np.errstate(all="ignore"):
+        ratio = np.rint(value.astype(np.float64) / np.float64(scale))
+    if not np.isfinite(ratio).all():
+        return None
+    q = np.clip(ratio + int(zero_point), info.min, info.max).astype(q_dtype)
+    if not np.array_equal(dequantize(q, np.asarray(scale), np.asarray(zero_point), None), value):
+        return None
+    return q
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default

@@ -1,0 +1,129 @@
+"""Quantized (QDQ) models slim as quantized graphs (issue #11, kind 11).
+
+Built two ways: with onnxruntime.quantization (``quantize_static``, QDQ format, a small calibration
+reader) from a masked float model, per channel and per tensor; and by hand with onnx.helper (uint8
+activations with non-zero zero points, a float mask between Q/DQ pairs, a mismatched pair). The slimmed
+model keeps the int8 weights int8 and the same int8 arithmetic, so onnxruntime's outputs are compared for
+*exact* equality (tolerance 0), both with graph optimisations off and with onnxruntime's QDQ fusion on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphs import GraphBuilder
+from onnx import TensorProto, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from onnxslim.graph.slim import slim
+
+
+def _run(model: onnx.ModelProto, feeds: dict, optimize: bool) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _assert_exact(reference: onnx.ModelProto, candidate: onnx.ModelProto, shape) -> None:
+    feeds = {"x": np.random.default_rng(7).standard_normal(shape).astype(np.float32)}
+    for optimize in (False, True):
+        for expected, actual in zip(_run(reference, feeds, optimize), _run(candidate, feeds, optimize)):
+            assert np.array_equal(expected, actual), (optimize, float(np.abs(expected - actual).max()))
+
+
+def _masked_float_model() -> tuple[onnx.ModelProto, int]:
+    """Conv-mask-Relu twice, a 1x1 Conv, GlobalAveragePool, Gemm; returns (model, zeroed channels)."""
+    g = GraphBuilder(opset=17, seed=21)
+    x = g.input([1, 3, 16, 16])
+    a = g.op("Relu", [g.mask(g.conv(x, 3, 32), 32, zeros=range(0, 32, 3))])  # 11 zero channels
+    b = g.op("Relu", [g.mask(g.conv(a, 32, 48), 48, zeros=range(1, 48, 4))])  # 12
+    c = g.op("Relu", [g.conv(b, 48, 48, k=1)])
+    g.output(g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [c])], axis=1), 48, 10))
+    return g.model(), 23
+
+
+class _Calibration(CalibrationDataReader):
+    def __init__(self, count: int = 8):
+        self.batches = iter([{"x": np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+                             for i in range(count)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _quantize(model: onnx.ModelProto, tmp_path, per_channel: bool) -> onnx.ModelProto:
+    source, target = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model, str(source))
+    quantize_static(str(source), str(target), _Calibration(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(str(target))
+
+
+def _weights(model: onnx.ModelProto) -> dict[int, int]:
+    """Bytes of initializer data per element type."""
+    sizes: dict[int, int] = {}
+    for tensor in model.graph.initializer:
+        sizes[tensor.data_type] = sizes.get(tensor.data_type, 0) + len(numpy_helper.to_array(tensor).tobytes())
+    return sizes
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_onnxruntime_qdq_model_slims_quantized(per_channel, tmp_path):
+    float_model, zeroed = _masked_float_model()
+    qdq = _quantize(float_model, tmp_path, per_channel)
+    slimmed, report = slim(qdq)
+    assert (report.masked_channels, report.deleted_masked_channels) == (zeroed, zeroed), report.format_table()
+    _assert_exact(qdq, slimmed, (1, 3, 16, 16))
+    before, after = _weights(qdq), _weights(slimmed)
+    assert after.get(TensorProto.INT8, 0) < before[TensorProto.INT8]  # int8 weights stay int8, fewer
+    assert after.get(TensorProto.FLOAT, 0) <= before[TensorProto.FLOAT]  # nothing was dequantized
+    assert len(slimmed.SerializeToString()) < len(qdq.SerializeToString())
+    assert report.params_after < report.params_before
+
+
+def _qdq(g: GraphBuilder, x: str, scale: float, zero_point: int, dq_zero_point: int | None = None) -> str:
+    """A per-tensor uint8 QuantizeLinear -> DequantizeLinear pair (``dq_zero_point`` to mismatch it)."""
+    s = g.const(np.float32(scale), "s")
+    q = g.op("QuantizeLinear", [x, s, g.const(np.uint8(zero_point), "zp")])
+    zp = zero_point if dq_zero_point is None else dq_zero_point
+    return g.op("DequantizeLinear", [q, s, g.const(np.uint8(zp), "zp")])
+
+
+def _quantized_conv(g: GraphBuilder, x: str, cin: int, cout: int, per_channel: bool = True) -> str:
+    """Conv with an int8 weight behind DequantizeLinear (per output channel, axis 0) and an int32 bias."""
+    w = g.rng.integers(-127, 128, (cout, cin, 3, 3)).astype(np.int8)
+    scale = g.rng.uniform(0.001, 0.01, cout if per_channel else 1).astype(np.float32)
+    zero_point = np.zeros(scale.shape, np.int8)
+    if not per_channel:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    weight = g.op("DequantizeLinear", [g.const(w, "wq"), g.const(scale, "ws"), g.const(zero_point, "wz")], axis=0)
+    bias_scale = np.full(cout, 0.0001, np.float32)
+    bias = g.op("DequantizeLinear", [g.const(g.rng.integers(-500, 500, cout).astype(np.int32), "bq"),
+                                     g.const(bias_scale, "bs")], axis=0)
+    return g.op("Conv", [x, weight, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_hand_built_qdq_graph(per_channel):
+    """x -> QDQ -> Conv(DQ int8) -> QDQ -> float mask -> QDQ -> Conv(DQ int8) -> QDQ, uint8 activations with
+    zero points 128 / 3 / 0. Channels 1, 2, 5 are masked; a second mask sits behind a Q/DQ pair whose
+    zero points differ (3 vs 4), so its zero channels come out as the constant -s and are kept."""
+    g = GraphBuilder(opset=13, seed=22)
+    x = _qdq(g, g.input([1, 4, 8, 8]), 0.05, 128)
+    y = _qdq(g, _quantized_conv(g, x, 4, 8, per_channel), 0.02, 3)
+    y = _qdq(g, g.op("Relu", [g.mask(y, 8, zeros=(1, 2, 5))]), 0.01, 0)
+    y = _qdq(g, _quantized_conv(g, y, 8, 6, per_channel), 0.02, 3)
+    z = _qdq(g, g.mask(y, 6, zeros=(0, 4)), 0.02, 3, dq_zero_point=4)  # zero -> (3 - 4) * 0.02
+    g.output(g.op("GlobalAveragePool", [_quantized_conv(g, z, 6, 5, per_channel)]))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert (report.masked_channels, report.deleted_masked_channels) == (5, 3), report.format_table()
+    assert [len(k.channels) for k in report.kept] == [2]
+    _assert_exact(model, slimmed, (1, 4, 8, 8))
+    int8 = {t.name: t for t in slimmed.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4}
+    assert sorted(tuple(t.dims)[:2] for t in int8.values()) == [(5, 4), (5, 6), (6, 5)]

@@ -1,0 +1,124 @@
+"""`--round-to auto`: onnxruntime's NCHWc block, named targets, kept-count rounding in prune, extra channels in slim."""
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from graphs import GraphBuilder, assert_equivalent
+
+from onnxslim.cli import main
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.prune import prune
+from onnxslim.graph.rounding import (
+    TARGETS,
+    cpu_flags,
+    detect_target,
+    parse_round_to,
+    probe_nchwc_block,
+    resolve_round_to,
+    rounded_kept,
+)
+from onnxslim.graph.slim import slim
+
+
+def conv_outputs(model: onnx.ModelProto) -> list[int]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return [int(inits[n.input[1]].dims[0]) for n in model.graph.node if n.op_type == "Conv"]
+
+
+def residual_net(widths=(22, 30, 46)) -> onnx.ModelProto:
+    """conv -> relu -> [conv -> relu -> conv] + skip -> conv -> relu -> conv head: plain and coupled layers."""
+    g = GraphBuilder(seed=3)
+    x = g.input([1, 3, 12, 12])
+    a = g.op("Relu", [g.conv(x, 3, widths[0])])
+    b = g.op("Relu", [g.conv(a, widths[0], widths[1])])
+    c = g.conv(b, widths[1], widths[0])
+    s = g.op("Relu", [g.op("Add", [c, a])])
+    d = g.op("Relu", [g.conv(s, widths[0], widths[2])])
+    g.output(g.conv(d, widths[2], 5))
+    return g.model()
+
+
+def test_round_to_values_and_targets():
+    assert parse_round_to("auto") == "auto" and parse_round_to(None) == "auto"
+    assert parse_round_to(8) == 8 and parse_round_to("16") == 16
+    for bad in (0, -4, "eight", 2.5, True):
+        with pytest.raises(OnnxSlimError, match="round_to must be 'auto' or an integer >= 1"):
+            parse_round_to(bad)
+    with pytest.raises(OnnxSlimError, match="unknown target device 'riscv'"):
+        resolve_round_to("auto", "riscv")
+    arm = resolve_round_to("auto", "arm64")
+    assert arm.multiple == 16 and arm.target == "arm64" and "named target" in arm.describe()
+    assert resolve_round_to(1).describe() == "round-to 1 (off)" and resolve_round_to("4").multiple == 4
+
+
+def test_detect_target_from_flags_and_by_probing():
+    flags = cpu_flags("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert {"avx2", "fma"} <= flags
+    assert detect_target("x86_64", flags).block == 8
+    assert detect_target("x86_64", flags | {"avx512f"}).name == "x86-avx512"
+    assert detect_target("aarch64", {"asimd"}).block == 16
+    assert detect_target("riscv64", set()).name == "generic"
+    probed = probe_nchwc_block()  # what the installed onnxruntime does here
+    assert probed in (4, 8, 16, None)
+    auto = resolve_round_to("auto")
+    if probed is not None:
+        assert auto.multiple == probed and "probed" in auto.reason
+    assert auto.multiple in {t.block for t in TARGETS.values()}
+
+
+def test_rounded_kept_is_torch_pruning_nearest_multiple():
+    assert [rounded_kept(k, 64, 8) for k in (35, 36, 37, 3, 64, 61)] == [32, 40, 40, 8, 64, 64]
+    assert rounded_kept(70, 70, 16) == 70  # nothing removed: unchanged
+    assert rounded_kept(66, 70, 16) == 64  # 66 -> 64 (nearest), never above the layer
+    assert rounded_kept(5, 6, 8) == 5  # a layer narrower than the multiple is left alone
+    assert rounded_kept(35, 64, 1) == 35
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_rounds_kept_counts_and_stays_exact(scope):
+    model = residual_net()
+    _, plain, _ = prune(model, ratio=0.4, scope=scope, round_to=1)
+    slimmed, report, masked = prune(model, ratio=0.4, scope=scope, round_to=4)
+    assert_equivalent(masked, slimmed)
+    counts, dense = conv_outputs(slimmed), conv_outputs(model)
+    assert counts[-1] == 5  # the graph output keeps its channels
+    assert all(c % 4 == 0 for c, d in zip(counts[:-1], dense) if c != d), counts  # unpruned layers stay as they are
+    assert counts != dense
+    unrounded = {layer.node: layer.channels_after for layer in plain.layers}
+    for layer in report.layers:
+        if layer.op_type == "Conv" and layer.channels_before != 5:
+            assert abs(layer.channels_after - unrounded[layer.node]) <= 2  # the nearest multiple of 4
+    assert report.rounding["multiple"] == 4 and report.macs_after < report.macs_before
+
+
+def test_slim_auto_keeps_extra_masked_channels_up_to_the_block():
+    g = GraphBuilder(seed=1)
+    x = g.input([1, 3, 10, 10])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 32), 32, zeros=range(13))])  # 19 live
+    g.output(g.conv(y, 32, 4))
+    model = g.model()
+    slimmed, report = slim(model, round_to="auto", target_device="x86-avx2")
+    assert_equivalent(model, slimmed)
+    assert conv_outputs(slimmed) == [24, 4]  # 19 -> 24, the next multiple of 8
+    assert "round-to auto = 8 for x86-avx2" in report.rounding["description"]
+    assert "round-to auto = 8" in report.format_table()
+
+
+def test_cli_prune_and_slim_default_to_auto_and_name_the_choice(tmp_path):
+    source = tmp_path / "net.onnx"
+    onnx.save(residual_net(), str(source))
+    out, report_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["prune", str(source), "-o", str(out), "--ratio", "0.4",
+                                       "--target-device", "arm64", "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    assert "round-to auto = 16 for arm64" in result.output
+    data = json.loads(report_path.read_text())
+    assert data["rounding"]["multiple"] == 16
+    assert all(c % 16 == 0 for c in conv_outputs(onnx.load(str(out)))[:-1])
+    bad = CliRunner().invoke(main, ["slim", str(source), "-o", str(tmp_path / "s.onnx"), "--round-to", "x"])
+    assert bad.exit_code == 2 and "round_to must be 'auto'" in bad.output
+    default = CliRunner().invoke(main, ["slim", str(source), "-o", str(tmp_path / "s.onnx")])
+    assert default.exit_code == 0, default.output
+    assert "no channels were removed" in default.output  # nothing masked: auto changes nothing
