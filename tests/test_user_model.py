@@ -109,6 +109,8 @@ schedule = "constant"
 epochs = 1
 lr = 0.01
 optimizer = "adam"
+[slim]
+round_to = 1
 [validate]
 warmup = 2
 repeat = 5
