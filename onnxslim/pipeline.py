@@ -138,11 +138,16 @@ class RunReport:
         """Hints for figures that look wrong to a user, each with what to try."""
         hints = []
         round_to = str(self.recipe.get("slim", {}).get("round_to", "auto"))
-        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before and round_to == "1":
-            hints.append(f"the slimmed model is slower than the dense one ({self.latency_ms_after:.4f} vs "
-                         f"{self.latency_ms_before:.4f} ms) although it has fewer MACs: onnxruntime's CPU "
-                         "convolutions are slow for channel counts off their NCHWc block (4, 8 or 16 by CPU); "
-                         'try [slim] round_to = "auto"')
+        if self.macs_after < self.macs_before and self.latency_ms_after > self.latency_ms_before:
+            slower = (f"the slimmed model is slower than the dense one ({self.latency_ms_after:.4f} vs "
+                      f"{self.latency_ms_before:.4f} ms) although it has fewer MACs: ")
+            if round_to == "1":
+                hints.append(slower + "onnxruntime's CPU convolutions are slow for channel counts off their NCHWc "
+                             'block (4, 8 or 16 by CPU); try [slim] round_to = "auto"')
+            else:
+                hints.append(slower + "try `onnxslim slim masked.onnx slim.onnx --ensure-faster` (keeps the fastest "
+                             "of round-to 1, the block and twice it) and `onnxslim bench --per-layer dense.onnx "
+                             "slim.onnx` to see which layers")
         return hints
 
     def format_table(self) -> str:

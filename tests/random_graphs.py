@@ -406,6 +406,42 @@ def build_random_model(draw: Draw, kinds: Sequence[str] = tuple(KINDS), max_step
     return g.model(), b.masked
 
 
+def _outputs_differ(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+    """'' when onnxruntime's outputs agree within 1e-5 x max|output| (+1e-7), else what differs."""
+    feeds = random_feeds(reference, batch=BATCH)
+    for expected, actual in zip(run(reference, feeds), run(candidate, feeds)):
+        scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
+        diff = float(np.max(np.abs(expected - actual))) if expected.size and expected.shape == actual.shape else -1.0
+        if not 0.0 <= diff <= 1e-5 * scale + 1e-7:
+            return f"max diff {diff} vs max |out| {scale}, shapes {expected.shape} {actual.shape}"
+    return ""
+
+
+def check_prune_example(model: onnx.ModelProto, ratio: float, scope: str = "layer", baseline=None):
+    """Prune ``model``: the slimmed result must equal the masked reference, and with ``scope="layer"`` no
+    layer may lose more than the ratio plus one unit beyond what slim alone deletes (the generator's own
+    masks) — checked loosely as ratio + half the layer. ``baseline`` is slim's report on ``model`` (computed
+    when not given). Same outcomes as :func:`check_example`, plus "budget"."""
+    from onnxslim.graph.prune import prune
+    from onnxslim.graph.slim import slim
+
+    try:
+        slimmed, report, masked = prune(model, ratio=ratio, scope=scope)
+        baseline = baseline if baseline is not None else slim(model)[1]
+    except Exception as exc:  # noqa: BLE001
+        return "crash", f"prune: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
+    differ = _outputs_differ(masked, slimmed)
+    if differ:
+        return "inexact", f"prune: {differ}", report
+    if scope == "layer":
+        alone = {layer.node: layer.channels_after for layer in baseline.layers}
+        for layer in report.layers:
+            extra = alone.get(layer.node, layer.channels_before) - layer.channels_after
+            if extra > ratio * layer.channels_before + layer.channels_before / 2:
+                return "budget", f"{layer.node}: {layer.channels_before} -> {layer.channels_after}", report
+    return "ok", f"prune: {report.deleted_masked_channels}/{report.masked_channels} chosen channels deleted", report
+
+
 def check_example(model: onnx.ModelProto):
     """Slim ``model`` and compare with onnxruntime: (outcome, detail, slim report or None), the outcome
     one of "ok", "crash", "inexact", "larger" (more params or MACs than the input)."""
@@ -418,10 +454,7 @@ def check_example(model: onnx.ModelProto):
     if report.params_after > report.params_before or report.macs_after > report.macs_before:
         return "larger", f"params {report.params_before} -> {report.params_after}, MACs {report.macs_before} -> " \
                          f"{report.macs_after}", report
-    feeds = random_feeds(model, batch=BATCH)
-    for expected, actual in zip(run(model, feeds), run(slimmed, feeds)):
-        scale = max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-6)
-        diff = float(np.max(np.abs(expected - actual))) if expected.size and expected.shape == actual.shape else -1.0
-        if not 0.0 <= diff <= 1e-5 * scale + 1e-7:
-            return "inexact", f"max diff {diff} vs max |out| {scale}, shapes {expected.shape} {actual.shape}", report
+    differ = _outputs_differ(model, slimmed)
+    if differ:
+        return "inexact", differ, report
     return "ok", f"masked channels deleted {report.deleted_masked_channels}/{report.masked_channels}", report

@@ -226,7 +226,8 @@ def test_report_advises_round_to_when_slimmed_model_is_slower():
     faster = RunReport(**{**fields, "latency_ms_after": 0.3})
     assert faster.advice() == [] and "round_to" not in faster.format_table()
     rounded = RunReport(**{**fields, "recipe": {"slim": {"round_to": 8}}})
-    assert rounded.advice() == []
+    (hint,) = rounded.advice()  # already rounded and still slower: the measuring fixes
+    assert "--ensure-faster" in hint and "--per-layer" in hint
 
 
 def test_stage_functions_one_by_one(tmp_path):

@@ -41,3 +41,34 @@ def test_round_to_tool(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["round_to"] for r in results] == [1, 8]
     assert results[1]["macs"] >= results[0]["macs"]  # rounding up only keeps extra channels
+
+
+@pytest.mark.slow
+def test_channel_sweep_tool(tmp_path):
+    out = tmp_path / "sweep.json"
+    run_tool("bench_channel_sweep.py", "--channels", "6,8", "--base", "8", "--size", "6", "--rounds", "2",
+             "--warmup", "0", "--json", out)
+    data = json.loads(out.read_text())
+    assert [r["channels"] for r in data["rows"]] == [6, 8] and data["block"] in (4, 8, 16)
+    assert all(r["nchwc_convs"] in (0, 1, 2) and r["macs"] > 0 for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_latency_efficiency_tool(tmp_path):
+    out = tmp_path / "eff.json"
+    stdout = run_tool("bench_latency_efficiency.py", "--models", "yolo_style", "--size", "32", "--rounds", "2",
+                      "--warmup", "0", "--threads", "1", "--batch", "1", "--ratios", "0.5", "--json", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "yolo_style" and row["macs_ratio"] > 1.5  # half the channels of most layers
+    assert row["efficiency"] == pytest.approx(row["speedup"] / row["macs_ratio"])
+    assert "speedup / MACs ratio" in stdout
+
+
+@pytest.mark.slow
+def test_latency_efficiency_tool_target_mode(tmp_path):
+    out = tmp_path / "target.json"
+    run_tool("bench_latency_efficiency.py", "--models", "mobilenet_v3_small", "--size", "32", "--rounds", "3",
+             "--warmup", "0", "--target-latency", "0.6", "--json", out)
+    (row,) = json.loads(out.read_text())["targets"]
+    assert row["target"] == 0.6 and 1 <= row["prunes"] <= 8 and 0 < row["macs_fraction"] < 1
+    assert row["error"] == pytest.approx(row["verified_latency_fraction"] / 0.6 - 1)

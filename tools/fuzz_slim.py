@@ -7,9 +7,11 @@ GroupNorm, QDQ, negative and whole-layer masks) from a seeded numpy generator: e
 
     PYTHONPATH=. python tools/fuzz_slim.py --examples 5000 --seed 0
     PYTHONPATH=. python tools/fuzz_slim.py --seed 0 --only 1234 --save failing/   # one example, kept as .onnx
+    PYTHONPATH=. python tools/fuzz_slim.py --examples 500 --prune 0.5             # prune them as well
 
 Prints one line per failure (example, outcome, detail) and the totals: examples, ok, crashes, inexact,
-larger (more params or MACs than the input), generator errors, masked channels deleted, time.
+larger (more params or MACs than the input), over budget (``--prune``: a layer lost far more than the
+ratio), generator errors, masked channels deleted, time.
 Exit code 1 when anything but "ok" happened.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from random_graphs import KINDS, RandomDraw, build_random_model, check_example  # noqa: E402
+from random_graphs import KINDS, RandomDraw, build_random_model, check_example, check_prune_example  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds of blocks to draw from")
     parser.add_argument("--max-steps", type=int, default=10, help="most blocks per graph")
     parser.add_argument("--save", type=Path, default=None, help="write every failing example here as .onnx")
+    parser.add_argument("--prune", type=float, default=None, metavar="RATIO",
+                        help="also prune every example at this ratio (scope layer for even examples, global "
+                             "for odd ones) and compare with its masked reference")
     args = parser.parse_args(argv)
     unknown = set(args.kinds.split(",")) - set(KINDS)
     if unknown:
@@ -42,19 +47,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_example(seed: int, number: int, kinds: list[str], max_steps: int):
+def run_example(seed: int, number: int, kinds: list[str], max_steps: int, prune_ratio: float | None = None):
     """(outcome, detail, model or None, slim report or None) of one example."""
     try:
         model, _ = build_random_model(RandomDraw((seed, number)), kinds, max_steps)
     except Exception as exc:  # noqa: BLE001  (a generator bug is counted, not fatal)
         return "generator", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None, None
     outcome, detail, report = check_example(model)
+    if outcome == "ok" and prune_ratio is not None:
+        scope = "layer" if number % 2 == 0 else "global"
+        pruned, pruned_detail, _ = check_prune_example(model, prune_ratio, scope, baseline=report)
+        if pruned != "ok":
+            return pruned, pruned_detail, model, report
     return outcome, detail, model, report
 
 
 def main(argv: list[str] | None = None) -> int:
     import onnx
+    import onnxruntime
 
+    onnxruntime.set_default_logger_severity(3)  # errors only: the campaign prints its own lines
     args = parse_args(argv)
     kinds = args.kinds.split(",")
     numbers = [args.only] if args.only is not None else range(args.examples)
@@ -62,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     masked = deleted = 0
     start = time.perf_counter()
     for number in numbers:
-        outcome, detail, model, report = run_example(args.seed, number, kinds, args.max_steps)
+        outcome, detail, model, report = run_example(args.seed, number, kinds, args.max_steps, args.prune)
         counts[outcome] += 1
         if report is not None:
             masked += report.masked_channels
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     total = sum(counts.values())
     print(f"examples: {total}  ok: {counts['ok']}  crashes: {counts['crash']}  inexact: {counts['inexact']}  "
-          f"larger: {counts['larger']}  generator errors: {counts['generator']}  "
+          f"larger: {counts['larger']}  over budget: {counts['budget']}  generator errors: {counts['generator']}  "
           f"masked channels deleted: {deleted}/{masked}  "
           f"time: {elapsed:.1f} s ({1000 * elapsed / max(total, 1):.0f} ms per example)")
     return 0 if counts["ok"] == total else 1

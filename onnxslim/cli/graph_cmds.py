@@ -106,6 +106,11 @@ def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_
 @click.option("--save-masked", type=output_path(dir_okay=False), default=None,
               help="Also write the masked (unslimmed) model: the exact reference of the pruned one.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--target-macs", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Instead of --ratio: keep this fraction of the input's MACs (ratio searched).")
+@click.option("--target-latency", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Instead of --ratio: keep this fraction of the input's measured onnxruntime latency "
+                   "(1 thread; ratio searched with quick A/B benchmarks).")
 @_round_to_option
 @_target_option
 @_input_shape_option
@@ -114,7 +119,8 @@ def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_
 @_verify_option
 @_ensure_option
 def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels, placement, save_masked, seed,
-          round_to, target_device, input_shapes, json_path, show_all, verify_speed, ensure_faster):
+          target_macs, target_latency, round_to, target_device, input_shapes, json_path, show_all, verify_speed,
+          ensure_faster):
     """Remove a fraction of MODEL's channels chosen by a criterion (any ONNX model), then slim.
 
     Coupled channels (residual groups) are chosen together; channels held by barriers are never chosen.
@@ -126,10 +132,18 @@ def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels
     output = single_output(output_arg, output)
     shapes = parse_input_shapes(input_shapes)
 
+    if target_macs is not None and target_latency is not None:
+        raise OnnxSlimError("give one of --target-macs and --target-latency")
+    options = dict(criterion=criterion, scope=scope, cost=cost, min_channels=min_channels, input_shapes=shapes,
+                   target_device=target_device, seed=seed, placement=placement)
+
     def build(multiple):
-        return prune_model(model, None, ratio=ratio, criterion=criterion, scope=scope, cost=cost,
-                           min_channels=min_channels, input_shapes=shapes, round_to=multiple,
-                           target_device=target_device, seed=seed, placement=placement)
+        if target_macs is None and target_latency is None:
+            return prune_model(model, None, ratio=ratio, round_to=multiple, **options)
+        from onnxslim.graph.allocate import prune_to_target
+
+        metric, target = ("macs", target_macs) if target_macs is not None else ("latency", target_latency)
+        return prune_to_target(model, metric, target, round_to=multiple, **options)[:3]
 
     report = _write_result(model, output, build, round_to, target_device, shapes, verify_speed, ensure_faster,
                            masked_path=save_masked)
@@ -162,6 +176,9 @@ def _write_result(source, output, build, round_to, target_device, shapes, verify
         try:
             check = speedcheck.verify_speed(source, output, report.macs_before, report.macs_after, input_shapes=shapes)
             report.notes.append(check.note())
+            if report.target and report.target["metric"] == "latency":
+                report.notes.append(f"verified: the written result runs at {1 / check.speedup:.3f} of the input's "
+                                    f"latency (target {report.target['target']:.3f})")
         except OnnxSlimError as exc:
             report.notes.append(f"speed check skipped: {exc}")
     return report

@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.cleanup import remove_dead_code
 from onnxslim.graph.report import SlimReport
 from onnxslim.graph.rounding import resolve_round_to, round_choice
 from onnxslim.graph.rules import RuleSet
@@ -158,6 +159,18 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
     return len(inserted)
 
 
+def _drop_dead_code(model: onnx.ModelProto) -> None:
+    """Constants that normalisation folded (a DequantizeLinear of a weight ...) leave their sources unread:
+    drop them from the masked reference (and from the graph inputs of IR 3 models, which list them)."""
+    before = {t.name for t in model.graph.initializer}
+    remove_dead_code(model)
+    gone = before - {t.name for t in model.graph.initializer}
+    if gone:
+        survivors = [value for value in model.graph.input if value.name not in gone]
+        del model.graph.input[:]
+        model.graph.input.extend(survivors)
+
+
 def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
           ratio: float = 0.5, criterion: str = "l1", scope: str = "layer", min_channels: int = 1,
           input_shapes: dict[str, list[int]] | None = None, round_to: int | str = 1, seed: int = 0,
@@ -180,6 +193,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     roots = round_choice(analysis, selection.roots, channel_scores(analysis, criterion, seed), rounding.multiple,
                          analysis.kept_by(BARRIER))
     insert_masks(masked, analysis, roots, placement)
+    _drop_dead_code(masked)
     check_model(masked, what="the masked model")
     slimmed, report = slim(masked, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
     report.rounding = rounding.to_dict(kept_counts=True)

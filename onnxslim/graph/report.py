@@ -51,6 +51,7 @@ class SlimReport:
     removed_nodes: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)  # what limited the result (prune's budgets ...)
     rounding: dict[str, Any] | None = None  # what round_to resolved to and why (onnxslim.graph.rounding)
+    target: dict[str, Any] | None = None  # prune --target-macs/--target-latency (onnxslim.graph.allocate)
 
     @property
     def masked_behind_barriers(self) -> int:

@@ -44,23 +44,39 @@ class IndexMap:
 
     @property
     def components(self) -> int:
-        return len(np.unique(self.in_rep))
+        return len(_unique(self.in_rep))
+
+
+def _unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (a sort; numpy's hash-based unique is slow on large int arrays)."""
+    ordered = np.sort(values, kind="stable")
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
 
 
 def components(in_channel: np.ndarray, out_channel: np.ndarray, c_in: int, c_out: int) -> IndexMap | None:
     """The components of the relation {(in_channel[f], out_channel[f])}; None when an output channel
     receives no input channel (it could not be deleted with anything)."""
-    pairs = np.unique(np.stack([in_channel, out_channel + c_in], axis=1), axis=0)
+    codes = _unique(in_channel * c_out + out_channel)  # one int per related pair
+    ins, outs = codes // c_out, codes % c_out
+    if len(_unique(ins)) != c_in or len(_unique(outs)) != c_out:
+        return None
+    if len(outs) == c_out:  # each output channel reads one input channel (Flatten, SpaceToDepth)
+        out_rep = np.empty(c_out, np.int64)
+        out_rep[outs] = ins
+        return IndexMap(np.arange(c_in, dtype=np.int64), out_rep)
+    if len(ins) == c_in:  # each input channel lands in one output channel (a group, DepthToSpace)
+        out_rep = np.full(c_out, c_in, np.int64)
+        np.minimum.at(out_rep, outs, ins)
+        in_rep = np.empty(c_in, np.int64)
+        in_rep[ins] = out_rep[outs]
+        return IndexMap(in_rep, out_rep)
     uf = UnionFind()
     uf.new(c_in + c_out)
-    uf.union(pairs[:, 0], pairs[:, 1])
+    uf.union(ins, outs + c_in)
     roots = uf.roots()
     rep = np.full(c_in + c_out, c_in, np.int64)
     np.minimum.at(rep, roots[:c_in], np.arange(c_in))
-    in_rep, out_rep = rep[roots[:c_in]], rep[roots[c_in:]]
-    if (out_rep == c_in).any() or (in_rep == c_in).any():
-        return None
-    return IndexMap(in_rep, out_rep)
+    return IndexMap(rep[roots[:c_in]], rep[roots[c_in:]])
 
 
 def apply_map(analysis, x: ChannelInfo, name: str, index_map: IndexMap, axis: int, rank: int) -> ChannelInfo:
@@ -93,18 +109,18 @@ def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[
         out_dims.pop()
     size = int(np.prod(in_dims, dtype=np.int64))
     in_channel = _channel_of_element(in_dims, in_axis, size)
-    best, best_score = None, None
+    out_channels = [_channel_of_element(out_dims, axis, size) for axis in range(len(out_dims))]
+    # an axis on which every input channel lands at one index only carries no space (GroupNorm's
+    # [N, G, C/G*H*W] is read along G, not along the mixed axis); among those the finest, the later
+    pure = [len(_unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
+            for axis, out_channel in enumerate(out_channels)]
+    best, best_count = None, 0
     for axis in range(len(out_dims)):
-        out_channel = _channel_of_element(out_dims, axis, size)
-        found = components(in_channel, out_channel, in_dims[in_axis], out_dims[axis])
-        if found is None:
+        if any(pure) and not pure[axis]:
             continue
-        # an axis on which every input channel lands at one index only carries no space (GroupNorm's
-        # [N, G, C/G*H*W] is read along G, not along the mixed axis); then the finest, then the later
-        pure = len(np.unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
-        score = (pure, found.components, axis)
-        if best_score is None or score > best_score:
-            best, best_score = (axis, found), score
+        found = components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
+        if found is not None and found.components >= best_count:
+            best, best_count = (axis, found), found.components
     return best
 
 

@@ -1,0 +1,61 @@
+"""Targets instead of ratios: the ratio search, --target-macs exactly, --target-latency as a working path."""
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from graphs import GraphBuilder, assert_equivalent
+
+from onnxslim.cli import main
+from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.allocate import prune_to_target, search_ratio
+
+
+def wide_net() -> onnx.ModelProto:
+    g = GraphBuilder(seed=5)
+    x = g.input([1, 3, 16, 16])
+    a = g.op("Relu", [g.conv(x, 3, 64)])
+    b = g.op("Relu", [g.conv(a, 64, 96)])
+    c = g.op("Relu", [g.conv(b, 96, 64)])
+    g.output(g.conv(c, 64, 8))
+    return g.model()
+
+
+def test_search_ratio_finds_the_target_of_a_monotone_value():
+    calls = []
+
+    def evaluate(ratio):
+        calls.append(ratio)
+        return 0.1 + 0.9 * (1 - ratio) ** 2, f"model@{ratio}"
+
+    result, payload = search_ratio(evaluate, 0.4, tolerance=0.01)
+    assert abs(result.achieved - 0.4) <= 0.004 and payload == f"model@{result.ratio}"
+    assert len(result.steps) == len(calls) <= 8
+    with pytest.raises(OnnxSlimError, match=r"in \(0, 1\]"):
+        search_ratio(evaluate, 1.5)
+
+
+def test_target_macs_lands_near_the_target_and_stays_exact():
+    model = wide_net()
+    slimmed, report, masked, result = prune_to_target(model, "macs", 0.5, round_to=1)
+    assert_equivalent(masked, slimmed)
+    assert result.achieved == pytest.approx(report.macs_after / report.macs_before)
+    assert abs(result.achieved - 0.5) <= 0.05  # a few channels of granularity
+    assert report.target["metric"] == "macs" and "target macs: keep 0.500" in report.notes[-1]
+
+
+def test_target_latency_measures_candidates():
+    model = wide_net()
+    slimmed, report, masked, result = prune_to_target(model, "latency", 0.6, rounds=3, max_steps=2, round_to=1)
+    assert 1 <= len(result.steps) <= 2 and result.achieved > 0
+    assert "measured latency" in result.note()
+    assert_equivalent(masked, slimmed)
+
+
+def test_prune_cli_target_macs(tmp_path):
+    source, out = tmp_path / "net.onnx", tmp_path / "pruned.onnx"
+    onnx.save(wide_net(), str(source))
+    result = CliRunner().invoke(main, ["prune", str(source), str(out), "--target-macs", "0.5", "--no-verify-speed"])
+    assert result.exit_code == 0, result.output
+    assert "target macs: keep 0.500" in result.output
+    both = CliRunner().invoke(main, ["prune", str(source), str(out), "--target-macs", "0.5", "--target-latency", "0.5"])
+    assert both.exit_code == 2 and "one of --target-macs and --target-latency" in both.output

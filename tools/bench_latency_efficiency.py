@@ -1,0 +1,251 @@
+"""Is a pruned model as fast as its MACs say? Speedup / MACs ratio over third-party-style graphs.
+
+Graphs built here, exported with torch.onnx (legacy exporter, dynamic batch), random weights:
+ResNet-50, VGG-16, MobileNetV2, MobileNetV3-Small (depthwise + squeeze-excitation + HardSwish, the
+PP-LCNet family's blocks), a YOLO-style detector (C2f blocks with Split/Concat, SPPF, a two-level FPN and a
+decoupled box/class head; defined in this file) and the inverted-residual segmentation net of the zoo.
+Each is pruned with ``onnxslim.graph.prune.prune`` at every ``--ratios`` value with the command line's
+defaults (L1 criterion, per-layer scope, ``round_to="auto"``; ``--round-to`` overrides) and timed with
+:func:`onnxslim.validate.bench.benchmark` (dense and its pruned variants together, random order per
+round) at every thread count and batch size. Per row: MACs ratio (dense / pruned, per sample), median
+per-round speedup with its 95 % CI, and efficiency = speedup / MACs ratio (1.0: as fast as the MACs
+say). The summary line covers 1 thread, batch 1 (the issue's targets: median efficiency >= 0.95,
+minimum >= 0.80, no model slower than dense).
+
+    python tools/bench_latency_efficiency.py --size 224 --rounds 30            # the full run
+    python tools/bench_latency_efficiency.py --size 96 --rounds 15 --threads 1 --batch 1   # reduced
+    python tools/bench_latency_efficiency.py --target-latency 0.5 --models resnet50,mobilenet_v3_small
+
+With ``--target-latency F`` each model is pruned with ``prune --target-latency F`` instead
+(:func:`onnxslim.graph.allocate.prune_to_target`), then the result is timed against the dense model in
+a separate A/B of ``--rounds`` rounds: target, achieved latency fraction (1 / speedup) and its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+MODELS = ("resnet50", "vgg16", "mobilenet_v2", "mobilenet_v3_small", "yolo_style", "mobilenet_v3_small_seg")
+
+
+def conv_bn_act(c1: int, c2: int, k: int = 1, s: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.cv1, self.cv2 = conv_bn_act(c, c, 3), conv_bn_act(c, c, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: 1x1 to 2c, split in halves, n bottlenecks on the last half, concat all, 1x1."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = conv_bn_act(c1, 2 * self.c)
+        self.blocks = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+        self.cv2 = conv_bn_act((2 + n) * self.c, c2)
+
+    def forward(self, x):
+        parts = list(self.cv1(x).split((self.c, self.c), 1))
+        for block in self.blocks:
+            parts.append(block(parts[-1]))
+        return self.cv2(torch.cat(parts, 1))
+
+
+class SPPF(nn.Module):
+    def __init__(self, c1: int, c2: int):
+        super().__init__()
+        self.cv1, self.cv2 = conv_bn_act(c1, c1 // 2), conv_bn_act(c1 // 2 * 4, c2)
+        self.pool = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.pool(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloStyle(nn.Module):
+    """Backbone of C2f stages, SPPF, a two-level FPN (upsample + concat + C2f), decoupled head per level."""
+
+    def __init__(self, classes: int = 20, w: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn_act(3, w, 3, 2), conv_bn_act(w, 2 * w, 3, 2), C2f(2 * w, 2 * w))
+        self.p3 = nn.Sequential(conv_bn_act(2 * w, 4 * w, 3, 2), C2f(4 * w, 4 * w, 2))
+        self.p4 = nn.Sequential(conv_bn_act(4 * w, 8 * w, 3, 2), C2f(8 * w, 8 * w, 2), SPPF(8 * w, 8 * w))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = C2f(12 * w, 4 * w)
+        self.box = nn.ModuleList(nn.Sequential(conv_bn_act(c, 2 * w, 3), conv_bn_act(2 * w, 2 * w, 3),
+                                               nn.Conv2d(2 * w, 64, 1)) for c in (4 * w, 8 * w))
+        self.cls = nn.ModuleList(nn.Sequential(conv_bn_act(c, 2 * w, 3), conv_bn_act(2 * w, 2 * w, 3),
+                                               nn.Conv2d(2 * w, classes, 1)) for c in (4 * w, 8 * w))
+
+    def forward(self, x):
+        p3 = self.p3(self.stem(x))
+        p4 = self.p4(p3)
+        f3 = self.fuse(torch.cat([self.up(p4), p3], 1))
+        outs = [torch.cat([box(f), cls(f)], 1).flatten(2) for f, box, cls in zip((f3, p4), self.box, self.cls)]
+        return torch.cat(outs, 2)
+
+
+def build(name: str, size: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    from onnxslim.zoo import get_model
+
+    torch.manual_seed(0)
+    if name == "yolo_style":
+        return YoloStyle().eval(), (3, size, size)
+    channels = 1 if name == "mobilenet_v3_small_seg" else 3
+    model = get_model(name, {"input_size": size, "in_channels": channels})
+    for module in model.modules():  # trained-looking BN statistics, so l1 scores and outputs are not degenerate
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 1.5)
+            module.running_mean.uniform_(-0.1, 0.1)
+    return model.eval(), (channels, size, size)
+
+
+def export_onnx(name: str, size: int, folder: Path) -> tuple[Path, tuple[int, int, int]]:
+    from onnxslim.training.export import export
+
+    model, shape = build(name, size)
+    path = folder / f"{name}.onnx"
+    export(model, torch.randn(1, *shape), path, dynamo=False, opset=17, dynamic_batch=True)
+    return path, shape
+
+
+def measure(name: str, args, folder: Path) -> list[dict]:
+    from onnxslim.graph.prune import prune
+    from onnxslim.validate.bench import BenchOptions, benchmark
+
+    path, shape = export_onnx(name, args.size, folder)
+    shapes = {"input": [1, *shape]}
+    variants, macs = [path], {}
+    for ratio in args.ratios:
+        out = folder / f"{name}_r{ratio}.onnx"
+        _, report, _ = prune(path, out, ratio=ratio, round_to=args.round_to, input_shapes=shapes)
+        variants.append(out)
+        macs[ratio] = report.macs_before / report.macs_after
+        rounding = report.rounding["description"] if report.rounding else "round-to 1"
+    bench = benchmark(variants, BenchOptions(threads=tuple(args.threads), batch_sizes=tuple(args.batch),
+                                             input_shapes=shapes, warmup=args.warmup, repeat=args.rounds,
+                                             session_repeats=3, measure_memory=False),
+                      names=["dense", *(f"r{r}" for r in args.ratios)], progress=False)
+    rows = []
+    for config in bench.configs:
+        for ratio, comparison in zip(args.ratios, config.comparisons):
+            rows.append({"model": name, "ratio": ratio, "threads": config.threads, "batch": config.batch_size,
+                         "macs_ratio": macs[ratio], "speedup": comparison.speedup,
+                         "ci": [comparison.ci_low, comparison.ci_high],
+                         "efficiency": comparison.speedup / macs[ratio], "dense_ms": config.models[0].median_ms,
+                         "rounding": rounding})
+    return rows
+
+
+def measure_target(name: str, args, folder: Path) -> dict:
+    from onnxslim.graph.allocate import prune_to_target
+    from onnxslim.validate.speedcheck import verify_speed
+
+    path, shape = export_onnx(name, args.size, folder)
+    shapes = {"input": [1, *shape]}
+    slimmed, report, _, result = prune_to_target(path, "latency", args.target_latency, rounds=args.rounds,
+                                                 round_to=args.round_to, input_shapes=shapes)
+    check = verify_speed(path, slimmed, report.macs_before, report.macs_after, rounds=args.rounds, input_shapes=shapes)
+    achieved = 1.0 / check.speedup
+    return {"model": name, "target": args.target_latency, "search_achieved": result.achieved, "ratio": result.ratio,
+            "prunes": len(result.steps), "verified_latency_fraction": achieved,
+            "ci": [1.0 / check.ci_high, 1.0 / check.ci_low], "error": achieved / args.target_latency - 1.0,
+            "macs_fraction": report.macs_after / report.macs_before}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| model | ratio | threads | batch | dense ms | MACs ratio | speedup (95 % CI) | speedup / MACs ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['ratio']} | {r['threads']} | {r['batch']} | {r['dense_ms']:.2f} | "
+              f"{r['macs_ratio']:.2f} | {r['speedup']:.2f}x ({r['ci'][0]:.2f}-{r['ci'][1]:.2f}) | {r['efficiency']:.2f} |")
+
+
+def summary(rows: list[dict]) -> str:
+    base = [r for r in rows if r["threads"] == 1 and r["batch"] == 1]
+    if not base:
+        return "no 1-thread batch-1 rows"
+    eff = [r["efficiency"] for r in base]
+    slower = [f"{r['model']}@{r['ratio']}" for r in base if r["speedup"] < 1.0]
+    return (f"1 thread, batch 1, {len(base)} rows: median speedup / MACs ratio {statistics.median(eff):.2f} "
+            f"(target >= 0.95), minimum {min(eff):.2f} (target >= 0.80), slower than dense: "
+            f"{', '.join(slower) or 'none'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ratios", default="0.4,0.7")
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--threads", default="1,4")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--round-to", default="auto")
+    parser.add_argument("--target-latency", type=float, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    args.ratios = [float(v) for v in args.ratios.split(",")]
+    args.threads = [int(v) for v in args.threads.split(",")]
+    args.batch = [int(v) for v in args.batch.split(",")]
+    torch.set_num_threads(1)
+    cores = os.cpu_count() or 1
+    if max(args.threads) > cores:
+        print(f"note: {max(args.threads)} threads on a {cores}-core machine: those rows oversubscribe the CPU")
+    if args.target_latency is not None:
+        return run_targets(args)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
+        for name in args.models.split(","):
+            rows += measure(name, args, Path(tmp))
+            print(f"measured {name}", file=sys.stderr, flush=True)
+    print_table(rows)
+    print()
+    print(summary(rows))
+    print(f"input {args.size}x{args.size}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
+    if args.json:
+        from onnxslim.io import write_json_atomic
+
+        write_json_atomic(args.json, {"rows": rows, "size": args.size, "rounds": args.rounds, "cores": cores,
+                                      "round_to": args.round_to, "summary": summary(rows)})
+    return 0
+
+
+def run_targets(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
+        rows = [measure_target(name, args, Path(tmp)) for name in args.models.split(",")]
+    print("| model | target | ratio found | prunes | verified latency fraction (95 % CI) | error | MACs fraction |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['target']:.2f} | {r['ratio']:.3f} | {r['prunes']} | "
+              f"{r['verified_latency_fraction']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | {r['error']:+.1%} | "
+              f"{r['macs_fraction']:.3f} |")
+    print(f"input {args.size}x{args.size}, 1 thread, batch 1, {args.rounds} rounds per A/B")
+    if args.json:
+        from onnxslim.io import write_json_atomic
+
+        write_json_atomic(args.json, {"targets": rows, "size": args.size, "rounds": args.rounds})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
