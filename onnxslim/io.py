@@ -226,6 +226,18 @@ def external_data_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
     return [folder / location for location in sorted(locations)]
 
 
+def small_model_data_files(path: str | os.PathLike, limit: int = 64 << 20) -> list[Path]:
+    """The external-data files an ONNX file names, read only when the file is small (a model with its
+    weights outside is); [] for other files and for unreadable ones."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() != ".onnx" or not path.is_file() or path.stat().st_size > limit:
+            return []
+        return external_data_files(onnx.load(str(path), load_external_data=False), path.parent)
+    except Exception:  # noqa: BLE001 - not a model: the command reports it when it reads the file
+        return []
+
+
 def path_size_with_data(path: str | os.PathLike) -> int:
     """Bytes on disk of an ONNX file plus the external-data files it names (absent ones count 0)."""
     path = Path(path)

@@ -17,6 +17,7 @@ from graphs import GraphBuilder
 from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from onnxslim.graph.inspect import inspect_model
 from onnxslim.graph.slim import slim
 
 
@@ -84,6 +85,8 @@ def test_onnxruntime_qdq_model_slims_quantized(per_channel, tmp_path):
     assert after.get(TensorProto.FLOAT, 0) <= before[TensorProto.FLOAT]  # nothing was dequantized
     assert len(slimmed.SerializeToString()) < len(qdq.SerializeToString())
     assert report.params_after < report.params_before
+    layers = inspect_model(qdq).layers  # quantized weights count as the layers' params
+    assert [layer.params for layer in layers][:2] == [32 * 3 * 9 + 32, 48 * 32 * 9 + 48]
 
 
 def _qdq(g: GraphBuilder, x: str, scale: float, zero_point: int, dq_zero_point: int | None = None) -> str:

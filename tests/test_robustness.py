@@ -153,11 +153,23 @@ def test_outputs_never_replace_inputs_or_each_other(model_path, tmp_path, case):
     assert after == before  # nothing written, nothing replaced
 
 
+@pytest.mark.parametrize("case", ["--json on the input's data", "OUT's data is the input's data"])
+def test_external_data_files_count_as_inputs_and_outputs(tmp_path, case):
+    model = tmp_path / "ext.onnx"
+    location = "weights.bin" if case.startswith("--json") else "slim.onnx.data"
+    onnx.save_model(masked_graph(64), str(model), save_as_external_data=True, location=location, size_threshold=0)
+    args = {"--json on the input's data": ["slim", model, tmp_path / "slim.onnx", "--json", tmp_path / location],
+            "OUT's data is the input's data": ["slim", model, tmp_path / "slim.onnx"]}[case]
+    before = (tmp_path / location).read_bytes()
+    assert_one_line_error(invoke(args), "external data")
+    assert (tmp_path / location).read_bytes() == before and not (tmp_path / "slim.onnx").exists()
+
+
 # -- 12. usage errors are one line too --------------------------------------------------------------
 @pytest.mark.parametrize("args, fragment", [
     (["slim", "{dir}", "out.onnx"], "is a directory"),
     (["prune", "{model}", "out.onnx", "--ratio", "1.0"], "--ratio"),
-    (["slim", "{model}", "out.onnx", "--round-to", "0"], "--round-to"),
+    (["slim", "{model}", "out.onnx", "--round-to", "0"], "round"),
     (["run", "{recipe}", "--threads", "0"], "--threads"),
     (["run", "{recipe}", "--threads", "two"], "--threads"),
     (["bench", "{model}", "--threads", "1,x"], "--threads"),

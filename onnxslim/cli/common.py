@@ -15,14 +15,15 @@ from typing import Any
 import click
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.io import check_distinct_paths
+from onnxslim.io import check_distinct_paths, small_model_data_files
 
 
 class _RolePath(click.Path):
-    def __init__(self, role: str, writes: tuple[str, ...] = (), **kwargs: Any):
+    def __init__(self, role: str, writes: tuple[str, ...] = (), beside: tuple[str, ...] = (), **kwargs: Any):
         super().__init__(path_type=Path, **kwargs)
         self.role = role
         self.writes = writes
+        self.beside = beside
 
 
 class _InputSpec(click.ParamType):
@@ -42,6 +43,11 @@ def input_path(**kwargs: Any) -> click.Path:
 def output_path(writes: tuple[str, ...] = (), **kwargs: Any) -> click.Path:
     """A path the command writes; for a folder, ``writes`` lists the file names written into it."""
     return _RolePath("output", writes, **kwargs)
+
+
+def model_output_path(**kwargs: Any) -> click.Path:
+    """An ONNX file the command writes; a big model's weights go to ``<name>.data`` beside it."""
+    return _RolePath("output", beside=(".data",), **kwargs)
 
 
 def input_spec() -> click.ParamType:
@@ -65,9 +71,12 @@ class Command(click.Command):
                     if isinstance(param.type, _InputSpec) and not path.is_file():
                         continue
                     inputs.append((label, path))
+                    inputs.extend((f"{label}'s external data", data) for data in small_model_data_files(path))
                 else:
                     outputs.append((label, path))
                     outputs.extend((label, path / name) for name in param.type.writes)
+                    outputs.extend((f"{label}'s external data", path.with_name(path.name + suffix))
+                                   for suffix in getattr(param.type, "beside", ()))
         check_distinct_paths(inputs, outputs)
         return super().invoke(ctx)
 

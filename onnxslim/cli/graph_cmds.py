@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from onnxslim.cli.common import Command, input_path, output_path, single_output
+from onnxslim.cli.common import Command, input_path, model_output_path, output_path, single_output
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.rounding import TARGETS
 
@@ -42,8 +42,8 @@ def _write_json(path: Path | None, payload: dict) -> None:
 
 @click.command(cls=Command)
 @click.argument("model", type=input_path(dir_okay=False))
-@click.argument("output_arg", metavar="[OUT]", required=False, type=output_path(dir_okay=False))
-@click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
+@click.argument("output_arg", metavar="[OUT]", required=False, type=model_output_path(dir_okay=False))
+@click.option("-o", "--output", type=model_output_path(dir_okay=False), default=None,
               help="Where to write the slimmed model (atomically); or give it as OUT.")
 @_input_shape_option
 @_round_to_option
@@ -88,8 +88,8 @@ def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_
 
 @click.command(cls=Command)
 @click.argument("model", type=input_path(dir_okay=False))
-@click.argument("output_arg", metavar="[OUT]", required=False, type=output_path(dir_okay=False))
-@click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
+@click.argument("output_arg", metavar="[OUT]", required=False, type=model_output_path(dir_okay=False))
+@click.option("-o", "--output", type=model_output_path(dir_okay=False), default=None,
               help="Where to write the pruned, slimmed model; or give it as OUT.")
 @click.option("--ratio", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Fraction of each layer's channels to remove, at most (with --scope global: of the prunable "
@@ -103,7 +103,7 @@ def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_
               help="Channels every layer keeps at least.")
 @click.option("--placement", type=click.Choice(["consumers", "after_bn"]), default="consumers", show_default=True,
               help="Where the zero masks go before slimming (see docs of onnxslim.graph.prune).")
-@click.option("--save-masked", type=output_path(dir_okay=False), default=None,
+@click.option("--save-masked", type=model_output_path(dir_okay=False), default=None,
               help="Also write the masked (unslimmed) model: the exact reference of the pruned one.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--target-macs", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,

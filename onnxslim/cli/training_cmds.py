@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from onnxslim.cli.common import Command, input_path, output_path, single_output
+from onnxslim.cli.common import Command, input_path, model_output_path, output_path, single_output
 from onnxslim.errors import OnnxSlimError
 
 _threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -136,8 +136,8 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool
 
 @click.command(cls=Command, help="Export a trained checkpoint to ONNX with masks as per-channel Mul nodes.")
 @click.argument("checkpoint", type=input_path(dir_okay=False))
-@click.argument("output_arg", metavar="[OUT]", required=False, type=output_path(dir_okay=False))
-@click.option("-o", "--output", type=output_path(dir_okay=False), default=None,
+@click.argument("output_arg", metavar="[OUT]", required=False, type=model_output_path(dir_okay=False))
+@click.option("-o", "--output", type=model_output_path(dir_okay=False), default=None,
               help="The .onnx file to write; or give it as OUT.")
 @click.option("--model", "model_name", default=None,
               help="Zoo model name or a factory 'package.module:function' (default: the one recorded in the "

@@ -102,9 +102,9 @@ class Rule:
         return 1
 
     def params(self, node: onnx.NodeProto, index: Graph) -> int:
-        """Parameters of the op: elements of the initializers it reads (weights, bias, BN vectors)."""
-        return sum(int(np.prod(index.initializers[name].dims, dtype=np.int64))
-                   for name in node.input if name in index.initializers)
+        """Parameters of the op: elements of the constants it reads (weights, bias, BN vectors; a
+        quantized weight counts its int8 elements)."""
+        return sum(int(np.prod(index.shape(name), dtype=np.int64)) for name in node.input if index.is_const(name))
 
     def macs(self, node: onnx.NodeProto, dims: Callable[[str], tuple | None]) -> int | None:
         """Multiply-accumulates of one sample (batch taken as 1) when ``counts_macs``; None when the
