@@ -1,7 +1,12 @@
 """``onnxslim run RECIPE``: dense baseline -> mask training -> export -> slim -> validate -> report.
 
-Steps, all written into the output folder (every file atomically; ``resume=True`` continues the
-training steps from their per-epoch checkpoints):
+Each step is a stage function a user can also call alone from Python (``start_run`` first, then
+``train``, ``export``, ``slim``, ``validate``, ``report``; :func:`run_recipe` chains them). Everything is
+written into the output folder, every file atomically. The folder must be empty (or new) unless
+``overwrite=True`` (the run's own files are deleted first) or ``resume=True``: the training steps then
+continue from their per-epoch checkpoints, each of which records :func:`recipe_fingerprint` and is
+refused, naming the changed keys, when the recipe differs. Steps 4-7 are recomputed on every run
+(their old files are deleted when the run starts), so a report always belongs to its checkpoints.
 
 1. **dense** (``dense.pt``): the zoo model, seeded, trained for ``training.dense.epochs``.
 2. **baseline** (``baseline.pt``): the dense model trained on for ``sparse.epochs + finetune.epochs``
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +53,10 @@ from onnxslim.training.export import ExportResult
 from onnxslim.training.export import export as export_onnx
 from onnxslim.training.masks import attach_masks, masked_summary
 from onnxslim.training.methods import get_method
-from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions, TrainResult
+from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions, TrainResult, load_checkpoint
 from onnxslim.validate.accuracy import AccuracyResult, evaluate
 from onnxslim.validate.bench import BenchOptions, BenchReport, benchmark
+from onnxslim.zoo import model_parameters
 
 REPORT_FILE = "REPORT.json"
 
@@ -89,6 +97,7 @@ class RunReport:
     files: dict[str, str]
     torch_accuracy: dict[str, float | None]
     latency_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    onnx_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # PyTorch module -> ONNX node (slim.onnx)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,8 +114,9 @@ class RunReport:
         if self.targets:
             lines += ["## Targets", "", markdown_table(("target", "required", "measured", "result"), [
                 (c.name, f"{c.target:.4g}", f"{c.value:.4g}", "ok" if c.ok else "**FAILED**") for c in self.targets]), ""]
-        lines += ["## Live channels per layer", "", markdown_table(("layer", "live", "channels"), [
-            (name, str(live), str(total)) for name, (live, total) in self.live_channels.items()]), ""]
+        lines += ["## Live channels per layer", "", markdown_table(("layer (PyTorch module)", "ONNX node", "live", "channels"), [
+            (name, self.onnx_nodes.get(name, ""), str(live), str(total))
+            for name, (live, total) in self.live_channels.items()], align="llrr"), ""]
         hints = self.advice()
         lines += [f"**Note:** {hint}." for hint in hints] + ([""] if hints else [])
         lines += ["Plots: `layers.png` (channels per layer), `latency.png` (latency distributions)."]
@@ -173,6 +183,13 @@ def load_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
     return train, test
 
 
+CHECKPOINTS = ("dense.pt", "baseline.pt", "masked.pt")
+# written after training from the checkpoints: removed when a run starts, so a report is never older
+# than the checkpoints beside it
+DERIVED = ("dense.onnx", "masked.onnx", "slim.onnx", "REPORT.json", "REPORT.md", "slim_report.txt", "layers.png",
+           "latency.png")
+
+
 @dataclasses.dataclass
 class Run:
     """One run of a recipe: its folder, data and options. Every stage function reads it and adds its time.
@@ -202,13 +219,100 @@ class Run:
         return self.out / name
 
 
-def start_run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-              device: str | None = None) -> Run:
-    """Create the output folder and load the recipe's data: the first step before the stage functions."""
+def start_run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+              progress: bool = True, device: str | None = None) -> Run:
+    """Check and prepare the output folder, load the recipe's data: the step before the stage functions.
+
+    Without ``resume`` a folder that is not empty is refused unless ``overwrite`` (which deletes the
+    files a run writes, and nothing else); with ``resume`` every checkpoint there must have been
+    written for this recipe (:func:`check_resumable`). Files derived from the checkpoints (ONNX models,
+    reports, plots) are deleted either way, so a report always belongs to the checkpoints beside it.
+    Raises :class:`OnnxSlimError` (one line) for a folder it may not use.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+    def prepare() -> None:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        if resume:
+            check_resumable(out, recipe_fingerprint(recipe))
+        for name in DERIVED:
+            (out / name).unlink(missing_ok=True)
+
+    DistContext.current().on_main(prepare)  # under torchrun: rank 0 decides, every rank raises its error
     train_data, test_data = load_data(recipe)
     return Run(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device)
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create ``out``; refuse a non-empty one without ``resume``/``overwrite``; ``overwrite`` clears a run."""
+    if resume and overwrite:
+        raise OnnxSlimError("--resume and --overwrite exclude each other: continue the run, or start it again")
+    if out.exists() and not out.is_dir():
+        raise OnnxSlimError(f"{out} is not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if entries and not resume and not overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise OnnxSlimError(f"{out} is not empty ({shown}); pass --resume to continue its run or --overwrite to "
+                            f"start again")
+    if overwrite:
+        for name in CHECKPOINTS + DERIVED:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """Everything in ``recipe`` that shapes the trained checkpoints, as ``{"method.params.lam": 0.015, ...}``.
+
+    The model with its resolved parameters, the data spec and sample counts, the method with all of its
+    parameters (defaults included), seed, batch size and the three phases. Export, slim, validation and
+    targets are not in it: a resumed run recomputes them. Nor is the device.
+    """
+    method = get_method(recipe.method.name, recipe.method.params)
+    training = recipe.training
+    payload = {
+        "model": {**recipe.model.to_dict(), "params": model_parameters(recipe.model.name, recipe.model.params)},
+        "data": dataclasses.asdict(recipe.data),
+        "method": {"name": method.name, "params": dataclasses.asdict(method.params)},
+        "training": {"seed": training.seed, "batch_size": training.batch_size,
+                     **{kind: dataclasses.asdict(getattr(training, kind)) for kind in ("dense", "sparse", "finetune")}},
+    }
+    return _flatten(json.loads(json.dumps(payload, default=str)))
+
+
+def _flatten(payload: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(payload, dict) or not payload:
+        return {prefix: payload}
+    flat: dict[str, Any] = {}
+    for key, value in payload.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_resumable(out: Path, fingerprint: Mapping[str, Any]) -> None:
+    """Refuse to resume from a checkpoint in ``out`` written for another recipe; name the keys that differ."""
+    for name in CHECKPOINTS:
+        path = out / name
+        if not path.exists():
+            continue
+        extra = load_checkpoint(path).get("extra")
+        recorded = extra.get("fingerprint") if isinstance(extra, Mapping) else None
+        if not isinstance(recorded, Mapping):
+            raise OnnxSlimError(f"{path}: the checkpoint does not record the recipe it was trained with; run "
+                                f"without --resume (with --overwrite) to start again")
+        changed = [key for key in sorted(set(recorded) | set(fingerprint))
+                   if recorded.get(key, _MISSING) != fingerprint.get(key, _MISSING)]
+        if changed:
+            shown = ", ".join(f"{key} {_show(recorded.get(key, _MISSING))} -> {_show(fingerprint.get(key, _MISSING))}"
+                              for key in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise OnnxSlimError(f"{path}: trained with another recipe ({shown}); run without --resume (with "
+                                f"--overwrite) to start again")
+
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if value is _MISSING else json.dumps(value)
 
 
 @dataclasses.dataclass
@@ -241,10 +345,11 @@ def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test:
     expected = spec.input_shape()
     if tuple(train.images.shape[1:]) != expected:
         raise OnnxSlimError(f"model {spec.name} expects inputs {expected} but {train.name} has "
-                            f"{tuple(train.images.shape[1:])}; set in_channels/input_size in [model.params]")
+                            f"{tuple(train.images.shape[1:])}; set in_channels/input_size in [model.params] "
+                            f"(or [model] input_shape)")
     cfg = recipe.training
     options = TrainOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=device or cfg.device, progress=progress)
-    extra = {"model_spec": spec.to_dict(), "recipe": recipe.name}
+    extra = {"model_spec": spec.to_dict(), "recipe": recipe.name, "fingerprint": recipe_fingerprint(recipe)}
 
     example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
     method = get_method(recipe.method.name, recipe.method.params)
@@ -393,11 +498,12 @@ def _run_report(run: Run, trained: TrainedModels, exported: ExportedModels, slim
                         "masked": trained.mask_result.test_metric},
         latency_details={name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "threads": t.threads,
                                 "batch_size": t.batch_size} for name, t in timings.items()},
+        onnx_nodes={layer.module: layer.node for layer in slim_report.layers if layer.module},
     )
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-               device: str | None = None) -> RunReport | None:
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+               progress: bool = True, device: str | None = None) -> RunReport | None:
     """Run every stage of ``recipe`` into ``out_dir`` and return the report (also written as REPORT.json);
     None on ranks > 0 of a torchrun launch, which only train (:mod:`onnxslim.training.distributed`).
 
@@ -409,7 +515,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
         slimmed = slim(run, exported)
         return report(run, trained, exported, slimmed, validate(run, trained, exported, slimmed))
     """
-    run = start_run(recipe, out_dir, resume=resume, progress=progress, device=device)
+    run = start_run(recipe, out_dir, resume=resume, overwrite=overwrite, progress=progress, device=device)
     trained = train(run)
     if not DistContext.current().is_main:
         return None

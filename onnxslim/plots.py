@@ -1,8 +1,8 @@
 """PNG plots for reports, drawn with matplotlib's Agg canvas (no display, no global pyplot state).
 
 * :func:`plot_layer_channels` — output channels per layer before and after slimming (bars), from the
-  slim report's ``layers`` (objects or dicts with node, op_type, channels_before, channels_after, or
-  plain 4-tuples).
+  slim report's ``layers`` (objects or dicts with node, op_type, channels_before, channels_after and
+  optionally module — the PyTorch module path, shown instead of the ONNX node name — or 4-tuples).
 * :func:`plot_latency` — latency distributions per model (box plot over the per-run samples: median,
   quartiles, p5-p95 whiskers; one panel per thread/batch configuration), from a
   :class:`~onnxslim.validate.bench.BenchReport` or ``{name: samples_ms}``.
@@ -40,12 +40,15 @@ def _save(figure, path: str | os.PathLike) -> Path:
 
 
 def _layer_tuple(layer: Any) -> tuple[str, str, int, int]:
+    """(label, op_type, before, after); the label is the PyTorch module path when the layer has one."""
     if isinstance(layer, Mapping):
-        return layer["node"], layer["op_type"], int(layer["channels_before"]), int(layer["channels_after"])
+        return (layer.get("module") or layer["node"], layer["op_type"], int(layer["channels_before"]),
+                int(layer["channels_after"]))
     if isinstance(layer, Sequence) and not isinstance(layer, str):
         node, op_type, before, after = layer
         return str(node), str(op_type), int(before), int(after)
-    return layer.node, layer.op_type, int(layer.channels_before), int(layer.channels_after)
+    label = getattr(layer, "module", "") or layer.node
+    return label, layer.op_type, int(layer.channels_before), int(layer.channels_after)
 
 
 def plot_layer_channels(layers: Iterable[Any], path: str | os.PathLike, title: str = "Channels per layer") -> Path:

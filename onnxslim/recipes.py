@@ -5,8 +5,9 @@
     name = "lenet5_mnist"                 # optional; defaults to the file name
 
     [model]                               # a zoo model (onnxslim.zoo) and its builder parameters
-    name = "lenet5"
+    name = "lenet5"                       # or your own factory: "my_package.nets:build"
     params = { num_classes = 10, in_channels = 1, input_size = 28 }
+    # input_shape = [1, 28, 28]           # (C, H, W), for a factory without in_channels/input_size
 
     [data]
     dataset = "mnist"                     # spec for onnxslim.data.load_dataset ("mnist", "mnist:32", x.npz, folder)
@@ -196,11 +197,15 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_from_dict(raw: Mapping[str, Any], source: str = "<dict>", default_name: str = "recipe") -> Recipe:
     _check_keys(raw, _SECTIONS, source, "")
     model_raw = _table(raw, "model", source)
-    _check_keys(model_raw, {"name", "params"}, source, "model")
+    _check_keys(model_raw, {"name", "params", "input_shape"}, source, "model")
     if "name" not in model_raw:
         raise OnnxSlimError(f"{source}: [model] needs a name")
+    shape = model_raw.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or not shape or
+                              any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
+        raise OnnxSlimError(f"{source}: [model] input_shape must be a list of positive integers [C, H, W]")
     model = ModelSpec(_string(model_raw["name"], source, "model", "name"),
-                      _params(model_raw, source, "model"))
+                      _params(model_raw, source, "model"), tuple(shape) if shape else None)
     model_parameters(model.name, model.params)  # validates the names now, not after training
     data = _dataclass(DataSpec, _table(raw, "data", source), source, "data")
     method_raw = _table(raw, "method", source)

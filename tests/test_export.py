@@ -93,3 +93,57 @@ def test_export_cli_from_a_trainer_checkpoint(tmp_path):
     result = runner.invoke(main, ["export", str(tmp_path / "masked.pt"), "-o", str(tmp_path / "x.onnx"),
                                   "--model", "lenet5", "--param", "width=0.5"])
     assert result.exit_code == 2 and "do not fit" in result.output
+
+
+class _Named(torch.nn.Module):
+    """A user-style net: Sequential stem, a residual block with a strided 1x1 shortcut, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.layer2 = torch.nn.ModuleList([torch.nn.ModuleDict({
+            "conv1": torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), "bn1": torch.nn.BatchNorm2d(8),
+            "shortcut": torch.nn.Conv2d(8, 8, 1, stride=2, bias=False)})])
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        block = self.layer2[0]
+        x = torch.relu(block["bn1"](block["conv1"](x)) + block["shortcut"](x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_module_paths_travel_into_onnx_and_the_slim_reports(tmp_path, dynamo):
+    """Both exporters: every producer carries its PyTorch path; slim, inspect and the plot show it."""
+    import onnxruntime as ort
+
+    import onnxslim
+    from onnxslim.graph.names import module_path
+    from onnxslim.plots import _layer_tuple
+
+    torch.manual_seed(0)
+    model, example = _Named().eval(), torch.randn(2, 3, 8, 8)
+    masks = attach_masks(model, example)
+    with torch.no_grad():
+        for mask in masks:
+            mask.weight[:3] = 0.0
+    path = tmp_path / "named.onnx"
+    export(model, example, path, dynamo=dynamo)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    paths = [module_path(n) for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert paths == ["stem.0", "layer2.0.conv1", "layer2.0.shortcut", "fc"]
+    slimmed, report = onnxslim.slim(str(path), str(tmp_path / "slim.onnx"))
+    assert report.deleted_masked_channels == report.masked_channels > 0
+    assert [layer.module for layer in report.layers] == paths
+    table = report.format_table()
+    assert "layer2.0.shortcut (" in table and "stem.0 (" in table  # the ONNX node name beside it
+    assert [_layer_tuple(layer)[0] for layer in report.layers] == paths
+    assert [module_path(n) for n in slimmed.graph.node if n.op_type in ("Conv", "Gemm")] == paths
+    text = onnxslim.inspect_model(str(path)).format_text()
+    assert "layer2.0.conv1 (" in text
+    session = ort.InferenceSession(str(tmp_path / "slim.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": example.numpy()})[0]
+    with torch.no_grad():
+        assert abs(got - model(example).numpy()).max() < 1e-4

@@ -252,3 +252,73 @@ def test_stage_functions_one_by_one(tmp_path):
     saved = json.loads((tmp_path / "run" / "REPORT.json").read_text())
     assert saved["params_after"] == result.params_after == slimmed.report.params_after
     assert saved["torch_accuracy"]["baseline"] is None
+
+
+MICRO = TINY_RECIPE.replace("train_samples = 1500", "train_samples = 200").replace("test_samples = 300",
+                                                                                   "test_samples = 50")
+
+
+def _train(runner, recipe_text, folder, *flags):
+    recipe = folder.parent / f"{folder.name}.toml"
+    recipe.write_text(recipe_text)
+    return runner.invoke(main, ["train", str(recipe), "--out", str(folder), "--no-progress", *flags])
+
+
+def test_resume_refuses_a_changed_recipe_and_names_the_keys(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    assert _train(runner, MICRO, out).exit_code == 0
+    changed = MICRO.replace("lam = 0.05", "lam = 0.5").replace("train_samples = 200", "train_samples = 100")
+    result = _train(runner, changed, out, "--resume")
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert line.startswith("error:") and "\n" not in line
+    assert "method.params.lam 0.05 -> 0.5" in line and "data.train_samples 200 -> 100" in line
+    # a default made explicit is the same recipe; the device is not part of it
+    same = MICRO.replace("[training]\n", "[training]\ndevice = \"cpu\"\n").replace("epsilon = 0.0", "epsilon = 0.0, "
+                                                                                  "criterion = \"mean\"")
+    from onnxslim.training.methods import get_method
+    assert get_method("l1_mask", {}).params.criterion == "mean"
+    again = _train(runner, same, out, "--resume")
+    assert again.exit_code == 0, again.output
+
+
+def test_resume_from_checkpoints_with_missing_keys_is_a_clear_error(tmp_path):
+    import torch
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    assert _train(runner, MICRO, out).exit_code == 0
+    state = torch.load(out / "masked.pt", weights_only=False)
+    del state["phases"], state["history"]
+    torch.save(state, out / "masked.pt")
+    result = _train(runner, MICRO, out, "--resume")
+    assert result.exit_code == 2 and "incomplete checkpoint (no phases, history)" in result.output
+    del state["extra"]
+    torch.save(state, out / "masked.pt")
+    result = _train(runner, MICRO, out, "--resume")
+    assert result.exit_code == 2 and "does not record the recipe" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_run_folder_that_is_not_empty_needs_resume_or_overwrite(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    assert _train(runner, MICRO, out).exit_code == 0
+    dense = (out / "dense.pt").read_bytes()
+    (out / "REPORT.md").write_text("# a report of an earlier run\n")
+    (out / "notes.txt").write_text("mine\n")
+    refused = _train(runner, MICRO, out)
+    assert refused.exit_code == 2 and "is not empty" in refused.output and "--overwrite" in refused.output
+    assert (out / "dense.pt").read_bytes() == dense and (out / "REPORT.md").exists()
+    both = _train(runner, MICRO, out, "--resume", "--overwrite")
+    assert both.exit_code == 2 and "exclude each other" in both.output
+    resumed = _train(runner, MICRO, out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert not (out / "REPORT.md").exists()  # a report never sits beside checkpoints it was not made from
+    (out / "REPORT.md").write_text("# stale\n")
+    fresh = _train(runner, MICRO.replace("seed = 0", "seed = 1") if "seed = 0" in MICRO else
+                   MICRO.replace("[training]\n", "[training]\nseed = 1\n"), out, "--overwrite")
+    assert fresh.exit_code == 0, fresh.output
+    assert not (out / "REPORT.md").exists() and (out / "notes.txt").read_text() == "mine\n"
+    assert (out / "dense.pt").read_bytes() != dense

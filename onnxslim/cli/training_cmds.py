@@ -55,14 +55,17 @@ def _start_distributed(nproc: int | None, device: str) -> bool:
 @_recipe_argument
 @click.option("--out", "out_dir", type=output_path(file_okay=False), default=None,
               help="Output folder (default: runs/<recipe name>).")
-@click.option("--resume", is_flag=True, help="Continue training from the checkpoints in the output folder.")
+@click.option("--resume", is_flag=True, help="Continue training from the checkpoints in the output folder "
+              "(refused when they were trained with another recipe).")
+@click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run: its checkpoints, "
+              "models and reports are deleted first (other files are kept).")
 @click.option("--device", default=None, help="Override the recipe's device (cpu, cuda).")
 @_threads_option
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print REPORT.json instead of the table.")
 @_nproc_option
-def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | None, threads: int | None,
-        progress: bool, as_json: bool, nproc: int | None) -> None:
+def run(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, device: str | None,
+        threads: int | None, progress: bool, as_json: bool, nproc: int | None) -> None:
     from onnxslim.pipeline import REPORT_FILE, run_recipe
     from onnxslim.recipes import load_recipe
 
@@ -70,7 +73,8 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | Non
     main_rank = _start_distributed(nproc, device or recipe.training.device)
     _set_threads(threads)
     out = out_dir or _default_out(recipe)
-    report = run_recipe(recipe, out, resume=resume, progress=progress and main_rank, device=device)
+    report = run_recipe(recipe, out, resume=resume, overwrite=overwrite, progress=progress and main_rank,
+                        device=device)
     if report is None:  # ranks > 0 under torchrun: they train; rank 0 exports, slims, validates, reports
         return
     if as_json:
@@ -85,11 +89,14 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | Non
 
 
 @click.command(cls=Command,
-               help="Train a zoo model with channel masks and a sparsity method (the training steps of a recipe).")
+               help="Train a zoo model (or your own factory) with channel masks and a sparsity method (the training "
+                    "steps of a recipe).")
 @_recipe_argument
 @click.option("--out", "out_dir", type=output_path(file_okay=False), default=None,
               help="Output folder for dense.pt, baseline.pt, masked.pt (default: runs/<recipe name>).")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoints in the output folder.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints in the output folder "
+              "(refused when they were trained with another recipe).")
+@click.option("--overwrite", is_flag=True, help="Start again in a folder that holds a run (its run files are deleted).")
 @click.option("--baseline/--no-baseline", default=False,
               help="Also train the dense baseline with the same epoch budget (baseline.pt).")
 @click.option("--method", type=click.Choice(_method_choices()), default=None,
@@ -98,11 +105,11 @@ def run(recipe_path: Path, out_dir: Path | None, resume: bool, device: str | Non
 @_threads_option
 @click.option("--progress/--no-progress", default=True)
 @_nproc_option
-def train(recipe_path: Path, out_dir: Path | None, resume: bool, baseline: bool, method: str | None,
+def train(recipe_path: Path, out_dir: Path | None, resume: bool, overwrite: bool, baseline: bool, method: str | None,
           device: str | None, threads: int | None, progress: bool, nproc: int | None) -> None:
     import dataclasses
 
-    from onnxslim.pipeline import load_data, train_models
+    from onnxslim import pipeline
     from onnxslim.recipes import MethodSpec, load_recipe
     from onnxslim.training.masks import masked_summary
 
@@ -112,16 +119,12 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, baseline: bool,
     main_rank = _start_distributed(nproc, device or recipe.training.device)
     _set_threads(threads)
     out = out_dir or _default_out(recipe)
-    train_data, test_data = load_data(recipe)
-    trained = train_models(recipe, out, train_data, test_data, resume=resume, progress=progress and main_rank,
-                           device=device, baseline=baseline)
+    run = pipeline.start_run(recipe, out, resume=resume, overwrite=overwrite, progress=progress and main_rank,
+                             device=device)
+    trained = pipeline.train(run, baseline=baseline)
     if not main_rank:
         return
-    import numpy as np
-    import torch
-
-    example = torch.from_numpy(np.ascontiguousarray(train_data.images[:2]))
-    click.echo(masked_summary(trained.masked.cpu(), example).format_table())
+    click.echo(masked_summary(trained.masked.cpu(), run.example).format_table())
     metric = trained.mask_result.metric_name
     if trained.dense_result is not None:
         click.echo(f"dense ({recipe.training.dense.epochs} epochs) {metric}: {trained.dense_result.test_metric:.4f}")
@@ -137,7 +140,8 @@ def train(recipe_path: Path, out_dir: Path | None, resume: bool, baseline: bool,
 @click.option("-o", "--output", type=model_output_path(dir_okay=False), default=None,
               help="The .onnx file to write; or give it as OUT.")
 @click.option("--model", "model_name", default=None,
-              help="Zoo model name (default: the one recorded in the checkpoint).")
+              help="Zoo model name or a factory 'package.module:function' (default: the one recorded in the "
+              "checkpoint, a factory included).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Model parameter (repeatable), e.g. --param width=0.5; values are parsed as JSON when possible.")
 @click.option("--legacy", is_flag=True, help="Use the TorchScript exporter instead of torch.export (dynamo).")

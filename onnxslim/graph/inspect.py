@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.names import layer_label, module_path
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.slim import analyse, load_model
 from onnxslim.graph.stats import count_macs, count_params
@@ -34,6 +35,7 @@ class LayerInfo:
     group: int
     macs: int | None
     params: int
+    module: str = ""  # PyTorch module path (onnxslim.graph.names), "" for graphs from elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ class InspectReport:
                  f"masked channels: {self.masked_channels}", ""]
         rows = [("layer", "op", "channels", "zero", "deletable", "group", "MACs", "params")]  # zero: masked or dead
         for layer in self.layers[: max_rows or len(self.layers)]:
-            rows.append((layer.node, layer.op_type, str(layer.channels), str(len(layer.zero_channels)),
+            rows.append((layer_label(layer.node, layer.module), layer.op_type, str(layer.channels), str(len(layer.zero_channels)),
                          str(len(layer.deletable_channels)), str(layer.group),
                          "?" if layer.macs is None else f"{layer.macs:,}", f"{layer.params:,}"))
         lines.extend(_table(rows))
@@ -120,7 +122,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
             zero_channels=tuple(np.flatnonzero(zero_class[roots[info.ids]]).tolist()),
             deletable_channels=tuple(np.flatnonzero(plan.removed[info.ids]).tolist()),
             group=group_of_root[int(roots[info.ids[0]])],
-            macs=layer_macs.get(node.name or node.output[0]), params=params,
+            macs=layer_macs.get(node.name or node.output[0]), params=params, module=module_path(node),
         ))
 
     roots_of_group: dict[int, list[int]] = {}

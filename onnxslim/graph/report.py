@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from onnxslim.graph.names import layer_label
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerChange:
@@ -14,6 +16,11 @@ class LayerChange:
     op_type: str
     channels_before: int
     channels_after: int
+    module: str = ""  # PyTorch module path (onnxslim.graph.names), "" for graphs from elsewhere
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.node, self.module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +69,14 @@ class SlimReport:
     def format_table(self, max_rows: int | None = None) -> str:
         """A plain-text table of the layers whose channels changed, then the totals."""
         changed = [layer for layer in self.layers if layer.channels_after != layer.channels_before]
-        rows = [(layer.node, layer.op_type, f"{layer.channels_before} -> {layer.channels_after}") for layer in changed]
+        rows = [(layer.label, layer.op_type, f"{layer.channels_before} -> {layer.channels_after}") for layer in changed]
         if max_rows is not None and len(rows) > max_rows:
             hidden = len(rows) - max_rows
             rows = rows[:max_rows] + [(f"... {hidden} more layers", "", "")]
         lines = []
         if rows:
-            width = [max(len(str(r[i])) for r in rows + [("node", "op", "channels")]) for i in range(3)]
-            header = ("node", "op", "channels")
+            width = [max(len(str(r[i])) for r in rows + [("layer", "op", "channels")]) for i in range(3)]
+            header = ("layer", "op", "channels")
             lines.append("  ".join(h.ljust(w) for h, w in zip(header, width)))
             lines.append("  ".join("-" * w for w in width))
             lines.extend("  ".join(str(c).ljust(w) for c, w in zip(r, width)) for r in rows)

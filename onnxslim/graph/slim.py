@@ -30,6 +30,7 @@ from onnxslim.graph.cleanup import (
     sync_ir3_inputs,
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
+from onnxslim.graph.names import module_path
 from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
@@ -101,7 +102,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     index = analysis.index
     before = model_stats(model, shapes=index.shapes, rules=analysis.rules)
     plan = analysis.plan(round_to=rounding.multiple)
-    layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size)
+    layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size, module_path(node))
                      for name, node in analysis.creators.items()}
     mask_summary = _mask_summary(analysis, plan)
 
@@ -124,9 +125,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     after = model_stats(model, input_shapes, rules=analysis.rules)
     layers = []
-    for name, (node_name, op_type, channels) in layers_before.items():
+    for name, (node_name, op_type, channels, module) in layers_before.items():
         keep = plan.keep(name)
-        layers.append(LayerChange(node_name, op_type, channels, int(keep.sum())))
+        layers.append(LayerChange(node_name, op_type, channels, int(keep.sum()), module))
     report = SlimReport(
         layers=layers,
         params_before=before.params, params_after=after.params,

@@ -1,7 +1,9 @@
 """Export a (masked) PyTorch model to ONNX and prove the file computes what the model computes.
 
 The model is exported in eval mode, where both exporters fold every BatchNorm into the convolution
-before it, so a masked block becomes ``Conv -> Mul(mask constant [1,C,1,1]) -> activation``. The file is
+before it, so a masked block becomes ``Conv -> Mul(mask constant [1,C,1,1]) -> activation``. Every
+Conv/ConvTranspose/Gemm/MatMul node gets its PyTorch module path (``layer2.0.conv1``) in its
+``metadata_props`` (:func:`annotate_module_paths`), which slim, inspect and the reports show. The file is
 written atomically, then onnxruntime runs it on the example input and the largest absolute difference to
 the PyTorch output is compared with ``tolerance * max(1, max|output|)``.
 
@@ -11,6 +13,7 @@ The batch dimension is exported as dynamic (``batch``) unless ``dynamic_batch=Fa
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -26,7 +29,10 @@ import torch
 from torch import nn
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.names import MODULE_KEY
 from onnxslim.io import save_model_atomic
+from onnxslim.training.coupling import analyze_coupling
+from onnxslim.training.masks import MaskedSite
 
 MIN_OPSET = 17
 
@@ -84,6 +90,7 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
         if device.type != "cpu":
             model.to("cpu")
         proto = _export_proto(model, example_input, dynamo, opset, dynamic_batch, input_name, output_name)
+        annotate_module_paths(proto, model, example_input)
         save_model_atomic(proto, path)
         max_diff = None
         if check:
@@ -123,6 +130,73 @@ def _export_proto(model, example_input, dynamo, opset, dynamic_batch, input_name
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OnnxSlimError(f"ONNX export ({'dynamo' if dynamo else 'torchscript'}) failed: {first}") from None
         return _inline_identity_constants(onnx.load(str(target)))
+
+
+def annotate_module_paths(proto: onnx.ModelProto, model: nn.Module, example_input: torch.Tensor) -> int:
+    """Record the PyTorch module path of every Conv/ConvTranspose/Gemm/MatMul node; returns how many.
+
+    The path goes into the node's ``metadata_props`` under :data:`onnxslim.graph.names.MODULE_KEY`,
+    read from what the exporter left: the dynamo exporter's ``pkg.torch.onnx.name_scopes`` property,
+    the TorchScript exporter's scoped node names (``/layer1/layer1.0/conv1/Conv``). A BatchNorm folded
+    into its conv is named by the conv (the exporters disagree on which of the two they keep), and
+    the ``.module`` of a masked site's wrapper is dropped: ``features.conv1``, ``layer2.0.conv1``.
+    """
+    names = _user_module_names(model, example_input)
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type not in _PRODUCER_OPS:
+            continue
+        path = next(filter(None, (_lookup(names, scope) for scope in reversed(_exporter_scopes(node)))), None)
+        if path:
+            for index in [i for i, prop in enumerate(node.metadata_props) if prop.key == MODULE_KEY][::-1]:
+                del node.metadata_props[index]
+            node.metadata_props.add(key=MODULE_KEY, value=path)
+            count += 1
+    return count
+
+
+_PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _user_module_names(model: nn.Module, example_input: torch.Tensor) -> dict[str, str]:
+    """Qualified module name -> the name its user knows (conv for its folded BN, no MaskedSite ``.module``)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    wrappers = {name for name, module in modules.items() if isinstance(module, MaskedSite)}
+    try:
+        producers = analyze_coupling(model, example_input).producers.values()
+        conv_of_norm = {producer.norm: producer.name for producer in producers if producer.norm}
+    except OnnxSlimError:  # not traceable: the exporters' own scopes still name most layers
+        conv_of_norm = {}
+
+    def clean(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(p for i, p in enumerate(parts) if not (p == "module" and ".".join(parts[:i]) in wrappers))
+
+    return {name: clean(conv_of_norm.get(name, name)) for name in modules if name}
+
+
+def _lookup(names: dict[str, str], scope: str) -> str | None:
+    """The user's name for ``scope``: a qualified name, or the unique one it ends (the TorchScript exporter
+    scopes a module reached through a ModuleList/ModuleDict index relative to the module that called it)."""
+    if scope in names:
+        return names[scope]
+    found = {user for name, user in names.items() if name.endswith("." + scope)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _exporter_scopes(node: onnx.NodeProto) -> list[str]:
+    """The module scopes (outermost first) the exporter recorded for ``node``."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":  # dynamo: "['', 'features', 'features.conv1', 'conv2d']"
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [str(scope) for scope in scopes] if isinstance(scopes, list) else []
+    scopes: list[str] = []
+    for part in node.name.split("/")[1:-1]:  # TorchScript: "/layer1/layer1.0/conv1/Conv"
+        scopes.append(part if not scopes or part.startswith(scopes[-1] + ".") else f"{scopes[-1]}.{part}")
+    return scopes
 
 
 def _inline_identity_constants(model: onnx.ModelProto) -> onnx.ModelProto:

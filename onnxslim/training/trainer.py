@@ -56,6 +56,9 @@ from onnxslim.training.methods import (
 from onnxslim.training.tasks import Task, task_for_dataset
 
 CHECKPOINT_FORMAT = "onnxslim-checkpoint/1"
+# what resuming reads from a checkpoint
+_RESUME_KEYS = ("phases", "phase_index", "epoch", "model", "seed", "batch_size", "method_name", "history",
+                "finalized", "torch_rng")
 PHASE_KINDS = ("dense", "sparse", "finetune")
 
 
@@ -340,6 +343,10 @@ class Trainer:
         if not self.checkpoint.exists():
             return None
         state = load_checkpoint(self.checkpoint)
+        missing = [key for key in _RESUME_KEYS if key not in state]
+        if missing:
+            raise OnnxSlimError(f"{self.checkpoint}: incomplete checkpoint (no {', '.join(missing)}); remove it or "
+                                f"run without --resume")
         if state["phases"] != [dataclasses.asdict(p) for p in phases]:
             raise OnnxSlimError(f"{self.checkpoint}: written for different phases; remove it or run without --resume")
         if state["seed"] != self.options.seed or state["batch_size"] != self.options.batch_size:
@@ -424,11 +431,11 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None,
     state = load_checkpoint(path)
     recorded = state.get("extra", {}).get("model_spec")
     if model_name is not None:
-        spec = ModelSpec(model_name, dict(params or {}))
+        spec = ModelSpec(model_name, dict(params or {}), ModelSpec.from_dict(recorded).sample_shape if recorded else None)
     elif recorded is not None:
-        spec = ModelSpec.from_dict(recorded)
+        spec = ModelSpec.from_dict(recorded)  # a zoo name, or a factory (a user's model) imported and called
         if params:
-            spec = ModelSpec(spec.name, {**spec.params, **params})
+            spec = dataclasses.replace(spec, params={**spec.params, **params})
     else:
         raise OnnxSlimError(f"{path}: the checkpoint does not record its model; pass the model name")
     model = spec.build()

@@ -22,11 +22,19 @@ mobilenet_v3_small_seg    MobileNetV3-Small backbone + light segmentation head (
 
 Hook points for per-structure masks (GAL): each residual block has a ``residual`` submodule (the branch
 added to the shortcut) and each Inception module has ``branch1`` .. ``branch4``.
+
+**Your own model.** Wherever a zoo name is accepted (recipes' ``[model] name``, ``--model``), a factory
+``"package.module:attribute"`` is too: an importable ``torch.nn.Module`` subclass, or a function
+annotated ``-> torch.nn.Module`` (or a subclass), called with the recipe's ``params`` as keyword
+arguments. The annotation is required so that a checkpoint, which records the factory to be rebuilt by
+``export``, can only name a model builder, never an arbitrary function. Its input shape comes from
+``in_channels``/``input_size`` parameters when it has them, else from ``input_shape = [C, H, W]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -64,51 +72,120 @@ def available_models() -> list[str]:
     return list(MODELS)
 
 
+def is_factory(name: str) -> bool:
+    """True for ``"package.module:attribute"`` (a user's model factory), False for zoo names."""
+    return ":" in name
+
+
+def load_factory(name: str) -> Callable[..., nn.Module]:
+    """Import ``"package.module:attribute"``: a ``nn.Module`` subclass or a function annotated ``-> nn.Module``.
+
+    Raises :class:`OnnxSlimError` when the module cannot be imported, the attribute is missing, or it
+    is neither (see the module docstring for why the annotation is required).
+    """
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise OnnxSlimError(f"model factory {name!r}: write it as 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise OnnxSlimError(f"model factory {name!r}: cannot import {exc.name!r} (is its folder on PYTHONPATH?)") \
+            from None
+    except Exception as exc:  # the user's module raised while importing
+        raise OnnxSlimError(f"model factory {name!r}: importing {module_name} failed: "
+                            f"{type(exc).__name__}: {exc}") from None
+    target: Any = module
+    for part in attribute.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise OnnxSlimError(f"model factory {name!r}: {module_name} has no attribute {attribute!r}")
+    if not _builds_module(target):
+        raise OnnxSlimError(f"model factory {name!r} must be a torch.nn.Module subclass or a function annotated "
+                            f"'-> torch.nn.Module'")
+    return target
+
+
+def _builds_module(target: Any) -> bool:
+    if inspect.isclass(target):
+        return issubclass(target, nn.Module)
+    if not inspect.isfunction(target):
+        return False
+    try:
+        returns = inspect.signature(target, eval_str=True).return_annotation
+    except Exception:  # an annotation that does not evaluate
+        return False
+    return inspect.isclass(returns) and issubclass(returns, nn.Module)
+
+
 def _builder(name: str) -> Callable[..., nn.Module]:
+    if is_factory(name):
+        return load_factory(name)
     try:
         return MODELS[name]
     except KeyError:
-        raise OnnxSlimError(f"unknown model {name!r}; available: {', '.join(MODELS)}") from None
+        raise OnnxSlimError(f"unknown model {name!r}; available: {', '.join(MODELS)}, or a factory "
+                            f"'package.module:function'") from None
 
 
 def model_parameters(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The builder's defaults updated with ``params``; raises on names the builder does not take."""
     signature = inspect.signature(_builder(name))
-    resolved = {key: p.default for key, p in signature.parameters.items()}
+    named = {key: p for key, p in signature.parameters.items()
+             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    resolved = {key: p.default for key, p in named.items()}
     for key, value in (params or {}).items():
-        if key not in resolved:
+        if key not in resolved and not open_ended:
             raise OnnxSlimError(f"model {name!r} has no parameter {key!r}; it takes: {', '.join(resolved)}")
         resolved[key] = tuple(value) if isinstance(value, list) else value
+    missing = [key for key, value in resolved.items() if value is inspect.Parameter.empty]
+    if missing:
+        raise OnnxSlimError(f"model {name!r} needs parameter(s) {', '.join(missing)} in [model.params]")
     return resolved
 
 
 def get_model(name: str, params: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build zoo model ``name`` with ``params`` (a mapping of the builder's keyword parameters)."""
-    return _builder(name)(**model_parameters(name, params))
+    """Build zoo model (or factory) ``name`` with ``params`` (a mapping of the builder's keyword parameters)."""
+    model = _builder(name)(**model_parameters(name, params))
+    if not isinstance(model, nn.Module):
+        raise OnnxSlimError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def input_shape(name: str, params: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
-    """(C, H, W) of one input sample for ``name`` built with ``params``."""
+    """(C, H, W) of one input sample for ``name`` built with ``params`` (from in_channels and input_size)."""
     resolved = model_parameters(name, params)
+    if "in_channels" not in resolved or "input_size" not in resolved:
+        raise OnnxSlimError(f"model {name!r} has no in_channels/input_size parameters; give its input shape "
+                            f"([model] input_shape = [C, H, W] in a recipe)")
     return int(resolved["in_channels"]), int(resolved["input_size"]), int(resolved["input_size"])
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A zoo model by name and explicit parameters; what checkpoints record to rebuild the model."""
+    """A zoo model or a factory by name, with explicit parameters; what checkpoints record to rebuild it.
+
+    ``sample_shape`` (C, H, W) is the input of one sample, for models whose parameters do not say it.
+    """
 
     name: str
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sample_shape: tuple[int, ...] | None = None
 
     def build(self) -> nn.Module:
         return get_model(self.name, self.params)
 
-    def input_shape(self) -> tuple[int, int, int]:
-        return input_shape(self.name, self.params)
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.sample_shape) if self.sample_shape else input_shape(self.name, self.params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": dict(self.params)}
+        payload = {"name": self.name, "params": dict(self.params)}
+        if self.sample_shape:
+            payload["input_shape"] = list(self.sample_shape)
+        return payload
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> ModelSpec:
-        return cls(str(payload["name"]), dict(payload.get("params", {})))
+        shape = payload.get("input_shape")
+        return cls(str(payload["name"]), dict(payload.get("params", {})),
+                   tuple(int(d) for d in shape) if shape else None)
