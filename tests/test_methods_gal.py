@@ -376,7 +376,7 @@ def test_authors_mask_init_and_discriminator(tmp_path):
     attach_masks(model, torch.from_numpy(train.images[:2]))
     method = get_method("gal", {"mask_init": "normal", "d_arch": "linear", "mask_step": 1, "lam_channel": 0.01})
     trainer = Trainer(model, train, method=method, options=TrainOptions(batch_size=32, seed=0, progress=False))
-    trainer._setup_method()
+    trainer.controller  # noqa: B018  (sets the method up)
     drawn = torch.cat([m.detach().reshape(-1) for m in method.mask_parameters(model)])
     assert 0.3 < float((drawn < 0).float().mean()) < 0.7  # N(0, 1): about half start negative
     with torch.no_grad():  # the teacher is the model as it was before its masks were drawn

@@ -382,7 +382,7 @@ LAYERWISE = {**SSR_RUN, "schedule": "layerwise", "stage_finetune": 0.5}
 
 def test_layerwise_stage_trains_only_its_layer(dense_lenet, data):
     model, method, trainer = run_ssr(dense_lenet, data, "ssr_l21", LAYERWISE)
-    trainer._setup_method()
+    trainer.controller  # noqa: B018  (sets the method up)
     phase = ssr_phases(sparse=6)[0]
     optimizer = trainer.optimizer_for(phase)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

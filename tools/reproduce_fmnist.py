@@ -292,7 +292,7 @@ def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool)
             for seed in seeds:
                 fp = ctx.setting.fingerprint(method=method, target=target, seed=seed, knob=knob["value"])
                 row = cached(ctx, f"{model}_{method}_{target}_{seed}", fp,
-                             lambda m=method, t=target, s=seed: run_row(ctx, m, t, s, knob))
+                             lambda m=method, t=target, s=seed, k=knob: run_row(ctx, m, t, s, k))
                 rows.append({**row, "model": model, "baseline": baselines[seed]})
                 print(f"== {model} {method} target {target:.0%} seed {seed}: MACs -"
                       f"{1 - row['macs_after'] / row['macs_before']:.1%}, acc {row['accuracy']:.4f} "
