@@ -248,37 +248,45 @@ def _traced_structures(model: nn.Module, example_input: torch.Tensor) -> list[St
 
     sites: dict[str, StructureSite] = {}
     for node in nodes:
-        if node.op not in ("call_function", "call_method"):
+        found = _merge_branches(node, shape, own_nodes, producers)
+        if found is None:
             continue
-        is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
-                 (node.op == "call_method" and node.target in _ADD_METHODS)
-        is_cat = node.op == "call_function" and node.target is torch.cat
-        out = shape(node)
-        if is_add:
-            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-            if len(operands) != 2 or out is None or any(shape(a) != out for a in operands) or "alpha" in node.kwargs:
-                continue
-            counts = [producers(branch) for branch in own_nodes(operands)]
-            if counts[0] == counts[1]:
-                continue  # two identities, or two equal branches: no way to tell the residual one
-            chosen = 0 if counts[0] > counts[1] else 1
-            candidates = [(operands[chosen], counts[chosen], "residual")]
-            branches = [own_nodes(operands)[chosen]]
-        elif is_cat:
-            tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if not isinstance(tensors, (list, tuple)) or out is None or len(out) < 2 or int(dim) % len(out) != 1 \
-                    or not all(isinstance(t, fx.Node) for t in tensors):
-                continue
-            branches = own_nodes(list(tensors))
-            candidates = [(t, producers(b), "concat") for t, b in zip(tensors, branches)]
-        else:
-            continue
+        candidates, branches = found
         for (operand, count, kind), branch in zip(candidates, branches):
             name = wrapper_of(operand, node, branch) if count > 0 else None
             if name is not None:
                 sites.setdefault(name, StructureSite(name, kind, count))
     return sorted(sites.values(), key=lambda site: min(position[n] for n in scope_nodes[site.name]))
+
+
+def _merge_branches(node: fx.Node, shape, own_nodes, producers):
+    """For a residual ``add`` or a channel ``cat``: ([(operand, producers, kind)], [its branch nodes]), else None.
+
+    A residual addition has one branch with more producers than the other (the shortcut); equal counts
+    (two identities, two equal branches) give no way to tell the residual one."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+             (node.op == "call_method" and node.target in _ADD_METHODS)
+    out = shape(node)
+    if is_add:
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if len(operands) != 2 or out is None or any(shape(a) != out for a in operands) or "alpha" in node.kwargs:
+            return None
+        counts = [producers(branch) for branch in own_nodes(operands)]
+        if counts[0] == counts[1]:
+            return None
+        chosen = 0 if counts[0] > counts[1] else 1
+        return [(operands[chosen], counts[chosen], "residual")], [own_nodes(operands)[chosen]]
+    if node.op == "call_function" and node.target is torch.cat:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not isinstance(tensors, (list, tuple)) or out is None or len(out) < 2 or int(dim) % len(out) != 1 \
+                or not all(isinstance(t, fx.Node) for t in tensors):
+            return None
+        branches = own_nodes(list(tensors))
+        return [(t, producers(b), "concat") for t, b in zip(tensors, branches)], branches
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
