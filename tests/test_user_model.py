@@ -93,7 +93,7 @@ train_samples = 1000
 test_samples = 200
 [method]
 name = "l1_mask"
-params = {{ lam = 0.02, proximal = true, mask_lr_scale = 20.0, epsilon = 0.0 }}
+params = {{ lam = 0.05, proximal = true, mask_lr_scale = 20.0, epsilon = 0.0 }}
 [training]
 batch_size = 50
 [training.dense]
