@@ -137,8 +137,19 @@ def _kept_rows_and_columns(keep_rows, keep_cols, groups: int, rows_are_out: bool
     return rows[:, None], cols, len(alive)
 
 
+class _GroupedLayer(Rule):
+    """What Conv and ConvTranspose share: groups stay equal (settle), and an empty input goes with the node."""
+
+    def settle(self, node, plan):
+        x, y = plan.analysis.info.get(node.input[0]), plan.analysis.info.get(node.output[0])
+        return x is not None and y is not None and _balance_groups(plan, node, x.ids, y.ids)
+
+    def allows_empty_input(self, node, slot, plan):
+        return slot == 0 and plan.deletes(node)
+
+
 @register
-class ConvRule(Rule):
+class ConvRule(_GroupedLayer):
     op_types = ("Conv",)
 
     def propagate(self, node, analysis):
@@ -165,13 +176,6 @@ class ConvRule(Rule):
         used = nonzero.reshape(groups, b, per_group).any(axis=1)  # (g, a)
         absorbs = not has_padding(node, weight.shape[2:])
         _block_per_group(analysis, node, x, out, used, groups, absorbs, " (spatial padding)")
-
-    def settle(self, node, plan):
-        x, y = plan.analysis.info.get(node.input[0]), plan.analysis.info.get(node.output[0])
-        return x is not None and y is not None and _balance_groups(plan, node, x.ids, y.ids)
-
-    def allows_empty_input(self, node, slot, plan):
-        return slot == 0 and plan.deletes(node)
 
     counts_macs = True
 
@@ -234,7 +238,7 @@ class ConvRule(Rule):
 
 
 @register
-class ConvTransposeRule(Rule):
+class ConvTransposeRule(_GroupedLayer):
     op_types = ("ConvTranspose",)
 
     def propagate(self, node, analysis):
@@ -264,13 +268,6 @@ class ConvTransposeRule(Rule):
         output_shape = get_attr(node, "output_shape")
         if output_shape is not None and len(output_shape) == x.rank:  # non-standard: includes N and C
             keep_all(analysis, node, out, "output_shape fixes the channel count")
-
-    def settle(self, node, plan):
-        x, y = plan.analysis.info.get(node.input[0]), plan.analysis.info.get(node.output[0])
-        return x is not None and y is not None and _balance_groups(plan, node, x.ids, y.ids)
-
-    def allows_empty_input(self, node, slot, plan):
-        return slot == 0 and plan.deletes(node)
 
     counts_macs = True
 
