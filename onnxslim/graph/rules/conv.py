@@ -138,7 +138,8 @@ def _kept_rows_and_columns(keep_rows, keep_cols, groups: int, rows_are_out: bool
 
 
 class _GroupedLayer(Rule):
-    """What Conv and ConvTranspose share: groups stay equal (settle), and an empty input goes with the node."""
+    """What Conv and ConvTranspose share: groups stay equal (settle), an empty input goes with the node, and
+    the input is reduced fully (group 1) or per group."""
 
     def settle(self, node, plan):
         x, y = plan.analysis.info.get(node.input[0]), plan.analysis.info.get(node.output[0])
@@ -146,6 +147,12 @@ class _GroupedLayer(Rule):
 
     def allows_empty_input(self, node, slot, plan):
         return slot == 0 and plan.deletes(node)
+
+    def reduction(self, node, slot):
+        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
+
+    def channel_groups(self, node):
+        return get_attr(node, "group", 1)
 
 
 @register
@@ -182,12 +189,6 @@ class ConvRule(_GroupedLayer):
     def filters(self, node, index):
         weight = index.constant(node.input[1])
         return weight.reshape(weight.shape[0], -1)
-
-    def reduction(self, node, slot):
-        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
-
-    def channel_groups(self, node):
-        return get_attr(node, "group", 1)
 
     def macs(self, node, dims):
         """``Cout * prod(out spatial) * Cin/g * prod(kernel)``."""
@@ -278,12 +279,6 @@ class ConvTransposeRule(_GroupedLayer):
         cin, per_group = weight.shape[0], weight.shape[1]
         grouped = weight.reshape(groups, cin // groups, per_group, -1).transpose(0, 2, 1, 3)
         return grouped.reshape(groups * per_group, -1)
-
-    def reduction(self, node, slot):
-        return "none" if slot != 0 else "full" if get_attr(node, "group", 1) == 1 else "grouped"
-
-    def channel_groups(self, node):
-        return get_attr(node, "group", 1)
 
     def macs(self, node, dims):
         """``Cin * prod(in spatial) * Cout/g * prod(kernel)``."""
