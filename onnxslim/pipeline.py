@@ -13,7 +13,8 @@ refused, naming the changed keys, when the recipe differs. Steps 4-7 are recompu
    more epochs with the same learning-rate settings as the mask run, but no masks — the dense
    reference with the *same total epoch budget* as the pruned model.
 3. **masked** (``masked.pt``): the dense model from step 1 with masks attached, trained by the
-   recipe's method: sparse phase -> zero masks -> fine-tune with frozen masks.
+   recipe's method: sparse phase -> zero masks -> fine-tune with frozen masks. Steps 2 and 3 can run
+   side by side in two processes (:func:`train_models` ``side_by_side=True``).
 4. **export**: ``dense.onnx`` (the baseline) and ``masked.onnx`` (masks as per-channel ``Mul``), each
    checked against PyTorch with onnxruntime.
 5. **slim**: ``slim.onnx`` from ``masked.onnx`` (:func:`onnxslim.graph.slim.slim`).
@@ -48,12 +49,21 @@ from onnxslim.io import write_text_atomic
 from onnxslim.plots import plot_latency, plot_layer_channels
 from onnxslim.recipes import Recipe
 from onnxslim.report import markdown_table, write_report
+from onnxslim.training.baseline import BaselineJob, train_baseline, train_baseline_timed
 from onnxslim.training.distributed import DistContext
 from onnxslim.training.export import ExportResult
 from onnxslim.training.export import export as export_onnx
 from onnxslim.training.masks import attach_masks, masked_summary
 from onnxslim.training.methods import get_method
-from onnxslim.training.trainer import PhaseConfig, Trainer, TrainOptions, TrainResult, load_checkpoint
+from onnxslim.training.side import SideProcess
+from onnxslim.training.trainer import (
+    PhaseConfig,
+    Trainer,
+    TrainOptions,
+    TrainResult,
+    load_checkpoint,
+    resolve_device,
+)
 from onnxslim.validate.accuracy import AccuracyResult, evaluate
 from onnxslim.validate.bench import BenchOptions, BenchReport, benchmark
 from onnxslim.zoo import model_parameters
@@ -105,6 +115,8 @@ class RunReport:
     files: dict[str, str]
     torch_accuracy: dict[str, float | None]
     latency_details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wall_seconds: float | None = None  # the run from start_run to its report (None in older reports)
+    side_by_side: bool = False  # baseline and mask training ran at once: their seconds overlap
     onnx_nodes: dict[str, str] = dataclasses.field(default_factory=dict)  # PyTorch module -> ONNX node (slim.onnx)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,8 +204,12 @@ class RunReport:
         for check in self.targets:
             lines.append(f"target {check.name}: {check.value:.4g} vs {check.target:.4g} -> {'ok' if check.ok else 'FAILED'}")
         lines += [f"note: {hint}" for hint in self.advice()]
-        total = sum(self.seconds.values())
-        lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()) + f" (total {total:.0f}s)")
+        stages = ", ".join(f"{k} {v:.0f}s" + (" (side by side)" if k == "masked" and self.side_by_side else "")
+                           for k, v in self.seconds.items())
+        if self.wall_seconds is None:
+            lines.append(f"time: {stages} (total {sum(self.seconds.values()):.0f}s)")
+        else:
+            lines.append(f"time: {stages}; run {self.wall_seconds:.0f}s wall")
         return "\n".join(lines)
 
 
@@ -234,6 +250,7 @@ class Run:
     progress: bool = True
     device: str | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # perf_counter() at start_run
 
     @property
     def example(self) -> torch.Tensor:
@@ -353,6 +370,7 @@ class TrainedModels:
     baseline_result: TrainResult | None
     mask_result: TrainResult
     seconds: dict[str, float]
+    side_by_side: bool = False  # baseline trained in a second process while the masked model trained here
 
 
 def train(run: Run, *, baseline: bool = True) -> TrainedModels:
@@ -365,47 +383,99 @@ def train(run: Run, *, baseline: bool = True) -> TrainedModels:
 
 def train_models(recipe: Recipe, out_dir: str | Path, train: ArrayDataset, test: ArrayDataset | None, *,
                  resume: bool = False, progress: bool = True, device: str | None = None,
-                 baseline: bool = True) -> TrainedModels:
-    """Steps 1-3: dense (``dense.pt``), baseline (``baseline.pt``), masked (``masked.pt``) in ``out_dir``."""
+                 baseline: bool = True, side_by_side: bool = False) -> TrainedModels:
+    """Steps 1-3: dense (``dense.pt``), baseline (``baseline.pt``), masked (``masked.pt``) in ``out_dir``.
+
+    The baseline and the mask training both start from the dense model and are independent: with
+    ``side_by_side`` (on the CPU, in one process, neither checkpoint finished) the baseline trains in a
+    second process (:class:`SideProcess`) with N // 2 of this process' N PyTorch threads while this one
+    trains the masked model with the other N - N // 2. The weights are those of training each with that
+    thread count one after the other; ``seconds["baseline"]`` is then the wall time of the baseline's
+    process, which overlaps ``seconds["masked"]``. Not the default: on an otherwise idle 2-core machine
+    it was slower than one process with 2 threads (``tools/bench_side_by_side.py``, README).
+    """
     out = Path(out_dir)
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    spec = recipe.model
+    spec, cfg = recipe.model, recipe.training
     expected = spec.input_shape()
     if tuple(train.images.shape[1:]) != expected:
         raise OnnxSlimError(f"model {spec.name} expects inputs {expected} but {train.name} has "
                             f"{tuple(train.images.shape[1:])}; set in_channels/input_size in [model.params] "
                             f"(or [model] input_shape)")
-    cfg = recipe.training
-    options = TrainOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=device or cfg.device, progress=progress)
+    # no test accuracy after every epoch: nothing is chosen by it (the final one is still measured)
+    options = TrainOptions(batch_size=cfg.batch_size, seed=cfg.seed, device=device or cfg.device, progress=progress,
+                           evaluate_every_epoch=False)
     extra = {"model_spec": spec.to_dict(), "recipe": recipe.name, "fingerprint": recipe_fingerprint(recipe)}
-
     example = torch.from_numpy(np.ascontiguousarray(train.images[:2]))
     method = get_method(recipe.method.name, recipe.method.params)
     _refuse_inapplicable(method, spec, example)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     dense = spec.build()
     dense_trainer = Trainer(dense, train, test_data=test, options=options, checkpoint=out / "dense.pt", extra=extra)
     dense_result = dense_trainer.fit([cfg.dense], resume=resume) if cfg.dense.epochs else None
     seconds["dense"] = time.perf_counter() - started
 
-    baseline_model = baseline_result = None
-    if baseline:
-        started = time.perf_counter()
-        baseline_model = copy.deepcopy(dense)
-        phases = [dataclasses.replace(cfg.sparse, kind="dense"), dataclasses.replace(cfg.finetune, kind="dense")]
-        baseline_result = Trainer(baseline_model, train, test_data=test, options=options,
-                                  checkpoint=out / "baseline.pt", extra=extra).fit(phases, resume=resume)
-        seconds["baseline"] = time.perf_counter() - started
-
-    started = time.perf_counter()
+    job = BaselineJob(spec, dense.state_dict(), [dataclasses.replace(cfg.sparse, kind="dense"),
+                      dataclasses.replace(cfg.finetune, kind="dense")], train, test, options, out / "baseline.pt",
+                      extra, resume)
     masked = copy.deepcopy(dense).cpu()
     attach_masks(masked, example)
     mask_trainer = Trainer(masked, train, test_data=test, method=method, options=options,
                            checkpoint=out / "masked.pt", extra={**extra, "masked": True}, reference_model=dense)
-    mask_result = mask_trainer.fit([cfg.sparse, cfg.finetune], resume=resume)
-    seconds["masked"] = time.perf_counter() - started
-    return TrainedModels(dense, baseline_model, masked, dense_result, baseline_result, mask_result, seconds)
+    train_masked = lambda: mask_trainer.fit([cfg.sparse, cfg.finetune], resume=resume)  # noqa: E731
+    if not baseline:
+        baseline_model = baseline_result = None
+        mask_result = _timed(train_masked, seconds, "masked")
+    elif side_by_side := (side_by_side and _can_run_side_by_side(options, out, resume)):
+        baseline_model, baseline_result, mask_result = _train_side_by_side(job, train_masked, seconds)
+    else:
+        baseline_model, baseline_result = _timed(lambda: train_baseline(job), seconds, "baseline")
+        mask_result = _timed(train_masked, seconds, "masked")
+    seconds = {name: seconds[name] for name in ("dense", "baseline", "masked") if name in seconds}
+    return TrainedModels(dense, baseline_model, masked, dense_result, baseline_result, mask_result, seconds,
+                         side_by_side=bool(baseline and side_by_side))
+
+
+def _timed(fn, seconds: dict[str, float], name: str):
+    started = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        seconds[name] = time.perf_counter() - started
+
+
+def _can_run_side_by_side(options: TrainOptions, out: Path, resume: bool) -> bool:
+    if resolve_device(options.device).type != "cpu":
+        return False
+    if DistContext.current().world_size > 1:
+        return False
+    # a finished checkpoint trains nothing: a second process would only cost its start-up
+    return not (resume and any(_finished(out / name) for name in ("baseline.pt", "masked.pt")))
+
+
+def _finished(path: Path) -> bool:
+    return path.exists() and bool(load_checkpoint(path).get("completed"))
+
+
+def _train_side_by_side(job: BaselineJob, train_masked, seconds: dict[str, float]):
+    """The baseline in a side process with N // 2 threads, the mask training here with the rest."""
+    threads = torch.get_num_threads()
+    side_threads = max(1, threads // 2)
+    with SideProcess(train_baseline_timed, (job,), threads=side_threads, what="training the dense baseline") as side:
+        torch.set_num_threads(max(1, threads - side_threads))
+        try:
+            mask_result = _timed(train_masked, seconds, "masked")
+        finally:
+            torch.set_num_threads(threads)
+        try:
+            state, baseline_result, seconds["baseline"] = side.result()
+        except OnnxSlimError as exc:
+            raise OnnxSlimError(f"{exc}; {job.checkpoint.name} keeps its last finished epoch: run again with "
+                                f"--resume") from None
+    model = job.spec.build()
+    model.load_state_dict(state)
+    return model, baseline_result, mask_result
 
 
 def _refuse_inapplicable(method, spec, example: torch.Tensor) -> None:
@@ -491,10 +561,11 @@ def report(run: Run, trained: TrainedModels, exported: ExportedModels, slimmed: 
     result.targets = check_targets(run.recipe, result)
     result.targets_met = all(check.ok for check in result.targets)
     name = run.recipe.name
-    write_report(run.out, Path(REPORT_FILE).stem, result.to_markdown(), result.to_dict())
     write_text_atomic(run.path("slim_report.txt"), slimmed.report.format_table() + "\n")
     plot_layer_channels(slimmed.report.layers, run.path("layers.png"), title=f"Channels per layer: {name}")
     plot_latency(validation.bench, run.path("latency.png"), title=f"onnxruntime latency: {name}")
+    result.wall_seconds = time.perf_counter() - run.started
+    write_report(run.out, Path(REPORT_FILE).stem, result.to_markdown(), result.to_dict())
     return result
 
 
@@ -518,7 +589,7 @@ def _run_report(run: Run, trained: TrainedModels, exported: ExportedModels, slim
         accuracy_drop_pt=100.0 * (accuracy["dense"].value - accuracy["slim"].value),
         masked_channels=slim_report.masked_channels, deleted_masked_channels=slim_report.deleted_masked_channels,
         live_channels={layer.name: [layer.out_live, layer.out_channels] for layer in summary.layers},
-        targets=[], targets_met=True, seconds=dict(run.seconds),
+        targets=[], targets_met=True, seconds=dict(run.seconds), side_by_side=trained.side_by_side,
         files={"dense_onnx": str(exported.dense), "masked_onnx": str(exported.masked), "slim_onnx": str(slimmed.path),
                "dense_checkpoint": str(out / "dense.pt"), "baseline_checkpoint": str(out / "baseline.pt"),
                "masked_checkpoint": str(out / "masked.pt")},

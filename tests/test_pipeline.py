@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 
 from onnxslim.cli import main
@@ -367,3 +369,38 @@ def test_read_report_refuses_other_files_in_one_line(tmp_path, text, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(OnnxSlimError, match="cannot read"):
         read_report(tmp_path / "missing.json")
+
+
+def _micro_models(out, *, threads, side_by_side, resume=False):
+    from onnxslim import pipeline
+
+    recipe = recipe_from_dict(__import__("tomllib").loads(MICRO))
+    train, test = pipeline.load_data(recipe)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return pipeline.train_models(recipe, out, train, test, progress=False, side_by_side=side_by_side,
+                                     resume=resume)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_side_by_side_training_gives_the_weights_of_training_one_after_the_other(tmp_path):
+    """Side by side with 2 threads, the baseline trains in a second process (1 thread each): the same
+    weights as training both with 1 thread in this process; a failure there is one line that says how
+    to go on."""
+    one = _micro_models(tmp_path / "one", threads=1, side_by_side=False)
+    (tmp_path / "side").mkdir()
+    shutil.copy(tmp_path / "one" / "dense.pt", tmp_path / "side" / "dense.pt")  # the same start, trained at 1 thread
+    side = _micro_models(tmp_path / "side", threads=2, side_by_side=True, resume=True)
+    assert side.side_by_side and not one.side_by_side
+    assert list(side.seconds) == list(one.seconds) == ["dense", "baseline", "masked"]
+    for name in ("baseline", "masked"):
+        ours, theirs = getattr(side, name).state_dict(), getattr(one, name).state_dict()
+        assert all(torch.equal(value, theirs[key]) for key, value in ours.items()), name
+    assert side.baseline_result.test_metric == one.baseline_result.test_metric
+    assert len(side.baseline_result.history) == 3  # sparse 2 + finetune 1 epochs, without masks
+
+    (tmp_path / "broken" / "baseline.pt").mkdir(parents=True)  # its checkpoint cannot be written
+    with pytest.raises(OnnxSlimError, match=r"^training the dense baseline: .*run again with --resume$"):
+        _micro_models(tmp_path / "broken", threads=2, side_by_side=True)

@@ -72,3 +72,33 @@ def test_latency_efficiency_tool_target_mode(tmp_path):
     (row,) = json.loads(out.read_text())["targets"]
     assert row["target"] == 0.6 and 1 <= row["prunes"] <= 8 and 0 < row["macs_fraction"] < 1
     assert row["error"] == pytest.approx(row["verified_latency_fraction"] / 0.6 - 1)
+
+
+@pytest.mark.slow
+def test_tune_demo_tool_holds_out_validation_images(tmp_path):
+    """tools/tune_demo.py: the held-out images are the validation split; settings share the baseline."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('[model]\nname = "lenet5"\nparams = { width = 0.25 }\n[data]\ntrain_samples = 240\n'
+                      '[method]\nparams = { lam = 0.05, proximal = true, mask_lr_scale = 20.0, epsilon = 0.0 }\n'
+                      '[training]\nbatch_size = 40\n[slim]\nround_to = 1\n')
+    stdout = run_tool("tune_demo.py", "--recipe", recipe, "--epochs", "1,3,1", "--val", "80", "--set", "lam=0.2",
+                      "--set", "lam=2.0", "--out", tmp_path / "tune")
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("160 train / 80 validation images (split seed 0)")
+    rows = [json.loads(line) for line in lines[1:]]
+    assert [row["params"] for row in rows] == [{"lam": 0.2}, {"lam": 2.0}]
+    assert rows[0]["val_baseline"] == rows[1]["val_baseline"]  # one baseline for both settings
+    for row in rows:
+        assert row["drop_pt"] == pytest.approx(100 * (row["val_baseline"] - row["val_slim"]))
+        assert 0 <= row["params_removed"] < 1
+    assert rows[1]["params_removed"] > 0 and rows[1]["params_removed"] >= rows[0]["params_removed"]
+
+
+@pytest.mark.slow
+def test_side_by_side_tool(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('[model]\nname = "lenet5"\nparams = { width = 0.25 }\n[data]\ntrain_samples = 120\n'
+                      '[training]\nbatch_size = 40\n')
+    lines = run_tool("bench_side_by_side.py", "--recipe", recipe, "--epochs", "1,1", "--rounds", "1").splitlines()
+    assert [line.split(":")[0] for line in lines] == ["round 0 side by side  ", "round 0 one after other"]
+    assert all("wall" in line for line in lines)

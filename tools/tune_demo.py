@@ -1,0 +1,121 @@
+"""Tune the demo recipe (epochs, sparsity knobs) on a validation split, never on the test images.
+
+Holds out ``--val`` (2,000) of the recipe's training images (a permutation seeded by ``--split-seed``),
+trains on the rest exactly as ``onnxslim run`` does (the :mod:`onnxslim.pipeline` stages: dense, the
+dense baseline with the same epoch budget, mask training, export, slim, validate) and prints per setting:
+params and MACs removed, the validation accuracy of the baseline and of the slimmed ONNX model, the
+drop in percentage points, and the training seconds. Settings with the same epochs share the dense and
+baseline checkpoints (``--out/e<D>-<S>-<F>/``); the test split is not loaded.
+
+    python tools/tune_demo.py --epochs 4,10,6 --set lam=0.015 --set mask_lr_scale=20 --threads 1
+    python tools/tune_demo.py --epochs 4,10,6 --set lam=0.02 --set lam=0.01   # one trial per value
+
+``--set KEY=VALUE`` overrides a ``[method] params`` key (repeat a key for several trials; several
+keys give their product). ``--lr-scale X`` multiplies the three phases' learning rates, ``--batch-size``
+replaces the recipe's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onnxslim import pipeline
+from onnxslim.recipes import Recipe, load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def holdout(recipe: Recipe, val: int, seed: int):
+    """(fit, val) datasets: ``val`` images of the recipe's training split held out by a seeded permutation."""
+    train, _ = pipeline.load_data(recipe)
+    order = np.random.default_rng(seed).permutation(len(train))
+    pick = lambda idx: dataclasses.replace(train, images=train.images[idx], labels=train.labels[idx])  # noqa: E731
+    return pick(np.sort(order[val:])), pick(np.sort(order[:val]))
+
+
+def variant(recipe: Recipe, epochs: tuple[int, int, int], params: dict, lr_scale: float,
+            batch_size: int | None = None) -> Recipe:
+    """``recipe`` with the phase epochs, method params, batch size and learning-rate scale (all three
+    phases) of one trial, and a fast latency measurement."""
+    raw = recipe.to_dict()
+    if batch_size is not None:
+        raw["training"]["batch_size"] = batch_size
+    for kind, count in zip(("dense", "sparse", "finetune"), epochs):
+        raw["training"][kind]["epochs"] = count
+        raw["training"][kind].pop("kind")
+    for kind in ("dense", "sparse", "finetune"):
+        raw["training"][kind]["lr"] *= lr_scale
+    raw["method"]["params"].update(params)
+    raw["validate"].update(warmup=2, repeat=5)
+    return recipe_from_dict(raw, source=recipe.source, default_name=recipe.name)
+
+
+def trial(recipe: Recipe, fit, val, folder: Path, shared: Path) -> dict:
+    """Train (reusing the shared dense/baseline checkpoints), export, slim, validate on ``val``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("dense.pt", "baseline.pt"):
+        if (shared / name).exists() and not (folder / name).exists():
+            shutil.copy(shared / name, folder / name)
+    run = pipeline.Run(recipe, folder, fit, val, resume=True, progress=False)
+    started = time.perf_counter()
+    trained = pipeline.train(run)
+    seconds = time.perf_counter() - started
+    for name in ("dense.pt", "baseline.pt"):
+        if not (shared / name).exists():
+            shutil.copy(folder / name, shared / name)
+    exported = pipeline.export(run, trained)
+    slimmed = pipeline.slim(run, exported)
+    report = pipeline.report(run, trained, exported, slimmed, pipeline.validate(run, trained, exported, slimmed))
+    return {"params_removed": report.params_removed, "macs_removed": report.macs_removed,
+            "val_baseline": report.accuracy_before, "val_slim": report.accuracy_after,
+            "drop_pt": report.accuracy_drop_pt, "live": {k: v[0] for k, v in report.live_channels.items()},
+            "train_seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in run.seconds.items()}}
+
+
+def parse_sets(items: list[str]) -> list[dict]:
+    """``["lam=0.01", "lam=0.02", "mask_lr_scale=20"]`` -> the product of each key's values."""
+    values: dict[str, list] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        values.setdefault(key, []).append(json.loads(raw))
+    return [dict(zip(values, combo)) for combo in itertools.product(*values.values())] or [{}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=ROOT / "models" / "lenet5_mnist.toml")
+    parser.add_argument("--epochs", required=True, help="dense,sparse,finetune epochs, e.g. 4,10,6")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--lr-scale", type=float, default=1.0)
+    parser.add_argument("--val", type=int, default=2000)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    parser.add_argument("--out", type=Path, default=Path("runs/tune_demo"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_recipe(args.recipe)
+    epochs = tuple(int(e) for e in args.epochs.split(","))
+    fit, val = holdout(base, args.val, args.split_seed)
+    batch = args.batch_size or base.training.batch_size
+    shared = args.out / f"e{epochs[0]}-{epochs[1]}-{epochs[2]}-lr{args.lr_scale:g}-b{batch}"
+    shared.mkdir(parents=True, exist_ok=True)
+    print(f"{len(fit)} train / {len(val)} validation images (split seed {args.split_seed}), epochs {epochs}, "
+          f"batch {batch}, lr x{args.lr_scale:g}, {args.threads} thread(s)", flush=True)
+    for params in parse_sets(args.set):
+        name = "-".join(f"{k}{v}" for k, v in params.items()) or "recipe"
+        result = trial(variant(base, epochs, params, args.lr_scale, args.batch_size), fit, val, shared / name, shared)
+        print(json.dumps({"params": params, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
