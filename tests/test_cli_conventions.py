@@ -97,8 +97,8 @@ def test_gate_on_macs_and_params_ratios(masked, tmp_path):
 def test_accuracy_drops_are_percentage_points_everywhere():
     assert "percentage points" in " ".join(invoke("check", "--help").output.split())
     recipe = recipe_from_dict({"model": {"name": "lenet5"}, "targets": {"max_accuracy_drop_pt": 0.5}})
-    within = types.SimpleNamespace(accuracy_drop=0.004)  # fractions of accuracy, as measured
-    beyond = types.SimpleNamespace(accuracy_drop=0.006)
+    within = types.SimpleNamespace(accuracy_drop_pt=0.4)  # the report's drop, in points too
+    beyond = types.SimpleNamespace(accuracy_drop_pt=0.6)
     assert [(c.name, c.value, c.ok) for c in check_targets(recipe, within)] == \
         [("max_accuracy_drop_pt", pytest.approx(0.4), True)]
     assert not check_targets(recipe, beyond)[0].ok

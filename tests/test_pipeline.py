@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -70,6 +72,12 @@ def test_run_tiny_recipe_end_to_end_and_resume(tmp_path):
     assert report["max_abs_diff"] <= 1e-4
     assert report["accuracy_after"] > 0.5 and report["accuracy_before"] > 0.5
     assert report["accuracy_after"] == report["accuracy_masked"]  # slimming is exact
+    # the drop is in percentage points, as the target it is checked against
+    assert "accuracy_drop" not in report
+    assert report["accuracy_drop_pt"] == pytest.approx(100 * (report["accuracy_before"] - report["accuracy_after"]))
+    (drop_check,) = [t for t in report["targets"] if t["name"] == "max_accuracy_drop_pt"]
+    assert drop_check["value"] == report["accuracy_drop_pt"]
+    assert f"accuracy drop {report['accuracy_drop_pt']:.2f} pt" in result.output
     assert report["deleted_masked_channels"] == report["masked_channels"] > 0
     assert {t["name"] for t in report["targets"]} == {"min_params_removed", "max_abs_diff", "max_accuracy_drop_pt"}
     assert report["targets_met"] is True
@@ -219,7 +227,7 @@ def test_report_advises_round_to_when_slimmed_model_is_slower():
                   macs_after=700, accuracy_before=0.98, accuracy_masked=0.98, accuracy_after=0.98,
                   accuracy_metric="top1", latency_ms_before=0.6, latency_ms_masked=0.6, latency_ms_after=0.9,
                   max_abs_diff=0.0, max_abs_diff_onnx=0.0, params_removed=0.2, macs_removed=0.3,
-                  accuracy_drop=0.0, masked_channels=10, deleted_masked_channels=10, live_channels={},
+                  accuracy_drop_pt=0.0, masked_channels=10, deleted_masked_channels=10, live_channels={},
                   targets=[], targets_met=True, seconds={}, files={}, torch_accuracy={})
     slower = RunReport(**fields)
     assert 'round_to = "auto"' in slower.format_table() and 'round_to = "auto"' in slower.to_markdown()
@@ -322,3 +330,40 @@ def test_a_run_folder_that_is_not_empty_needs_resume_or_overwrite(tmp_path):
     assert fresh.exit_code == 0, fresh.output
     assert not (out / "REPORT.md").exists() and (out / "notes.txt").read_text() == "mine\n"
     assert (out / "dense.pt").read_bytes() != dense
+
+
+def test_read_report_reads_points_and_converts_old_fraction_reports(tmp_path):
+    """REPORT.json is read back as written; a report from before the drop was kept in points (its
+    ``accuracy_drop`` a fraction, as docs/unet_mnistseg_joint/REPORT.json) comes back in points."""
+    from onnxslim.pipeline import RunReport, TargetCheck, read_report
+
+    old_path = ROOT / "docs" / "unet_mnistseg_joint" / "REPORT.json"
+    old = json.loads(old_path.read_text())
+    assert "accuracy_drop" in old and "accuracy_drop_pt" not in old
+    converted = read_report(old_path)
+    assert converted.accuracy_drop_pt == pytest.approx(100 * old["accuracy_drop"])
+    assert converted.accuracy_drop_pt == pytest.approx(100 * (old["accuracy_before"] - old["accuracy_after"]))
+    assert all(isinstance(check, TargetCheck) for check in converted.targets)
+
+    current = dataclasses.replace(converted, accuracy_drop_pt=0.35)
+    path = tmp_path / "REPORT.json"
+    path.write_text(json.dumps(current.to_dict()))
+    assert read_report(path) == current
+    assert RunReport.from_dict(current.to_dict()).accuracy_drop_pt == 0.35
+
+
+@pytest.mark.parametrize("text,message", [
+    ("not json", "cannot read a run report"),
+    ("[1, 2]", "not an onnxslim run report (a JSON list)"),
+    ('{"params_before": 1}', "not an onnxslim run report (no recipe"),
+])
+def test_read_report_refuses_other_files_in_one_line(tmp_path, text, message):
+    from onnxslim.pipeline import read_report
+
+    path = tmp_path / "REPORT.json"
+    path.write_text(text)
+    with pytest.raises(OnnxSlimError, match="^" + re.escape(str(path))) as caught:
+        read_report(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(OnnxSlimError, match="cannot read"):
+        read_report(tmp_path / "missing.json")
