@@ -97,7 +97,8 @@ def kept(slimmed: onnx.ModelProto) -> dict[str, int]:
 
 def test_greedy_respects_residual_and_depthwise_coupling_and_min_channels():
     model = residual_depthwise_net()
-    slimmed, report, masked, result = prune_to_target(model, "macs", 0.15, min_channels=3, round_to=1)
+    slimmed, report, masked, result = prune_to_target(model, "macs", 0.15, min_channels=3, max_layer_ratio=1.0,
+                                                      round_to=1)
     assert_equivalent(masked, slimmed)
     counts = kept(slimmed)
     convs = [n for n in slimmed.graph.node if n.op_type == "Conv"]
@@ -108,6 +109,8 @@ def test_greedy_respects_residual_and_depthwise_coupling_and_min_channels():
         assert next(a.i for a in depthwise.attribute if a.name == "group") == counts[depthwise.name]
     assert min(counts.values()) >= 3 and counts[head.name] == 4  # graph output untouched
     assert result.achieved < 0.5  # it did prune hard
+    capped = prune_to_target(model, "macs", 0.15, max_layer_ratio=0.5, round_to=1)[0]
+    assert all(count >= size / 2 for count, size in zip(kept(capped).values(), [32, 64, 64, 32, 64, 64, 32, 4]))
 
 
 def test_target_macs_met_on_a_small_conv_net():

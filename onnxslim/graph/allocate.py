@@ -141,14 +141,15 @@ def _check_target(target: float) -> None:
 
 def prune_to_target(model: Any, metric: Metric, target: float, *, allocation: Allocation = "greedy", rounds: int = 20,
                     threads: int = 1, tolerance: float | None = None, max_steps: int | None = None,
-                    cache_dir: str | os.PathLike | None = None, measure: Callable | None = None,
+                    max_layer_ratio: float = 0.8, cache_dir: str | os.PathLike | None = None, measure: Callable | None = None,
                     progress: bool = False, **prune_options: Any):
     """:func:`onnxslim.graph.prune.prune` meeting ``target`` for ``metric`` (see the module docstring).
 
     Returns ``(slimmed, report, masked, TargetResult)``. ``prune_options`` are ``prune``'s (except
     ``ratio`` and the output paths, which the caller writes itself); the greedy uses its criterion,
     min_channels, placement, seed, rounding, shapes and rules. ``rounds``/``threads``: the quick A/B
-    of the latency metric; ``cache_dir``/``measure``/``progress``: the latency table's
+    of the latency metric; ``max_layer_ratio``: the most of its output channels the greedy takes from
+    any layer; ``cache_dir``/``measure``/``progress``: the latency table's
     (:class:`onnxslim.validate.latency_table.LatencyTable`). Raises :class:`OnnxSlimError` for a bad
     metric, allocation or target.
     """
@@ -157,6 +158,8 @@ def prune_to_target(model: Any, metric: Metric, target: float, *, allocation: Al
     if allocation not in ALLOCATIONS:
         raise OnnxSlimError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     _check_target(target)
+    if not 0.0 < max_layer_ratio <= 1.0:
+        raise OnnxSlimError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio}")
     tolerance = tolerance if tolerance is not None else 0.02 if metric == "macs" else 0.05
     measured = _measurer(model, metric, rounds, threads, prune_options.get("input_shapes"))
     if allocation == "uniform":
@@ -164,7 +167,7 @@ def prune_to_target(model: Any, metric: Metric, target: float, *, allocation: Al
     else:
         from onnxslim.graph.allocate_greedy import GreedyRequest, prune_greedy
 
-        request = GreedyRequest(metric, threads, cache_dir, measure, progress)
+        request = GreedyRequest(metric, max_layer_ratio, threads, cache_dir, measure, progress)
         result, payload = prune_greedy(model, measured, target, request, tolerance, max_steps or 4, prune_options)
     slimmed, report, masked = payload
     result = dataclasses.replace(result, metric=metric)

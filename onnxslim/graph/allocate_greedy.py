@@ -27,10 +27,12 @@ from onnxslim.graph.selection import Selection, _Layer, settle_choice
 
 @dataclasses.dataclass(frozen=True)
 class GreedyRequest:
-    """What the greedy measures against: the metric, the latency table's threads, cache folder,
-    measuring function (None: :func:`onnxslim.validate.latency_table.measure_model`) and progress bar."""
+    """What the greedy measures against: the metric, the most any layer output may lose, the latency
+    table's threads, cache folder, measuring function (None:
+    :func:`onnxslim.validate.latency_table.measure_model`) and progress bar."""
 
     metric: str
+    max_layer_ratio: float = 0.8
     threads: int = 1
     cache_dir: str | os.PathLike | None = None
     measure: Callable | None = None
@@ -51,7 +53,7 @@ def prune_greedy(model: Any, measured: Callable[[Any, Any], float], target: floa
     scores = channel_scores(analysis, options.get("criterion", "l1"), options.get("seed", 0))
     cost, rest, details, notes = _cost_model(analysis, request, rounding.multiple, options.get("input_shapes"))
     trace = greedy_trace(analysis, scores, cost, min_channels=options.get("min_channels", 1),
-                         multiple=rounding.multiple, rest=rest)
+                         max_layer_ratio=request.max_layer_ratio, multiple=rounding.multiple, rest=rest)
 
     def evaluate(internal: float):
         chosen, estimate = trace.cut(internal)

@@ -11,7 +11,9 @@ saved, the cost being each layer's measured latency (a lookup table,
   :mod:`onnxslim.graph.selection`: a class goes from every layer it belongs to (residual groups), a
   grouped conv's classes go in bundles that keep its groups equal (``_GroupStructures``), classes held
   by a barrier are never chosen, and no layer output nor input keeps fewer than ``min_channels``
-  (``_Tally``).
+  (``_Tally``); no layer output loses more than ``max_layer_ratio`` of its channels (Torch-Pruning's
+  ``max_pruning_ratio``: with flat importance — random or barely trained weights — the greedy would
+  otherwise thin the layers that are cheapest to cut down to a handful of channels).
 * Importance of a class: the sum over the layers creating it of its channel score divided by that
   layer's mean score (:func:`onnxslim.graph.selection.class_scores`).
 * Cost saved by a candidate: ``sum over the layers it touches of cost(before) - cost(after)``, a layer's
@@ -27,6 +29,7 @@ a prefix of one trace (:meth:`GreedyTrace.cut`): correcting the target costs no 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import numpy as np
@@ -87,7 +90,7 @@ class _State:
     """The greedy's running state: chosen classes, the tally of removed channels, each layer's cost."""
 
     def __init__(self, analysis: ChannelAnalysis, layers: list[_Layer], importance: dict[int, float],
-                 cost: LayerCost, min_channels: int):
+                 cost: LayerCost, min_channels: int, max_layer_ratio: float):
         self.layers = {layer.name: layer for layer in layers}
         self.importance = importance
         self.cost = cost
@@ -96,6 +99,8 @@ class _State:
         self.locked = analysis.kept_by(BARRIER)
         self.chosen: set[int] = set()
         self.dead: set[int] = set()  # classes that can never go (min_channels of some layer)
+        self.least_out = {layer.name: max(min_channels, math.ceil(layer.size * (1 - max_layer_ratio) - 1e-9))
+                          for layer in layers}
         self.layer_cost = {layer.name: cost(layer, 0, 0) for layer in layers}
         self.order = {layer.name: sorted((r for r in layer.units if not self.locked[r]),
                                          key=lambda r: -importance.get(r, 0.0)) for layer in layers}
@@ -138,9 +143,9 @@ class _State:
     def _fits(self, bundle_out: dict[str, int], bundle_in: dict[str, int], out: dict[str, int],
               into: dict[str, int]) -> bool:
         """``_Tally.fits`` for a bundle on top of ``out``/``into`` already taken: every layer output and
-        input it touches keeps ``min_channels``."""
+        input it touches keeps ``min_channels`` (outputs: their ``max_layer_ratio`` share too)."""
         least, tally = self.tally.min_channels, self.tally
-        return all(self.layers[name].size - tally.removed[name] - out.get(name, 0) - n >= least
+        return all(self.layers[name].size - tally.removed[name] - out.get(name, 0) - n >= self.least_out[name]
                    for name, n in bundle_out.items()) and \
             all(self.layers[name].in_size - tally.removed_in[name] - into.get(name, 0) - n >= least
                 for name, n in bundle_in.items())
@@ -163,13 +168,14 @@ def block_size(channels: int, multiple: int, steps_per_layer: int = 32) -> int:
 
 
 def greedy_trace(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], cost: LayerCost, *,
-                 min_channels: int = 1, multiple: int = 1, rest: float = 0.0, floor: float = 0.05,
-                 steps_per_layer: int = 32) -> GreedyTrace:
+                 min_channels: int = 1, max_layer_ratio: float = 1.0, multiple: int = 1, rest: float = 0.0,
+                 floor: float = 0.05, steps_per_layer: int = 32) -> GreedyTrace:
     """Run the greedy (see the module docstring) until the total is at most ``floor`` of the full cost
     or nothing can go. ``scores`` maps a layer's output tensor to one score per output channel."""
     roots = analysis.uf.roots()
     layers = _layers(analysis, roots, scores)
-    state = _State(analysis, layers, class_scores(analysis, roots, scores, True), cost, min_channels)
+    state = _State(analysis, layers, class_scores(analysis, roots, scores, True), cost, min_channels,
+                   max_layer_ratio)
     full = rest + sum(state.layer_cost.values())
     total, steps = full, []
     candidates: dict[str, _Candidate | None] = {}
