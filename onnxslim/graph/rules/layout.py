@@ -24,7 +24,14 @@ import numpy as np
 
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import BarrierRule, Rule, normalize_axis, pass_through, register
+from onnxslim.graph.rules.base import (
+    BarrierRule,
+    Rule,
+    inputs_nonnegative,
+    normalize_axis,
+    pass_through,
+    register,
+)
 from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
 
@@ -71,8 +78,16 @@ def _write_operand(node, rewriter, attr: str, slot: int, value: np.ndarray) -> N
         node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
 
 
+class _MovesElements(Rule):
+    """Ops that move, copy or select the elements of their data input (input 0) and compute none."""
+
+    def nonnegative(self, node, analysis):
+        """>= 0 when the data input is (the output's elements are input elements)."""
+        return inputs_nonnegative(node, analysis)
+
+
 @register
-class ConcatRule(Rule):
+class ConcatRule(_MovesElements):
     op_types = ("Concat",)
     passthrough = True
 
@@ -120,6 +135,10 @@ class ConcatRule(Rule):
         info.ids = ids
         analysis.set(node.output[0], info)
 
+    def nonnegative(self, node, analysis):
+        """>= 0 when every input is (the output is the inputs' elements, on any axis)."""
+        return inputs_nonnegative(node, analysis, range(len(node.input)))
+
     def allows_empty_input(self, node, slot, plan):
         return True
 
@@ -163,7 +182,7 @@ def _split_sizes(node, analysis, x):
 
 
 @register
-class SplitRule(Rule):
+class SplitRule(_MovesElements):
     op_types = ("Split",)
     passthrough = True
 
@@ -208,7 +227,7 @@ class SplitRule(Rule):
             set_attr(node, "split", [int(s) for s in sizes])
 
 
-class _ChannelSelection(Rule):
+class _ChannelSelection(_MovesElements):
     """Slice and Gather on the channel axis select channel positions of the input."""
 
     passthrough = True
@@ -329,7 +348,7 @@ class GatherRule(_ChannelSelection):
 
 
 @register
-class FlattenRule(Rule):
+class FlattenRule(_MovesElements):
     op_types = ("Flatten",)
     passthrough = True
 
@@ -397,7 +416,7 @@ def _flattened(x, block: int):
 
 
 @register
-class ReshapeRule(Rule):
+class ReshapeRule(_MovesElements):
     op_types = ("Reshape",)
     passthrough = True
 
@@ -466,7 +485,7 @@ class ReshapeRule(Rule):
 
 
 @register
-class SqueezeRule(Rule):
+class SqueezeRule(_MovesElements):
     op_types = ("Squeeze", "Unsqueeze")
     passthrough = True
 
@@ -499,7 +518,7 @@ class SqueezeRule(Rule):
 
 
 @register
-class TransposeRule(Rule):
+class TransposeRule(_MovesElements):
     """Transpose moves the channel axis to ``perm.index(axis)``.
 
     A graph input's layout is unknown (axis 1 is a guess, and its channels are kept anyway): a Transpose
@@ -539,7 +558,7 @@ class ShapeRule(Rule):
 
 
 @register
-class DepthToSpaceRule(Rule):
+class DepthToSpaceRule(_MovesElements):
     """DepthToSpace / SpaceToDepth (PixelShuffle and its inverse) move blocks of r*r channels into space
     and back: an index map (see :mod:`regroup`). DepthToSpace couples the r*r input channels of each
     output channel; SpaceToDepth gives each input channel r*r output channels. Deleting whole units
