@@ -429,7 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--costs", default="0.5,0.7", help="target shares of MACs removed")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--train", type=int, default=10000)
     parser.add_argument("--val", type=int, default=5000)
     parser.add_argument("--probes", type=int, default=4, help="bisection probes per method and cost")
     parser.add_argument("--torch-pruning", action="store_true", help="add Torch-Pruning rows (pip install torch-pruning)")

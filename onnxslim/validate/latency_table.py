@@ -20,7 +20,8 @@ channel counts; this module builds that table for onnxruntime's CPU provider.
 * Cache: one JSON file per machine and request, ``<dir>/<key>.json`` with ``key`` = CPU model and a
   hash of its flags, onnxruntime version, threads and batch (:func:`machine_key`); ``dir`` is the
   ``cache_dir`` argument, else ``$ONNXSLIM_CACHE_DIR/latency``, else ``~/.cache/onnxslim/latency``.
-  Written atomically after measuring; points already in it are never measured again.
+  Written atomically after measuring (merged with what another process wrote meanwhile); points
+  already in it are never measured again; a damaged file is measured again.
 
 What a single-node table misses (fused activations, the layout reorders between layers, the
 executor's overhead) is left to the caller's whole-model check (:mod:`onnxslim.graph.allocate`).
@@ -264,6 +265,8 @@ class LatencyTable:
         from onnxslim.io import write_json_atomic
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for key, points in self._load().items():  # what another process added meanwhile is kept
+            self.points[key] = {**points, **self.points.get(key, {})}
         write_json_atomic(self.path, {"format": _FORMAT, "machine": self.path.stem, "cpu": cpu_name(),
                                       "threads": self.threads, "batch": self.batch, "points": self.points})
 
