@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from onnxslim.graph.greedy import GreedyTrace, LayerCost, greedy_trace, kept_counts, macs_cost
-from onnxslim.graph.selection import Selection, _Layer, settle_choice
+from onnxslim.graph.selection import Layer, Selection, settle_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _cost_model(analysis, request: GreedyRequest, multiple: int, shapes) -> tupl
 
     curves = {name: (sig, table.curve(sig)) for name, sig in signatures.items() if sig is not None}
 
-    def cost(layer: _Layer, removed_in: int, removed_out: int) -> float:
+    def cost(layer: Layer, removed_in: int, removed_out: int) -> float:
         if layer.name not in curves:
             return 0.0
         sig, curve = curves[layer.name]

@@ -9,9 +9,9 @@ saved, the cost being each layer's measured latency (a lookup table,
   importance free classes — ``block`` = the rounding multiple times ``max(1, n // (32 * multiple))`` for
   ``n`` output channels, so a layer is thinned in about 32 steps at most. Classes are coupled as in
   :mod:`onnxslim.graph.selection`: a class goes from every layer it belongs to (residual groups), a
-  grouped conv's classes go in bundles that keep its groups equal (``_GroupStructures``), classes held
+  grouped conv's classes go in bundles that keep its groups equal (``GroupStructures``), classes held
   by a barrier are never chosen, and no layer output nor input keeps fewer than ``min_channels``
-  (``_Tally``); no layer output loses more than ``max_layer_ratio`` of its channels (Torch-Pruning's
+  (``Tally``); no layer output loses more than ``max_layer_ratio`` of its channels (Torch-Pruning's
   ``max_pruning_ratio``: with flat importance — random or barely trained weights — the greedy would
   otherwise thin the layers that are cheapest to cut down to a handful of channels).
 * Importance of a class: the sum over the layers creating it of its channel score divided by that
@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from onnxslim.graph.analysis import ChannelAnalysis
-from onnxslim.graph.selection import _GroupStructures, _Layer, _layers, _Tally, class_scores
+from onnxslim.graph.selection import GroupStructures, Layer, Tally, class_scores, layers_of
 from onnxslim.graph.values import BARRIER
 
 
@@ -43,7 +43,7 @@ class LayerCost(Protocol):
     """Cost (ms, MACs ...) of ``layer`` with ``removed_in`` of its input channels and ``removed_out`` of
     its output channels removed (counts in the analysis' channel elements)."""
 
-    def __call__(self, layer: _Layer, removed_in: int, removed_out: int) -> float: ...
+    def __call__(self, layer: Layer, removed_in: int, removed_out: int) -> float: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class GreedyTrace:
 
     full: float
     steps: tuple[GreedyStep, ...]
-    layers: tuple[_Layer, ...]
+    layers: tuple[Layer, ...]
 
     def cut(self, fraction: float) -> tuple[set[int], float]:
         """The classes of the prefix whose total is closest to ``fraction`` of the full cost (of the two
@@ -89,13 +89,13 @@ class _Candidate:
 class _State:
     """The greedy's running state: chosen classes, the tally of removed channels, each layer's cost."""
 
-    def __init__(self, analysis: ChannelAnalysis, layers: list[_Layer], importance: dict[int, float],
+    def __init__(self, analysis: ChannelAnalysis, layers: list[Layer], importance: dict[int, float],
                  cost: LayerCost, min_channels: int, max_layer_ratio: float):
         self.layers = {layer.name: layer for layer in layers}
         self.importance = importance
         self.cost = cost
-        self.tally = _Tally(layers, min_channels)
-        self.groups = _GroupStructures(analysis)
+        self.tally = Tally(layers, min_channels)
+        self.groups = GroupStructures(analysis)
         self.locked = analysis.kept_by(BARRIER)
         self.chosen: set[int] = set()
         self.dead: set[int] = set()  # classes that can never go (min_channels of some layer)
@@ -108,7 +108,7 @@ class _State:
     def free(self, root: int) -> bool:
         return not self.locked[root] and root not in self.chosen and root not in self.dead
 
-    def candidate(self, layer: _Layer, block: int) -> _Candidate | None:
+    def candidate(self, layer: Layer, block: int) -> _Candidate | None:
         """The layer's next ``block`` channels of lowest-importance free classes that fit together."""
         roots: list[int] = []
         out: dict[str, int] = {}
@@ -124,7 +124,7 @@ class _State:
             bundle = self.groups.bundle(root, self.free, self.importance)
             if not bundle or any(r in roots for r in bundle):
                 continue
-            bundle_out, bundle_in = self.tally._counts(bundle)
+            bundle_out, bundle_in = self.tally.counts(bundle)
             if self._fits(bundle_out, bundle_in, out, into):
                 roots += bundle
                 for counts, extra in ((out, bundle_out), (into, bundle_in)):
@@ -142,7 +142,7 @@ class _State:
 
     def _fits(self, bundle_out: dict[str, int], bundle_in: dict[str, int], out: dict[str, int],
               into: dict[str, int]) -> bool:
-        """``_Tally.fits`` for a bundle on top of ``out``/``into`` already taken: every layer output and
+        """``Tally.fits`` for a bundle on top of ``out``/``into`` already taken: every layer output and
         input it touches keeps ``min_channels`` (outputs: their ``max_layer_ratio`` share too)."""
         least, tally = self.tally.min_channels, self.tally
         return all(self.layers[name].size - tally.removed[name] - out.get(name, 0) - n >= self.least_out[name]
@@ -173,7 +173,7 @@ def greedy_trace(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], cost:
     """Run the greedy (see the module docstring) until the total is at most ``floor`` of the full cost
     or nothing can go. ``scores`` maps a layer's output tensor to one score per output channel."""
     roots = analysis.uf.roots()
-    layers = _layers(analysis, roots, scores)
+    layers = layers_of(analysis, roots, scores)
     state = _State(analysis, layers, class_scores(analysis, roots, scores, True), cost, min_channels,
                    max_layer_ratio)
     full = rest + sum(state.layer_cost.values())
@@ -209,9 +209,9 @@ def kept_counts(trace: GreedyTrace, analysis: ChannelAnalysis, chosen: set[int])
 def macs_cost(analysis: ChannelAnalysis, layer_macs: dict[str, float]) -> LayerCost:
     """The MACs of a layer keeping a fraction ``(1 - a)`` of its outputs and ``(1 - b)`` of its inputs:
     ``macs * (1 - a) * (1 - b)``, or ``macs * (1 - max(a, b))`` when its inputs and outputs are one unit
-    (depthwise; the formula of ``_Tally.remaining_cost``). ``layer_macs`` is keyed by output tensor."""
+    (depthwise; the formula of ``Tally.remaining_cost``). ``layer_macs`` is keyed by output tensor."""
 
-    def cost(layer: _Layer, removed_in: int, removed_out: int) -> float:
+    def cost(layer: Layer, removed_in: int, removed_out: int) -> float:
         a = removed_out / layer.size
         b = removed_in / layer.in_size if layer.in_size else 0.0
         tied = layer.in_units.keys() & layer.units.keys()
