@@ -59,16 +59,19 @@ from onnxslim.zoo import get_model  # noqa: E402
 
 METHODS = ("l1_mask", "bn_slimming", "l1_norm", "ssr_l21", "ssr_l20", "gal", "joint")
 
-# per model: zoo params, input size, epochs (dense, sparse, fine-tune), SGD lr, batch
+# per model: zoo params, input size, epochs (dense, sparse, fine-tune), SGD lr, batch, training images and
+# bisection probes. Sized so that the whole table fits about 8 core-hours on this project's 2-core machine
+# (one core, measured per epoch of 10,000 images: LeNet-5 7 s, VGG-16 (width 0.25) 37 s, ResNet-20 ~55 s,
+# ResNet-56 ~160 s): LeNet-5 ~1 h, ResNet-20 ~3 h (3 seeds), VGG-16 ~1 h and ResNet-56 ~3.5 h (1 seed each).
 MODELS = {
     "lenet5": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
-               "epochs": (3, 3, 3), "lr": 0.02, "batch": 64},
+               "epochs": (3, 3, 3), "lr": 0.02, "batch": 64, "train": 10000, "probes": 4},
     "resnet20": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
-                 "epochs": (8, 4, 6), "lr": 0.05, "batch": 64},
+                 "epochs": (4, 2, 3), "lr": 0.05, "batch": 64, "train": 5000, "probes": 3},
     "resnet56": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
-                 "epochs": (8, 4, 6), "lr": 0.05, "batch": 64},
+                 "epochs": (4, 2, 3), "lr": 0.05, "batch": 64, "train": 5000, "probes": 3},
     "vgg16": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 32, "width": 0.25}, "size": 32,
-              "epochs": (8, 4, 6), "lr": 0.02, "batch": 64},
+              "epochs": (4, 2, 3), "lr": 0.02, "batch": 64, "train": 5000, "probes": 3},
 }
 
 # per method: fixed params, the knob bisected to reach a MACs target, its range, and its scale
@@ -429,9 +432,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--costs", default="0.5,0.7", help="target shares of MACs removed")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train", type=int, default=10000)
+    parser.add_argument("--train", type=int, default=None, help="training images (default: per model, MODELS)")
     parser.add_argument("--val", type=int, default=5000)
-    parser.add_argument("--probes", type=int, default=4, help="bisection probes per method and cost")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="bisection probes per method and cost (default: per model, MODELS)")
     parser.add_argument("--torch-pruning", action="store_true", help="add Torch-Pruning rows (pip install torch-pruning)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 512/256 images, one epoch per phase, 2 probes")
@@ -455,10 +459,11 @@ def main() -> int:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_n, val_n, probes = (512, 256, 2) if args.quick else (args.train, args.val, args.probes)
     rows, pending = [], []
     for model in args.models:
         spec = MODELS[model]
+        train_n, val_n, probes = (512, 256, 2) if args.quick else \
+            (args.train or spec["train"], args.val, args.probes or spec["probes"])
         epochs = (1, 1, 1) if args.quick else spec["epochs"]
         train, val, test = split_data(args.data, train_n, val_n, spec["size"])
         if args.quick:
