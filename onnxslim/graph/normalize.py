@@ -194,9 +194,10 @@ def fold_static_dims(model: onnx.ModelProto) -> int:
     * ``Shape(x)`` and ``Gather(Shape(x), k)`` (axis 0, constant ``k``) become initializers when shape
       inference gives the dims they return as numbers (ONNX ``Shape-15`` returns ``x.shape[start:end]``; a
       static dim has that value in every run of this model); a symbolic dim (a dynamic batch) keeps its node.
-    * a ``Reshape`` target or ``Slice`` bounds computed from shapes
-      (:func:`onnxslim.graph.shape_values.shape_value`; ``torch.chunk`` bounds) become constants: static
-      dims as numbers, and a Reshape's batch of the reshaped tensor as ``0``, which ONNX
+    * a ``Reshape`` target, ``Slice`` bounds or an ``Expand`` shape computed from shapes
+      (:func:`onnxslim.graph.shape_values.shape_value`; ``torch.chunk`` bounds, ``expand_as``) become
+      constants: static dims as numbers, an Expand's batch as 1 (broadcast to the input's own batch), and a
+      Reshape's batch of the reshaped tensor as ``0``, which ONNX
       ``Reshape`` (``allowzero=0``) copies from the input's dim. That is TorchScript's
       ``x.view(x.size(0), C // g, ...)`` with a dynamic batch; onnx's shape inference, which stops at the
       computed target, then reaches the nodes below, and the rules rewrite the constant when channels shrink.
@@ -261,16 +262,20 @@ def _shape_dims(shape_node, index) -> list | None:
     return list(shape)[attributes.get("start", 0):attributes.get("end")]
 
 
+_SHAPE_SLOTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,)}  # inputs that are shapes or bounds
+
+
 def _constant_targets(node, index) -> list[tuple[int, np.ndarray]]:
-    """(slot, constant) for each computed shape input of a Reshape (target) or Slice (bounds) whose
-    value is known: static dims as numbers, a Reshape's own batch as 0; empty when none."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Reshape", "Slice"):
+    """(slot, constant) for each computed shape input of a Reshape (target), Slice (bounds) or Expand
+    (shape) whose value is known: static dims as numbers, the batch of the node's own input as a number
+    that means "the input's dim" (:func:`_batch_entry`); empty when none."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _SHAPE_SLOTS:
         return []
     if node.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in node.attribute):
         return []
     found = []
-    for slot in range(1, len(node.input) if node.op_type == "Slice" else min(len(node.input), 2)):
-        if node.input[slot] and index.constant(node.input[slot]) is None:
+    for slot in _SHAPE_SLOTS[node.op_type]:
+        if slot < len(node.input) and node.input[slot] and index.constant(node.input[slot]) is None:
             value = _known_entries(node, slot, index)
             if value is not None:
                 found.append((slot, value))
@@ -278,7 +283,7 @@ def _constant_targets(node, index) -> list[tuple[int, np.ndarray]]:
 
 
 def _known_entries(node, slot: int, index) -> np.ndarray | None:
-    from onnxslim.graph.shape_values import Dim, same_batch, shape_value
+    from onnxslim.graph.shape_values import Dim, shape_value
 
     value = shape_value(index, node.input[slot])
     if value is None:
@@ -288,12 +293,27 @@ def _known_entries(node, slot: int, index) -> np.ndarray | None:
         if isinstance(entry, Dim) and entry.static is not None:
             entry = entry.static
         elif isinstance(entry, Dim):
-            batch = node.op_type == "Reshape" and position == 0 and entry.axis == 0
-            if not batch or not same_batch(index, entry.tensor, node.input[0]):
+            entry = _batch_entry(node, index, entry, position, len(value))
+            if entry is None:
                 return None
-            entry = 0  # Reshape copies a 0 from the reshaped tensor's dim 0: its batch
         entries.append(int(entry))
     return np.asarray(entries, np.int64)
+
+
+def _batch_entry(node, index, entry, position: int, length: int) -> int | None:
+    """The constant that stands for a dynamic batch ``entry`` (axis 0 of a tensor with the same run-time
+    batch as the node's input): ``Reshape`` copies a 0 from the input's dim (``allowzero=0``); ``Expand``
+    broadcasts a 1 to the input's dim (numpy rules), and the input's batch is that same dim. None otherwise."""
+    from onnxslim.graph.shape_values import same_batch
+
+    if entry.axis != 0 or not same_batch(index, entry.tensor, node.input[0]):
+        return None
+    if node.op_type == "Reshape" and position == 0:
+        return 0
+    rank = len(index.shape(node.input[0]) or ())
+    if node.op_type == "Expand" and rank and position - (length - rank) == 0:
+        return 1
+    return None
 
 
 def _add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
