@@ -156,6 +156,14 @@ def mask_train(ctx, method: str, knob_value: float, seed: int, finetune: bool) -
     return model
 
 
+def inapplicable(ctx, method: str) -> str | None:
+    """Why ``method`` (with its fixed params) cannot train this model (the method's own check), or None."""
+    fixed, knob, (low, high), _ = KNOBS[method]
+    model = get_model(ctx.setting.model, ctx.spec["params"])
+    attach_masks(model, torch.from_numpy(ctx.train.images[:2]))
+    return get_method(method, {**fixed, knob: low}).applicable(model)
+
+
 def macs_removed(model: torch.nn.Module, example: torch.Tensor) -> float:
     summary = masked_summary(model, example)
     return 1.0 - summary.macs_live / summary.macs
@@ -304,6 +312,11 @@ def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool)
     baselines = {s: cached(ctx, f"{model}_baseline_{s}", ctx.setting.fingerprint(seed=s),
                            lambda s=s: {"accuracy": baseline_accuracy(ctx, s)}) for s in seeds}
     for method in methods:
+        why = inapplicable(ctx, method)
+        if why:  # e.g. BN-slimming on a net without BatchNorm: a row that says so, not a crash
+            rows.extend({"model": model, "method": method, "target": t, "not_applicable": why} for t in targets)
+            print(f"== {model} {method}: not applicable ({why})", flush=True)
+            continue
         for target in targets:
             knob = cached(ctx, f"{model}_{method}_{target}_calibration",
                           ctx.setting.fingerprint(method=method, target=target, knobs=KNOBS[method], probes=probes),
@@ -361,8 +374,9 @@ def _seconds(rows: list[dict]) -> tuple[float, int]:
 def markdown(rows: list[dict], command: str, pending: list[str], finish: str) -> str:
     from onnxslim.report import markdown_table
 
-    results = [r for r in rows if not r.get("calibration")]
-    seconds, unrecorded = _seconds(rows)
+    results = [r for r in rows if not r.get("calibration") and not r.get("not_applicable")]
+    skipped = {(r["model"], r["method"]): r["not_applicable"] for r in rows if r.get("not_applicable")}
+    seconds, unrecorded = _seconds([r for r in rows if not r.get("not_applicable")])
     lines = ["# Fashion-MNIST reproduction (matched cost)", "", f"Table built by `{command}`.", "",
              f"Recorded compute: {seconds / 3600:.2f} core-hours over {len(rows)} rows and calibrations"
              + (f" ({unrecorded} written before times were recorded: not counted)" if unrecorded else "")
@@ -385,6 +399,8 @@ def markdown(rows: list[dict], command: str, pending: list[str], finish: str) ->
               "dense baseline is trained for the same total epochs on the same split. Knobs were chosen on MACs "
               "only (seed 0, validation split for the probes' accuracy); the test split is evaluated once per row. "
               "Speedup: dense over slimmed ONNX latency, 1 thread, batch 1, interleaved rounds."]
+    for (model, method), why in skipped.items():
+        lines += ["", f"{model} / {method}: not applicable ({why})."]
     if pending:
         lines += ["", f"**Not yet computed ({len(pending)} rows):** {', '.join(sorted(pending))}.", "",
                   f"Finish them with `{finish}` (rows resume: finished ones are reused)."]
@@ -399,7 +415,7 @@ def plot(rows: list[dict], path: Path) -> None:
     points, dense = [], {}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row.get("calibration"):
+        if row.get("calibration") or row.get("not_applicable"):
             continue
         groups.setdefault((row["model"], row["method"], row["target"]), []).append(row)
         if row["baseline"] is not None:
