@@ -78,7 +78,7 @@ MODELS = {
 KNOBS = {
     "l1_mask": ({"proximal": True, "mask_lr_scale": 20.0, "criterion": "mean_abs"}, "lam", (1e-3, 0.3), "log"),
     "bn_slimming": ({"target": "bn", "lam": 1e-4}, "percent", (0.05, 0.95), "linear"),
-    "l1_norm": ({"scope": "global"}, "ratio", (0.05, 0.95), "linear"),
+    "l1_norm": ({"scope": "layer"}, "ratio", (0.05, 0.95), "linear"),  # the paper prunes per layer
     "ssr_l21": ({"layer_lams": [], "update_every": 25, "include_norm": True}, "lam", (1e-3, 1.0), "log"),
     "ssr_l20": ({"layer_lams": [], "update_every": 25, "include_norm": True}, "lam", (1e-2, 3.0), "log"),
     "gal": ({"lam_structure": 0.0, "mask_step": 1}, "lam_channel", (1e-3, 1.0), "log"),
