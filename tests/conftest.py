@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 try:  # torch is optional for the ONNX-only tests' speed, but installed in the dev environment
@@ -16,3 +18,16 @@ try:  # torch is optional for the ONNX-only tests' speed, but installed in the d
         torch.backends.mkldnn.enabled = False
 except ImportError:  # pragma: no cover
     pass
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache_in_a_temporary_folder(tmp_path_factory):
+    """Latency tables (onnxslim.validate.latency_table) go to a temporary folder, never to ~/.cache."""
+    previous = os.environ.get("ONNXSLIM_CACHE_DIR")
+    os.environ["ONNXSLIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("onnxslim-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ONNXSLIM_CACHE_DIR", None)
+    else:
+        os.environ["ONNXSLIM_CACHE_DIR"] = previous

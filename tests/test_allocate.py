@@ -43,10 +43,12 @@ def test_target_macs_lands_near_the_target_and_stays_exact():
     assert report.target["metric"] == "macs" and "target macs: keep 0.500" in report.notes[-1]
 
 
-def test_target_latency_measures_candidates():
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_target_latency_measures_candidates(allocation):
     model = wide_net()
-    slimmed, report, masked, result = prune_to_target(model, "latency", 0.6, rounds=3, max_steps=2, round_to=1)
-    assert 1 <= len(result.steps) <= 2 and result.achieved > 0
+    slimmed, report, masked, result = prune_to_target(model, "latency", 0.6, rounds=3, max_steps=2, round_to=1,
+                                                      allocation=allocation)
+    assert 1 <= len(result.steps) <= 2 and result.achieved > 0 and result.allocation == allocation
     assert "measured latency" in result.note()
     assert_equivalent(masked, slimmed)
 

@@ -4,6 +4,7 @@ and user arrays as datasets."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from onnxslim.data import (
 )
 from onnxslim.errors import OnnxSlimError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fashion-mnist"
+# beside the checkout (../shared/data), or wherever ONNXSLIM_FASHION_MNIST says (a fresh clone elsewhere)
+SHARED = Path(os.environ.get("ONNXSLIM_FASHION_MNIST",
+                             Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fashion-mnist"))
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -46,12 +46,28 @@ def test_a_zero_group_before_the_norm_becomes_its_bias():
     assert conv_outputs(slimmed) == [6, 4] and report.deleted_masked_channels == 2
 
 
-def test_group_normalization_18_is_refused_as_an_invalid_input():
+def test_group_normalization_18_per_group_scale_slims_exactly():
+    """Opset 18's GroupNormalization (scale and bias per group) is valid in its opset although onnx's checker
+    calls it deprecated (by opset 21): it slims, and its per-group scale and bias lose the deleted groups."""
     g = _norm_then_masks(18, group_norm)
     model = helper.make_model(helper.make_graph(g.nodes, "gn18", g.inputs, [
         helper.make_tensor_value_info(g.outputs[0], 1, [1, 4, 8, 8])], g.initializers),
         opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    with pytest.raises(OnnxSlimError, match="^invalid input model: .*deprecated"):
+    slimmed, report = slim_exact(model)
+    assert conv_outputs(slimmed) == [6, 5, 4] and (report.masked_channels, report.deleted_masked_channels) == (4, 3)
+    node = next(n for n in slimmed.graph.node if n.op_type == "GroupNormalization")
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "num_groups")) == 3
+    scale = next(t for t in slimmed.graph.initializer if t.name == node.input[1])
+    assert list(scale.dims) == [3]  # per group
+
+
+def test_a_truly_invalid_opset_18_model_is_still_refused():
+    g = _norm_then_masks(18, group_norm)
+    g.nodes[-1].input[0] = "not_defined_anywhere"
+    model = helper.make_model(helper.make_graph(g.nodes, "bad", g.inputs, [
+        helper.make_tensor_value_info(g.outputs[0], 1, [1, 4, 8, 8])], g.initializers),
+        opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    with pytest.raises(OnnxSlimError, match="^invalid input model: "):
         slim(model)
 
 

@@ -17,8 +17,10 @@ minimum >= 0.80, no model slower than dense).
     python tools/bench_latency_efficiency.py --target-latency 0.5 --models resnet50,mobilenet_v3_small
 
 With ``--target-latency F`` each model is pruned with ``prune --target-latency F`` instead
-(:func:`onnxslim.graph.allocate.prune_to_target`), then the result is timed against the dense model in
-a separate A/B of ``--rounds`` rounds: target, achieved latency fraction (1 / speedup) and its error.
+(:func:`onnxslim.graph.allocate.prune_to_target`, ``--allocation greedy`` (default: per-layer latency
+table, cached per machine under ``--latency-cache``) or ``uniform``), then the result is timed against
+the dense model in a separate A/B of ``--rounds`` rounds: target, achieved latency fraction
+(1 / speedup) and its error, the latency table's points measured and cached, and the seconds taken.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -162,14 +165,19 @@ def measure_target(name: str, args, folder: Path) -> dict:
 
     path, shape = export_onnx(name, args.size, folder)
     shapes = {"input": [1, *shape]}
+    start = time.perf_counter()
     slimmed, report, _, result = prune_to_target(path, "latency", args.target_latency, rounds=args.rounds,
-                                                 round_to=args.round_to, input_shapes=shapes)
+                                                 allocation=args.allocation, cache_dir=args.latency_cache,
+                                                 progress=True, round_to=args.round_to, input_shapes=shapes)
+    seconds = time.perf_counter() - start
     check = verify_speed(path, slimmed, report.macs_before, report.macs_after, rounds=args.rounds, input_shapes=shapes)
     achieved = 1.0 / check.speedup
-    return {"model": name, "target": args.target_latency, "search_achieved": result.achieved, "ratio": result.ratio,
-            "prunes": len(result.steps), "verified_latency_fraction": achieved,
-            "ci": [1.0 / check.ci_high, 1.0 / check.ci_low], "error": achieved / args.target_latency - 1.0,
-            "macs_fraction": report.macs_after / report.macs_before}
+    return {"model": name, "target": args.target_latency, "allocation": result.allocation,
+            "search_achieved": result.achieved, "ratio": result.ratio, "prunes": len(result.steps),
+            "verified_latency_fraction": achieved, "ci": [1.0 / check.ci_high, 1.0 / check.ci_low],
+            "error": achieved / args.target_latency - 1.0, "macs_fraction": report.macs_after / report.macs_before,
+            "points_measured": result.details.get("points_measured", 0),
+            "points_cached": result.details.get("points_cached", 0), "seconds": seconds}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -202,6 +210,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--round-to", default="auto")
     parser.add_argument("--target-latency", type=float, default=None)
+    parser.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
+                        help="with --target-latency: per-layer greedy on the latency table, or one ratio (bisection)")
+    parser.add_argument("--latency-cache", type=Path, default=None,
+                        help="folder of the per-machine latency tables (default: onnxslim's cache folder)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.ratios = [float(v) for v in args.ratios.split(",")]
@@ -233,12 +245,13 @@ def main() -> int:
 def run_targets(args) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
         rows = [measure_target(name, args, Path(tmp)) for name in args.models.split(",")]
-    print("| model | target | ratio found | prunes | verified latency fraction (95 % CI) | error | MACs fraction |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | allocation | target | search: ratio / cut | prunes | verified latency fraction (95 % CI) | error "
+          "| MACs fraction | table points measured / cached | seconds |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['target']:.2f} | {r['ratio']:.3f} | {r['prunes']} | "
+        print(f"| {r['model']} | {r['allocation']} | {r['target']:.2f} | {r['ratio']:.3f} | {r['prunes']} | "
               f"{r['verified_latency_fraction']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | {r['error']:+.1%} | "
-              f"{r['macs_fraction']:.3f} |")
+              f"{r['macs_fraction']:.3f} | {r['points_measured']} / {r['points_cached']} | {r['seconds']:.0f} |")
     print(f"input {args.size}x{args.size}, 1 thread, batch 1, {args.rounds} rounds per A/B")
     if args.json:
         from onnxslim.io import write_json_atomic

@@ -25,6 +25,10 @@ from every finished row.
     python tools/reproduce_fmnist.py --data ../shared/data/fashion-mnist --out runs/fmnist --threads 1
     python tools/reproduce_fmnist.py --data DIR --models lenet5 --methods l1_mask,ssr_l21 --seeds 0
     python tools/reproduce_fmnist.py --data DIR --quick      # smoke run: tiny data, one epoch per phase
+    python tools/reproduce_fmnist.py --data DIR --torch-pruning --table-only --publish docs/reproduce/fmnist
+
+``--table-only`` trains nothing: it builds the table and plot from the finished rows and lists the rows
+still to compute with the command that finishes them (what a partial table publishes).
 """
 
 from __future__ import annotations
@@ -55,23 +59,26 @@ from onnxslim.zoo import get_model  # noqa: E402
 
 METHODS = ("l1_mask", "bn_slimming", "l1_norm", "ssr_l21", "ssr_l20", "gal", "joint")
 
-# per model: zoo params, input size, epochs (dense, sparse, fine-tune), SGD lr, batch
+# per model: zoo params, input size, epochs (dense, sparse, fine-tune), SGD lr, batch, training images and
+# bisection probes. Sized so that the whole table fits about 8 core-hours on this project's 2-core machine
+# (one core, measured per epoch of 10,000 images: LeNet-5 7 s, VGG-16 (width 0.25) 37 s, ResNet-20 ~55 s,
+# ResNet-56 ~160 s): LeNet-5 ~1 h, ResNet-20 ~3 h (3 seeds), VGG-16 ~1 h and ResNet-56 ~3.5 h (1 seed each).
 MODELS = {
     "lenet5": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
-               "epochs": (6, 6, 6), "lr": 0.02, "batch": 64},
+               "epochs": (3, 3, 3), "lr": 0.02, "batch": 64, "train": 10000, "probes": 4},
     "resnet20": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
-                 "epochs": (8, 4, 6), "lr": 0.05, "batch": 64},
+                 "epochs": (4, 2, 3), "lr": 0.05, "batch": 64, "train": 5000, "probes": 3},
     "resnet56": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
-                 "epochs": (8, 4, 6), "lr": 0.05, "batch": 64},
+                 "epochs": (4, 2, 3), "lr": 0.05, "batch": 64, "train": 5000, "probes": 3},
     "vgg16": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 32, "width": 0.25}, "size": 32,
-              "epochs": (8, 4, 6), "lr": 0.02, "batch": 64},
+              "epochs": (4, 2, 3), "lr": 0.02, "batch": 64, "train": 5000, "probes": 3},
 }
 
 # per method: fixed params, the knob bisected to reach a MACs target, its range, and its scale
 KNOBS = {
     "l1_mask": ({"proximal": True, "mask_lr_scale": 20.0, "criterion": "mean_abs"}, "lam", (1e-3, 0.3), "log"),
     "bn_slimming": ({"target": "bn", "lam": 1e-4}, "percent", (0.05, 0.95), "linear"),
-    "l1_norm": ({"scope": "global"}, "ratio", (0.05, 0.95), "linear"),
+    "l1_norm": ({"scope": "layer"}, "ratio", (0.05, 0.95), "linear"),  # the paper prunes per layer
     "ssr_l21": ({"layer_lams": [], "update_every": 25, "include_norm": True}, "lam", (1e-3, 1.0), "log"),
     "ssr_l20": ({"layer_lams": [], "update_every": 25, "include_norm": True}, "lam", (1e-2, 3.0), "log"),
     "gal": ({"lam_structure": 0.0, "mask_step": 1}, "lam_channel", (1e-3, 1.0), "log"),
@@ -149,6 +156,14 @@ def mask_train(ctx, method: str, knob_value: float, seed: int, finetune: bool) -
     return model
 
 
+def inapplicable(ctx, method: str) -> str | None:
+    """Why ``method`` (with its fixed params) cannot train this model (the method's own check), or None."""
+    fixed, knob, (low, high), _ = KNOBS[method]
+    model = get_model(ctx.setting.model, ctx.spec["params"])
+    attach_masks(model, torch.from_numpy(ctx.train.images[:2]))
+    return get_method(method, {**fixed, knob: low}).applicable(model)
+
+
 def macs_removed(model: torch.nn.Module, example: torch.Tensor) -> float:
     summary = masked_summary(model, example)
     return 1.0 - summary.macs_live / summary.macs
@@ -157,6 +172,7 @@ def macs_removed(model: torch.nn.Module, example: torch.Tensor) -> float:
 def calibrate(ctx, method: str, target: float, probes: int) -> dict:
     """Bisect the method's knob (seed 0) until the MACs removed are closest to ``target``."""
     _, knob, (low, high), scale = KNOBS[method]
+    started = time.perf_counter()
     example = torch.from_numpy(ctx.train.images[:2])
     tried = []
     for _ in range(probes):
@@ -166,7 +182,8 @@ def calibrate(ctx, method: str, target: float, probes: int) -> dict:
         tried.append({knob: value, "macs_removed": removed})
         low, high = (value, high) if removed < target else (low, value)
     best = min(tried, key=lambda t: abs(t["macs_removed"] - target))
-    return {"knob": knob, "value": best[knob], "macs_removed_probe": best["macs_removed"], "probes": tried}
+    return {"knob": knob, "value": best[knob], "macs_removed_probe": best["macs_removed"], "probes": tried,
+            "seconds": time.perf_counter() - started}
 
 
 def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> dict:
@@ -227,6 +244,7 @@ def torch_pruning_row(ctx, importance: str, target: float, seed: int) -> dict:
     """Torch-Pruning's MetaPruner with L1 magnitude or group-norm importance, to ``target`` MACs removed."""
     import torch_pruning as tp
 
+    started = time.perf_counter()
     dense = dense_model(ctx, seed)
     example = torch.from_numpy(ctx.train.images[:2])
     base_macs, _ = tp.utils.count_ops_and_params(dense, example)
@@ -248,7 +266,7 @@ def torch_pruning_row(ctx, importance: str, target: float, seed: int) -> dict:
     Trainer(model, ctx.train, options=options).fit(steps)
     row = onnx_row(ctx, model, dense, f"{ctx.setting.model}_tp-{importance}_{target}_{seed}")
     return {**row, "method": f"torch-pruning {importance}", "target": target, "seed": seed, "knob": "pruning_ratio",
-            "value": best[2]}
+            "value": best[2], "seconds": time.perf_counter() - started}
 
 
 @dataclasses.dataclass
@@ -260,43 +278,60 @@ class Context:
     test: ArrayDataset
     out: Path
     progress: bool
+    table_only: bool = False  # read finished rows, compute nothing
+    pending: list[str] = dataclasses.field(default_factory=list)  # rows not (yet) computed
 
     @property
     def phases(self):
         return phases(self.spec, self.setting)
 
 
-def cached(ctx: Context, key: str, fingerprint: str, compute) -> dict:
-    """A row from ``OUT/rows/<key>.json`` when its fingerprint matches, else computed and written."""
+def cached(ctx: Context, key: str, fingerprint: str, compute) -> dict | None:
+    """A row from ``OUT/rows/<key>.json`` when its fingerprint matches, else computed and written
+    (``None``, and the key listed as pending, with ``--table-only``)."""
     path = ctx.out / "rows" / f"{key}.json"
     if path.exists():
         stored = json.loads(path.read_text())
         if stored.get("fingerprint") == fingerprint:
             return stored
-        print(f"   {key}: settings changed since it was written, redoing it", flush=True)
+        if not ctx.table_only:
+            print(f"   {key}: settings changed since it was written, redoing it", flush=True)
+    if ctx.table_only:
+        ctx.pending.append(key)
+        return None
     result = {**compute(), "fingerprint": fingerprint}
     write_json_atomic(path, result)
     return result
 
 
 def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool) -> list[dict]:
+    """Every row of one model (computed, or read back when finished); calibrations are kept as rows
+    with ``method`` and ``calibration`` so the table can report their cost."""
     rows = []
     model = ctx.setting.model
     baselines = {s: cached(ctx, f"{model}_baseline_{s}", ctx.setting.fingerprint(seed=s),
-                           lambda s=s: {"accuracy": baseline_accuracy(ctx, s)})["accuracy"] for s in seeds}
+                           lambda s=s: {"accuracy": baseline_accuracy(ctx, s)}) for s in seeds}
     for method in methods:
+        why = inapplicable(ctx, method)
+        if why:  # e.g. BN-slimming on a net without BatchNorm: a row that says so, not a crash
+            rows.extend({"model": model, "method": method, "target": t, "not_applicable": why} for t in targets)
+            print(f"== {model} {method}: not applicable ({why})", flush=True)
+            continue
         for target in targets:
             knob = cached(ctx, f"{model}_{method}_{target}_calibration",
                           ctx.setting.fingerprint(method=method, target=target, knobs=KNOBS[method], probes=probes),
                           lambda m=method, t=target: calibrate(ctx, m, t, probes))
+            if knob is None:
+                ctx.pending.extend(f"{model}_{method}_{target}_{seed}" for seed in seeds)
+                continue
+            rows.append({"model": model, "method": method, "target": target, "calibration": True,
+                         "seconds": knob.get("seconds")})
             for seed in seeds:
                 fp = ctx.setting.fingerprint(method=method, target=target, seed=seed, knob=knob["value"])
                 row = cached(ctx, f"{model}_{method}_{target}_{seed}", fp,
                              lambda m=method, t=target, s=seed, k=knob: run_row(ctx, m, t, s, k))
-                rows.append({**row, "model": model, "baseline": baselines[seed]})
-                print(f"== {model} {method} target {target:.0%} seed {seed}: MACs -"
-                      f"{1 - row['macs_after'] / row['macs_before']:.1%}, acc {row['accuracy']:.4f} "
-                      f"(dense {baselines[seed]:.4f}), {row['speedup']:.2f}x", flush=True)
+                if row is not None:
+                    rows.append(_announce({**row, "model": model, "baseline": _accuracy(baselines[seed])}))
     if with_tp:
         for importance in ("magnitude", "group_norm"):
             for target in targets:
@@ -304,23 +339,50 @@ def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool)
                     fp = ctx.setting.fingerprint(tp=importance, target=target, seed=seed)
                     row = cached(ctx, f"{model}_tp-{importance}_{target}_{seed}", fp,
                                  lambda i=importance, t=target, s=seed: torch_pruning_row(ctx, i, t, s))
-                    rows.append({**row, "model": model, "baseline": baselines[seed]})
+                    if row is not None:
+                        rows.append(_announce({**row, "model": model, "baseline": _accuracy(baselines[seed])}))
     return rows
 
 
+def _accuracy(baseline: dict | None) -> float | None:
+    return None if baseline is None else baseline["accuracy"]
+
+
+def _announce(row: dict) -> dict:
+    dense = "pending" if row["baseline"] is None else f"{row['baseline']:.4f}"
+    print(f"== {row['model']} {row['method']} target {row['target']:.0%} seed {row['seed']}: MACs -"
+          f"{1 - row['macs_after'] / row['macs_before']:.1%}, acc {row['accuracy']:.4f} (dense {dense}), "
+          f"{row['speedup']:.2f}x", flush=True)
+    return row
+
+
 def _mean_std(values) -> str:
-    values = [100 * v for v in values]
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return "pending"
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def markdown(rows: list[dict], command: str, seconds: float) -> str:
+def _seconds(rows: list[dict]) -> tuple[float, int]:
+    """Recorded compute seconds of the rows and calibrations, and how many lack a record."""
+    known = [r["seconds"] for r in rows if r.get("seconds") is not None]
+    return sum(known), len(rows) - len(known)
+
+
+def markdown(rows: list[dict], command: str, pending: list[str], finish: str) -> str:
     from onnxslim.report import markdown_table
 
-    lines = ["# Fashion-MNIST reproduction (matched cost)", "", f"Produced by `{command}` in {seconds / 60:.0f} min.", ""]
+    results = [r for r in rows if not r.get("calibration") and not r.get("not_applicable")]
+    skipped = {(r["model"], r["method"]): r["not_applicable"] for r in rows if r.get("not_applicable")}
+    seconds, unrecorded = _seconds([r for r in rows if not r.get("not_applicable")])
+    lines = ["# Fashion-MNIST reproduction (matched cost)", "", f"Table built by `{command}`.", "",
+             f"Recorded compute: {seconds / 3600:.2f} core-hours over {len(rows)} rows and calibrations"
+             + (f" ({unrecorded} written before times were recorded: not counted)" if unrecorded else "")
+             + "; each row trains on one core (`--threads 1`).", ""]
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
+    for row in results:
         groups.setdefault((row["model"], row["target"], row["method"]), []).append(row)
     table = []
     for (model, target, method), subset in groups.items():
@@ -335,11 +397,50 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
                                 align="lllrrrrrrr"))
     lines += ["", "Top-1 on the 10,000 test images (mean ± std over seeds), onnxruntime for the slimmed model; the "
               "dense baseline is trained for the same total epochs on the same split. Knobs were chosen on MACs "
-              "only (seed 0, validation split for the probes' accuracy); the test split is evaluated once per row."]
+              "only (seed 0, validation split for the probes' accuracy); the test split is evaluated once per row. "
+              "Speedup: dense over slimmed ONNX latency, 1 thread, batch 1, interleaved rounds."]
+    for (model, method), why in skipped.items():
+        lines += ["", f"{model} / {method}: not applicable ({why})."]
+    if pending:
+        lines += ["", f"**Not yet computed ({len(pending)} rows):** {', '.join(sorted(pending))}.", "",
+                  f"Finish them with `{finish}` (rows resume: finished ones are reused)."]
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against MACs: one panel per model, one point per method and target (mean over seeds)
+    and the dense baseline (mean over seeds)."""
+    from onnxslim.plots import plot_accuracy_vs_macs
+
+    points, dense = [], {}
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("calibration") or row.get("not_applicable"):
+            continue
+        groups.setdefault((row["model"], row["method"], row["target"]), []).append(row)
+        if row["baseline"] is not None:
+            dense.setdefault(row["model"], {})[row["seed"]] = (row["baseline"], row["macs_before"])
+    for (model, method, _), subset in groups.items():
+        points.append({"label": model, "method": method, "macs": statistics.mean(r["macs_after"] for r in subset),
+                       "accuracy": statistics.mean(r["accuracy"] for r in subset)})
+    for model, per_seed in dense.items():
+        points.append({"label": model, "method": "dense", "macs": statistics.mean(v[1] for v in per_seed.values()),
+                       "accuracy": statistics.mean(v[0] for v in per_seed.values())})
+    if points:
+        plot_accuracy_vs_macs(points, path, title="Fashion-MNIST: top-1 vs MACs at matched cost")
+
+
+def publish(rows: list[dict], command: str, pending: list[str], finish: str, folder: Path) -> str:
+    """REPRODUCE_FMNIST.md / .json and accuracy_vs_macs.png into ``folder``; returns the markdown."""
+    text = markdown(rows, command, pending, finish)
+    write_json_atomic(folder / "REPRODUCE_FMNIST.json", {"command": command, "finish": finish, "pending": pending,
+                                                         "rows": rows})
+    write_text_atomic(folder / "REPRODUCE_FMNIST.md", text)
+    plot(rows, folder / "accuracy_vs_macs.png")
+    return text
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fmnist")
@@ -347,39 +448,56 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--costs", default="0.5,0.7", help="target shares of MACs removed")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--train", type=int, default=None, help="training images (default: per model, MODELS)")
     parser.add_argument("--val", type=int, default=5000)
-    parser.add_argument("--probes", type=int, default=5, help="bisection probes per method and cost")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="bisection probes per method and cost (default: per model, MODELS)")
     parser.add_argument("--torch-pruning", action="store_true", help="add Torch-Pruning rows (pip install torch-pruning)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 512/256 images, one epoch per phase, 2 probes")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: build the table and plot from the finished rows, list the pending ones")
+    parser.add_argument("--publish", type=Path, default=None,
+                        help="also write the table, JSON and plot to this folder (e.g. docs/reproduce/fmnist)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models = [m for m in args.models.split(",") if m]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.models if m not in MODELS] + [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown: {', '.join(unknown)}")
-    targets = [float(v) for v in args.costs.split(",")]
-    seeds = [int(v) for v in args.seeds.split(",")]
-    train_n, val_n, probes = (512, 256, 2) if args.quick else (args.train, args.val, args.probes)
-    started = time.perf_counter()
-    rows = []
-    for model in models:
+    args.costs = [float(v) for v in args.costs.split(",")]
+    args.seeds = [int(v) for v in args.seeds.split(",")]
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, pending = [], []
+    for model in args.models:
         spec = MODELS[model]
+        train_n, val_n, probes = (512, 256, 2) if args.quick else \
+            (args.train or spec["train"], args.val, args.probes or spec["probes"])
         epochs = (1, 1, 1) if args.quick else spec["epochs"]
         train, val, test = split_data(args.data, train_n, val_n, spec["size"])
         if args.quick:
             test = dataclasses.replace(test, images=test.images[:512], labels=test.labels[:512])
         setting = Setting(str(Path(args.data).resolve()), train_n, val_n, model, epochs, args.quick)
-        ctx = Context(setting, spec, train, val, test, args.out, not args.no_progress)
-        rows += run_model(ctx, methods, targets, seeds, probes, args.torch_pruning)
+        ctx = Context(setting, spec, train, val, test, args.out, not args.no_progress, args.table_only)
+        rows += run_model(ctx, args.methods, args.costs, args.seeds, probes, args.torch_pruning)
+        pending += ctx.pending
+    argv = [a for a in sys.argv[1:] if a != "--table-only"]
+    if "--publish" in argv:  # the command that finishes the rows does not need to publish
+        at = argv.index("--publish")
+        argv = argv[:at] + argv[at + 2:]
     command = "python tools/reproduce_fmnist.py " + " ".join(sys.argv[1:])
-    write_json_atomic(args.out / "REPRODUCE_FMNIST.json", {"command": command, "rows": rows})
-    write_text_atomic(args.out / "REPRODUCE_FMNIST.md", markdown(rows, command, time.perf_counter() - started))
-    print(markdown(rows, command, time.perf_counter() - started))
+    finish = "python tools/reproduce_fmnist.py " + " ".join(argv)
+    text = publish(rows, command, pending, finish, args.out)
+    if args.publish:
+        publish(rows, command, pending, finish, args.publish)
+    print(text)
     return 0
 
 

@@ -107,10 +107,19 @@ def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_
               help="Also write the masked (unslimmed) model: the exact reference of the pruned one.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--target-macs", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="Instead of --ratio: keep this fraction of the input's MACs (ratio searched).")
+              help="Instead of --ratio: keep this fraction of the input's MACs (see --allocation).")
 @click.option("--target-latency", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="Instead of --ratio: keep this fraction of the input's measured onnxruntime latency "
-                   "(1 thread; ratio searched with quick A/B benchmarks).")
+              help="Instead of --ratio: keep this fraction of the input's measured onnxruntime latency (1 thread; "
+                   "checked and corrected with quick A/B benchmarks; see --allocation).")
+@click.option("--allocation", type=click.Choice(["greedy", "uniform"]), default="greedy", show_default=True,
+              help="How a target is met. greedy: channels allocated per layer, least importance lost per MAC or "
+                   "per millisecond saved (per-layer latency table measured on this machine, cached); uniform: "
+                   "one --ratio for every layer, searched by bisection.")
+@click.option("--max-layer-ratio", default=0.8, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="With --allocation greedy: the most of its output channels any layer may lose.")
+@click.option("--latency-cache", type=click.Path(file_okay=False), default=None,
+              help="Folder of the per-machine latency tables of --target-latency "
+                   "[default: $ONNXSLIM_CACHE_DIR/latency or ~/.cache/onnxslim/latency].")
 @_round_to_option
 @_target_option
 @_input_shape_option
@@ -119,8 +128,8 @@ def slim(model, output_arg, output, input_shapes, round_to, target_device, fold_
 @_verify_option
 @_ensure_option
 def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels, placement, save_masked, seed,
-          target_macs, target_latency, round_to, target_device, input_shapes, json_path, show_all, verify_speed,
-          ensure_faster):
+          target_macs, target_latency, allocation, max_layer_ratio, latency_cache, round_to, target_device,
+          input_shapes, json_path, show_all, verify_speed, ensure_faster):
     """Remove a fraction of MODEL's channels chosen by a criterion (any ONNX model), then slim.
 
     Coupled channels (residual groups) are chosen together; channels held by barriers are never chosen.
@@ -143,7 +152,8 @@ def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels
         from onnxslim.graph.allocate import prune_to_target
 
         metric, target = ("macs", target_macs) if target_macs is not None else ("latency", target_latency)
-        return prune_to_target(model, metric, target, round_to=multiple, **options)[:3]
+        return prune_to_target(model, metric, target, allocation=allocation, max_layer_ratio=max_layer_ratio,
+                               cache_dir=latency_cache, progress=True, round_to=multiple, **options)[:3]
 
     report = _write_result(model, output, build, round_to, target_device, shapes, verify_speed, ensure_faster,
                            masked_path=save_masked)

@@ -9,6 +9,10 @@ A class is kept when something keeps it — a *barrier* (a graph input or output
 a control-flow body reading it) or a *reducing consumer* reading it while it is live or a constant the
 consumer cannot absorb (see :func:`onnxslim.graph.rules.base.block_reduced_channels`). Which classes go is
 decided by :mod:`onnxslim.graph.plan`.
+
+Rules may also ask whether a tensor is provably non-negative (:meth:`ChannelAnalysis.nonnegative`): a
+reduction whose result a zero channel cannot change on such an input (ReduceMax over channels) lets
+zero channels go.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class ChannelAnalysis:
         self.barriers: list[tuple[onnx.NodeProto, str]] = []
         self.creators: dict[str, onnx.NodeProto] = {}  # tensor -> node that made its ids fresh
         self._weight_readers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._nonnegative: dict[str, bool] = {}  # tensor -> answer of nonnegative(), memoised
+        self._positions: dict[int, int] | None = None  # id(node) -> topological position
 
     def rule_for(self, node: onnx.NodeProto) -> Rule:
         """The rule of ``node`` in this analysis' rule set (a barrier rule for unknown ops)."""
@@ -111,6 +117,43 @@ class ChannelAnalysis:
             rid = self._reason_ids[reason] = len(self.reasons)
             self.reasons.append(reason)
         return rid
+
+    def nonnegative(self, name: str) -> bool:
+        """True when every element of tensor ``name`` is >= 0 for every value of the graph inputs.
+
+        Constants: when all their values are >= 0 (a mask trained by GAL may hold negative entries);
+        graph inputs and absent names: False; a computed tensor: what the rule of its producer answers
+        (:meth:`onnxslim.graph.rules.base.Rule.nonnegative`, False unless the rule proves it). Answers are
+        memoised in this analysis; the unanswered producers are asked in topological order, so a rule's
+        question about its own inputs is always answered from the memo (no recursion through the graph).
+        """
+        if name not in self._nonnegative:
+            for node in self._unanswered_producers(name):
+                answer = bool(self.rule_for(node).nonnegative(node, self))
+                for output in node.output:
+                    if output:
+                        self._nonnegative[output] = answer
+            if name not in self._nonnegative:
+                constant = self.index.constant(name)
+                self._nonnegative[name] = constant is not None and bool(np.all(constant >= 0))  # NaN: False
+        return self._nonnegative[name]
+
+    def _unanswered_producers(self, name: str) -> list[onnx.NodeProto]:
+        """The nodes ``name`` depends on whose answer is not memoised yet, in topological order."""
+        if self._positions is None:
+            self._positions = {id(node): position for position, node in enumerate(self.index.nodes)}
+        found: dict[int, onnx.NodeProto] = {}
+        stack, seen = [name], set()
+        while stack:
+            tensor = stack.pop()
+            if not tensor or tensor in seen or tensor in self._nonnegative or self.index.is_const(tensor):
+                continue
+            seen.add(tensor)
+            node = self.index.producer.get(tensor)
+            if node is not None and id(node) in self._positions:
+                found[id(node)] = node
+                stack.extend(node.input)
+        return sorted(found.values(), key=lambda node: self._positions[id(node)])
 
     def barrier(self, node: onnx.NodeProto, why: str) -> None:
         """Keep every channel the node reads; its outputs get fresh ids that are kept too.

@@ -69,7 +69,10 @@ class InspectReport:
         return dataclasses.asdict(self)
 
     def format_text(self, max_rows: int | None = None) -> str:
-        lines = [f"params: {self.params:,}   MACs: {self.macs:,}   mask nodes: {self.masks}   "
+        # layers whose shapes are not static ("?") are not in the sum: say so rather than print a wrong total
+        macs = f"{self.macs:,}" if all(layer.macs is not None for layer in self.layers) else \
+            f"at least {self.macs:,} (? = shapes not static: give --input-shape)"
+        lines = [f"params: {self.params:,}   MACs: {macs}   mask nodes: {self.masks}   "
                  f"masked channels: {self.masked_channels}", ""]
         rows = [("layer", "op", "channels", "zero", "deletable", "group", "MACs", "params")]  # zero: masked or dead
         for layer in self.layers[: max_rows or len(self.layers)]:

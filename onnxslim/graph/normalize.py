@@ -12,6 +12,11 @@ spelled. The work is done by well-kept libraries, not by an evaluator of our own
    opset 9 ...) and applies its exact simplifications (``Identity`` and inference ``Dropout`` removed,
    ``Cast`` to the same type dropped ...).
 
+3. a dim that shape inference proves static is a constant too (:func:`fold_static_dims`): legacy
+   TorchScript exports compute ``chunk`` bounds and ``view`` targets from ``Gather(Shape(x), k)`` with a
+   *scalar* index, which onnxscript's folder (1-D indices only) leaves; once folded, the ``Slice`` and
+   ``Reshape`` read constants as in dynamo exports, and the rules rewrite them when channels shrink.
+
 Before that, :func:`alias_constant_identities` lets readers of ``Identity(initializer)`` read the
 initializer itself, so that a shared weight stays one tensor.
 
@@ -30,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx.reference.ops
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
@@ -40,6 +47,7 @@ from onnxscript.optimizer import fold_constants
 _GROWTH_LIMIT = 1 << 20
 # weights computed from constants (Cast of fp16 weights, Transpose of a MatMul weight) of any size fold
 _INPUT_LIMIT = 1 << 40
+_MAX_PASSES = 8  # folding passes (a multi-output fold can make more nodes all-constant)
 _KEPT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConstantOfShape"})
 
 
@@ -62,12 +70,13 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
             value.shape = None  # exported value_info is not trusted
     modified = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(view).modified
     with _quiet_folder():
-        while True:
-            modified |= fold_constants(view, onnx_shape_inference=False, input_size_limit=_INPUT_LIMIT,
-                                       output_size_limit=_GROWTH_LIMIT, should_fold=_should_fold).modified
-            if not _fold_multi_output(view):
+        for _ in range(_MAX_PASSES):
+            changed = fold_constants(view, onnx_shape_inference=False, input_size_limit=_INPUT_LIMIT,
+                                     output_size_limit=_GROWTH_LIMIT, should_fold=_should_fold).modified
+            changed |= _fold_multi_output(view)
+            modified |= changed
+            if not changed:
                 break
-            modified = True
     if not modified:
         return 0
     for node in graph:
@@ -177,3 +186,137 @@ def alias_constant_identities(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(survivors)
     return len(alias)
+
+
+def fold_static_dims(model: onnx.ModelProto) -> int:
+    """Spell shape arithmetic whose value is known as constants, in place; returns the count of rewrites.
+
+    * ``Shape(x)`` and ``Gather(Shape(x), k)`` (axis 0, constant ``k``) become initializers when shape
+      inference gives the dims they return as numbers (ONNX ``Shape-15`` returns ``x.shape[start:end]``; a
+      static dim has that value in every run of this model); a symbolic dim (a dynamic batch) keeps its node.
+    * a ``Reshape`` target, ``Slice`` bounds or an ``Expand`` shape computed from shapes
+      (:func:`onnxslim.graph.shape_values.shape_value`; ``torch.chunk`` bounds, ``expand_as``) become
+      constants: static dims as numbers, an Expand's batch as 1 (broadcast to the input's own batch), and a
+      Reshape's batch of the reshaped tensor as ``0``, which ONNX
+      ``Reshape`` (``allowzero=0``) copies from the input's dim. That is TorchScript's
+      ``x.view(x.size(0), C // g, ...)`` with a dynamic batch; onnx's shape inference, which stops at the
+      computed target, then reaches the nodes below, and the rules rewrite the constant when channels shrink.
+
+    One call rewrites what the current shapes allow; callers repeat it (a legacy ShuffleNet block's shapes
+    follow from the previous block's). Shape-inference failures leave the model unchanged.
+    """
+    from onnxslim.errors import OnnxSlimError
+    from onnxslim.graph.model import Graph
+    from onnxslim.graph.shapes import infer_model, shapes_of, symbols_of
+
+    try:
+        inferred = infer_model(model)
+    except OnnxSlimError:
+        return 0
+    index = Graph(model, shapes_of(inferred), None, symbols_of(inferred))
+    shapes = [(node, value) for node in index.nodes
+              if node.output[0] not in index.outputs and (value := _static_shape(node, index)) is not None]
+    targets = [(node, slot, value) for node in index.nodes for slot, value in _constant_targets(node, index)]
+    for node, value in shapes:
+        model.graph.node.remove(node)
+        _add_initializer(model, node.output[0], value)
+    taken: set[str] = set()
+    for node, slot, value in targets:
+        name, k = index.fresh_name(f"{node.input[slot]}_static"), 0
+        while name in taken:  # two nodes may read one computed shape
+            k += 1
+            name = index.fresh_name(f"{node.input[slot]}_static{k}")
+        taken.add(name)
+        _add_initializer(model, name, value)
+        node.input[slot] = name
+    return len(shapes) + len(targets)
+
+
+def _static_shape(node, index) -> np.ndarray | None:
+    """The value of ``Shape(x)`` or ``Gather(Shape(x), k)`` when the dims it gives are static, else None."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Shape", "Gather"):
+        return None
+    if node.op_type == "Shape":
+        dims = _shape_dims(node, index)
+        static = dims is not None and all(isinstance(d, int) and d >= 0 for d in dims)
+        return np.asarray(dims, np.int64) if static else None
+    source = index.producer.get(node.input[0])
+    k = index.constant(node.input[1]) if len(node.input) > 1 else None
+    if k is None or k.dtype.kind not in "iu" or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+        return None
+    dims = _shape_dims(source, index) if source is not None and source.op_type == "Shape" else None
+    if not dims:
+        return None
+    picked = [dims[int(i)] if -len(dims) <= int(i) < len(dims) else None for i in k.reshape(-1)]
+    if any(not isinstance(d, int) or d < 0 for d in picked):
+        return None
+    return np.asarray(picked, np.int64).reshape(k.shape)
+
+
+def _shape_dims(shape_node, index) -> list | None:
+    """The dims a ``Shape`` node returns (``start``/``end`` of Shape-15 applied), None when unknown."""
+    shape = index.shape(shape_node.input[0])
+    if shape is None:
+        return None
+    attributes = {a.name: a.i for a in shape_node.attribute}
+    return list(shape)[attributes.get("start", 0):attributes.get("end")]
+
+
+_SHAPE_SLOTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,)}  # inputs that are shapes or bounds
+
+
+def _constant_targets(node, index) -> list[tuple[int, np.ndarray]]:
+    """(slot, constant) for each computed shape input of a Reshape (target), Slice (bounds) or Expand
+    (shape) whose value is known: static dims as numbers, the batch of the node's own input as a number
+    that means "the input's dim" (:func:`_batch_entry`); empty when none."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _SHAPE_SLOTS:
+        return []
+    if node.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in node.attribute):
+        return []
+    found = []
+    for slot in _SHAPE_SLOTS[node.op_type]:
+        if slot < len(node.input) and node.input[slot] and index.constant(node.input[slot]) is None:
+            value = _known_entries(node, slot, index)
+            if value is not None:
+                found.append((slot, value))
+    return found
+
+
+def _known_entries(node, slot: int, index) -> np.ndarray | None:
+    from onnxslim.graph.shape_values import Dim, shape_value
+
+    value = shape_value(index, node.input[slot])
+    if value is None:
+        return None
+    entries = []
+    for position, entry in enumerate(value):
+        if isinstance(entry, Dim) and entry.static is not None:
+            entry = entry.static
+        elif isinstance(entry, Dim):
+            entry = _batch_entry(node, index, entry, position, len(value))
+            if entry is None:
+                return None
+        entries.append(int(entry))
+    return np.asarray(entries, np.int64)
+
+
+def _batch_entry(node, index, entry, position: int, length: int) -> int | None:
+    """The constant that stands for a dynamic batch ``entry`` (axis 0 of a tensor with the same run-time
+    batch as the node's input): ``Reshape`` copies a 0 from the input's dim (``allowzero=0``); ``Expand``
+    broadcasts a 1 to the input's dim (numpy rules), and the input's batch is that same dim. None otherwise."""
+    from onnxslim.graph.shape_values import same_batch
+
+    if entry.axis != 0 or not same_batch(index, entry.tensor, node.input[0]):
+        return None
+    if node.op_type == "Reshape" and position == 0:
+        return 0
+    rank = len(index.shape(node.input[0]) or ())
+    if node.op_type == "Expand" and rank and position - (length - rank) == 0:
+        return 1
+    return None
+
+
+def _add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    if model.ir_version < 4:  # IR 3 lists every initializer as an input
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, value.shape))

@@ -29,7 +29,7 @@ from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.cleanup import remove_dead_code
 from onnxslim.graph.report import SlimReport
-from onnxslim.graph.rounding import resolve_round_to, round_choice
+from onnxslim.graph.rounding import Rounding, resolve_round_to, round_choice
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
 from onnxslim.graph.slim import analyse, check_model, load_model, slim
@@ -190,17 +190,28 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     masked, _ = load_model(model)
     analysis = analyse(masked, input_shapes, rules=rules)
     selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
-    roots = round_choice(analysis, selection.roots, channel_scores(analysis, criterion, seed), rounding.multiple,
-                         analysis.kept_by(BARRIER))
-    insert_masks(masked, analysis, roots, placement)
-    _drop_dead_code(masked)
-    check_model(masked, what="the masked model")
-    slimmed, report = slim(masked, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
-    report.rounding = rounding.to_dict(kept_counts=True)
-    report.notes = selection.notes + report.notes
+    slimmed, report = prune_selection(masked, analysis, selection, channel_scores(analysis, criterion, seed),
+                                      rounding, placement=placement, input_shapes=input_shapes, rules=rules)
     # written only once everything succeeded: a failed command leaves no output file
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
     if output_path is not None:
         report.size_after = save_model_atomic(slimmed, output_path)
     return slimmed, report, masked
+
+
+def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selection: Selection,
+                    scores: dict[str, np.ndarray], rounding: Rounding, *, placement: str = "consumers",
+                    input_shapes: dict[str, list[int]] | None = None, rules: RuleSet | None = None,
+                    ) -> tuple[onnx.ModelProto, SlimReport]:
+    """Steps 4-5 of ``prune`` for classes already chosen: round the kept counts (``scores`` rank the
+    channels :func:`round_choice` adds or gives back), insert the masks into ``masked`` (in place; it is
+    the model ``analysis`` was run on), check it and slim it. Returns (slimmed model, report)."""
+    roots = round_choice(analysis, selection.roots, scores, rounding.multiple, analysis.kept_by(BARRIER))
+    insert_masks(masked, analysis, roots, placement)
+    _drop_dead_code(masked)
+    check_model(masked, what="the masked model")
+    slimmed, report = slim(masked, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
+    report.rounding = rounding.to_dict(kept_counts=True)
+    report.notes = selection.notes + report.notes
+    return slimmed, report

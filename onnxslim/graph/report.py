@@ -52,6 +52,7 @@ class SlimReport:
     notes: list[str] = dataclasses.field(default_factory=list)  # what limited the result (prune's budgets ...)
     rounding: dict[str, Any] | None = None  # what round_to resolved to and why (onnxslim.graph.rounding)
     target: dict[str, Any] | None = None  # prune --target-macs/--target-latency (onnxslim.graph.allocate)
+    macs_complete: bool = True  # False when some layer's shapes were not static: its MACs are not counted
 
     @property
     def masked_behind_barriers(self) -> int:
@@ -84,7 +85,13 @@ class SlimReport:
             lines.append("no channels were removed")
         lines.append("")
         lines.append(_total_line("params", self.params_before, self.params_after))
-        lines.append(_total_line("MACs", self.macs_before, self.macs_after))
+        if self.macs_complete:
+            lines.append(_total_line("MACs", self.macs_before, self.macs_after))
+        elif not self.macs_before:
+            lines.append("MACs: unknown (the layers' shapes are not static: give --input-shape)")
+        else:  # a partial sum printed as the total would be a wrong figure
+            lines.append(f"MACs: at least {self.macs_before:,} -> at least {self.macs_after:,} (some layers' shapes "
+                         "are not static: give --input-shape for a full count)")
         lines.append(_total_line("file size (bytes)", self.size_before, self.size_after))
         if self.masked_channels:
             lines.append(f"masked channels deleted: {self.deleted_masked_channels} / {self.masked_channels}")

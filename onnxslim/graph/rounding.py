@@ -10,7 +10,9 @@ im2col + GEMM path, with layout reorders around it. The measurement behind this 
 (``tools/bench_channel_sweep.py``, written down in ``docs/latency.md``) shows the step at every
 multiple of ``b`` on this project's AVX2 machine.
 
-The rule: ``auto`` = the NCHWc block size of the target (this machine's CPU unless one is named).
+The rule: ``auto`` = the NCHWc block size of the target (this machine's CPU unless one is named), except
+on 4-wide (SSE) machines, where whole pruned models measured fastest at multiples of 8 (12 graphs at two
+ratios, ``docs/latency.md``, "Rounding on a 4-wide machine"): ``auto`` = 8 there.
 
 * ``slim`` (the masks decide): a count can only go *up* — extra masked channels are kept (those with
   the largest filter norms; :meth:`RemovalPlan.round_layers`), so the output stays exact.
@@ -38,8 +40,13 @@ class Target:
     """A CPU family and the channel multiple its onnxruntime kernels want; ``reason`` says why."""
 
     name: str
-    block: int
+    block: int  # the NCHWc block: channels per SIMD register of floats
     reason: str
+    multiple: int = 0  # the kept-count multiple ``auto`` rounds to; 0: the block itself
+
+    @property
+    def round_to(self) -> int:
+        return self.multiple or self.block
 
 
 TARGETS: Mapping[str, Target] = {
@@ -47,7 +54,8 @@ TARGETS: Mapping[str, Target] = {
     "x86-avx512": Target("x86-avx512", 16, "onnxruntime NCHWc convolutions use blocks of 16 channels with AVX-512F"),
     "arm64": Target("arm64", 16, "onnxruntime's ARM64 NEON NCHWc kernels use blocks of 16 channels, and its "
                                  "NEON SGEMM packs 16 columns"),
-    "x86-sse": Target("x86-sse", 4, "onnxruntime NCHWc convolutions use blocks of 4 channels with SSE only"),
+    "x86-sse": Target("x86-sse", 4, "onnxruntime NCHWc convolutions use blocks of 4 channels with SSE only; "
+                                    + "whole models ran fastest at multiples of 8 (measured, docs/latency.md)", 8),
     "generic": Target("generic", 4, "no wide SIMD found: multiples of 4 (one 128-bit register of floats)"),
 }
 
@@ -110,9 +118,11 @@ def detect_target(machine: str | None = None, flags: set[str] | None = None, pro
 
             named = {4: "x86-sse", 8: "x86-avx2", 16: "x86-avx512"}
             name = "arm64" if platform.machine().lower() in ("aarch64", "arm64") else named[block]
+            multiple = TARGETS[name].multiple if name in TARGETS else 0
+            why = f"; {TARGETS[name].reason.split('; ', 1)[1]}" if multiple else ""
             return Target(name, block, f"onnxruntime {ort.__version__} on this machine runs NCHWc convolutions in "
                                        f"blocks of {block} channels (probed: a depthwise Conv of {block} channels "
-                                       f"is converted, none narrower)")
+                                       f"is converted, none narrower){why}", multiple)
     machine = (machine or platform.machine()).lower()
     flags = cpu_flags() if flags is None else flags
     if machine in ("aarch64", "arm64"):
@@ -179,7 +189,7 @@ def resolve_round_to(round_to: int | str | None, target_device: str | None = Non
         return Rounding(int(parsed), str(parsed))
     target = TARGETS[target_device] if target_device else detect_target()
     reason = f"named target: {target.reason}" if target_device else target.reason
-    return Rounding(target.block, "auto", target.name, reason)
+    return Rounding(target.round_to, "auto", target.name, reason)
 
 
 def rounded_kept(kept: int, total: int, multiple: int) -> int:

@@ -55,7 +55,7 @@ class Selection:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layer:
+class Layer:
     name: str  # the output tensor
     node: str  # the node's name
     size: int
@@ -69,28 +69,28 @@ def _units(roots: np.ndarray, ids: np.ndarray) -> dict[int, int]:
     return dict(zip(found.tolist(), counts.tolist()))
 
 
-def _layers(analysis: ChannelAnalysis, roots: np.ndarray, names) -> list[_Layer]:
+def layers_of(analysis: ChannelAnalysis, roots: np.ndarray, names) -> list[Layer]:
     layers = []
     for name in names:
         node = analysis.creators[name]
         x = analysis.feature(node.input[0])
-        layers.append(_Layer(name, analysis.index.node_name(node), analysis.info[name].size,
+        layers.append(Layer(name, analysis.index.node_name(node), analysis.info[name].size,
                              _units(roots, analysis.info[name].ids), x.size if x is not None else 0,
                              _units(roots, x.ids) if x is not None else {}))
     return layers
 
 
-class _Tally:
+class Tally:
     """Channels removed so far per layer output and per layer input; a class fits when no layer output
     nor input would keep fewer than ``min_channels`` (a layer fed only zeros would be deleted whole)."""
 
-    def __init__(self, layers: list[_Layer], min_channels: int, chosen: set[int] = frozenset()):
+    def __init__(self, layers: list[Layer], min_channels: int, chosen: set[int] = frozenset()):
         self.min_channels = min_channels
         self.layers = layers
         self.removed = {layer.name: 0 for layer in layers}
         self.removed_in = {layer.name: 0 for layer in layers}
-        self.members: dict[int, list[_Layer]] = {}
-        self.readers: dict[int, list[_Layer]] = {}
+        self.members: dict[int, list[Layer]] = {}
+        self.readers: dict[int, list[Layer]] = {}
         for layer in layers:
             for root in layer.units:
                 self.members.setdefault(root, []).append(layer)
@@ -98,7 +98,7 @@ class _Tally:
                 self.readers.setdefault(root, []).append(layer)
         self.add(chosen)
 
-    def _counts(self, bundle: Iterable[int]) -> tuple[dict[str, int], dict[str, int]]:
+    def counts(self, bundle: Iterable[int]) -> tuple[dict[str, int], dict[str, int]]:
         """Channels of ``bundle`` per layer output and per layer input."""
         out: dict[str, int] = {}
         into: dict[str, int] = {}
@@ -112,7 +112,7 @@ class _Tally:
     def fits(self, bundle: Iterable[int], budget: dict[str, int] | None) -> bool:
         """Removing the classes of ``bundle`` together keeps every layer within its budget (when given),
         rounded to the nearest unit, and leaves every layer output and input ``min_channels``."""
-        out, into = self._counts(bundle)
+        out, into = self.counts(bundle)
         sizes = {layer.name: (layer.size, layer.in_size) for layer in self.layers}
         return all(sizes[name][0] - self.removed[name] - n >= self.min_channels
                    and (budget is None or self.removed[name] + n <= budget[name] + (n - 1) // 2)
@@ -131,7 +131,7 @@ class _Tally:
         return left
 
     def add(self, bundle: Iterable[int]) -> None:
-        out, into = self._counts(bundle)
+        out, into = self.counts(bundle)
         for name, n in out.items():
             self.removed[name] += n
         for name, n in into.items():
@@ -156,7 +156,7 @@ def choose(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: floa
     score per output channel (higher = more important)."""
     roots = analysis.uf.roots()
     locked = analysis.kept_by(BARRIER)
-    layers = _layers(analysis, roots, scores)
+    layers = layers_of(analysis, roots, scores)
     notes: list[str] = []
     if scope == "global":
         chosen = _choose_global(analysis, roots, layers, class_scores(analysis, roots, scores, True),
@@ -168,10 +168,10 @@ def choose(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: floa
     return Selection(np.array(sorted(chosen), np.int64), notes)
 
 
-def _choose_per_layer(analysis: ChannelAnalysis, layers: list[_Layer], score: dict[int, float], locked: np.ndarray,
+def _choose_per_layer(analysis: ChannelAnalysis, layers: list[Layer], score: dict[int, float], locked: np.ndarray,
                       ratio: float, min_channels: int) -> set[int]:
     budget = {layer.name: int(ratio * layer.size) for layer in layers}
-    groups = _GroupStructures(analysis)
+    groups = GroupStructures(analysis)
     chosen: set[int] = set()
     tried: set[int] = set()  # classes the structure gave back: not chosen again
 
@@ -179,7 +179,7 @@ def _choose_per_layer(analysis: ChannelAnalysis, layers: list[_Layer], score: di
         return not locked[root] and root not in chosen and root not in tried
 
     for _ in range(_ROUNDS):
-        tally = _Tally(layers, min_channels, chosen)
+        tally = Tally(layers, min_channels, chosen)
         added = False
         for layer in layers:
             for root in sorted(filter(free, layer.units), key=lambda r: score[r]):
@@ -198,7 +198,7 @@ def _choose_per_layer(analysis: ChannelAnalysis, layers: list[_Layer], score: di
     return chosen
 
 
-class _GroupStructures:
+class GroupStructures:
     """The groups of every grouped reduction (a grouped conv: g groups of ``a`` inputs and ``b`` outputs).
 
     Deleting keeps groups equal: a side with several channels per group loses the same number in every
@@ -263,7 +263,7 @@ def _choose_global(analysis, roots, layers, importance, locked, ratio, min_chann
     layer_cost = _layer_costs(analysis, cost, notes)
     class_cost = _class_costs(analysis, roots, layer_cost)
     total = sum(layer_cost.values())
-    tally = _Tally(layers, min_channels)
+    tally = Tally(layers, min_channels)
     chosen: set[int] = set()
     free = [r for r in importance if not locked[r]]
     for root in sorted(free, key=lambda r: importance[r] / max(class_cost.get(r, 0.0), 1e-12)):

@@ -118,7 +118,7 @@ def reshape_target(index: Graph, node) -> list | None:
         if entry == 0 and not isinstance(entry, Dim) and not allow_zero:
             entry = Dim(node.input[0], position, in_shape[position])
         if isinstance(entry, Dim):
-            if entry.axis == 0 and _same_batch(index, entry.tensor, node.input[0]):
+            if entry.axis == 0 and same_batch(index, entry.tensor, node.input[0]):
                 entry = Dim("in", 0, in_shape[0])  # the batch stays the batch
             elif entry.tensor == node.input[0] and in_shape[entry.axis] is not None:
                 entry = in_shape[entry.axis]
@@ -156,7 +156,7 @@ def reshape_target(index: Graph, node) -> list | None:
     return dims
 
 
-def _same_batch(index: Graph, a: str, b: str) -> bool:
+def same_batch(index: Graph, a: str, b: str) -> bool:
     """Axis 0 of ``a`` and of ``b`` are one dim at run time (the same tensor, or the same symbol)."""
     if a == b:
         return True

@@ -59,10 +59,13 @@ def infer_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
         for _ in range(16):  # each round can reach one more shape-preserving op further down
-            found = _same_shape_outputs(inferred)
+            found = _same_shape_outputs(inferred) + _batch_through_reshapes(inferred)
             if not found:
                 break
-            skel.graph.value_info.extend(found)
+            named = {value.name for value in found}
+            kept = [value for value in skel.graph.value_info if value.name not in named]
+            del skel.graph.value_info[:]
+            skel.graph.value_info.extend(kept + found)
             inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
         return inferred
     except Exception as exc:  # onnx raises several types; the message is what matters to the user
@@ -89,6 +92,48 @@ def _same_shape_outputs(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
             value.name = node.output[0]
             found.append(value)
     return found
+
+
+def _batch_through_reshapes(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """value_info giving a Reshape's output the batch symbol of its input when the target is a constant
+    ``[-1, d1, ...]`` whose other dims hold exactly the input's non-batch elements (static): the ``-1`` is
+    then the batch (ONNX Reshape-14), but onnx's inference names it with a fresh symbol (``unk__0``), so
+    that ``x.view(-1, C)`` seemed to change the batch and two tensors of one batch looked unrelated."""
+    graph = inferred.graph
+    values = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    constants = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    found = []
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or node.input[1] not in constants:
+            continue
+        source, result = values.get(node.input[0]), values.get(node.output[0])
+        if source is None or result is None or node.output[0] in outputs:
+            continue
+        target = onnx.numpy_helper.to_array(constants[node.input[1]]).reshape(-1).tolist()
+        dims_in = source.type.tensor_type.shape.dim
+        dims_out = result.type.tensor_type.shape.dim
+        if not target or target[0] != -1 or len(dims_out) != len(target) or not dims_in or not dims_in[0].dim_param:
+            continue
+        rest_in = [d.dim_value if d.HasField("dim_value") else 0 for d in dims_in[1:]]
+        rest = target[1:]
+        if 0 in rest_in or any(v <= 0 for v in rest) or _product(rest) != _product(rest_in):
+            continue
+        if dims_out[0].dim_param == dims_in[0].dim_param:
+            continue
+        value = onnx.ValueInfoProto()
+        value.CopyFrom(result)
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_param = dims_in[0].dim_param
+        found.append(value)
+    return found
+
+
+def _product(values) -> int:
+    total = 1
+    for v in values:
+        total *= int(v)
+    return total
 
 
 def shapes_of(inferred: onnx.ModelProto) -> dict[str, tuple]:

@@ -31,7 +31,7 @@ from onnxslim.graph.cleanup import (
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
 from onnxslim.graph.names import module_path
-from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers
+from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers, fold_static_dims
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
@@ -44,6 +44,7 @@ from onnxslim.io import load_onnx, save_model_atomic
 # above this size the checker runs on the weight-free skeleton (plus our own tensor-size check),
 # so that checking never holds a second serialised copy of a large model
 _FULL_CHECK_LIMIT = 16 << 20
+_STATIC_DIM_ROUNDS = 64  # fold_static_dims rounds: a legacy ShuffleNet block needs two (its shapes follow the last)
 
 
 def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) -> tuple[onnx.ModelProto, int]:
@@ -71,6 +72,13 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     check_input(model)
     alias_constant_identities(model)
     constants_to_initializers(model, sources)
+    folded = False
+    for _ in range(_STATIC_DIM_ROUNDS):  # each round's constants can make the shapes below static
+        if not fold_static_dims(model):
+            break
+        folded = True
+    if folded:
+        constants_to_initializers(model, sources)
     inferred = infer_model(model, input_shapes)
     index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
     return ChannelAnalysis(index, rules if rules is not None else default_rules()).run()
@@ -138,6 +146,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         input_shapes={k: list(v) for k, v in (input_shapes or {}).items()},
         removed_nodes=removed_nodes,
         rounding=rounding.to_dict(),
+        macs_complete=before.macs_complete and after.macs_complete,
     )
     if output_path is not None:
         report.size_after = save_model_atomic(model, output_path)
@@ -173,9 +182,22 @@ def check_input(model: onnx.ModelProto) -> None:
     Raises OnnxSlimError("invalid input model: ...").
     """
     try:
-        onnx.checker.check_model(skeleton(model), full_check=True)
+        _checker(skeleton(model), full=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
+
+
+def _checker(model: onnx.ModelProto, full: bool) -> None:
+    """``onnx.checker.check_model``, except that an op version which a *later* opset deprecated
+    (GroupNormalization-18, deprecated by opset 21) is not an error: the model's own opset defines it and
+    onnxruntime runs it. The checker stops at that node, so such a model is checked by strict shape
+    inference instead (types, shapes and every node's schema)."""
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except onnx.checker.ValidationError as exc:
+        if "is deprecated in domain_version" not in str(exc):
+            raise
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
 
 
 def check_model(model: onnx.ModelProto, full: bool = True, what: str = "the slimmed model") -> None:
@@ -185,9 +207,9 @@ def check_model(model: onnx.ModelProto, full: bool = True, what: str = "the slim
     is checked, so that no model that fails to load is ever written."""
     try:
         if full and serialized_size(model) <= _FULL_CHECK_LIMIT:
-            onnx.checker.check_model(model, full_check=True)
+            _checker(model, full=True)
         else:
-            onnx.checker.check_model(skeleton(model), full_check=full)
+            _checker(skeleton(model), full=full)
             _check_tensor_sizes(model)
     except onnx.checker.ValidationError as exc:
         raise OnnxSlimError(f"internal error: {what} fails onnx.checker: {_first_line(exc)}") from None

@@ -31,6 +31,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -145,6 +146,9 @@ class DistContext:
             return model
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
+        # a conv with one input channel gets weight grads whose size-1 dim has another stride than DDP's
+        # bucket view: the same memory layout, so the "may impair performance" warning is noise to a user
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def sync_norm_statistics(self, model: nn.Module) -> None:

@@ -8,6 +8,10 @@ A rule states, for one op family,
 * ``allows_empty_input`` / ``allows_empty_output`` — whether a tensor may lose every channel here;
 * ``settle(node, plan)`` — restore channels until the plan is one the rewrite can apply (a grouped conv
   keeps equal groups); returns True when it restored anything;
+* ``nonnegative(node, analysis)`` — every element of the op's outputs is >= 0 whatever the graph inputs
+  (Relu, Sigmoid, a Mul of non-negative operands ...); a rule answers through
+  :meth:`~onnxslim.graph.analysis.ChannelAnalysis.nonnegative` about its inputs. ReduceMax over channels
+  asks it: on a non-negative input a zero channel cannot be the maximum of the others;
 * what ``prune``, rounding, ``cleanup`` and ``stats`` ask of the op, so that they name no op types:
   ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
   ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``counts_macs`` /
@@ -67,6 +71,13 @@ class Rule:
         return True
 
     def settle(self, node: onnx.NodeProto, plan: RemovalPlan) -> bool:
+        return False
+
+    def nonnegative(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> bool:
+        """True when every element of every output of ``node`` is >= 0 for every value of the graph
+        inputs (a NaN, which only an infinite or NaN operand makes, is outside the question). False
+        unless the rule proves it from the ONNX operator spec; ask about an input with
+        ``analysis.nonnegative(name)`` (memoised; constants: all values >= 0)."""
         return False
 
     # -- facts about the op used outside the analysis: prune, rounding, cleanup, stats --------------
@@ -324,6 +335,12 @@ def aligned_axis(axis: int, rank: int, out_rank: int) -> int:
 
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+def inputs_nonnegative(node: onnx.NodeProto, analysis: ChannelAnalysis, slots: Iterable[int] = (0,)) -> bool:
+    """Every input at ``slots`` is provably >= 0 (see :meth:`Rule.nonnegative`): the answer of an op that
+    moves or selects elements (Reshape, Slice, MaxPool ...) or keeps the sign of a non-negative input."""
+    return all(slot < len(node.input) and analysis.nonnegative(node.input[slot]) for slot in slots)
 
 
 def keep_all(analysis: ChannelAnalysis, node: onnx.NodeProto, info: ChannelInfo, why: str) -> None:

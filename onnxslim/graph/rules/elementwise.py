@@ -25,12 +25,28 @@ from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
     Rule,
     aligned_axis,
+    inputs_nonnegative,
     keep_extra_outputs,
     pass_through,
     register,
 )
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def clip_bounds(node: onnx.NodeProto, constant_inputs: list[np.ndarray | None]) -> tuple[float, float] | None:
+    """(min, max) of a Clip (attributes before opset 11, inputs from 11; absent: -inf, inf), or None when
+    a bound is computed."""
+    if len(constant_inputs) > 1:  # opset 11+: min and max are inputs
+        lo = constant_inputs[1]
+        hi = constant_inputs[2] if len(constant_inputs) > 2 else None
+        if (node.input[1] and lo is None) or (len(node.input) > 2 and node.input[2] and hi is None):
+            return None  # a computed bound
+    else:
+        lo, hi = get_attr(node, "min"), get_attr(node, "max")
+    low = -np.inf if lo is None else float(np.asarray(lo).reshape(-1)[0])
+    high = np.inf if hi is None else float(np.asarray(hi).reshape(-1)[0])
+    return low, high
 
 
 def unary_function(node: onnx.NodeProto, constant_inputs: list[np.ndarray | None]):
@@ -71,16 +87,8 @@ def unary_function(node: onnx.NodeProto, constant_inputs: list[np.ndarray | None
             return lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
         return lambda v: 0.5 * v * (1 + _erf(v / np.sqrt(2)))
     if op == "Clip":
-        if len(constant_inputs) > 1:  # opset 11+: min and max are inputs
-            lo = constant_inputs[1] if len(constant_inputs) > 1 else None
-            hi = constant_inputs[2] if len(constant_inputs) > 2 else None
-            if (len(node.input) > 1 and node.input[1] and lo is None) or (len(node.input) > 2 and node.input[2] and hi is None):
-                return None  # a computed bound
-        else:
-            lo, hi = get_attr(node, "min"), get_attr(node, "max")
-        low = -np.inf if lo is None else float(np.asarray(lo).reshape(-1)[0])
-        high = np.inf if hi is None else float(np.asarray(hi).reshape(-1)[0])
-        return lambda v: np.clip(v, low, high)
+        bounds = clip_bounds(node, constant_inputs)
+        return None if bounds is None else lambda v: np.clip(v, *bounds)
     simple = {
         "Tanh": np.tanh, "Abs": np.abs, "Neg": np.negative, "Exp": np.exp, "Floor": np.floor, "Ceil": np.ceil,
         "Round": np.round, "Sign": np.sign, "Sin": np.sin, "Cos": np.cos, "Erf": _erf,
@@ -110,6 +118,40 @@ def apply_to_constants(function, info: ChannelInfo) -> ChannelInfo:
     return info.with_values(const, value)
 
 
+#: unary ops whose output is >= 0 for every input (ONNX operator spec): Relu ``max(0, x)``, Sigmoid
+#: ``1 / (1 + exp(-x))``, HardSigmoid ``max(0, min(1, alpha x + beta))``, Softplus ``ln(exp(x) + 1)``,
+#: Abs ``|x|``, Exp ``exp(x)``
+_NONNEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs", "Exp"})
+#: unary ops with ``f(x) >= 0`` for ``x >= 0`` (spec formulas): ``f(x) = x`` there (Identity, Dropout in
+#: inference; LeakyRelu, Elu, Celu), odd increasing functions (Tanh, Erf, Softsign, Sign), ``x`` times a
+#: factor >= 0 (Gelu, Mish, HardSwish), Sqrt, and rounding (Floor, Ceil, Round)
+_NONNEGATIVE_IF_INPUT = frozenset({"Identity", "Dropout", "LeakyRelu", "Elu", "Celu", "Tanh", "Erf", "Softsign",
+                                   "Sign", "Gelu", "Mish", "HardSwish", "Sqrt", "Floor", "Ceil", "Round"})
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def unary_sign(node: onnx.NodeProto, analysis: ChannelAnalysis) -> str:
+    """When ``f(x) >= 0`` holds: "always", "input" (for ``x >= 0``) or "never" (not provable).
+
+    Besides the two tables: ThresholdedRelu ``x if x > alpha else 0`` is always >= 0 when ``alpha >= 0``;
+    Clip (Relu6 is ``Clip(x, 0, 6)``) always when ``min >= 0`` and ``max >= 0`` (min > max gives max),
+    for ``x >= 0`` when ``max >= 0``; Selu ``gamma x`` on ``x >= 0`` when ``gamma >= 0``; Cast to a float
+    type keeps the sign (to an integer type an out-of-range value is undefined behaviour).
+    """
+    op = node.op_type
+    if op in _NONNEGATIVE or (op == "ThresholdedRelu" and get_attr(node, "alpha", 1.0) >= 0):
+        return "always"
+    if op == "Clip":
+        bounds = clip_bounds(node, [analysis.index.constant(name) for name in node.input])
+        if bounds is None or not bounds[1] >= 0:
+            return "never"
+        return "always" if bounds[0] >= 0 else "input"
+    if op in _NONNEGATIVE_IF_INPUT or op == "ThresholdedRelu" or (op == "Selu" and get_attr(node, "gamma", 1.0) >= 0) \
+            or (op == "Cast" and get_attr(node, "to") in _FLOAT_TYPES):
+        return "input"
+    return "never"
+
+
 @register
 class UnaryRule(Rule):
     """``y = f(x)`` elementwise; extra outputs (Dropout's mask) make the op a barrier when read."""
@@ -135,6 +177,11 @@ class UnaryRule(Rule):
 
     def is_identity(self, node):
         return node.op_type == "Identity"
+
+    def nonnegative(self, node, analysis):
+        """See :func:`unary_sign` (Dropout's mask output is boolean, so >= 0 too)."""
+        sign = unary_sign(node, analysis)
+        return sign == "always" or (sign == "input" and inputs_nonnegative(node, analysis))
 
     def commutes_with_positive_scale(self, node):
         return node.op_type in ("Relu", "LeakyRelu", "Identity", "Dropout")
@@ -301,6 +348,27 @@ class NaryRule(Rule):
 
     def multiplies(self, node):
         return node.op_type == "Mul" and len(node.input) == 2
+
+    def nonnegative(self, node, analysis):
+        """Output >= 0 for every input (ONNX operator spec formulas; a constant operand, such as a mask,
+        counts only when all its values are >= 0):
+
+        * Add, Mul, Sum, Mean, Min: every operand >= 0; Max: some operand >= 0; PRelu: ``x >= 0`` gives x;
+        * Div: numerator >= 0 and denominator a constant > 0 (a computed ``-0.0`` divisor gives -inf);
+        * Pow: base >= 0 and exponent a constant >= 0; Sub: never.
+        """
+        op, index = node.op_type, analysis.index
+        if op in ("Add", "Mul", "Sum", "Mean", "Min"):
+            return inputs_nonnegative(node, analysis, range(len(node.input)))
+        if op == "Max":
+            return any(inputs_nonnegative(node, analysis, (slot,)) for slot in range(len(node.input)))
+        if op in ("Div", "Pow") and len(node.input) == 2:
+            other = index.constant(node.input[1])
+            if other is None or not (np.all(other > 0) if op == "Div" else np.all(other >= 0)):
+                return False
+        elif op != "PRelu":
+            return False
+        return inputs_nonnegative(node, analysis)
 
     def commutes_with_positive_scale(self, node):
         return node.op_type == "PRelu"

@@ -13,7 +13,8 @@
   whose reason names ``--input-shape``. A Reshape that keeps (N, C) and regroups the rest
   passes channels through. Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
   later op expects channels on axis 1 (it only moves the axis here).
-* Squeeze / Unsqueeze / Transpose keep channels and move the channel axis.
+* Squeeze / Unsqueeze / Transpose keep channels and move the channel axis; Expand broadcasts them (its
+  shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature).
 * Shape reads no channel values: it does not keep anything (Reshape targets computed from it are
   handled by the Reshape rule).
 """
@@ -24,7 +25,14 @@ import numpy as np
 
 from onnxslim.graph.channels import BARRIER
 from onnxslim.graph.model import get_attr, set_attr
-from onnxslim.graph.rules.base import BarrierRule, Rule, normalize_axis, pass_through, register
+from onnxslim.graph.rules.base import (
+    BarrierRule,
+    Rule,
+    inputs_nonnegative,
+    normalize_axis,
+    pass_through,
+    register,
+)
 from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
 
@@ -71,8 +79,16 @@ def _write_operand(node, rewriter, attr: str, slot: int, value: np.ndarray) -> N
         node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
 
 
+class _MovesElements(Rule):
+    """Ops that move, copy or select the elements of their data input (input 0) and compute none."""
+
+    def nonnegative(self, node, analysis):
+        """>= 0 when the data input is (the output's elements are input elements)."""
+        return inputs_nonnegative(node, analysis)
+
+
 @register
-class ConcatRule(Rule):
+class ConcatRule(_MovesElements):
     op_types = ("Concat",)
     passthrough = True
 
@@ -120,6 +136,10 @@ class ConcatRule(Rule):
         info.ids = ids
         analysis.set(node.output[0], info)
 
+    def nonnegative(self, node, analysis):
+        """>= 0 when every input is (the output is the inputs' elements, on any axis)."""
+        return inputs_nonnegative(node, analysis, range(len(node.input)))
+
     def allows_empty_input(self, node, slot, plan):
         return True
 
@@ -163,7 +183,7 @@ def _split_sizes(node, analysis, x):
 
 
 @register
-class SplitRule(Rule):
+class SplitRule(_MovesElements):
     op_types = ("Split",)
     passthrough = True
 
@@ -208,7 +228,7 @@ class SplitRule(Rule):
             set_attr(node, "split", [int(s) for s in sizes])
 
 
-class _ChannelSelection(Rule):
+class _ChannelSelection(_MovesElements):
     """Slice and Gather on the channel axis select channel positions of the input."""
 
     passthrough = True
@@ -329,7 +349,7 @@ class GatherRule(_ChannelSelection):
 
 
 @register
-class FlattenRule(Rule):
+class FlattenRule(_MovesElements):
     op_types = ("Flatten",)
     passthrough = True
 
@@ -397,7 +417,7 @@ def _flattened(x, block: int):
 
 
 @register
-class ReshapeRule(Rule):
+class ReshapeRule(_MovesElements):
     op_types = ("Reshape",)
     passthrough = True
 
@@ -466,7 +486,75 @@ class ReshapeRule(Rule):
 
 
 @register
-class SqueezeRule(Rule):
+class ExpandRule(_MovesElements):
+    """Expand (ONNX Expand-13): ``y = x`` broadcast to ``shape`` by numpy's rules; the output has the longer
+    of the two ranks, so the input's channel axis ``a`` (rank ``r``) is axis ``a + R - r`` of the output
+    (rank ``R``), and entry ``a + R - r - (R - len(shape))`` of ``shape`` meets the channel dim C.
+
+    That entry keeps the channels one to one when it is 1 or absent (C stays), a constant C (rewritten to
+    the kept count), or the channel dim of a feature ``t`` at run time: ``s.expand_as(t)`` is exported as
+    ``Expand(s, Shape(t))`` (SE blocks written ``x * y.expand_as(x)``); then ``t``'s channels are coupled
+    with ``s``'s, so both keep the same ones and the shape follows at run time. Broadcasting one channel
+    to C (``C == 1``), or a computed entry that is neither, is a barrier.
+    """
+
+    op_types = ("Expand",)
+    passthrough = True
+
+    def _channel_entry(self, node, analysis, x):
+        """(entry of ``shape`` at the channel axis or None when absent, output rank); (False, 0) when
+        the shape is not computable."""
+        shape = shape_value(analysis.index, node.input[1]) if len(node.input) > 1 else None
+        if shape is None:
+            return False, 0
+        rank = max(x.rank, len(shape))
+        position = x.axis + rank - x.rank - (rank - len(shape))
+        return (shape[position] if position >= 0 else None), rank
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        entry, rank = self._channel_entry(node, analysis, x)
+        if entry is False:
+            analysis.barrier(node, "its shape is computed")
+            return
+        follows = isinstance(entry, Dim) and entry.static == x.size
+        other = analysis.feature(entry.tensor) if follows else None
+        if follows and (other is None or other.axis != entry.axis or other.size != x.size):
+            follows = False
+        constant = not isinstance(entry, Dim) and entry in (1, x.size) and analysis.index.is_const(node.input[1])
+        if x.size == 1 and entry not in (None, 1):
+            analysis.barrier(node, "broadcasts one channel to many")
+            return
+        if entry is not None and entry != 1 and not follows and not constant:
+            analysis.barrier(node, "its shape fixes the channel count in a computed value")
+            return
+        if follows:
+            analysis.couple(x.ids, other.ids)  # Shape(t) says t's channel count at run time
+        info = x.with_values(x.const, x.value)
+        info.axis, info.rank = x.axis + rank - x.rank, rank
+        pass_through(node, analysis, info)
+
+    def nonnegative(self, node, analysis):
+        """The output's elements are copies of the data input's: >= 0 when it is."""
+        return inputs_nonnegative(node, analysis)
+
+    def rewrite(self, node, rewriter):
+        keep = rewriter.keep(node.output[0])
+        shape = rewriter.index.constant(node.input[1]) if keep is not None and not keep.all() else None
+        if shape is None:
+            return  # nothing deleted, or a computed shape that follows the channels at run time
+        out = rewriter.info(node.output[0])
+        position = out.axis - (len(rewriter.index.shape(node.output[0]) or ()) - len(shape))
+        if 0 <= position < len(shape) and shape[position] == len(keep):
+            shape = shape.copy()
+            shape[position] = int(keep.sum())
+            rewriter.weights.write(node, 1, shape, key=("shape", shape.tobytes()))
+
+
+@register
+class SqueezeRule(_MovesElements):
     op_types = ("Squeeze", "Unsqueeze")
     passthrough = True
 
@@ -499,7 +587,7 @@ class SqueezeRule(Rule):
 
 
 @register
-class TransposeRule(Rule):
+class TransposeRule(_MovesElements):
     """Transpose moves the channel axis to ``perm.index(axis)``.
 
     A graph input's layout is unknown (axis 1 is a guess, and its channels are kept anyway): a Transpose
@@ -539,7 +627,7 @@ class ShapeRule(Rule):
 
 
 @register
-class DepthToSpaceRule(Rule):
+class DepthToSpaceRule(_MovesElements):
     """DepthToSpace / SpaceToDepth (PixelShuffle and its inverse) move blocks of r*r channels into space
     and back: an index map (see :mod:`regroup`). DepthToSpace couples the r*r input channels of each
     output channel; SpaceToDepth gives each input channel r*r output channels. Deleting whole units

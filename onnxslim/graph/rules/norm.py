@@ -23,6 +23,7 @@ from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     BarrierRule,
     Rule,
+    inputs_nonnegative,
     keep_extra_outputs,
     normalize_axis,
     pass_through,
@@ -93,6 +94,21 @@ class BatchNormRule(Rule):
 
     def rewrite(self, node, rewriter):
         _slice_parameters(node, rewriter, (1, 2, 3, 4))
+
+    def nonnegative(self, node, analysis):
+        """``y = s x + t`` per channel with ``s = scale / sqrt(var + eps)``, ``t = B - s mean``: >= 0 for
+        every ``x >= 0`` when ``s >= 0`` and ``t >= 0``. ``t`` must clear a margin of ``1e-6 (|B| + |s mean|)``
+        so that float32 rounding, in any order a runtime evaluates the affine map, cannot push it below 0.
+        (After a conv, a BN's input has either sign: usually not provable.)"""
+        params = [analysis.index.constant(name) for name in node.input[1:5]]
+        if len(params) != 4 or any(p is None for p in params) or get_attr(node, "training_mode", 0) \
+                or not inputs_nonnegative(node, analysis):
+            return False
+        scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+        with np.errstate(all="ignore"):
+            s = scale / np.sqrt(var + get_attr(node, "epsilon", 1e-5))
+            shift = bias - s * mean
+        return bool(np.all(s >= 0) and np.all(shift >= 1e-6 * (np.abs(bias) + np.abs(s * mean))))
 
     masks_go_after = True
 

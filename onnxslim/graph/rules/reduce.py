@@ -10,18 +10,30 @@ means every axis) each output element reads every channel: the output is one new
 without keepdims), and the op reads its input like a conv whose weights are all ones. Per op, what
 deleting a channel that is **zero** in the input does (non-zero channels are always kept):
 
-==================================================  ===============================  =====================
-op over channels                                    a zero channel                   so
-==================================================  ===============================  =====================
-ReduceSum, ReduceL1, ReduceL2, ReduceSumSquare,     adds ``g(0) = 0`` to the sum     deleted, exact
+==================================================  ===================================  =====================
+op over channels                                    a zero channel                       so
+==================================================  ===================================  =====================
+ReduceSum, ReduceL1, ReduceL2, ReduceSumSquare,     adds ``g(0) = 0`` to the sum         deleted, exact
 ReduceLogSum (``sum g(x_c)``, ``g(0) = 0``)
-ReduceMean (``sum x_c / C``)                        adds 0, but the divisor is C     deleted; the output
-                                                                                     is rescaled by C'/C
-ReduceMax, ReduceMin                                can be the maximum (all others   kept
+ReduceMean (``sum x_c / C``)                        adds 0, but the divisor is C         deleted; the output
+                                                                                         is rescaled by C'/C
+ReduceMax on an input provably >= 0 (every          cannot exceed the kept channels:     deleted, exact
+element, every input; CBAM's ``max(x, dim=1)``      ``max(max_kept, 0) = max_kept``
+of ``Relu(...) * sigmoid(...)``)                    since ``max_kept >= 0``
+ReduceMax otherwise                                 can be the maximum (all others       kept
                                                     negative)
-ReduceProd                                          makes the product 0              kept
-ReduceLogSumExp                                     adds ``exp(0) = 1``              kept
-==================================================  ===============================  =====================
+ReduceMin                                           is the minimum when the others are   kept
+                                                    positive (on an input >= 0 the
+                                                    result is 0 with it, the kept
+                                                    channels' minimum without it)
+ReduceProd                                          makes the product 0                  kept
+ReduceLogSumExp                                     adds ``exp(0) = 1``                  kept
+==================================================  ===================================  =====================
+
+"Provably >= 0" is :meth:`ChannelAnalysis.nonnegative <onnxslim.graph.analysis.ChannelAnalysis.nonnegative>`:
+each producer's rule answers from the ONNX operator spec (Relu, Sigmoid, a Mul of non-negative operands
+with every mask value >= 0, pooling, Concat, Reshape ... of non-negative inputs); a graph input, a BN
+shift or a negative mask entry makes it False.
 
 The C'/C rescale is a ``Mul`` by a scalar inserted after the ReduceMean: ``mean'(x) * C'/C = sum / C``.
 At least one channel always stays (a reduction over no channel is not the masked model's value).
@@ -38,6 +50,7 @@ from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
+    inputs_nonnegative,
     keep_all,
     normalize_axis,
     pass_through,
@@ -52,7 +65,7 @@ _OVER_CHANNELS = {
     "ReduceSumSquare": (lambda v: np.sum(v * v), None),
     "ReduceLogSum": (lambda v: np.log(np.sum(v)), None),
     "ReduceMean": (np.mean, None),
-    "ReduceMax": (np.max, "a zero channel can be the maximum"),
+    "ReduceMax": (np.max, "a zero channel can be the maximum (the input is not provably >= 0)"),
     "ReduceMin": (np.min, "a zero channel can be the minimum"),
     "ReduceProd": (np.prod, "a zero channel makes the product zero"),
     "ReduceLogSumExp": (lambda v: np.log(np.sum(np.exp(v))), "a zero channel adds exp(0) = 1"),
@@ -106,6 +119,8 @@ class ReduceRule(Rule):
 
     def _over_channels(self, node, analysis, x, axes, keepdims) -> None:
         function, why_kept = _OVER_CHANNELS[node.op_type]
+        if node.op_type == "ReduceMax" and analysis.nonnegative(node.input[0]):
+            why_kept = None  # max(max over the kept channels, 0) is the max over the kept channels
         if why_kept is not None:
             keep_all(analysis, node, x, f"over the channel axis {why_kept}")
         else:
@@ -118,6 +133,14 @@ class ReduceRule(Rule):
                 result = float(function(x.value))
             const, value = np.array([np.isfinite(result)]), np.array([result])
         analysis.fresh(None, node.output[0], 1, x.axis, x.rank, const, value)
+
+    def nonnegative(self, node, analysis):
+        """ReduceL1, ReduceL2, ReduceSumSquare are sums of ``|x|``, ``x^2`` (then a square root): always
+        >= 0. ReduceMax, ReduceMin, ReduceMean, ReduceSum, ReduceProd of an input >= 0 are >= 0 (ONNX
+        ReduceMax-18 ...); the log reductions can be negative."""
+        if node.op_type in ("ReduceL1", "ReduceL2", "ReduceSumSquare"):
+            return True
+        return node.op_type in _KEEPS_CONSTANTS + _KEEPS_ZERO and inputs_nonnegative(node, analysis)
 
     def _reduces_channels(self, node, plan) -> bool:
         x = plan.analysis.info.get(node.input[0])

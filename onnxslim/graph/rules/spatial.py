@@ -14,7 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from onnxslim.graph.model import get_attr
-from onnxslim.graph.rules.base import Rule, keep_extra_outputs, normalize_axis, pass_through, register
+from onnxslim.graph.rules.base import (
+    Rule,
+    inputs_nonnegative,
+    keep_extra_outputs,
+    normalize_axis,
+    pass_through,
+    register,
+)
 from onnxslim.graph.shape_values import as_int, is_dim_of, shape_value
 
 
@@ -52,6 +59,12 @@ class PoolRule(Rule):
 
     def commutes_with_positive_scale(self, node):
         return node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+    def nonnegative(self, node, analysis):
+        """LpPool and GlobalLpPool are p-norms ``(sum |x|^p)^(1/p)``: always >= 0 (ONNX LpPool-18). The
+        max and average pools take a max or a mean of input elements (padding is ignored by MaxPool and
+        is 0 for AveragePool; MaxPool's indices are >= 0): >= 0 when the input is."""
+        return node.op_type in ("LpPool", "GlobalLpPool") or inputs_nonnegative(node, analysis)
 
 
 @register
@@ -102,6 +115,17 @@ class ResizeRule(Rule):
         const = x.const if mode in ("nearest", "linear", "bilinear") else x.zero
         pass_through(node, analysis, x.with_values(const, x.value))
 
+    def nonnegative(self, node, analysis):
+        """Nearest and linear modes (Resize-19, Upsample) give input elements or convex combinations of
+        them (the linear filter, antialiased too, has weights >= 0): >= 0 when the input is and, in
+        ``tf_crop_and_resize``, the extrapolation value is >= 0. Cubic weights are negative: not provable."""
+        if _string(get_attr(node, "mode", b"nearest")) not in ("nearest", "linear", "bilinear"):
+            return False
+        if _string(get_attr(node, "coordinate_transformation_mode", b"")) == "tf_crop_and_resize" \
+                and not get_attr(node, "extrapolation_value", 0.0) >= 0:
+            return False
+        return inputs_nonnegative(node, analysis)
+
     def rewrite(self, node, rewriter):
         keep = rewriter.keep(node.output[0])
         if keep is None or keep.all() or node.op_type != "Resize" or len(node.input) < 4 or not node.input[3] \
@@ -110,6 +134,15 @@ class ResizeRule(Rule):
         sizes = rewriter.index.constant(node.input[3]).copy()
         sizes[rewriter.info(node.output[0]).axis] = int(keep.sum())
         rewriter.weights.write(node, 3, sizes, key=("sizes", sizes.tobytes()))
+
+
+def _pad_fill(node, index) -> float | None:
+    """The value a constant-mode Pad writes (attribute ``value`` before opset 11, input 2 from opset 11;
+    default 0), or None when it is computed."""
+    if get_attr(node, "pads") is not None or len(node.input) < 3 or not node.input[2]:
+        return get_attr(node, "value", 0.0)
+    fill = index.constant(node.input[2])
+    return None if fill is None else float(np.reshape(fill, -1)[0]) if np.size(fill) else 0.0
 
 
 @register
@@ -123,12 +156,9 @@ class PadRule(Rule):
             return
         index = analysis.index
         pads = get_attr(node, "pads")
-        fill = get_attr(node, "value", 0.0)
+        fill = _pad_fill(node, index)
         if pads is None:
             pads = index.constant(node.input[1]) if len(node.input) > 1 else None
-            if len(node.input) > 2 and node.input[2]:
-                fill_value = index.constant(node.input[2])
-                fill = None if fill_value is None else float(np.reshape(fill_value, -1)[0]) if np.size(fill_value) else 0.0
             axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             if len(node.input) > 3 and node.input[3] and axes is None:
                 pads = None
@@ -147,6 +177,15 @@ class PadRule(Rule):
         mode = _string(get_attr(node, "mode", b"constant"))
         const = x.const & (x.value == fill) if mode == "constant" else x.const
         pass_through(node, analysis, x.with_values(const, x.value))
+
+    def nonnegative(self, node, analysis):
+        """Pad-18 copies its input and writes the fill value (constant mode) or input elements (reflect,
+        edge, wrap): >= 0 when the input is and, in constant mode, the fill is a constant >= 0."""
+        if _string(get_attr(node, "mode", b"constant")) == "constant":
+            fill = _pad_fill(node, analysis.index)
+            if fill is None or not fill >= 0:
+                return False
+        return inputs_nonnegative(node, analysis)
 
 
 @register
@@ -167,3 +206,8 @@ class SoftmaxRule(Rule):
             analysis.barrier(node, "normalises across the channel axis")
             return
         pass_through(node, analysis, x.unknown_values())
+
+    def nonnegative(self, node, analysis):
+        """Softmax ``exp(x) / sum exp(x)`` and Hardmax (0 or 1) are >= 0 for every input (ONNX Softmax-13,
+        Hardmax-13); LogSoftmax is <= 0."""
+        return node.op_type in ("Softmax", "Hardmax")

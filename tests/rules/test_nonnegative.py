@@ -1,0 +1,102 @@
+"""``ChannelAnalysis.nonnegative``: which tensors are provably >= 0, answered by each producer's rule
+(``Rule.nonnegative``) from the ONNX operator spec; constants by their values, graph inputs never."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder
+
+from onnxslim.graph.slim import analyse
+
+# case -> (builder of the tensor from (g, signed, positive), expected answer); ``signed`` is a conv output
+# (either sign), ``positive`` is Relu(signed)
+CASES = {
+    "relu": (lambda g, s, p: g.op("Relu", [s]), True),
+    "sigmoid": (lambda g, s, p: g.op("Sigmoid", [s]), True),
+    "hard_sigmoid": (lambda g, s, p: g.op("HardSigmoid", [s], alpha=-2.0, beta=-1.0), True),
+    "softplus": (lambda g, s, p: g.op("Softplus", [s]), True),
+    "abs": (lambda g, s, p: g.op("Abs", [s]), True),
+    "exp": (lambda g, s, p: g.op("Exp", [s]), True),
+    "relu6_clip": (lambda g, s, p: g.op("Clip", [s, g.const(np.float32(0)), g.const(np.float32(6))]), True),
+    "clip_below_zero": (lambda g, s, p: g.op("Clip", [s, g.const(np.float32(-1)), g.const(np.float32(6))]), False),
+    "clip_of_positive": (lambda g, s, p: g.op("Clip", [p, g.const(np.float32(-1)), g.const(np.float32(6))]), True),
+    "clip_max_negative": (lambda g, s, p: g.op("Clip", [p, g.const(np.float32(-3)), g.const(np.float32(-1))]), False),
+    "thresholded_relu": (lambda g, s, p: g.op("ThresholdedRelu", [s], alpha=0.5), True),
+    "leaky_relu_of_signed": (lambda g, s, p: g.op("LeakyRelu", [s]), False),
+    "leaky_relu_of_positive": (lambda g, s, p: g.op("LeakyRelu", [p]), True),
+    "tanh_of_positive": (lambda g, s, p: g.op("Tanh", [p]), True),
+    "hardswish_of_signed": (lambda g, s, p: g.op("HardSwish", [s]), False),
+    "neg_of_positive": (lambda g, s, p: g.op("Neg", [p]), False),
+    "mul_by_nonnegative_mask": (lambda g, s, p: g.mask(p, 8, zeros=[1, 2]), True),
+    "mul_by_mask_with_a_negative_entry": (
+        lambda g, s, p: g.mask(p, 8, values=np.array([1, 0, -0.5, 1, 1, 1, 0, 1], np.float32)), False),
+    "relu_times_sigmoid": (lambda g, s, p: g.op("Mul", [p, g.op("Sigmoid", [s])]), True),
+    "add_of_positive_and_signed": (lambda g, s, p: g.op("Add", [p, s]), False),
+    "max_of_positive_and_signed": (lambda g, s, p: g.op("Max", [s, p]), True),
+    "min_of_positive_and_signed": (lambda g, s, p: g.op("Min", [s, p]), False),
+    "sub_of_positives": (lambda g, s, p: g.op("Sub", [p, p]), False),
+    "div_by_positive_constant": (lambda g, s, p: g.op("Div", [p, g.const(np.float32(6))]), True),
+    "div_by_computed_positive": (lambda g, s, p: g.op("Div", [p, g.op("Exp", [s])]), False),
+    "max_pool": (lambda g, s, p: g.op("MaxPool", [p], kernel_shape=[2, 2]), True),
+    "average_pool_of_signed": (lambda g, s, p: g.op("AveragePool", [s], kernel_shape=[2, 2]), False),
+    "global_lp_pool_of_signed": (lambda g, s, p: g.op("GlobalLpPool", [s]), True),
+    "resize_nearest": (lambda g, s, p: g.op("Resize", [p, "", g.const(np.array([1, 1, 2, 2], np.float32))]), True),
+    "resize_cubic": (
+        lambda g, s, p: g.op("Resize", [p, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="cubic"), False),
+    "pad_zero": (lambda g, s, p: g.op("Pad", [p, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))]), True),
+    "pad_negative_fill": (
+        lambda g, s, p: g.op("Pad", [p, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1])), g.const(np.float32(-1))]), False),
+    "pad_reflect": (lambda g, s, p: g.op("Pad", [p, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))], mode="reflect"), True),
+    "softmax": (lambda g, s, p: g.op("Softmax", [s], axis=3), True),
+    "log_softmax": (lambda g, s, p: g.op("LogSoftmax", [s], axis=3), False),
+    "concat_of_positives": (lambda g, s, p: g.op("Concat", [p, g.op("Sigmoid", [s])], axis=1), True),
+    "concat_with_signed": (lambda g, s, p: g.op("Concat", [p, s], axis=1), False),
+    "transpose_reshape_slice": (lambda g, s, p: g.op("Slice", [
+        g.op("Reshape", [g.op("Transpose", [p], perm=[0, 2, 3, 1]), g.const(np.array([1, -1, 8]))]),
+        g.const(np.array([0])), g.const(np.array([4])), g.const(np.array([2]))]), True),
+    "reduce_max_over_channels": (lambda g, s, p: g.op("ReduceMax", [p], axes=[1]), True),
+    "reduce_l2_of_signed": (lambda g, s, p: g.op("ReduceL2", [s], axes=[1]), True),
+    "reduce_log_sum_exp": (lambda g, s, p: g.op("ReduceLogSumExp", [p], axes=[1]), False),
+    "conv_of_positive": (lambda g, s, p: g.conv(p, 8, 4), False),
+    "batchnorm_with_a_positive_shift": (lambda g, s, p: g.op("BatchNormalization", [p, *(g.const(np.full(8, v, np.float32))
+                                                                                       for v in (1.5, 0.2, 0.1, 1.0))]), True),
+    "batchnorm_with_a_negative_shift": (lambda g, s, p: g.op("BatchNormalization", [p, *(g.const(np.full(8, v, np.float32))
+                                                                                        for v in (1.5, 0.0, 0.1, 1.0))]), False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_nonnegative_answers(case):
+    build, expected = CASES[case]
+    g = GraphBuilder(opset=17)
+    x = g.input([1, 3, 8, 8])
+    signed = g.conv(x, 3, 8)
+    tensor = build(g, signed, g.op("Relu", [signed]))
+    g.output(tensor)
+    analysis = analyse(g.model())
+    assert analysis.nonnegative(tensor) is expected
+    assert analysis.nonnegative(tensor) is expected  # memoised: the same answer
+    assert analysis.nonnegative(x) is False  # a graph input can be anything
+    assert analysis.nonnegative(signed) is False
+
+
+def test_constants_answer_by_their_values():
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    w = g.const(np.abs(g.weights(8, 3, 3, 3)), "w")
+    b = g.const(np.array([0.5, -0.5] * 4, np.float32), "b")
+    g.output(g.op("Conv", [x, w, b], pads=[1, 1, 1, 1]))
+    analysis = analyse(g.model())
+    assert analysis.nonnegative(w) is True
+    assert analysis.nonnegative(b) is False
+
+
+def test_a_deep_chain_is_answered_without_recursion():
+    """3000 ops between the ReLU and the question: producers are answered in topological order."""
+    g = GraphBuilder()
+    y = g.op("Relu", [g.conv(g.input([1, 3, 4, 4]), 3, 4)])
+    for position in range(3000):
+        y = g.op("Tanh" if position % 2 else "MaxPool", [y], **({} if position % 2 else {"kernel_shape": [1, 1]}))
+    g.output(y)
+    assert analyse(g.model()).nonnegative(y) is True

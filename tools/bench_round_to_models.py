@@ -1,0 +1,83 @@
+"""Which kept-count multiple makes whole pruned models fastest on this machine? (``--round-to auto``'s rule)
+
+The graphs of ``tools/bench_latency_efficiency.py`` (ResNet-50, VGG-16, MobileNetV2, MobileNetV3-Small, a
+YOLO-style detector, the inverted-residual segmentation net), pruned at each ``--ratios`` value with
+``prune`` (L1, per-layer) rounding the kept counts to each ``--multiples`` value; all variants of one model
+are timed together against the dense model (random order per round, 1 thread, batch 1). Per row: MACs
+ratio (dense / pruned), median speedup, efficiency = speedup / MACs ratio; then per multiple the median and
+minimum efficiency and the median speedup over all rows.
+
+    python tools/bench_round_to_models.py --size 224 --rounds 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_latency_efficiency import MODELS, export_onnx  # noqa: E402
+
+
+def measure(name: str, args, folder: Path) -> list[dict]:
+    from onnxslim.graph.prune import prune
+    from onnxslim.validate.bench import BenchOptions, benchmark
+
+    path, shape = export_onnx(name, args.size, folder)
+    shapes = {"input": [1, *shape]}
+    variants, rows = [path], []
+    for ratio in args.ratios:
+        for multiple in args.multiples:
+            out = folder / f"{name}_{ratio}_{multiple}.onnx"
+            _, report, _ = prune(path, out, ratio=ratio, round_to=multiple, input_shapes=shapes)
+            variants.append(out)
+            rows.append({"model": name, "ratio": ratio, "multiple": multiple,
+                         "macs_ratio": report.macs_before / report.macs_after})
+    options = BenchOptions(threads=(1,), batch_sizes=(1,), input_shapes=shapes, warmup=3, repeat=args.rounds,
+                           session_repeats=3, measure_memory=False)
+    for row, comparison in zip(rows, benchmark(variants, options, progress=False).configs[0].comparisons):
+        row["speedup"] = comparison.speedup
+        row["efficiency"] = comparison.speedup / row["macs_ratio"]
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ratios", default="0.4,0.7")
+    parser.add_argument("--multiples", default="4,8,16")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    args.ratios = [float(v) for v in args.ratios.split(",")]
+    args.multiples = [int(v) for v in args.multiples.split(",")]
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxslim-roundto-") as tmp:
+        for name in args.models.split(","):
+            rows += measure(name, args, Path(tmp))
+            print(f"measured {name}", file=sys.stderr, flush=True)
+    print("| model | ratio | multiple | MACs ratio | speedup | speedup / MACs ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['ratio']} | {r['multiple']} | {r['macs_ratio']:.2f} | {r['speedup']:.2f}x | "
+              f"{r['efficiency']:.2f} |")
+    print()
+    for multiple in args.multiples:
+        subset = [r for r in rows if r["multiple"] == multiple]
+        eff = [r["efficiency"] for r in subset]
+        print(f"multiple {multiple}: median efficiency {statistics.median(eff):.2f}, minimum {min(eff):.2f}, "
+              f"median speedup {statistics.median(r['speedup'] for r in subset):.2f}x over {len(subset)} rows")
+    print(f"input {args.size}x{args.size}, {args.rounds} rounds, 1 thread, batch 1")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
