@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxslim.data import ArrayDataset, load_dataset  # noqa: E402
+from onnxslim.errors import OnnxSlimError  # noqa: E402
 from onnxslim.io import write_json_atomic, write_text_atomic  # noqa: E402
 from onnxslim.training.masks import attach_masks, masked_summary  # noqa: E402
 from onnxslim.training.methods import get_method  # noqa: E402
@@ -177,11 +178,18 @@ def calibrate(ctx, method: str, target: float, probes: int) -> dict:
     tried = []
     for _ in range(probes):
         value = math.sqrt(low * high) if scale == "log" else (low + high) / 2
-        model = mask_train(ctx, method, value, seed=0, finetune=False)
-        removed = macs_removed(model, example)
+        try:
+            removed = macs_removed(mask_train(ctx, method, value, seed=0, finetune=False), example)
+        except OnnxSlimError as exc:  # a knob so strong that training diverged: too strong, go lower
+            if "diverged" not in str(exc):
+                raise
+            removed = None
         tried.append({knob: value, "macs_removed": removed})
-        low, high = (value, high) if removed < target else (low, value)
-    best = min(tried, key=lambda t: abs(t["macs_removed"] - target))
+        low, high = (value, high) if removed is not None and removed < target else (low, value)
+    converged = [t for t in tried if t["macs_removed"] is not None]
+    if not converged:
+        raise OnnxSlimError(f"{method}: every probe of {knob} diverged ({[t[knob] for t in tried]})")
+    best = min(converged, key=lambda t: abs(t["macs_removed"] - target))
     return {"knob": knob, "value": best[knob], "macs_removed_probe": best["macs_removed"], "probes": tried,
             "seconds": time.perf_counter() - started}
 
