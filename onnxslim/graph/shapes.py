@@ -11,6 +11,8 @@ and the result is recomputed from the graph inputs (optionally overridden by the
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import helper
 
@@ -117,7 +119,7 @@ def _batch_through_reshapes(inferred: onnx.ModelProto) -> list[onnx.ValueInfoPro
             continue
         rest_in = [d.dim_value if d.HasField("dim_value") else 0 for d in dims_in[1:]]
         rest = target[1:]
-        if 0 in rest_in or any(v <= 0 for v in rest) or _product(rest) != _product(rest_in):
+        if 0 in rest_in or any(v <= 0 for v in rest) or math.prod(rest) != math.prod(rest_in):
             continue
         if dims_out[0].dim_param == dims_in[0].dim_param:
             continue
@@ -127,13 +129,6 @@ def _batch_through_reshapes(inferred: onnx.ModelProto) -> list[onnx.ValueInfoPro
         value.type.tensor_type.shape.dim[0].dim_param = dims_in[0].dim_param
         found.append(value)
     return found
-
-
-def _product(values) -> int:
-    total = 1
-    for v in values:
-        total *= int(v)
-    return total
 
 
 def shapes_of(inferred: onnx.ModelProto) -> dict[str, tuple]:

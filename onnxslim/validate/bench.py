@@ -277,7 +277,7 @@ def benchmark(models: Sequence[ModelSource], options: BenchOptions = BenchOption
         "providers": list(providers),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
     }
     return BenchReport(options, tuple(results), environment)
@@ -428,11 +428,11 @@ def _peak_memory_mb(model: ModelSource, session_options: SessionOptions, specs: 
     return float(json.loads(completed.stdout.strip().splitlines()[-1])["peak_growth_mb"])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
+            if line.lower().startswith("model name") and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass

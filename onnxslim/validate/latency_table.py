@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.model import Graph, get_attr
+from onnxslim.validate.bench import cpu_model
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 GRID_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
@@ -179,17 +180,6 @@ def measure_model(model: onnx.ModelProto, threads: int, budget_s: float = 0.02) 
     return float(np.median(times) * 1e3)
 
 
-def cpu_name() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (``model name``), else :func:`platform.processor`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_key(threads: int, batch: int) -> str:
     """The cache file's name (no suffix): CPU model, a hash of CPU flags and machine, onnxruntime's
     version, threads and batch, e.g. ``amd-epyc-7b13-3f2a91c0-ort1.32.0-t1-b1``."""
@@ -197,7 +187,7 @@ def machine_key(threads: int, batch: int) -> str:
 
     from onnxslim.graph.rounding import cpu_flags
 
-    name = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")
+    name = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
     name = "-".join(part for part in name.split("-") if part)[:48] or "cpu"
     flags = hashlib.sha256((platform.machine() + " " + " ".join(sorted(cpu_flags()))).encode()).hexdigest()[:8]
     return f"{name}-{flags}-ort{ort.__version__}-t{threads}-b{batch}"
@@ -267,7 +257,7 @@ class LatencyTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for key, points in self._load().items():  # what another process added meanwhile is kept
             self.points[key] = {**points, **self.points.get(key, {})}
-        write_json_atomic(self.path, {"format": _FORMAT, "machine": self.path.stem, "cpu": cpu_name(),
+        write_json_atomic(self.path, {"format": _FORMAT, "machine": self.path.stem, "cpu": cpu_model(),
                                       "threads": self.threads, "batch": self.batch, "points": self.points})
 
     def estimate(self, sig: LayerSignature, cin: float, cout: float) -> float:
