@@ -85,7 +85,7 @@ def test_failure_message_carries_the_figure(models):
     (failed,) = result.failures()
     drop = 100 * (result.reference_accuracy.value - result.candidate_accuracy.value)
     assert failed.value == pytest.approx(drop) and drop > 1.0
-    assert f"{drop:.2f} pp" in failed.message()
+    assert f"{drop:.2f} pt" in failed.message()
 
 
 @pytest.mark.parametrize("case, message", [

@@ -130,3 +130,29 @@ def test_hand_built_qdq_graph(per_channel):
     _assert_exact(model, slimmed, (1, 4, 8, 8))
     int8 = {t.name: t for t in slimmed.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4}
     assert sorted(tuple(t.dims)[:2] for t in int8.values()) == [(5, 4), (5, 6), (6, 5)]
+
+
+def _spatial_gate_model() -> tuple[onnx.ModelProto, int]:
+    """CBAM-style spatial gate: Conv-mask-Relu, max over channels, 3x3 Conv to one channel, Sigmoid,
+    the features times the gate, Conv, pooled Gemm; returns (model, zeroed channels)."""
+    g = GraphBuilder(opset=17, seed=23)
+    zeros = (0, 3, 4, 9, 15)
+    a = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 16, 16]), 3, 16), 16, zeros=zeros)])
+    top = g.op("ReduceMax", [a], axes=[1], keepdims=1)
+    gated = g.op("Mul", [a, g.op("Sigmoid", [g.conv(top, 1, 1)])])
+    c = g.op("Relu", [g.conv(gated, 16, 8)])
+    g.output(g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [c])], axis=1), 8, 10))
+    return g.model(), len(zeros)
+
+
+def test_max_over_channels_of_a_dequantized_relu(tmp_path):
+    """The max over channels reads DQ(Q(Relu(.))): with a positive scale and the pair's own zero point
+    the dequantized map is >= 0 (rules/quant.py ``nonnegative``), so its zero channels cannot be the max
+    and are deleted; outputs stay bit-equal."""
+    float_model, zeroed = _spatial_gate_model()
+    qdq = _quantize(float_model, tmp_path, per_channel=True)
+    readers = {n.input[0] for n in qdq.graph.node if n.op_type == "ReduceMax"}
+    assert any(n.op_type == "DequantizeLinear" and n.output[0] in readers for n in qdq.graph.node)
+    slimmed, report = slim(qdq)
+    assert (report.masked_channels, report.deleted_masked_channels) == (zeroed, zeroed), report.format_table()
+    _assert_exact(qdq, slimmed, (1, 3, 16, 16))

@@ -5,7 +5,7 @@ trains on the rest exactly as ``onnxslim run`` does (the :mod:`onnxslim.pipeline
 dense baseline with the same epoch budget, mask training, export, slim, validate) and prints per setting:
 params and MACs removed, the validation accuracy of the baseline and of the slimmed ONNX model, the
 drop in percentage points, and the training seconds. Settings with the same epochs share the dense and
-baseline checkpoints (``--out/e<D>-<S>-<F>/``); the test split is not loaded.
+baseline checkpoints (``--out/e<D>-<S>-<F>-lr<X>-b<B>-split<seed>/``: one per split, never shared across splits); the test split is not loaded.
 
     python tools/tune_demo.py --epochs 4,10,6 --set lam=0.015 --set mask_lr_scale=20 --threads 1
     python tools/tune_demo.py --epochs 4,10,6 --set lam=0.02 --set lam=0.01   # one trial per value
@@ -107,7 +107,7 @@ def main() -> None:
     epochs = tuple(int(e) for e in args.epochs.split(","))
     fit, val = holdout(base, args.val, args.split_seed)
     batch = args.batch_size or base.training.batch_size
-    shared = args.out / f"e{epochs[0]}-{epochs[1]}-{epochs[2]}-lr{args.lr_scale:g}-b{batch}"
+    shared = args.out / f"e{epochs[0]}-{epochs[1]}-{epochs[2]}-lr{args.lr_scale:g}-b{batch}-split{args.split_seed}"
     shared.mkdir(parents=True, exist_ok=True)
     print(f"{len(fit)} train / {len(val)} validation images (split seed {args.split_seed}), epochs {epochs}, "
           f"batch {batch}, lr x{args.lr_scale:g}, {args.threads} thread(s)", flush=True)

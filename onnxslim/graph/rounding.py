@@ -46,6 +46,9 @@ class Target:
 
     @property
     def round_to(self) -> int:
+        """The multiple of channels ``--round-to auto`` keeps on this target: ``multiple`` where one was
+        measured (8 on 4-wide SSE machines: docs/latency.md, "Rounding on a 4-wide machine"), else the
+        NCHWc ``block`` of onnxruntime's convolution kernels."""
         return self.multiple or self.block
 
 

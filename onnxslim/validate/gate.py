@@ -306,8 +306,8 @@ def _evaluate_thresholds(thresholds: GateThresholds, equivalence: EquivalenceRes
         drop = 100.0 * (ref_accuracy.value - cand_accuracy.value)
         checks.append(GateCheck(
             "accuracy drop", drop, thresholds.max_accuracy_drop, drop <= thresholds.max_accuracy_drop,
-            f"{drop:.2f} pp ({ref_accuracy.metric} {100 * ref_accuracy.value:.2f}% -> {100 * cand_accuracy.value:.2f}%)",
-            f"<= {thresholds.max_accuracy_drop:g} pp"))
+            f"{drop:.2f} pt ({ref_accuracy.metric} {100 * ref_accuracy.value:.2f}% -> {100 * cand_accuracy.value:.2f}%)",
+            f"<= {thresholds.max_accuracy_drop:g} pt"))
     if thresholds.gates_outputs:
         failing = [o for o in equivalence.outputs if not o.passed]
         mismatches = sum(o.mismatches for o in equivalence.outputs)

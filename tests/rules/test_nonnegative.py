@@ -63,7 +63,24 @@ CASES = {
                                                                                        for v in (1.5, 0.2, 0.1, 1.0))]), True),
     "batchnorm_with_a_negative_shift": (lambda g, s, p: g.op("BatchNormalization", [p, *(g.const(np.full(8, v, np.float32))
                                                                                         for v in (1.5, 0.0, 0.1, 1.0))]), False),
+    # QuantizeLinear / DequantizeLinear (QDQ models): DQ(q) = (q - z) * s is >= 0 when s > 0 and q >= z
+    "dq_of_q_of_positive_int8": (lambda g, s, p: _dq(g, _q(g, p, np.int8(0)), np.int8(0)), True),
+    "dq_of_q_of_signed_int8": (lambda g, s, p: _dq(g, _q(g, s, np.int8(0)), np.int8(0)), False),
+    "dq_uint8_zero_point_0_of_signed": (lambda g, s, p: _dq(g, _q(g, s, np.uint8(0)), np.uint8(0)), True),
+    "dq_int8_zero_point_min_of_signed": (lambda g, s, p: _dq(g, _q(g, s, np.int8(-128)), np.int8(-128)), True),
+    "dq_uint8_zero_point_128_of_positive": (lambda g, s, p: _dq(g, _q(g, p, np.uint8(128)), np.uint8(128)), True),
+    "dq_uint8_zero_point_128_of_signed": (lambda g, s, p: _dq(g, _q(g, s, np.uint8(128)), np.uint8(128)), False),
+    "dq_mismatched_zero_points": (lambda g, s, p: _dq(g, _q(g, p, np.int8(0)), np.int8(3)), False),
+    "dq_negative_scale": (lambda g, s, p: _dq(g, _q(g, p, np.int8(0)), np.int8(0), scale=-0.1), False),
 }
+
+
+def _q(g, x, zero_point, scale=0.1):
+    return g.op("QuantizeLinear", [x, g.const(np.float32(scale)), g.const(zero_point)])
+
+
+def _dq(g, q, zero_point, scale=0.1):
+    return g.op("DequantizeLinear", [q, g.const(np.float32(scale)), g.const(zero_point)])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -100,3 +117,11 @@ def test_a_deep_chain_is_answered_without_recursion():
         y = g.op("Tanh" if position % 2 else "MaxPool", [y], **({} if position % 2 else {"kernel_shape": [1, 1]}))
     g.output(y)
     assert analyse(g.model()).nonnegative(y) is True
+
+
+@pytest.mark.parametrize("zero_point, expected", [(np.uint8(7), True), (np.int8(0), False)])
+def test_quantized_integers_are_nonnegative_when_unsigned(zero_point, expected):
+    g = GraphBuilder(opset=17)
+    q = _q(g, g.conv(g.input([1, 3, 8, 8]), 3, 8), zero_point)
+    g.output(_dq(g, q, zero_point))
+    assert analyse(g.model()).nonnegative(q) is expected

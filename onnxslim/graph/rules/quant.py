@@ -23,9 +23,10 @@ the rules of their readers see their values, and slicing them keeps int8 data in
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from onnxslim.graph.model import get_attr
-from onnxslim.graph.rules.base import Rule, normalize_axis, pass_through, register
+from onnxslim.graph.rules.base import Rule, inputs_nonnegative, normalize_axis, pass_through, register
 from onnxslim.graph.values import ChannelInfo
 
 
@@ -43,6 +44,35 @@ def _parameters(node, index, x: ChannelInfo):
     if normalize_axis(get_attr(node, "axis", 1), x.rank) != x.axis or scale.size != x.size:
         return None, "per-axis parameters on another axis than the channels"
     return (scale.astype(np.float64).reshape(-1), zero_point.reshape(-1)), ""
+
+
+def _zero_point(node, index) -> np.ndarray | None:
+    """The node's zero point (None when absent or computed)."""
+    return index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+
+
+def _known_parameters(node, index) -> bool:
+    """Every scale is a constant > 0 and the zero point is absent or a constant."""
+    scale = index.constant(node.input[1])
+    has_zero_point = len(node.input) > 2 and bool(node.input[2])
+    return scale is not None and bool(np.all(scale > 0)) and (not has_zero_point or _zero_point(node, index) is not None)
+
+
+def _unsigned_output(node, index) -> bool:
+    """Q's output type is unsigned: its zero point's type, else ``output_dtype`` (opset 21), else uint8."""
+    zero_point = _zero_point(node, index)
+    if zero_point is not None:
+        return zero_point.dtype.kind == "u"
+    has_zero_point = len(node.input) > 2 and bool(node.input[2])
+    output_dtype = get_attr(node, "output_dtype", 0)
+    return not has_zero_point and output_dtype in (0, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT4)
+
+
+def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Two zero points are equal element by element (absent: 0)."""
+    a = np.zeros(1, np.int64) if a is None else a.astype(np.int64).reshape(-1)
+    b = np.zeros(1, np.int64) if b is None else b.astype(np.int64).reshape(-1)
+    return a.size == b.size and bool(np.all(a == b))
 
 
 def _quantized_type_range(node, index) -> tuple[int, int]:
@@ -84,6 +114,23 @@ class QuantizeRule(Rule):
                 decided = np.ones(x.size, bool)
         const = x.const & np.isfinite(value) & decided
         pass_through(node, analysis, x.with_values(const, value))
+
+    def nonnegative(self, node, analysis):
+        """Q: its integers are >= 0 when their type is unsigned. DQ(q) = (q - z) * s >= 0 when every
+        s > 0 and q >= z: z is the least value of q's type, or q = Q(x) of an x >= 0 with positive scales
+        and the same zero point (rint(x / s_Q) >= 0, and saturation never goes below z)."""
+        index = analysis.index
+        if node.op_type == "QuantizeLinear":
+            return _unsigned_output(node, index)
+        if not _known_parameters(node, index):
+            return False
+        zero_point = _zero_point(node, index)
+        if zero_point is not None and zero_point.dtype.kind in "iu" \
+                and bool(np.all(zero_point == np.iinfo(zero_point.dtype).min)):
+            return True
+        quantize = index.producer.get(node.input[0])
+        return quantize is not None and quantize.op_type == "QuantizeLinear" and _known_parameters(quantize, index) \
+            and inputs_nonnegative(quantize, analysis) and _same_values(_zero_point(quantize, index), zero_point)
 
     def rewrite(self, node, rewriter):
         keep = rewriter.keep(node.output[0])
