@@ -5,6 +5,9 @@ A ShuffleNetV2 unit (chunk, branch, concat, channel shuffle by view/transpose/vi
 ``view(x.size(0), -1)``: exported with both exporters, every masked channel is deleted, the slimmed model
 equals the masked one in onnxruntime (at batch 1 and, for dynamic exports, batch 3), and the MACs are
 counted for every layer (the legacy export used to hide them behind the computed Reshape targets).
+
+Padding modules: the legacy exporter computes ``Pad``'s pads from a ``ConstantOfShape`` (a small fill that
+normalisation folds), so a masked channel passes the Pad as it does in a dynamo export.
 """
 
 from __future__ import annotations
@@ -112,6 +115,33 @@ def _torch_macs(model: nn.Module) -> int:
     for hook in hooks:
         hook.remove()
     return total
+
+
+class PaddedConvs(nn.Module):
+    """Conv -> mask -> padding module -> Conv, for each of torch's padding modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.pads = nn.ModuleList([nn.ZeroPad2d((1, 2, 0, 1)), nn.ReflectionPad2d(1), nn.ReplicationPad2d(1),
+                                   nn.ConstantPad2d(1, 0.0)])
+        self.convs = nn.ModuleList(nn.Conv2d(3 if k == 0 else 8, 8, 3) for k in range(4))
+        self.masks = nn.ModuleList(Mask(8, zeros) for zeros in ([1], [0, 4], [2, 5, 7], [3]))
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        for conv, mask, pad in zip(self.convs, self.masks, self.pads):
+            x = pad(torch.relu(mask(conv(x))))
+        return self.head(x)
+
+
+def test_legacy_padding_modules_pass_masked_channels():
+    torch.manual_seed(0)
+    exported = export(PaddedConvs(), dynamo=False, dynamic_batch=False)
+    assert any(n.op_type == "ConstantOfShape" for n in exported.graph.node)  # the legacy spelling of pads
+    slimmed, report = slim(exported)
+    assert_equivalent(exported, slimmed)
+    assert report.masked_channels == report.deleted_masked_channels == 7, report.format_table()
+    assert [n.op_type for n in slimmed.graph.node].count("Pad") == 4
 
 
 def test_partial_mac_counts_are_not_printed_as_totals():

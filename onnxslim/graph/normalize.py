@@ -20,8 +20,14 @@ spelled. The work is done by well-kept libraries, not by an evaluator of our own
 Before that, :func:`alias_constant_identities` lets readers of ``Identity(initializer)`` read the
 initializer itself, so that a shared weight stays one tensor.
 
+A ``ConstantOfShape`` folds only when its result is small (at most ``_SMALL_FILL`` elements): legacy
+TorchScript exports spell the ``pads`` of ``F.pad`` / ``nn.ZeroPad2d`` / ``nn.ReflectionPad2d`` as
+``ConstantOfShape([4]) -> Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast``; once folded, the
+Pad reads constant pads (onnxscript keeps every ``ConstantOfShape``, so that a large fill does not grow
+the model).
+
 Left alone: ``QuantizeLinear`` / ``DequantizeLinear`` (int8 weights stay int8; the QDQ rule reads them),
-``ConstantOfShape``, random generators, control flow, and results much larger than the constants they
+larger ``ConstantOfShape`` fills, random generators, control flow, and results much larger than the constants they
 replace. The model's semantics, opset and IR version do not change; exported ``value_info`` is not used
 (it is recomputed after slimming).
 
@@ -48,7 +54,9 @@ _GROWTH_LIMIT = 1 << 20
 # weights computed from constants (Cast of fp16 weights, Transpose of a MatMul weight) of any size fold
 _INPUT_LIMIT = 1 << 40
 _MAX_PASSES = 8  # folding passes (a multi-output fold can make more nodes all-constant)
-_KEPT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConstantOfShape"})
+_KEPT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+#: a ConstantOfShape with at most this many elements is folded (index arithmetic such as legacy pads)
+_SMALL_FILL = 4096
 
 
 def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto] | None = None) -> int:
@@ -99,9 +107,15 @@ def _quiet_folder():
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    """False for the ops kept as they are; None lets the folder apply its own limits."""
-    if node.domain in ("", "ai.onnx") and node.op_type in _KEPT:
+    """False for the ops kept as they are; True for a small ``ConstantOfShape`` of a constant shape
+    (which the folder would keep); None lets the folder apply its own limits."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in _KEPT:
         return False
+    if node.op_type == "ConstantOfShape":
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        return shape is not None and 0 <= int(np.prod(shape.numpy(), dtype=np.int64)) <= _SMALL_FILL
     return None
 
 
