@@ -95,3 +95,23 @@ def test_hidden_neurons_of_a_gemm_stack():
     g.output(g.gemm(h, 16, 4))
     slimmed, report = slim_checked(g.model())
     assert report.params_after == 20 * 8 + 8 + 8 * 4 + 4
+
+
+@pytest.mark.parametrize("spatial", [1, 2], ids=["sequence", "nhwc"])
+def test_dense_layers_on_the_last_axis_of_a_sequence_or_nhwc_map(spatial):
+    """``nn.Linear`` on (N, L, C) after a Conv1d, or tf2onnx's Dense on (N, H, W, C): MatMul + Add with
+    the channels on the last axis; the conv's and the first dense layer's zero channels go."""
+    g = GraphBuilder()
+    x = g.input([1, 3] + [5] * spatial)
+    k = [3] * spatial
+    conv = g.op("Conv", [x, g.const(g.weights(8, 3, *k)), g.const(g.weights(8, scale=0.1))],
+                kernel_shape=k, pads=[1] * 2 * spatial)
+    y = g.mask(g.op("Relu", [conv]), 8, zeros=[1, 4], rank=2 + spatial)
+    y = g.op("Transpose", [y], perm=[0, *range(2, 2 + spatial), 1])
+    hidden = g.op("Add", [g.op("MatMul", [y, g.const(g.weights(8, 6))]), g.const(g.weights(6, scale=0.1))])
+    hidden = g.op("Mul", [g.op("Relu", [hidden]), g.const(g.mask_values(6, [0, 3, 5]))])
+    g.output(g.op("Add", [g.op("MatMul", [hidden, g.const(g.weights(6, 4))]), g.const(g.weights(4, scale=0.1))]))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 5, report.format_table()
+    inits = {t.name: list(t.dims) for t in slimmed.graph.initializer}
+    assert [inits[n.input[1]] for n in slimmed.graph.node if n.op_type == "MatMul"] == [[6, 3], [3, 4]]

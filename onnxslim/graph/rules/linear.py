@@ -9,8 +9,11 @@ Gemm ``Y = alpha * A @ B' + beta * C`` with B' = B or B^T (K, M):
 A (N, C, H, W) map flattened into A carries each channel as a block of H*W features (see layout), so a
 deleted channel removes a block of rows of B'.
 
-MatMul ``Y = A @ B`` with constant 2-D B: on a rank-2 A it is Gemm without bias (constants cannot be
-absorbed); on a higher-rank A whose channel axis is not the last it acts on each channel separately
+MatMul ``Y = A @ B`` with constant 2-D B: on an A whose channel axis is the last it is Gemm without bias
+(constants cannot be absorbed) applied to every row: ``(N, K) @ (K, M)``, and ``(N, ..., K) @ (K, M)``
+as torch exports ``nn.Linear`` on a sequence or an NHWC map (ConvNeXt's pointwise MLP, a Conv1d's
+output transposed to (N, L, C), tf2onnx's Dense on a rank-4 tensor); the output's last axis holds the M
+new channels. On an A whose channel axis is not the last it acts on each channel separately
 (``(N, C, L) @ (L, M)``) and passes channels through.
 """
 
@@ -159,12 +162,13 @@ class MatMulRule(Rule):
             zero = a.zero
             pass_through(node, analysis, a.with_values(zero, np.zeros(a.size)))
             return
-        if a.rank != 2 or matrix.shape[0] != a.size:
-            analysis.barrier(node, "only (N, K) @ (K, M) is modelled on the feature axis")
+        if matrix.shape[0] != a.size:
+            analysis.barrier(node, "weight rows do not match the input features")
             return
         nonzero = matrix != 0
         dead = ~np.any(nonzero[~a.zero], axis=0)
-        out = analysis.fresh(node, node.output[0], matrix.shape[1], 1, 2, const=dead, value=np.zeros(matrix.shape[1]))
+        out = analysis.fresh(node, node.output[0], matrix.shape[1], a.rank - 1, a.rank, const=dead,
+                             value=np.zeros(matrix.shape[1]))
         analysis.share_weight(node.input[1], a.ids, out.ids)
         block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1), False, " (no bias)")
 
