@@ -57,3 +57,47 @@ def test_keras_style_nhwc_export(exporter):
     assert conv_outputs(slimmed) == [6, 4]
     assert (report.masked_channels, report.deleted_masked_channels) == (4, 4)
     assert np.isfinite(report.macs_after)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block (Liu et al. 2022): depthwise 7x7, permute to NHWC, LayerNorm over C, Linear C -> 4C,
+    GELU, Linear 4C -> C, layer scale, permute back, residual. A mask on the stem's channels is held by
+    the LayerNorm (it normalises over them); the mask on the 4C hidden channels is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.m0 = nn.Conv2d(3, 8, 3, padding=1), MaskLast(8, [1, 6])
+        self.dw, self.ln = nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.LayerNorm(8)
+        self.fc1, self.m1, self.fc2 = nn.Linear(8, 32), MaskLast(32, [0, 3, 9, 17, 30]), nn.Linear(32, 8)
+        self.gamma, self.head = nn.Parameter(torch.rand(8)), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self.m0(x).permute(0, 3, 1, 2)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.fc2(self.m1(nn.functional.gelu(self.fc1(self.ln(y)))))
+        return self.head(x + y.permute(0, 3, 1, 2))
+
+
+class MaskLast(nn.Module):
+    """A mask on the last axis (an NHWC or (N, L, C) tensor)."""
+
+    def __init__(self, channels: int, zeros: list[int]):
+        super().__init__()
+        values = torch.rand(channels) * 0.5 + 0.75
+        values[zeros] = 0
+        self.register_buffer("values", values)
+
+    def forward(self, x):
+        return x * self.values
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_convnext_block_deletes_hidden_channels_after_layer_norm(exporter):
+    torch.manual_seed(0)
+    model = export_both(ConvNeXtBlock(), (torch.randn(1, 3, 6, 6),))[exporter]
+    slimmed, report = slim_exact(model)
+    assert (report.masked_channels, report.deleted_masked_channels) == (7, 5), report.format_table()
+    assert {k.reason.split(":")[0].split()[1] for k in report.kept} == {"LayerNormalization"}
+    inits = {t.name: list(t.dims) for t in slimmed.graph.initializer}
+    assert [inits[n.input[1]] for n in slimmed.graph.node if n.op_type == "MatMul"] == [[8, 27], [27, 8]]

@@ -158,20 +158,27 @@ class ChannelAnalysis:
     def barrier(self, node: onnx.NodeProto, why: str) -> None:
         """Keep every channel the node reads; its outputs get fresh ids that are kept too.
 
-        Nodes that touch no feature map (shape arithmetic on small int tensors) keep nothing and are
-        not reported.
+        An output of the shape of a feature input has that input's channel axis (LayerNormalization
+        over the last axis of an NHWC map, as ConvNeXt writes it, keeps the layout, so the Linear layers
+        after it read their channels on the last axis); any other output has it at axis 1. Nodes that
+        touch no feature map (shape arithmetic on small int tensors) keep nothing and are not reported.
         """
         label = f"barrier {node.op_type} '{self.index.node_name(node)}': {why}"
         touched = False
+        axes = {}
         for name in node.input:
             info = self.feature(name)
             if info is not None:
                 self.keep(info.ids, BARRIER, label)
                 touched = True
+                for out in node.output:
+                    if out and out not in axes and self.index.same_shape(name, out):
+                        axes[out] = info.axis
         for name in node.output:
             shape = self.index.shape(name)
-            if name and shape and len(shape) >= 2 and shape[1]:
-                info = self.fresh(None, name, shape[1], 1, len(shape))
+            axis = axes.get(name, 1)
+            if name and shape and len(shape) >= 2 and shape[axis]:
+                info = self.fresh(None, name, shape[axis], axis, len(shape))
                 self.keep(info.ids, BARRIER, label)
                 touched = True
         if touched:
