@@ -115,3 +115,36 @@ def test_dense_layers_on_the_last_axis_of_a_sequence_or_nhwc_map(spatial):
     assert report.masked_channels == report.deleted_masked_channels == 5, report.format_table()
     inits = {t.name: list(t.dims) for t in slimmed.graph.initializer}
     assert [inits[n.input[1]] for n in slimmed.graph.node if n.op_type == "MatMul"] == [[6, 3], [3, 4]]
+
+
+@pytest.mark.parametrize(("equation", "weight", "sliced"), [
+    ("bchw,oc->bohw", (6, 8), (4, 5)),  # torch.einsum as a 1x1 conv (both exporters keep the Einsum)
+    ("oc,bchw->bohw", (6, 8), (4, 5)),  # the weight first
+    ("bchw,co", (8, 6), (5, 4)),  # implicit output: bhow, the new channels on axis 2
+    ("...chw,oc->...ohw", (6, 8), (4, 5)),
+])
+def test_einsum_as_a_pointwise_conv_deletes_input_and_output_channels(equation, weight, sliced):
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.mask(g.op("Relu", [g.bn(g.conv(x, 3, 8, bias=False), 8)]), 8, zeros=[1, 3, 5])
+    operands = [y, g.const(g.weights(*weight))]
+    y = g.op("Relu", [g.op("Einsum", operands[::-1] if equation.startswith("oc,") else operands, equation=equation)])
+    axis = 1 if "->" in equation else 2  # the implicit output is (b, h, o, w)
+    y = g.op("Mul", [y, g.const(g.mask_values(6, [0, 4]).reshape([1, 1, 1, 1][:axis] + [6] + [1] * (3 - axis)))])
+    if axis == 2:
+        y = g.op("Transpose", [y], perm=[0, 2, 1, 3])
+    g.output(g.conv(y, 6, 4))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 5, report.format_table()
+    einsum = next(n for n in slimmed.graph.node if n.op_type == "Einsum")
+    assert tuple(next(t.dims for t in slimmed.graph.initializer if t.name in einsum.input)) == sliced
+    assert report.macs_after < report.macs_before
+
+
+def test_einsum_that_sums_the_channels_away_is_a_barrier():
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.mask(g.op("Relu", [g.conv(x, 3, 8)]), 8, zeros=[2])
+    g.output(g.op("Einsum", [y, g.const(g.weights(8))], equation="bchw,c->bhw"))
+    _, report = slim_checked(g.model())
+    assert report.deleted_masked_channels == 0 and "barrier Einsum" in report.kept[0].reason

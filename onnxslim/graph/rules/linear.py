@@ -1,4 +1,4 @@
-"""Gemm and MatMul: fully connected layers over a (N, K) feature.
+"""Gemm, MatMul and Einsum: fully connected layers over a (N, K) feature, and their generalisations.
 
 Gemm ``Y = alpha * A @ B' + beta * C`` with B' = B or B^T (K, M):
 
@@ -15,9 +15,19 @@ as torch exports ``nn.Linear`` on a sequence or an NHWC map (ConvNeXt's pointwis
 output transposed to (N, L, C), tf2onnx's Dense on a rank-4 tensor); the output's last axis holds the M
 new channels. On an A whose channel axis is not the last it acts on each channel separately
 (``(N, C, L) @ (L, M)``) and passes channels through.
+
+Einsum of a feature map and a constant 2-D weight that sums the channel letter against the weight's
+other letter, which becomes a new output axis, every other axis of the feature reaching the output
+(``bchw,oc->bohw``, ``torch.einsum`` as a 1x1 conv, which both torch exporters keep as Einsum;
+``...c,co->...o``), is MatMul over those axes: zero input channels go with the weight's rows, output
+channels with its columns. An equation that leaves the channel letter alone passes channels through.
+Source: ONNX operator spec, Einsum-12 (``...`` broadcasting, the implicit output in alphabetical order).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +35,7 @@ from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
+    filter_scores,
     layer_keeps,
     pass_through,
     register,
@@ -211,3 +222,149 @@ class MatMulRule(Rule):
         matrix = rewriter.index.constant(node.input[1])
         rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out],
                                key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
+
+
+# -- Einsum ---------------------------------------------------------------------------------------
+
+_ELLIPSIS_LETTERS = "0123456789"  # stand-ins for the axes of '...' (digits are no einsum subscripts)
+
+
+def _equation(node) -> str:
+    equation = get_attr(node, "equation", b"")
+    return equation.decode() if isinstance(equation, bytes) else equation
+
+
+def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """(input terms, output term) of ``equation`` with ``...`` spelt out as one letter per axis and an
+    implicit output made explicit (the ``...`` axes, then the letters used once, in alphabetical
+    order: ONNX Einsum-12); None when the equation does not fit the input ranks."""
+    equation = equation.replace(" ", "")
+    lhs, arrow, out = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    fill = ""
+    for position, (term, rank) in enumerate(zip(terms, ranks)):
+        if "..." in term:
+            count = rank - (len(term) - 3)
+            if count < 0 or count > len(_ELLIPSIS_LETTERS) or (fill and len(fill) != count):
+                return None
+            fill = _ELLIPSIS_LETTERS[:count]
+            terms[position] = term.replace("...", fill)
+        if len(terms[position]) != rank:
+            return None
+    if not arrow:
+        letters = "".join(terms)
+        out = fill + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in fill))
+    return terms, out.replace("...", fill)
+
+
+class _EinsumForm(NamedTuple):
+    """How an Einsum reads its feature operand (input ``slot``); ``axis`` is the output's channel axis."""
+
+    kind: str  # "contract": a linear layer over the channels; "channelwise": channels pass through
+    slot: int
+    axis: int
+    matrix: np.ndarray | None = None  # "contract": the weight as (K input channels, M output channels)
+    transposed: bool = False  # the weight is stored (M, K)
+
+
+def _einsum_form(node, feature_info, index) -> _EinsumForm | None:
+    """The form of an Einsum of one feature operand and one constant, from the equation and the
+    feature's channel axis: "contract" when the channel letter is summed against a 2-D constant whose
+    other letter is a new output axis and every other axis of the feature reaches the output
+    (``bchw,oc->bohw``: a 1x1 conv; ``...c,co->...o``: a Linear); "channelwise" when the channel letter
+    reaches the output and the constant does not use it (``bchw,wk->bchk``); None otherwise."""
+    if len(node.input) != 2:
+        return None
+    infos = [feature_info(name) for name in node.input]
+    constants = [index.constant(name) for name in node.input]
+    slots = [s for s in (0, 1) if infos[s] is not None and constants[1 - s] is not None]
+    if len(slots) != 1:
+        return None
+    slot = slots[0]
+    x, weight = infos[slot], constants[1 - slot]
+    parsed = _einsum_terms(_equation(node), [x.rank, weight.ndim] if slot == 0 else [weight.ndim, x.rank])
+    if parsed is None:
+        return None
+    terms, out = parsed
+    term, wterm = terms[slot], terms[1 - slot]
+    if len(set(term)) != len(term) or len(set(wterm)) != len(wterm) or len(set(out)) != len(out):
+        return None
+    channel = term[x.axis]
+    if channel in out and channel not in wterm:
+        return _EinsumForm("channelwise", slot, out.index(channel))
+    new = wterm.replace(channel, "")
+    if weight.ndim != 2 or channel not in wterm or channel in out or len(new) != 1 or new in term \
+            or sorted(out) != sorted(term.replace(channel, new)):
+        return None
+    transposed = wterm[0] != channel
+    return _EinsumForm("contract", slot, out.index(new), weight.T if transposed else weight, transposed)
+
+
+@register
+class EinsumRule(Rule):
+    """Einsum of a feature map and a constant (see :func:`_einsum_form`): a "contract" equation creates
+    channels like MatMul (no bias: a non-zero constant channel is kept); a "channelwise" one passes
+    them through; any other equation is a barrier. A mask scale next to it is not folded (it stays a
+    Mul). ``reduction`` is "full" for both slots: the constant one has no channels to ask about, and a
+    channelwise Einsum then only gets a mask in front of it rather than after it."""
+
+    op_types = ("Einsum",)
+    counts_macs = True
+
+    def propagate(self, node, analysis):
+        form = _einsum_form(node, analysis.feature, analysis.index)
+        if form is None:
+            analysis.barrier(node, "needs a feature and a constant, contracted over the channels into one new "
+                                   "axis, or not touching the channels")
+            return
+        x = analysis.feature(node.input[form.slot])
+        rank = len(analysis.index.shape(node.output[0]) or ()) or x.rank
+        if form.kind == "channelwise":
+            info = x.with_values(x.zero, np.zeros(x.size))
+            pass_through(node, analysis, dataclasses.replace(info, axis=form.axis, rank=rank))
+            return
+        nonzero = form.matrix != 0
+        outputs = form.matrix.shape[1]
+        dead = ~np.any(nonzero[~x.zero], axis=0)
+        out = analysis.fresh(node, node.output[0], outputs, form.axis, rank, const=dead, value=np.zeros(outputs))
+        analysis.share_weight(node.input[1 - form.slot], x.ids, out.ids)
+        block_reduced_channels(analysis, node, node.input[form.slot], x, np.any(nonzero, axis=1), False, " (no bias)")
+
+    def allows_empty_input(self, node, slot, plan):
+        form = _einsum_form(node, plan.analysis.info.get, plan.analysis.index)
+        return form is not None and form.kind == "channelwise"
+
+    def channel_scores(self, node, analysis, criterion="l1"):
+        form = _einsum_form(node, analysis.info.get, analysis.index)
+        return None if form is None or form.kind != "contract" else filter_scores(form.matrix.T, criterion)
+
+    def reduction(self, node, slot):
+        return "full"
+
+    def macs(self, node, dims):
+        """One multiply-accumulate per combination of the equation's letters, the batch (the output's
+        first letter) taken as 1."""
+        shapes = [dims(name) for name in node.input]
+        parsed = None if any(s is None for s in shapes) else _einsum_terms(_equation(node), [len(s) for s in shapes])
+        if parsed is None:
+            return None
+        sizes = {}
+        for term, shape in zip(parsed[0], shapes):
+            sizes.update({letter: size for letter, size in zip(term, shape) if size is not None})
+        letters = set("".join(parsed[0])) - set(parsed[1][:1])
+        if any(letter not in sizes for letter in letters):
+            return None
+        return int(np.prod([sizes[letter] for letter in letters], dtype=np.int64))
+
+    def rewrite(self, node, rewriter):
+        form = _einsum_form(node, rewriter.info, rewriter.index)
+        if form is None or form.kind != "contract":
+            return
+        keep_in, keep_out = rewriter.keep(node.input[form.slot]), rewriter.keep(node.output[0])
+        if keep_in is None or keep_out is None or (keep_in.all() and keep_out.all()):
+            return
+        matrix = form.matrix[keep_in][:, keep_out]
+        rewriter.weights.write(node, 1 - form.slot, matrix.T if form.transposed else matrix,
+                               key=("einsum", form.transposed, keep_out.tobytes(), keep_in.tobytes()))
