@@ -156,3 +156,37 @@ def test_max_over_channels_of_a_dequantized_relu(tmp_path):
     slimmed, report = slim(qdq)
     assert (report.masked_channels, report.deleted_masked_channels) == (zeroed, zeroed), report.format_table()
     _assert_exact(qdq, slimmed, (1, 3, 16, 16))
+
+
+def _fake_quantized_conv(g: GraphBuilder, x: str, cin: int, cout: int, per_channel: bool) -> str:
+    """Conv whose float weight is fake-quantized, DQ(Q(w)) sharing one int8 scale and zero point (how
+    QAT exports write it: torch.fake_quantize_per_channel_affine, pytorch-quantization for TensorRT)."""
+    w = g.weights(cout, cin, 3, 3)
+    scale = (np.abs(w).reshape(cout, -1).max(axis=1) / 127).astype(np.float32)
+    scale = scale if per_channel else scale.max().reshape(())
+    s, z = g.const(scale, "ws"), g.const(np.zeros(scale.shape, np.int8), "wz")
+    axis = {"axis": 0} if per_channel else {}
+    weight = g.op("DequantizeLinear", [g.op("QuantizeLinear", [g.const(w, "w"), s, z], **axis), s, z], **axis)
+    return g.op("Conv", [x, weight, g.const(g.weights(cout, scale=0.1), "b")], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_fake_quantized_weights_and_constants(per_channel):
+    """QAT-style graph: fake-quantized conv weights, and a decomposed HardSwish whose constant 3 is
+    itself behind a Q/DQ pair (onnxruntime's quantizer writes that for a ``Constant`` node). Both are
+    read as constants: the masked channels go, each weight keeps its QuantizeLinear -> DequantizeLinear
+    form with a sliced float input, and the outputs stay bit-equal."""
+    g = GraphBuilder(opset=13, seed=24)
+    x = _qdq(g, g.input([1, 4, 8, 8]), 0.05, 128)
+    y = _qdq(g, _fake_quantized_conv(g, x, 4, 8, per_channel), 0.05, 128)
+    y = _qdq(g, g.mask(y, 8, zeros=(1, 2, 5)), 0.05, 128)
+    three = _qdq(g, g.const(np.float32(3.0)), 3.0 / 255, 0)
+    y = _qdq(g, g.op("Mul", [y, _qdq(g, g.op("Relu", [g.op("Add", [y, three])]), 0.05, 0)]), 0.1, 128)
+    g.output(_fake_quantized_conv(g, y, 8, 6, per_channel))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, 3), report.format_table()
+    _assert_exact(model, slimmed, (1, 4, 8, 8))
+    inits = {t.name: t for t in slimmed.graph.initializer}
+    weights = [inits[n.input[0]] for n in slimmed.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+    assert sorted(tuple(t.dims)[:2] for t in weights if len(t.dims) == 4) == [(5, 4), (6, 5)]

@@ -115,9 +115,11 @@ class Graph:
                 for body in _subgraphs(attr):
                     self.subgraph_reads.update(_outer_reads(body))
         self._cache = {k: v for k, v in self._cache.items() if k in self.initializers}
-        # DequantizeLinear of initializers (QDQ weights): read as constants, written back quantized
-        self.quantized: dict[str, onnx.NodeProto] = {
-            node.output[0]: node for node in self.nodes if quantized.is_quantized_constant(node, self.initializers)}
+        # DequantizeLinear of initializers (QDQ weights) or of a QuantizeLinear of one (fake-quantized):
+        # read as constants, written back in their form
+        self.quantized: dict[str, onnx.NodeProto] = {}  # empty while built: constant() reads initializers
+        self.quantized = {node.output[0]: node for node in self.nodes
+                          if quantized.is_quantized_constant(node, self.initializers, self.producer, self.constant)}
 
     def uses(self, name: str) -> list[Use]:
         return self.consumers.get(name, [])
@@ -147,13 +149,25 @@ class Graph:
     def quantization(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
         """(q, scale, zero point, axis or None per tensor) of the quantized constant ``name``."""
         node = self.quantized[name]
-        q, scale = self.constant(node.input[0]), self.constant(node.input[1])
+        quantizer = self.fake_quantizer(name)
+        scale = self.constant(node.input[1])
         zero_point = self.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        return (q, *quantized.parameters(node, q, scale, zero_point))
+        if quantizer is None:
+            q = self.constant(node.input[0])
+            return (q, *quantized.parameters(node, q, scale, zero_point))
+        value = self.constant(quantizer.input[0])
+        scale, zero_point, axis = quantized.parameters(node, value, scale, zero_point)
+        return quantized.quantize(value, scale, zero_point, axis), scale, zero_point, axis
+
+    def fake_quantizer(self, name: str) -> onnx.NodeProto | None:
+        """The QuantizeLinear of the fake-quantized constant ``name`` (see :func:`quantized.fake_quantizer`)."""
+        node = self.quantized.get(name)
+        return None if node is None else quantized.fake_quantizer(node, self.initializers, self.producer, self.constant)
 
     def shape(self, name: str) -> Shape | None:
         if name in self.quantized:
-            return self.shape(self.quantized[name].input[0])
+            quantizer = self.fake_quantizer(name)
+            return self.shape((quantizer or self.quantized[name]).input[0])
         if name in self.updates:
             return self.updates[name].shape
         if name in self.initializers:
@@ -270,11 +284,17 @@ class WeightStore:
             return
         new_q, new_scale, new_zero_point = found
         sub_key = None if key is None else ("requantized", key)
-        self.write(dequantizer, 0, new_q, key=sub_key)
+        quantizer = index.fake_quantizer(name)
+        if quantizer is None:
+            self.write(dequantizer, 0, new_q, key=sub_key)
+        else:  # the float input takes the selected values, which quantize back to new_q
+            values = quantized.dequantize(new_q, new_scale, new_zero_point, axis)
+            self.write(quantizer, 0, values.astype(index.constant(quantizer.input[0]).dtype), key=sub_key)
         if axis is not None:  # per-axis parameters follow the selected channels
-            self.write(dequantizer, 1, new_scale.astype(scale.dtype), key=sub_key)
-            if len(dequantizer.input) > 2 and dequantizer.input[2]:
-                self.write(dequantizer, 2, new_zero_point.astype(zero_point.dtype), key=sub_key)
+            for reader in (quantizer, dequantizer) if quantizer is not None else (dequantizer,):
+                self.write(reader, 1, new_scale.astype(scale.dtype), key=sub_key)
+                if len(reader.input) > 2 and reader.input[2]:
+                    self.write(reader, 2, new_zero_point.astype(zero_point.dtype), key=sub_key)
 
     def add(self, base: str, value: np.ndarray) -> str:
         """A new initializer (e.g. a bias that did not exist); returns its name."""

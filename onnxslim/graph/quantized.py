@@ -1,4 +1,6 @@
-"""Quantized constants: ``DequantizeLinear(q, scale, zero_point)`` whose inputs are all initializers.
+"""Quantized constants: ``DequantizeLinear(q, scale, zero_point)`` whose inputs are all initializers, and
+fake-quantized ones, ``DequantizeLinear(QuantizeLinear(w, scale, zero_point), scale, zero_point)`` of a
+float initializer ``w`` (see :func:`fake_quantizer`).
 
 QDQ models (onnxruntime.quantization, QDQ format) keep every weight as an int8 (or uint8 / int32 bias)
 initializer ``q`` behind a ``DequantizeLinear``, with one scale and zero point per tensor or per output
@@ -24,11 +26,50 @@ import numpy as np
 import onnx
 
 
-def is_quantized_constant(node: onnx.NodeProto, initializers) -> bool:
-    """A DequantizeLinear of the default domain reading only initializers (not blocked quantization)."""
-    return (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and len(node.output) == 1
-            and all(name in initializers for name in node.input if name)
-            and not _attr(node, "block_size", 0))
+def is_quantized_constant(node: onnx.NodeProto, initializers, producer=None, read=None) -> bool:
+    """A DequantizeLinear of the default domain (not blocked quantization) reading only initializers,
+    or, given the graph's ``producer`` map and an initializer reader ``read``, a fake-quantized one (see
+    :func:`fake_quantizer`)."""
+    if not (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and len(node.output) == 1
+            and not _attr(node, "block_size", 0)):
+        return False
+    if all(name in initializers for name in node.input if name):
+        return True
+    return producer is not None and fake_quantizer(node, initializers, producer, read) is not None
+
+
+def fake_quantizer(node: onnx.NodeProto, initializers, producer, read) -> onnx.NodeProto | None:
+    """The QuantizeLinear ``Q`` of ``DQ(Q(w))`` when the pair fake-quantizes a float initializer ``w``
+    (quantization-aware training exports: ``torch.fake_quantize_per_channel_affine`` with either torch
+    exporter, pytorch-quantization for TensorRT; onnxruntime's quantizer on a ``Constant`` node): ``Q``
+    reads initializers only, and its scale, zero point (both present) and axis equal ``DQ``'s (the same
+    tensors, or equal values by ``read(name)``). The constant's value is ``DQ(Q(w))``, with ``Q``
+    computed as :func:`quantize`; None otherwise."""
+    quantizer = producer.get(node.input[0])
+    if quantizer is None or quantizer.op_type != "QuantizeLinear" or quantizer.domain not in ("", "ai.onnx") \
+            or len(quantizer.input) < 3 or len(node.input) < 3 or not node.input[2] \
+            or not all(name in initializers for name in [*quantizer.input, *node.input[1:]]) \
+            or any(_attr(quantizer, a, d) != _attr(node, a, d) for a, d in (("axis", 1), ("block_size", 0))):
+        return None
+    for ours, theirs in zip(quantizer.input[1:3], node.input[1:3]):
+        if ours != theirs:
+            a, b = read(ours), read(theirs)
+            if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(a, b):
+                return None
+    return quantizer
+
+
+def quantize(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
+    """``saturate(rint(value / scale) + zero_point)`` in zero_point's type, as QuantizeLinear computes it
+    (a float32 quotient, rounded half to even; ONNX QuantizeLinear-13)."""
+    if axis is not None:
+        shape = [1] * value.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    info = np.iinfo(zero_point.dtype)
+    with np.errstate(all="ignore"):
+        ratio = np.rint(value.astype(scale.dtype) / scale)
+    return np.clip(ratio + zero_point.astype(np.float64), info.min, info.max).astype(zero_point.dtype)
 
 
 def parameters(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None):

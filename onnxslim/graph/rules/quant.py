@@ -93,8 +93,8 @@ class QuantizeRule(Rule):
         index = analysis.index
         x = analysis.feature(node.input[0])
         if x is None:
-            if index.is_const(node.input[0]):
-                return  # a quantized weight: its readers read it (see onnxslim.graph.quantized)
+            if index.is_const(node.input[0]) or index.is_const(node.output[0]):
+                return  # a quantized weight (or the Q of a fake-quantized one): its readers read it
             analysis.barrier(node, "input has no known channel axis")
             return
         found, why = _parameters(node, index, x)
