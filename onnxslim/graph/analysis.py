@@ -57,6 +57,7 @@ class ChannelAnalysis:
         self.creators: dict[str, onnx.NodeProto] = {}  # tensor -> node that made its ids fresh
         self._weight_readers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._nonnegative: dict[str, bool] = {}  # tensor -> answer of nonnegative(), memoised
+        self._positive: dict[str, bool] = {}  # tensor -> answer of positive(), memoised
         self._positions: dict[int, int] | None = None  # id(node) -> topological position
 
     def rule_for(self, node: onnx.NodeProto) -> Rule:
@@ -127,26 +128,40 @@ class ChannelAnalysis:
         memoised in this analysis; the unanswered producers are asked in topological order, so a rule's
         question about its own inputs is always answered from the memo (no recursion through the graph).
         """
-        if name not in self._nonnegative:
-            for node in self._unanswered_producers(name):
-                answer = bool(self.rule_for(node).nonnegative(node, self))
+        return self._sign_fact(name, self._nonnegative, lambda rule, node: rule.nonnegative(node, self),
+                               lambda constant: constant >= 0)  # NaN: False
+
+    def positive(self, name: str) -> bool:
+        """True when every element of tensor ``name`` is > 0 (never 0, whatever the graph inputs): a
+        divisor that cannot be 0 keeps a zero channel zero (``0 / d = 0``). As :meth:`nonnegative`,
+        answered by the producers' rules (:meth:`onnxslim.graph.rules.base.Rule.positive`); constants
+        when all their values are > 0."""
+        return self._sign_fact(name, self._positive, lambda rule, node: rule.positive(node, self),
+                               lambda constant: constant > 0)
+
+    def _sign_fact(self, name: str, memo: dict[str, bool], ask, holds) -> bool:
+        """``memo[name]``, asking the unanswered producers (``ask(rule, node)``) in topological order;
+        a constant answers by ``holds(values)`` for all its values; a graph input: False."""
+        if name not in memo:
+            for node in self._unanswered_producers(name, memo):
+                answer = bool(ask(self.rule_for(node), node))
                 for output in node.output:
                     if output:
-                        self._nonnegative[output] = answer
-            if name not in self._nonnegative:
+                        memo[output] = answer
+            if name not in memo:
                 constant = self.index.constant(name)
-                self._nonnegative[name] = constant is not None and bool(np.all(constant >= 0))  # NaN: False
-        return self._nonnegative[name]
+                memo[name] = constant is not None and bool(np.all(holds(constant)))
+        return memo[name]
 
-    def _unanswered_producers(self, name: str) -> list[onnx.NodeProto]:
-        """The nodes ``name`` depends on whose answer is not memoised yet, in topological order."""
+    def _unanswered_producers(self, name: str, memo: dict[str, bool]) -> list[onnx.NodeProto]:
+        """The nodes ``name`` depends on whose answer is not in ``memo`` yet, in topological order."""
         if self._positions is None:
             self._positions = {id(node): position for position, node in enumerate(self.index.nodes)}
         found: dict[int, onnx.NodeProto] = {}
         stack, seen = [name], set()
         while stack:
             tensor = stack.pop()
-            if not tensor or tensor in seen or tensor in self._nonnegative or self.index.is_const(tensor):
+            if not tensor or tensor in seen or tensor in memo or self.index.is_const(tensor):
                 continue
             seen.add(tensor)
             node = self.index.producer.get(tensor)

@@ -1,11 +1,12 @@
-"""``ChannelAnalysis.nonnegative``: which tensors are provably >= 0, answered by each producer's rule
-(``Rule.nonnegative``) from the ONNX operator spec; constants by their values, graph inputs never."""
+"""``ChannelAnalysis.nonnegative`` / ``positive``: which tensors are provably >= 0 / > 0, answered by each
+producer's rule (``Rule.nonnegative`` / ``Rule.positive``) from the ONNX operator spec; constants by their
+values, graph inputs never. A division by a positive tensor keeps zero channels zero (L2 normalisation)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder
+from graphs import GraphBuilder, slim_checked
 
 from onnxslim.graph.slim import analyse
 
@@ -125,3 +126,67 @@ def test_quantized_integers_are_nonnegative_when_unsigned(zero_point, expected):
     q = _q(g, g.conv(g.input([1, 3, 8, 8]), 3, 8), zero_point)
     g.output(_dq(g, q, zero_point))
     assert analyse(g.model()).nonnegative(q) is expected
+
+
+# case -> (builder from (g, signed, nonnegative), expected answer of positive())
+POSITIVE = {
+    "sqrt_of_sum_of_squares_plus_eps": (lambda g, s, p: g.op("Add", [
+        g.op("Sqrt", [g.op("ReduceSum", [g.op("Pow", [s, g.const(np.float32(2))]), g.const(np.array([1]))])]),
+        g.const(np.float32(1e-10))]), True),
+    "signed_plus_eps": (lambda g, s, p: g.op("Add", [s, g.const(np.float32(1e-10))]), False),
+    "square_of_signed_plus_eps": (lambda g, s, p: g.op("Add", [g.op("Pow", [s, g.const(np.float32(2))]),
+                                                               g.const(np.float32(1e-10))]), True),
+    "cube_of_signed_plus_eps": (lambda g, s, p: g.op("Add", [g.op("Pow", [s, g.const(np.float32(3))]),
+                                                             g.const(np.float32(1e-10))]), False),
+    "nonnegative_plus_zero": (lambda g, s, p: g.op("Add", [p, g.const(np.float32(0))]), False),
+    "clip_min_eps": (lambda g, s, p: g.op("Clip", [s, g.const(np.float32(1e-12))]), True),
+    "clip_min_zero": (lambda g, s, p: g.op("Clip", [s, g.const(np.float32(0))]), False),
+    "max_with_eps": (lambda g, s, p: g.op("Max", [s, g.const(np.float32(1e-6))]), True),
+    "min_of_eps_and_signed": (lambda g, s, p: g.op("Min", [s, g.const(np.float32(1e-6))]), False),
+    "exp_underflows": (lambda g, s, p: g.op("Exp", [s]), False),
+    "sigmoid_underflows": (lambda g, s, p: g.op("Sigmoid", [s]), False),
+    "relu_of_nonnegative": (lambda g, s, p: g.op("Relu", [p]), False),
+    "expand_of_positive": (lambda g, s, p: g.op("Expand", [
+        g.op("Clip", [g.op("ReduceL2", [s], axes=[1]), g.const(np.float32(1e-12))]),
+        g.const(np.array([1, 8, 8, 8]))]), True),
+    "product_of_positives_underflows": (lambda g, s, p: g.op("Mul", [*[g.op("Clip", [s, g.const(np.float32(1e-30))])] * 2]),
+                                        False),
+}
+
+
+@pytest.mark.parametrize("case", list(POSITIVE))
+def test_positive_answers(case):
+    build, expected = POSITIVE[case]
+    g = GraphBuilder(opset=17)
+    signed = g.conv(g.input([1, 3, 8, 8]), 3, 8)
+    tensor = build(g, signed, g.op("Relu", [signed]))
+    g.output(tensor)
+    analysis = analyse(g.model())
+    assert analysis.positive(tensor) is expected
+    assert analysis.positive(signed) is False
+
+
+def _l2_norm_ssd(g, y):
+    """SSD's L2Norm layer as exported: ``y / (sqrt(sum_c y^2) + eps) * weight[c]``."""
+    norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Pow", [y, g.const(np.float32(2))]), g.const(np.array([1]))])])
+    y = g.op("Div", [y, g.op("Add", [norm, g.const(np.float32(1e-10))])])
+    return g.op("Mul", [y, g.const(np.full((1, 8, 1, 1), 20.0, np.float32))])
+
+
+def _normalize(g, y):
+    """``F.normalize(y, dim=1)``: ``y / max(||y||_2, eps)`` over the channels."""
+    return g.op("Div", [y, g.op("Clip", [g.op("ReduceL2", [y], axes=[1]), g.const(np.float32(1e-12))])])
+
+
+def _exp_gate(g, y):
+    """``y / exp(z)``: exp can underflow to 0, so 0 / 0 is not ruled out and zero channels are kept."""
+    return g.op("Div", [y, g.op("Exp", [g.conv(g.nodes[0].input[0], 3, 1)])])
+
+
+@pytest.mark.parametrize(("normalise", "deleted"), [(_l2_norm_ssd, 3), (_normalize, 3), (_exp_gate, 0)])
+def test_l2_normalisation_keeps_zero_channels_zero(normalise, deleted):
+    g = GraphBuilder(opset=13)
+    y = g.mask(g.op("Relu", [g.bn(g.conv(g.input([1, 3, 8, 8]), 3, 8, bias=False), 8)]), 8, zeros=[1, 4, 6])
+    g.output(g.conv(normalise(g, y), 8, 4))
+    _, report = slim_checked(g.model())
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, deleted), report.format_table()

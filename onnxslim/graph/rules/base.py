@@ -12,6 +12,8 @@ A rule states, for one op family,
   (Relu, Sigmoid, a Mul of non-negative operands ...); a rule answers through
   :meth:`~onnxslim.graph.analysis.ChannelAnalysis.nonnegative` about its inputs. ReduceMax over channels
   asks it: on a non-negative input a zero channel cannot be the maximum of the others;
+* ``positive(node, analysis)`` — every element is > 0 (``x + eps`` of an ``x >= 0``, Clip with a
+  positive min ...); a Div by such a tensor keeps a zero channel zero (L2 normalisation);
 * what ``prune``, rounding, ``cleanup`` and ``stats`` ask of the op, so that they name no op types:
   ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
   ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``counts_macs`` /
@@ -78,6 +80,13 @@ class Rule:
         inputs (a NaN, which only an infinite or NaN operand makes, is outside the question). False
         unless the rule proves it from the ONNX operator spec; ask about an input with
         ``analysis.nonnegative(name)`` (memoised; constants: all values >= 0)."""
+        return False
+
+    def positive(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> bool:
+        """True when every element of every output of ``node`` is > 0 for every value of the graph
+        inputs (a division by it keeps a zero channel zero). Underflow counts: ``exp(x)``, ``sigmoid(x)``
+        and a product of small numbers can round to 0, so they are not positive. Ask about an input with
+        ``analysis.positive(name)``."""
         return False
 
     # -- facts about the op used outside the analysis: prune, rounding, cleanup, stats --------------
@@ -335,6 +344,11 @@ def aligned_axis(axis: int, rank: int, out_rank: int) -> int:
 
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+def inputs_positive(node: onnx.NodeProto, analysis: ChannelAnalysis, slots: Iterable[int] = (0,)) -> bool:
+    """Every input at ``slots`` is provably > 0 (see :meth:`Rule.positive`)."""
+    return all(slot < len(node.input) and analysis.positive(node.input[slot]) for slot in slots)
 
 
 def inputs_nonnegative(node: onnx.NodeProto, analysis: ChannelAnalysis, slots: Iterable[int] = (0,)) -> bool:

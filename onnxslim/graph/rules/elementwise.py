@@ -26,6 +26,7 @@ from onnxslim.graph.rules.base import (
     Rule,
     aligned_axis,
     inputs_nonnegative,
+    inputs_positive,
     keep_extra_outputs,
     pass_through,
     register,
@@ -183,6 +184,16 @@ class UnaryRule(Rule):
         sign = unary_sign(node, analysis)
         return sign == "always" or (sign == "input" and inputs_nonnegative(node, analysis))
 
+    def positive(self, node, analysis):
+        """Clip with constant bounds both > 0 (min > max gives max); Identity, Relu, Abs, Sqrt of an
+        input > 0 (``sqrt`` of the least positive float is > 0), Dropout too unless its mask is read."""
+        if node.op_type == "Clip":
+            bounds = clip_bounds(node, [analysis.index.constant(name) for name in node.input])
+            return bounds is not None and bounds[0] > 0 and bounds[1] > 0
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+            return False
+        return node.op_type in ("Identity", "Dropout", "Relu", "Abs", "Sqrt") and inputs_positive(node, analysis)
+
     def commutes_with_positive_scale(self, node):
         return node.op_type in ("Relu", "LeakyRelu", "Identity", "Dropout")
 
@@ -336,8 +347,12 @@ class NaryRule(Rule):
         with np.errstate(all="ignore"):
             value = np.asarray(_NARY[node.op_type](values), np.float64)
         const &= np.isfinite(value)
+        zero = None
         if node.op_type == "Mul":  # 0 * anything = 0
             zero = np.logical_or.reduce([c & (v == 0) for c, v in zip(consts, values)])
+        elif node.op_type == "Div" and analysis.positive(node.input[1]):  # 0 / d = 0 when d is never 0
+            zero = consts[0] & (values[0] == 0)
+        if zero is not None:
             const |= zero
             value = np.where(zero, 0.0, value)
         base = full[0].info
@@ -355,9 +370,14 @@ class NaryRule(Rule):
 
         * Add, Mul, Sum, Mean, Min: every operand >= 0; Max: some operand >= 0; PRelu: ``x >= 0`` gives x;
         * Div: numerator >= 0 and denominator a constant > 0 (a computed ``-0.0`` divisor gives -inf);
-        * Pow: base >= 0 and exponent a constant >= 0; Sub: never.
+        * Pow: base >= 0 and exponent a constant >= 0, or any base and an even integer exponent
+          (``x.pow(2)`` of an L2 norm); Sub: never.
         """
         op, index = node.op_type, analysis.index
+        if op == "Pow" and len(node.input) == 2:
+            exponent = index.constant(node.input[1])
+            if exponent is not None and exponent.size and np.all(np.mod(exponent, 2) == 0):
+                return True
         if op in ("Add", "Mul", "Sum", "Mean", "Min"):
             return inputs_nonnegative(node, analysis, range(len(node.input)))
         if op == "Max":
@@ -369,6 +389,16 @@ class NaryRule(Rule):
         elif op != "PRelu":
             return False
         return inputs_nonnegative(node, analysis)
+
+    def positive(self, node, analysis):
+        """Add, Sum: every operand >= 0 and one > 0 (rounding is monotonic: ``fl(x + c) >= c``); Max: one
+        operand > 0; Min: every operand > 0. Products and quotients can underflow to 0."""
+        op, slots = node.op_type, range(len(node.input))
+        if op in ("Add", "Sum"):
+            return inputs_nonnegative(node, analysis, slots) and any(inputs_positive(node, analysis, (s,)) for s in slots)
+        if op == "Max":
+            return any(inputs_positive(node, analysis, (s,)) for s in slots)
+        return op == "Min" and inputs_positive(node, analysis, slots)
 
     def commutes_with_positive_scale(self, node):
         return node.op_type == "PRelu"

@@ -29,6 +29,7 @@ from onnxslim.graph.rules.base import (
     BarrierRule,
     Rule,
     inputs_nonnegative,
+    inputs_positive,
     normalize_axis,
     pass_through,
     register,
@@ -86,6 +87,10 @@ class _MovesElements(Rule):
         """>= 0 when the data input is (the output's elements are input elements)."""
         return inputs_nonnegative(node, analysis)
 
+    def positive(self, node, analysis):
+        """> 0 when the data input is."""
+        return inputs_positive(node, analysis)
+
 
 @register
 class ConcatRule(_MovesElements):
@@ -139,6 +144,9 @@ class ConcatRule(_MovesElements):
     def nonnegative(self, node, analysis):
         """>= 0 when every input is (the output is the inputs' elements, on any axis)."""
         return inputs_nonnegative(node, analysis, range(len(node.input)))
+
+    def positive(self, node, analysis):
+        return inputs_positive(node, analysis, range(len(node.input)))
 
     def allows_empty_input(self, node, slot, plan):
         return True
