@@ -81,9 +81,36 @@ def test_a_constant_expand_shape_is_rewritten_to_the_kept_count():
     assert numpy_helper.to_array(shape).tolist() == [1, 6, 6, 6]
 
 
-def test_expanding_one_channel_to_many_is_a_barrier():
+def test_expanding_one_channel_to_many_keeps_it_and_rewrites_the_count():
+    """A one-channel gate expanded to 8 channels: the gate's channel is kept (every output channel reads
+    it); the masked channels go from the product and the Expand's shape says 6."""
     model = _expand_graph([1, 8, 6, 6], 1).model()
     slimmed, report = slim(model, round_to=1)
     assert_equivalent(model, slimmed)
-    assert report.deleted_masked_channels == 0
-    assert any("broadcasts one channel to many" in kept.reason for kept in report.kept)
+    assert report.deleted_masked_channels == 2
+    expand = next(n for n in slimmed.graph.node if n.op_type == "Expand")
+    shape = next(t for t in slimmed.graph.initializer if t.name == expand.input[1])
+    assert numpy_helper.to_array(shape).tolist() == [1, 6, 6, 6]
+
+
+class Normalized(nn.Module):
+    """``F.normalize(x, dim=1)`` between convs: both exporters divide by ``norm.clamp_min(eps)`` expanded
+    to x's channels (legacy: ``Expand(norm, Shape(x))``, dynamo: a constant shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mask = nn.Conv2d(3, 8, 3, padding=1), Mask(8, [1, 4, 6])
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(nn.functional.normalize(torch.relu(self.mask(self.conv(x))), dim=1))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_normalize_expands_the_norm_and_deletes_zero_channels(dynamo):
+    torch.manual_seed(0)
+    exported = export(Normalized(), dynamo, dynamic_batch=False)
+    assert any(n.op_type == "Expand" for n in exported.graph.node)
+    slimmed, report = slim(exported)
+    assert_equivalent(exported, slimmed)
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, 3), report.format_table()

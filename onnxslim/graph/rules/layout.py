@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxslim.graph.channels import BARRIER
+from onnxslim.graph.channels import BARRIER, ChannelInfo
 from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     BarrierRule,
@@ -502,8 +502,14 @@ class ExpandRule(_MovesElements):
     That entry keeps the channels one to one when it is 1 or absent (C stays), a constant C (rewritten to
     the kept count), or the channel dim of a feature ``t`` at run time: ``s.expand_as(t)`` is exported as
     ``Expand(s, Shape(t))`` (SE blocks written ``x * y.expand_as(x)``); then ``t``'s channels are coupled
-    with ``s``'s, so both keep the same ones and the shape follows at run time. Broadcasting one channel
-    to C (``C == 1``), or a computed entry that is neither, is a barrier.
+    with ``s``'s, so both keep the same ones and the shape follows at run time. A computed entry that is
+    neither is a barrier.
+
+    Broadcasting one channel to many (``C == 1``, the entry a constant ``C'`` or ``t``'s channel dim:
+    ``F.normalize`` divides by ``norm.expand_as(x)``): every output channel reads the one input channel,
+    which is kept (as for a broadcast operand of Add / Mul); the ``C'`` output channels are copies of its
+    value, with ``t``'s ids when the shape follows ``t`` (deleted with ``t``'s channels at run time), or
+    new ids whose deletion rewrites the constant entry.
     """
 
     op_types = ("Expand",)
@@ -527,22 +533,35 @@ class ExpandRule(_MovesElements):
         if entry is False:
             analysis.barrier(node, "its shape is computed")
             return
-        follows = isinstance(entry, Dim) and entry.static == x.size
-        other = analysis.feature(entry.tensor) if follows else None
-        if follows and (other is None or other.axis != entry.axis or other.size != x.size):
-            follows = False
-        constant = not isinstance(entry, Dim) and entry in (1, x.size) and analysis.index.is_const(node.input[1])
-        if x.size == 1 and entry not in (None, 1):
-            analysis.barrier(node, "broadcasts one channel to many")
+        other = analysis.feature(entry.tensor) if isinstance(entry, Dim) else None
+        follows = other is not None and other.axis == entry.axis and other.size == entry.static
+        index = analysis.index
+        constant = not isinstance(entry, Dim) and entry is not None and index.is_const(node.input[1])
+        axis = x.axis + rank - x.rank
+        if x.size == 1 and entry not in (None, 1) and (follows or constant):
+            self._broadcast_one(node, analysis, x, other.ids if follows else int(entry), axis, rank)
             return
-        if entry is not None and entry != 1 and not follows and not constant:
+        if entry not in (None, 1) and not (follows and other.size == x.size) and not (constant and entry == x.size):
             analysis.barrier(node, "its shape fixes the channel count in a computed value")
             return
         if follows:
             analysis.couple(x.ids, other.ids)  # Shape(t) says t's channel count at run time
         info = x.with_values(x.const, x.value)
-        info.axis, info.rank = x.axis + rank - x.rank, rank
+        info.axis, info.rank = axis, rank
         pass_through(node, analysis, info)
+
+    @staticmethod
+    def _broadcast_one(node, analysis, x, ids_or_count, axis: int, rank: int) -> None:
+        """The one channel of ``x`` to many: it is kept; the output gets ``t``'s ids (an array) or
+        ``count`` new ones, each a copy of the input's value."""
+        analysis.keep(x.ids, BARRIER, f"Expand '{analysis.index.node_name(node)}' broadcasts '{node.input[0]}' "
+                                      "over many channels")
+        count = ids_or_count if isinstance(ids_or_count, int) else len(ids_or_count)
+        const, value = np.repeat(x.const, count), np.repeat(np.where(x.const, x.value, 0.0), count)
+        if isinstance(ids_or_count, int):
+            analysis.fresh(None, node.output[0], count, axis, rank, const, value)
+        else:
+            analysis.set(node.output[0], ChannelInfo(ids_or_count, axis, rank, const, value))
 
     def nonnegative(self, node, analysis):
         """The output's elements are copies of the data input's: >= 0 when it is."""
