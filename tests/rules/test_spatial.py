@@ -62,6 +62,21 @@ def test_resize_with_scales_and_with_sizes(mode):
     assert conv_channels(slimmed) == [5, 4, 4]
 
 
+@pytest.mark.parametrize("axes", [[2, 3], [-2, -1], [1, 2, 3]])
+def test_resize_with_axes_opset18(axes):
+    """Resize-18 lists the resized axes: the channel axis is absent, or listed with scale 1 / its size."""
+    g = GraphBuilder(opset=18)
+    y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 8, 8]), 3, 6), 6, zeros=[1, 4])])
+    scales = [2.0] * 2 if len(axes) == 2 else [1.0, 2.0, 2.0]
+    sizes = [12] * 2 if len(axes) == 2 else [6, 12, 12]
+    a = g.op("Resize", [y, "", g.const(np.array(scales, np.float32))], axes=axes, mode="linear")
+    b = g.op("Resize", [y, "", "", g.const(np.array(sizes, np.int64))], axes=axes, mode="nearest")
+    g.output(g.conv(a, 6, 4), g.conv(b, 6, 4))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 2, report.format_table()
+    assert conv_channels(slimmed) == [4, 4, 4]
+
+
 def test_upsample_opset9_and_pad():
     g = GraphBuilder(opset=9)
     x = g.input([1, 3, 8, 8])

@@ -69,7 +69,11 @@ class PoolRule(Rule):
 
 @register
 class ResizeRule(Rule):
-    """Resize (opset 10+: X, roi, scales, sizes) and Upsample (scales attribute or input)."""
+    """Resize (opset 10+: X, roi, scales, sizes) and Upsample (scales attribute or input).
+
+    From opset 18 an ``axes`` attribute says which axes ``scales`` / ``sizes`` (and ``roi``) list: a
+    channel axis not among them is not resized; one among them is read at its position in the list.
+    """
 
     op_types = ("Resize", "Upsample")
     passthrough = True
@@ -97,16 +101,17 @@ class ResizeRule(Rule):
         if x is None:
             return
         scales, sizes, known = self._scales_and_sizes(node, analysis)
-        axes = get_attr(node, "axes")
-        if not known or axes is not None:
-            analysis.barrier(node, "scales/sizes are computed, or axes are given")
+        if not known:
+            analysis.barrier(node, "scales/sizes are computed")
             return
-        if scales is not None and len(np.reshape(scales, -1)) and np.reshape(scales, -1)[x.axis] != 1:
+        position = _channel_position(node, x)
+        if position is not None and scales is not None and len(np.reshape(scales, -1)) \
+                and np.reshape(scales, -1)[position] != 1:
             analysis.barrier(node, "resizes the channel axis")
             return
-        if sizes is not None:
+        if position is not None and sizes is not None:
             # the channel entry must follow the input at run time, or be a constant we can rewrite
-            entry = sizes[x.axis]
+            entry = sizes[position]
             follows = is_dim_of(entry, node.input[0], x.axis)
             if not follows and not (as_int(entry) == x.size and analysis.index.is_const(node.input[3])):
                 analysis.barrier(node, "resizes the channel axis (or fixes it in a computed size)")
@@ -131,9 +136,22 @@ class ResizeRule(Rule):
         if keep is None or keep.all() or node.op_type != "Resize" or len(node.input) < 4 or not node.input[3] \
                 or not rewriter.index.is_const(node.input[3]):
             return  # computed sizes follow the input's channels at run time
+        position = _channel_position(node, rewriter.info(node.output[0]))
+        if position is None:
+            return  # the channel axis is not listed
         sizes = rewriter.index.constant(node.input[3]).copy()
-        sizes[rewriter.info(node.output[0]).axis] = int(keep.sum())
+        sizes[position] = int(keep.sum())
         rewriter.weights.write(node, 3, sizes, key=("sizes", sizes.tobytes()))
+
+
+def _channel_position(node, x) -> int | None:
+    """Where the channel axis is in Resize's ``scales`` / ``sizes``: its axis, or its place in ``axes``
+    (opset 18); None when ``axes`` does not list it."""
+    axes = get_attr(node, "axes")
+    if axes is None:
+        return x.axis
+    axes = [a + x.rank if a < 0 else a for a in axes]
+    return axes.index(x.axis) if x.axis in axes else None
 
 
 def _pad_fill(node, index) -> float | None:
