@@ -148,3 +148,23 @@ def test_einsum_that_sums_the_channels_away_is_a_barrier():
     g.output(g.op("Einsum", [y, g.const(g.weights(8))], equation="bchw,c->bhw"))
     _, report = slim_checked(g.model())
     assert report.deleted_masked_channels == 0 and "barrier Einsum" in report.kept[0].reason
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_constant_channels_are_absorbed_by_the_add_after_a_matmul(rank):
+    """A Keras-style head: masked conv -> global mean -> BatchNorm as Mul / Add (a zero channel becomes
+    its shift) -> Dense as MatMul + Add, on (N, C) or on a (N, L, C) sequence. The Add's bias takes
+    ``shift[k] * B[k]``; without it the MatMul could not drop the constant channels."""
+    g = GraphBuilder()
+    y = g.mask(g.op("Relu", [g.conv(g.input([1, 3, 6, 6]), 3, 8)]), 8, zeros=[1, 4, 6])
+    y = g.op("Transpose", [g.op("ReduceMean", [y], axes=[3], keepdims=0)], perm=[0, 2, 1])  # (N, H, C)
+    if rank == 2:
+        y = g.op("ReduceMean", [y], axes=[1], keepdims=0)
+    y = g.op("Add", [g.op("Mul", [y, g.const(g.rng.uniform(0.5, 1.5, 8).astype(np.float32))]),
+                     g.const(g.rng.uniform(0.5, 1.0, 8).astype(np.float32))])
+    dense = g.op("Add", [g.op("MatMul", [y, g.const(g.weights(8, 5))]), g.const(g.weights(5, scale=0.1))])
+    g.output(dense)
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    matmul = next(n for n in slimmed.graph.node if n.op_type == "MatMul")
+    assert next(list(t.dims) for t in slimmed.graph.initializer if t.name == matmul.input[1]) == [5, 5]

@@ -9,8 +9,9 @@ Gemm ``Y = alpha * A @ B' + beta * C`` with B' = B or B^T (K, M):
 A (N, C, H, W) map flattened into A carries each channel as a block of H*W features (see layout), so a
 deleted channel removes a block of rows of B'.
 
-MatMul ``Y = A @ B`` with constant 2-D B: on an A whose channel axis is the last it is Gemm without bias
-(constants cannot be absorbed) applied to every row: ``(N, K) @ (K, M)``, and ``(N, ..., K) @ (K, M)``
+MatMul ``Y = A @ B`` with constant 2-D B: on an A whose channel axis is the last it is Gemm applied to
+every row, without bias unless an Add of a constant (M,) vector is its only reader (then that bias
+absorbs constant input channels as Gemm's does): ``(N, K) @ (K, M)``, and ``(N, ..., K) @ (K, M)``
 as torch exports ``nn.Linear`` on a sequence or an NHWC map (ConvNeXt's pointwise MLP, a Conv1d's
 output transposed to (N, L, C), tf2onnx's Dense on a rank-4 tensor); the output's last axis holds the M
 new channels. On an A whose channel axis is not the last it acts on each channel separately
@@ -181,7 +182,8 @@ class MatMulRule(Rule):
         out = analysis.fresh(node, node.output[0], matrix.shape[1], a.rank - 1, a.rank, const=dead,
                              value=np.zeros(matrix.shape[1]))
         analysis.share_weight(node.input[1], a.ids, out.ids)
-        block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1), False, " (no bias)")
+        block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1),
+                               _bias_add(node, analysis.index, a.rank) is not None, " (no bias after it)")
 
     def allows_empty_input(self, node, slot, plan):
         return _channelwise(node, plan.analysis.info)
@@ -220,8 +222,33 @@ class MatMulRule(Rule):
             return
         keep_out, keep_in = keeps
         matrix = rewriter.index.constant(node.input[1])
+        a = rewriter.info(node.input[0])
+        absorb = ~keep_in & a.const & (a.value != 0)
+        if absorb.any():  # the plan let them go: the Add after it takes value @ rows
+            add, slot = _bias_add(node, rewriter.index, a.rank)
+            bias = rewriter.index.constant(add.input[slot])
+            delta = a.value[absorb] @ matrix[absorb].astype(np.float64)
+            rewriter.weights.write(add, slot, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
         rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out],
                                key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
+
+
+def _bias_add(node, index, rank: int):
+    """(Add node, slot of its bias) when the MatMul's output is read only by an Add of a constant with
+    one entry per output column (shape (..., M), rank at most the output's): ``nn.Linear`` on a
+    sequence, tf2onnx's Dense. That bias absorbs an input channel that is a non-zero constant ``v``:
+    ``b' = b + v * B[k]``. None otherwise."""
+    out, matrix = node.output[0], index.constant(node.input[1])
+    uses = index.uses(out)
+    if len(uses) != 1 or out in index.outputs or uses[0].node.op_type != "Add" or uses[0].node.domain not in ("", "ai.onnx") \
+            or len(uses[0].node.input) != 2:
+        return None
+    add, slot = uses[0].node, 1 - uses[0].slot
+    bias = index.constant(add.input[slot])
+    if bias is None or matrix is None or bias.size != matrix.shape[1] or bias.shape[-1:] != matrix.shape[1:] \
+            or bias.ndim > rank:
+        return None
+    return add, slot
 
 
 # -- Einsum ---------------------------------------------------------------------------------------
