@@ -190,3 +190,20 @@ def test_fake_quantized_weights_and_constants(per_channel):
     inits = {t.name: t for t in slimmed.graph.initializer}
     weights = [inits[n.input[0]] for n in slimmed.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
     assert sorted(tuple(t.dims)[:2] for t in weights if len(t.dims) == 4) == [(5, 4), (6, 5)]
+
+
+def test_a_mask_scale_is_not_folded_into_fake_quantized_weights():
+    """Conv(fake-quantized) -> mask -> Relu -> Conv(fake-quantized): the zero channels go, but the mask's
+    other scales stay a Mul; folding them into a weight would store it dequantized (float) and undo the
+    int8 quantization of that layer. Every conv still reads DQ(Q(float weight))."""
+    g = GraphBuilder(opset=13, seed=25)
+    x = _qdq(g, g.input([1, 4, 8, 8]), 0.05, 128)
+    y = g.op("Relu", [g.mask(_fake_quantized_conv(g, x, 4, 8, True), 8, zeros=(0, 3))])
+    g.output(_fake_quantized_conv(g, _qdq(g, y, 0.05, 0), 8, 6, True))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert (report.masked_channels, report.deleted_masked_channels) == (2, 2), report.format_table()
+    assert report.folded_masks == 0 and len(report.remaining_masks) == 1
+    _assert_exact(model, slimmed, (1, 4, 8, 8))
+    producers = {o: n for n in slimmed.graph.node for o in n.output}
+    assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in slimmed.graph.node if n.op_type == "Conv")

@@ -29,7 +29,8 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
     ``commutes_with_positive_scale`` (Relu, LeakyRelu, PRelu, pooling: ``f(s x) = s f(x)``); else into
     every consumer of ``y`` when each one's rule gives a ``scaled_input_weight`` (Conv, Gemm, MatMul
     reading it as their feature input: ``W[:, i] *= s[i]``; exact with zero padding since
-    ``pad(s x) = s pad(x)``). A scale of all ones is simply bypassed. The rules are those of the plan's
+    ``pad(s x) = s pad(x)``); never into a quantized weight (see :func:`_reads_quantized`). A scale of
+    all ones is simply bypassed. The rules are those of the plan's
     analysis. Returns (number of Mul nodes removed, names of per-channel Mul nodes kept).
     """
     rules = plan.analysis.rules
@@ -176,7 +177,16 @@ def _scale_producer(index: Graph, rules: RuleLookup, weights: WeightStore, x: st
         if any(name and (index.uses(name) or name in index.outputs) for name in producer.output[1:]):
             return False  # e.g. MaxPool indices are read
         return _scale_producer(index, rules, weights, producer.input[0], s)
+    if _reads_quantized(index, producer):
+        return False
     return rule.fold_output_scale(producer, index, weights, s)
+
+
+def _reads_quantized(index: Graph, node) -> bool:
+    """``node`` reads a quantized or fake-quantized constant: a scaled copy would no longer be a selection
+    of its int8 values and would be stored dequantized (float), which undoes the quantization of that
+    layer (onnxruntime's QDQ fusion, TensorRT's int8 kernels); the scale stays a Mul instead."""
+    return any(name in index.quantized for name in node.input)
 
 
 def _scale_consumers(index: Graph, rules: RuleLookup, weights: WeightStore, y: str, s: np.ndarray) -> bool:
@@ -185,7 +195,8 @@ def _scale_consumers(index: Graph, rules: RuleLookup, weights: WeightStore, y: s
         return False
     plans = []
     for use in uses:
-        scaled = rules.rule_for(use.node).scaled_input_weight(use.node, use.slot, index, s)
+        scaled = None if _reads_quantized(index, use.node) else \
+            rules.rule_for(use.node).scaled_input_weight(use.node, use.slot, index, s)
         if scaled is None:
             return False
         plans.append((use.node, scaled))
