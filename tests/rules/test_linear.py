@@ -168,3 +168,39 @@ def test_constant_channels_are_absorbed_by_the_add_after_a_matmul(rank):
     assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
     matmul = next(n for n in slimmed.graph.node if n.op_type == "MatMul")
     assert next(list(t.dims) for t in slimmed.graph.initializer if t.name == matmul.input[1]) == [5, 5]
+
+
+def _masked_tokens(g: GraphBuilder):
+    """x (1, 3, 6, 6) -> Conv (8) -> Relu -> mask (zeros 1, 4, 6) -> (N, 8, 36), and the map itself."""
+    x = g.input([1, 3, 6, 6])
+    y = g.mask(g.op("Relu", [g.conv(x, 3, 8)]), 8, zeros=[1, 4, 6])
+    return y, g.op("Reshape", [y, g.const(np.array([0, 8, 36], np.int64))])
+
+
+def test_matmul_passes_a_features_rows_against_a_computed_operand():
+    """Attention pooling (GCNet's context, a spatial softmax): ``(N, C, HW) @ (N, HW, 1)`` with the
+    attention computed from the map; row c of the product reads row c of the map only, so the 3 masked
+    channels go from the conv, the product and the Gemm after it (before: a barrier, 0 deleted)."""
+    g = GraphBuilder()
+    y, tokens = _masked_tokens(g)
+    logits = g.op("Reshape", [g.conv(y, 8, 1, k=1), g.const(np.array([0, 1, 36], np.int64))])
+    attention = g.op("Transpose", [g.op("Softmax", [logits], axis=-1)], perm=[0, 2, 1])
+    pooled = g.op("Flatten", [g.op("MatMul", [tokens, attention])])
+    g.output(g.gemm(pooled, 8, 3))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert conv_channels(slimmed) == [5, 1]
+
+
+def test_matmul_passes_a_features_columns_after_a_computed_operand():
+    """``softmax(q^T q) @ v`` with v the map's tokens (N, HW, C): column c of the product reads column c
+    of v only; the attention (rows on both sides) is kept whole. 3 masked channels: 0 -> 3 deleted."""
+    g = GraphBuilder()
+    y, tokens = _masked_tokens(g)
+    q = g.op("Reshape", [g.conv(y, 8, 4, k=1), g.const(np.array([0, 4, 36], np.int64))])
+    scores = g.op("Softmax", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1]), q])], axis=-1)
+    mixed = g.op("MatMul", [scores, g.op("Transpose", [tokens], perm=[0, 2, 1])])
+    g.output(g.op("MatMul", [mixed, g.const(g.weights(8, 3))]))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert conv_channels(slimmed) == [5, 4]

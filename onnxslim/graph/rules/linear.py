@@ -17,6 +17,13 @@ output transposed to (N, L, C), tf2onnx's Dense on a rank-4 tensor); the output'
 new channels. On an A whose channel axis is not the last it acts on each channel separately
 (``(N, C, L) @ (L, M)``) and passes channels through.
 
+MatMul of a feature and a computed (or non-2-D) operand ``Y[..., m, n] = sum_k A[..., m, k] B[..., k, n]``:
+row ``m`` of Y reads row ``m`` of A only, column ``n`` reads column ``n`` of B only. So channels on A's
+row axis (the second last) pass to Y's second last axis (attention pooling ``(N, C, HW) @ (N, HW, 1)``,
+GCNet's context ``(N, 1, C, HW) @ (N, 1, HW, 1)``), and channels on B's last axis pass to Y's last axis
+(``attention @ V`` with V's channels last); a zero channel stays zero, deleting it deletes a row (column)
+of Y and nothing else. The other operand is read whole: its channels are kept.
+
 Einsum of a feature map and a constant 2-D weight that sums the channel letter against the weight's
 other letter, which becomes a new output axis, every other axis of the feature reaching the output
 (``bchw,oc->bohw``, ``torch.einsum`` as a 1x1 conv, which both torch exporters keep as Einsum;
@@ -37,12 +44,14 @@ from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
     filter_scores,
+    keep_all,
     layer_keeps,
     pass_through,
     register,
     slice_bias,
     write_scaled,
 )
+from onnxslim.graph.values import BARRIER
 
 
 def _gemm_matrix(node, index) -> np.ndarray | None:
@@ -155,9 +164,39 @@ class GemmRule(Rule):
             slice_bias(node, rewriter, keep_out)
 
 
+def _passing_forms(node, analysis) -> list[str]:
+    """The forms of a MatMul with a computed (or non-2-D) B in which a feature's channels reach Y:
+    "rows" (A's on its second last axis), "columns" (B's on its last axis)."""
+    a, b = (analysis.feature(name) for name in node.input[:2])
+    rank_a, rank_b = (len(analysis.index.shape(name) or ()) for name in node.input[:2])
+    forms = []
+    if a is not None and a.rank >= 2 and a.axis == a.rank - 2 and rank_b >= 2:
+        forms.append("rows")
+    if b is not None and b.rank >= 2 and b.axis == b.rank - 1 and rank_a >= 2:
+        forms.append("columns")
+    if len(forms) == 2 and analysis.kept_by(BARRIER)[a.ids].all():  # pass the side still free to go
+        forms.reverse()
+    return forms
+
+
 def _channelwise(node, info: dict) -> bool:
-    a = info.get(node.input[0])
-    return a is not None and a.axis != a.rank - 1
+    """Y carries the channels of an input (their ids): a per-channel product, rows or columns passed."""
+    out = info.get(node.output[0])
+    return out is not None and any(
+        name in info and np.array_equal(info[name].ids, out.ids) for name in node.input[:2])
+
+
+def _pass_rows_or_columns(node, analysis, form: str) -> None:
+    """"rows" / "columns" (see :func:`_passing_forms`): the feature's channels reach Y (zero stays zero,
+    a constant does not: it meets the other operand's values); the other operand's are kept."""
+    slot = 0 if form == "rows" else 1
+    x, other = analysis.feature(node.input[slot]), analysis.feature(node.input[1 - slot])
+    if other is not None:
+        keep_all(analysis, node, other, f"read whole by the MatMul that passes the {form} of '{node.input[slot]}'")
+    rank = max(x.rank, len(analysis.index.shape(node.input[1 - slot]) or ()))
+    info = x.with_values(x.zero, np.zeros(x.size))
+    info.axis, info.rank = rank - (2 if form == "rows" else 1), rank
+    analysis.set(node.output[0], info)
 
 
 @register
@@ -168,7 +207,12 @@ class MatMulRule(Rule):
         a = analysis.feature(node.input[0])
         matrix = analysis.index.constant(node.input[1])
         if a is None or matrix is None or matrix.ndim != 2:
-            analysis.barrier(node, "needs a feature input and a constant 2-D weight")
+            forms = _passing_forms(node, analysis)
+            if forms:
+                _pass_rows_or_columns(node, analysis, forms[0])
+            else:
+                analysis.barrier(node, "needs a feature input and a constant 2-D weight, or a feature's "
+                                       "channels on A's second last or B's last axis")
             return
         if a.axis != a.rank - 1:  # (N, C, L) @ (L, M): per-channel, channels pass through
             zero = a.zero
