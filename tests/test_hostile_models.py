@@ -67,3 +67,23 @@ def test_sub_byte_and_float8_weights_slim(tmp_path, dtype, entries):
     slimmed, report = slim(path)
     assert report.deleted_masked_channels == 1
     assert_equivalent(model, slimmed)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mnist:abc", "bad mnist spec 'mnist:abc'"),
+    ("mnist:999999", "would take"),
+    ("mnistseg:99999", "would take"),
+    ("synthetic:-1,3,8,8", "every dim must be >= 1"),
+    ("synthetic:100000,100000,100000,100000", "would take"),
+], ids=["mnist-not-a-number", "mnist-petabytes", "mnistseg-huge", "synthetic-negative", "synthetic-huge"])
+def test_data_specs_with_bad_numbers_are_bad_input(tmp_path, spec, message):
+    """A data spec's numbers are checked before any array is built: no ValueError traceback, no
+    petabyte allocation."""
+    g = GraphBuilder()
+    g.output(g.conv(g.input([1, 1, 28, 28]), 1, 2))
+    path = tmp_path / "m.onnx"
+    onnx.save(g.model(), path)
+    result = CliRunner().invoke(main, ["check", str(path), str(path), "--data", spec])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
