@@ -94,6 +94,7 @@ def mnist_split(size: int = 28, test_fraction: float = 0.2, seed: int = 0) -> tu
     images, labels = images[order], labels[order]
     if size < 28:
         raise OnnxSlimError(f"mnist size must be >= 28, got {size}")
+    check_dataset_size(f"mnist:{size}", len(images) * size * size * 4)
     if size > 28:
         before = (size - 28) // 2
         images = np.pad(images, ((0, 0), (before, size - 28 - before), (before, size - 28 - before)))
@@ -255,6 +256,18 @@ def synthetic(shape: tuple[int, ...], seed: int = 0) -> ArrayDataset:
     return ArrayDataset(x, np.zeros(shape[0], np.int64), 1, "synthetic")
 
 
+#: the most bytes a dataset built from a spec (mnist:SIZE, mnistseg:SIZE, synthetic:N,C,H,W) may take
+MAX_DATASET_BYTES = 4 << 30
+
+
+def check_dataset_size(spec: str, nbytes: int) -> None:
+    """Refuse (:class:`OnnxSlimError`) a dataset spec whose arrays would take more than
+    :data:`MAX_DATASET_BYTES` (``mnist:999999`` would ask for petabytes)."""
+    if nbytes > MAX_DATASET_BYTES:
+        raise OnnxSlimError(f"dataset {spec} would take {nbytes / (1 << 30):.3g} GiB of memory "
+                            f"(at most {MAX_DATASET_BYTES >> 30} GiB); use a smaller size")
+
+
 def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
     """Resolve a dataset spec string: ``mnist``, ``mnist:32``, ``mnistseg``, ``mnistseg:SIZE``,
     ``fashion-mnist:DIR``, ``synthetic:N,C,H,W``, ``x.npz`` or a folder."""
@@ -266,7 +279,10 @@ def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
     if _is_mnistseg_spec(spec):
         return load_mnistseg(spec, split, seed)
     if spec == "mnist" or spec.startswith("mnist:"):
-        size = int(spec.split(":", 1)[1]) if ":" in spec else 28
+        try:
+            size = int(spec.split(":", 1)[1]) if ":" in spec else 28
+        except ValueError:
+            raise OnnxSlimError(f"bad mnist spec {spec!r}; expected mnist or mnist:SIZE") from None
         train, test = mnist_split(size=size, seed=seed)
         if split not in ("train", "test"):
             raise OnnxSlimError(f"unknown split {split!r} (use train or test)")
@@ -276,6 +292,9 @@ def load_dataset(spec: str, split: str = "test", seed: int = 0) -> ArrayDataset:
             shape = tuple(int(v) for v in spec.split(":", 1)[1].split(","))
         except ValueError:
             raise OnnxSlimError(f"bad synthetic spec {spec!r}; expected synthetic:N,C,H,W") from None
+        if any(v < 1 for v in shape):
+            raise OnnxSlimError(f"bad synthetic spec {spec!r}; every dim must be >= 1")
+        check_dataset_size(spec, int(np.prod(shape, dtype=object)) * 4)
         return synthetic(shape, seed)
     path = Path(spec)
     if not path.exists():
@@ -340,6 +359,7 @@ def compose_digit_canvases(digits: np.ndarray, digit_labels: np.ndarray, count: 
     """
     if size < 28:
         raise OnnxSlimError(f"mnist segmentation canvas must be at least 28 pixels, got {size}")
+    check_dataset_size(f"mnistseg:{size}", count * size * size * (1 + 8 + 4))  # canvas, labels, float image
     low, high = digits_per_image
     if not 1 <= low <= high:
         raise OnnxSlimError(f"digits per image must satisfy 1 <= min <= max, got {digits_per_image}")

@@ -317,9 +317,9 @@ def _stored_elements(tensor: onnx.TensorProto) -> int | None:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
         return None
+    if tensor.data_type in _SUB_BYTE_TYPES:  # 4-bit types pack two values per byte (or per int32_data entry)
+        return None
     if tensor.HasField("raw_data"):
-        if tensor.data_type in _SUB_BYTE_TYPES:  # 4-bit types pack two values per byte
-            return None
         if len(tensor.raw_data) % itemsize:
             return -1
         return len(tensor.raw_data) // itemsize

@@ -37,6 +37,17 @@ def test_quick_row_slims_exactly_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir()} == stamps  # nothing redone
     assert (tmp_path / "accuracy_vs_macs.png").stat().st_size > 0
+    assert row["round_to"] >= 1 and row["diff_reference"] == "PyTorch masked"  # slimmed at round_to auto
+    # --remeasure trains nothing and measures the finished row again from its ONNX files; without the
+    # kept PyTorch logits the max diff is taken against masked.onnx in onnxruntime
+    (tmp_path / "onnx" / "lenet5_l1_norm_0.5_0" / "reference.npy").unlink()
+    third = subprocess.run(command + ["--remeasure"], capture_output=True, text=True, env=env, timeout=900)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "lenet5_l1_norm_0.5_0: measured again" in third.stdout
+    again = json.loads((tmp_path / "rows" / "lenet5_l1_norm_0.5_0.json").read_text())
+    assert again["diff_reference"] == "masked.onnx (onnxruntime)" and again["max_abs_diff"] <= 1e-4
+    assert again["fingerprint"] == row["fingerprint"] and again["macs_after"] == row["macs_after"]
+    assert "Max abs diff against: masked.onnx (onnxruntime): 1 rows" in (tmp_path / "REPRODUCE_FMNIST.md").read_text()
 
 
 @pytest.mark.slow

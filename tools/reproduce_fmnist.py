@@ -10,9 +10,10 @@ Protocol (docs/faithfulness.md, "How the reproduction avoids the test split"):
   validation accuracy of each probe is recorded, the test split is not touched. The knob chosen for seed
   0 is used for every seed;
 * every row: dense phase (shared per model and seed), sparse phase, zero masks, fine-tune; the **dense
-  baseline** of a seed is trained for the same total epochs on the same split; the slimmed ONNX model is
-  evaluated with onnxruntime on the test split; speedup is dense over slimmed ONNX latency (1 thread,
-  batch 1, interleaved rounds); max |PyTorch masked - slimmed ONNX| over the test images;
+  baseline** of a seed is trained for the same total epochs on the same split; the masked ONNX model is
+  slimmed at ``round_to="auto"`` (the CLI's default) and evaluated with onnxruntime on the test split;
+  speedup is dense over slimmed ONNX latency (1 thread, batch 1, interleaved rounds); max |PyTorch
+  masked - slimmed ONNX| over the test images;
 * **Torch-Pruning** (``pip install torch-pruning``, an optional dependency of this tool only): the
   dense model of the same seed pruned to the same MACs with its magnitude (L1) and group-norm importance
   (``MetaPruner``), then fine-tuned for the same sparse + fine-tune epochs.
@@ -28,12 +29,15 @@ from every finished row.
     python tools/reproduce_fmnist.py --data DIR --torch-pruning --table-only --publish docs/reproduce/fmnist
 
 ``--table-only`` trains nothing: it builds the table and plot from the finished rows and lists the rows
-still to compute with the command that finishes them (what a partial table publishes).
+still to compute with the command that finishes them (what a partial table publishes). ``--remeasure``
+trains nothing either: it slims every finished row's ``masked.onnx`` again at ``round_to="auto"`` and
+measures its accuracy, speedup and max diff again (for rows measured before, or on a busy machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import hashlib
@@ -205,11 +209,10 @@ def calibrate(ctx, method: str, target: float, probes: int) -> dict:
 
 
 def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> dict:
-    """Export, slim, and measure the test accuracy, speedup and max diff of the slimmed ONNX model."""
-    from onnxslim.graph.slim import slim
+    """Export the masked and the dense model, keep the masked model's PyTorch logits on the test split
+    (``reference.npy``), then :func:`measure_onnx`."""
+    from onnxslim.io import atomic_open
     from onnxslim.training.export import export
-    from onnxslim.validate.accuracy import evaluate
-    from onnxslim.validate.bench import BenchOptions, benchmark
 
     folder = ctx.out / "onnx" / tag
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,28 +221,60 @@ def onnx_row(ctx, model: torch.nn.Module, dense: torch.nn.Module, tag: str) -> d
     dense.eval()
     export(model, example, folder / "masked.onnx")
     export(dense, example, folder / "dense.onnx")
-    shape = {"input": [1, *ctx.test.images.shape[1:]]}
-    _, report = slim(folder / "masked.onnx", folder / "slim.onnx", input_shapes=shape)
-    accuracy = evaluate(str(folder / "slim.onnx"), ctx.test, progress=False).value
     with torch.no_grad():
         reference = np.concatenate([model(torch.from_numpy(x)).numpy() for x, _ in ctx.test.batches(500)])
+    with atomic_open(folder / "reference.npy") as handle:
+        np.save(handle, reference)
+    return measure_onnx(ctx, folder)
+
+
+def measure_onnx(ctx, folder: Path) -> dict:
+    """Slim ``masked.onnx`` at ``round_to="auto"`` (the CLI's default), and measure the slimmed model:
+    top-1 on the test split, params and MACs against ``dense.onnx`` (Torch-Pruning rows come already
+    pruned, so "masked" is no reference there), onnxruntime speedup of slimmed over dense (1 thread, batch 1,
+    interleaved rounds) and max |reference - slimmed| over the test images, the reference being the masked
+    model's PyTorch logits (``reference.npy``) or, for rows measured before those were kept, ``masked.onnx``
+    in onnxruntime (``diff_reference`` says which)."""
+    import onnx
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / "slim.onnx"))
-    slimmed = np.concatenate([session.run(None, {"input": x})[0] for x, _ in ctx.test.batches(500)])
+    from onnxslim.graph.slim import slim
+    from onnxslim.graph.stats import model_stats
+    from onnxslim.validate.accuracy import evaluate
+    from onnxslim.validate.bench import BenchOptions, benchmark
+
+    shape = {"input": [1, *ctx.test.images.shape[1:]]}
+    _, report = slim(folder / "masked.onnx", folder / "slim.onnx", input_shapes=shape, round_to="auto")
+    accuracy = evaluate(str(folder / "slim.onnx"), ctx.test, progress=False).value
+
+    def logits(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, {"input": x})[0] for x, _ in ctx.test.batches(500)])
+
+    kept = folder / "reference.npy"
+    reference = np.load(kept, allow_pickle=False) if kept.exists() else logits(folder / "masked.onnx")
     options = BenchOptions(threads=(1,), batch_sizes=(1,), warmup=5 if ctx.setting.quick else 30,
                            repeat=20 if ctx.setting.quick else 200, measure_memory=False)
     bench = benchmark([str(folder / "dense.onnx"), str(folder / "slim.onnx")], options, progress=False)
-    import onnx
-
-    from onnxslim.graph.stats import model_stats
-
-    # against the dense model: Torch-Pruning rows come already pruned, so "masked" is no reference there
     before = model_stats(onnx.load(str(folder / "dense.onnx")), shape)
     after = model_stats(onnx.load(str(folder / "slim.onnx")), shape)
     return {"accuracy": accuracy, "params_before": before.params, "params_after": after.params,
             "macs_before": before.macs, "macs_after": after.macs, "deleted_masked_channels": report.deleted_masked_channels,
-            "max_abs_diff": float(np.abs(reference - slimmed).max()), "speedup": bench.comparisons[0].speedup}
+            "max_abs_diff": float(np.abs(reference - logits(folder / "slim.onnx")).max()),
+            "diff_reference": "PyTorch masked" if kept.exists() else "masked.onnx (onnxruntime)",
+            "round_to": report.rounding.get("multiple"), "speedup": bench.comparisons[0].speedup}
+
+
+def remeasured(ctx, key: str, row: dict | None) -> dict | None:
+    """With ``--remeasure``: ``row`` with its ONNX figures measured again (:func:`measure_onnx`) from the
+    files its training left in ``OUT/onnx/<key>/``, and written back; otherwise ``row``."""
+    folder = ctx.out / "onnx" / key
+    if row is None or not ctx.remeasure or not (folder / "masked.onnx").exists():
+        return row
+    row = {**row, **measure_onnx(ctx, folder)}
+    write_json_atomic(ctx.out / "rows" / f"{key}.json", row)
+    print(f"   {key}: measured again", flush=True)
+    return row
 
 
 def run_row(ctx, method: str, target: float, seed: int, knob: dict) -> dict:
@@ -297,6 +332,7 @@ class Context:
     out: Path
     progress: bool
     table_only: bool = False  # read finished rows, compute nothing
+    remeasure: bool = False  # measure the ONNX figures of finished rows again
     pending: list[str] = dataclasses.field(default_factory=list)  # rows not (yet) computed
 
     @property
@@ -346,8 +382,9 @@ def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool)
                          "seconds": knob.get("seconds")})
             for seed in seeds:
                 fp = ctx.setting.fingerprint(method=method, target=target, seed=seed, knob=knob["value"])
-                row = cached(ctx, f"{model}_{method}_{target}_{seed}", fp,
-                             lambda m=method, t=target, s=seed, k=knob: run_row(ctx, m, t, s, k))
+                key = f"{model}_{method}_{target}_{seed}"
+                row = remeasured(ctx, key, cached(ctx, key, fp, lambda m=method, t=target, s=seed, k=knob:
+                                                  run_row(ctx, m, t, s, k)))
                 if row is not None:
                     rows.append(_announce({**row, "model": model, "baseline": _accuracy(baselines[seed])}))
     if with_tp:
@@ -355,8 +392,9 @@ def run_model(ctx: Context, methods, targets, seeds, probes: int, with_tp: bool)
             for target in targets:
                 for seed in seeds:
                     fp = ctx.setting.fingerprint(tp=importance, target=target, seed=seed)
-                    row = cached(ctx, f"{model}_tp-{importance}_{target}_{seed}", fp,
-                                 lambda i=importance, t=target, s=seed: torch_pruning_row(ctx, i, t, s))
+                    key = f"{model}_tp-{importance}_{target}_{seed}"
+                    row = remeasured(ctx, key, cached(ctx, key, fp, lambda i=importance, t=target, s=seed:
+                                                      torch_pruning_row(ctx, i, t, s)))
                     if row is not None:
                         rows.append(_announce({**row, "model": model, "baseline": _accuracy(baselines[seed])}))
     return rows
@@ -416,13 +454,24 @@ def markdown(rows: list[dict], command: str, pending: list[str], finish: str) ->
     lines += ["", "Top-1 on the 10,000 test images (mean ± std over seeds), onnxruntime for the slimmed model; the "
               "dense baseline is trained for the same total epochs on the same split. Knobs were chosen on MACs "
               "only (seed 0, validation split for the probes' accuracy); the test split is evaluated once per row. "
-              "Speedup: dense over slimmed ONNX latency, 1 thread, batch 1, interleaved rounds."]
+              "Speedup: dense over slimmed ONNX latency, 1 thread, batch 1, interleaved rounds.", "",
+              _how_measured([r for r in rows if "accuracy" in r and "model" in r])]
     for (model, method), why in skipped.items():
         lines += ["", f"{model} / {method}: not applicable ({why})."]
     if pending:
         lines += ["", f"**Not yet computed ({len(pending)} rows):** {', '.join(sorted(pending))}.", "",
                   f"Finish them with `{finish}` (rows resume: finished ones are reused)."]
     return "\n".join(lines) + "\n"
+
+
+def _how_measured(rows: list[dict]) -> str:
+    """How many rows were slimmed at which ``round_to`` (rows without the field: 1, the Python API's
+    default they were measured with) and against which reference their max diff was taken."""
+    rounding = collections.Counter(r.get("round_to", 1) for r in rows)
+    reference = collections.Counter(r.get("diff_reference", "PyTorch masked") for r in rows)
+    return ("Slimmed with round_to (`auto` since the rows were measured again with `--remeasure`): "
+            + ", ".join(f"{k}: {v} rows" for k, v in sorted(rounding.items())) + ". Max abs diff against: "
+            + ", ".join(f"{k}: {v} rows" for k, v in sorted(reference.items())) + ".")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -477,6 +526,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="train nothing: build the table and plot from the finished rows, list the pending ones")
     parser.add_argument("--publish", type=Path, default=None,
                         help="also write the table, JSON and plot to this folder (e.g. docs/reproduce/fmnist)")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="train nothing: slim every finished row's masked.onnx again (round_to auto) and measure "
+                             "its accuracy, speedup and max diff again (run it on an idle machine)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -503,10 +555,11 @@ def main() -> int:
         if args.quick:
             test = dataclasses.replace(test, images=test.images[:512], labels=test.labels[:512])
         setting = Setting(str(Path(args.data).resolve()), train_n, val_n, model, epochs, args.quick)
-        ctx = Context(setting, spec, train, val, test, args.out, not args.no_progress, args.table_only)
+        ctx = Context(setting, spec, train, val, test, args.out, not args.no_progress,
+                      args.table_only or args.remeasure, remeasure=args.remeasure)
         rows += run_model(ctx, args.methods, args.costs, args.seeds, probes, args.torch_pruning)
         pending += ctx.pending
-    argv = [a for a in sys.argv[1:] if a != "--table-only"]
+    argv = [a for a in sys.argv[1:] if a not in ("--table-only", "--remeasure")]
     if "--publish" in argv:  # the command that finishes the rows does not need to publish
         at = argv.index("--publish")
         argv = argv[:at] + argv[at + 2:]

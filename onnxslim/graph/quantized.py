@@ -59,6 +59,37 @@ def fake_quantizer(node: onnx.NodeProto, initializers, producer, read) -> onnx.N
     return quantizer
 
 
+def check_parameters(graph: onnx.GraphProto) -> str | None:
+    """What is wrong with the constant quantization parameters of ``graph``'s QuantizeLinear and
+    DequantizeLinear nodes (default domain, not blocked), or None.
+
+    For a node whose input, scale and zero point are initializers: the zero point has the scale's dims,
+    and a per-axis scale (1-D, more than one value) has ``axis`` within the input's rank and one value
+    per entry of that axis (ONNX QuantizeLinear/DequantizeLinear-13..21). Only dims are read.
+    """
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx") \
+                or _attr(node, "block_size", 0) or len(node.input) < 2:
+            continue
+        where = f"{node.op_type} {node.name or node.output[0]!r}"
+        scale = dims.get(node.input[1])
+        zero_point = dims.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            continue
+        if zero_point is not None and int(np.prod(zero_point)) != int(np.prod(scale)):
+            return f"{where}: zero point dims {zero_point} differ from the scale's {scale}"
+        data = dims.get(node.input[0])
+        if data is None or len(scale) != 1 or scale[0] == 1:
+            continue
+        axis = _attr(node, "axis", 1)
+        if not -len(data) <= axis < len(data):
+            return f"{where}: axis {axis} is outside the rank {len(data)} of its input"
+        if data[axis] != scale[0]:
+            return f"{where}: {scale[0]} scales for the {data[axis]} entries of axis {axis} of its input"
+    return None
+
+
 def quantize(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
     """``saturate(rint(value / scale) + zero_point)`` in zero_point's type, as QuantizeLinear computes it
     (a float32 quotient, rounded half to even; ONNX QuantizeLinear-13)."""
@@ -66,10 +97,28 @@ def quantize(value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis:
         shape = [1] * value.ndim
         shape[axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    info = np.iinfo(zero_point.dtype)
+    info = integer_range(zero_point.dtype)
+    if info is None:  # float8 QuantizeLinear casts (with saturation), it does not round
+        with np.errstate(all="ignore"):
+            return (value.astype(scale.dtype) / scale + zero_point.astype(scale.dtype)).astype(zero_point.dtype)
     with np.errstate(all="ignore"):
         ratio = np.rint(value.astype(scale.dtype) / scale)
-    return np.clip(ratio + zero_point.astype(np.float64), info.min, info.max).astype(zero_point.dtype)
+    return np.clip(ratio + zero_point.astype(np.float64), info[0], info[1]).astype(zero_point.dtype)
+
+
+def integer_range(dtype: np.dtype) -> tuple[int, int] | None:
+    """(min, max) of an integer type, numpy's or ml_dtypes' 4-bit ones (``int4``, ``uint4``); None for
+    other types (float8)."""
+    try:
+        info = np.iinfo(dtype)
+    except ValueError:
+        import ml_dtypes
+
+        try:
+            info = ml_dtypes.iinfo(dtype)
+        except (ValueError, TypeError):
+            return None
+    return int(info.min), int(info.max)
 
 
 def parameters(node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None):
@@ -118,12 +167,14 @@ def _quantize(value: np.ndarray, scale, zero_point, q_dtype: np.dtype) -> np.nda
     value = np.asarray(value)
     if value.dtype != np.asarray(scale).dtype:
         return None
-    info = np.iinfo(q_dtype)
+    info = integer_range(q_dtype)
+    if info is None:  # float8: stored dequantized
+        return None
     with np.errstate(all="ignore"):
         ratio = np.rint(value.astype(np.float64) / np.float64(scale))
     if not np.isfinite(ratio).all():
         return None
-    q = np.clip(ratio + int(zero_point), info.min, info.max).astype(q_dtype)
+    q = np.clip(ratio + int(zero_point), info[0], info[1]).astype(q_dtype)
     if not np.array_equal(dequantize(q, np.asarray(scale), np.asarray(zero_point), None), value):
         return None
     return q

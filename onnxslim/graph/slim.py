@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.graph import quantized
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.cleanup import (
     fold_channel_scales,
@@ -177,7 +178,8 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
 
 def check_input(model: onnx.ModelProto) -> None:
     """Refuse an input that onnx itself rejects (``onnx.checker`` with full shape inference, run on the
-    weight-free skeleton): it is the user's invalid model, not a failure of slim.
+    weight-free skeleton), or constant quantization parameters that do not fit their data
+    (:func:`quantized.check_parameters`): it is the user's invalid model, not a failure of slim.
 
     Raises OnnxSlimError("invalid input model: ...").
     """
@@ -185,6 +187,9 @@ def check_input(model: onnx.ModelProto) -> None:
         _checker(skeleton(model), full=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
+    problem = quantized.check_parameters(model.graph)  # the checker does not compare them with the data
+    if problem is not None:
+        raise OnnxSlimError(f"invalid input model: {problem}")
 
 
 def _checker(model: onnx.ModelProto, full: bool) -> None:

@@ -1,0 +1,89 @@
+"""Hostile model files (attack pass 2): malformed constant quantization parameters are refused as bad
+input (one ``error:`` line, exit 2, nothing written, the input unchanged); valid 4-bit weights stored
+packed in ``int32_data`` are read, not refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from graphs import GraphBuilder, assert_equivalent
+from onnx import TensorProto, helper
+
+from onnxslim.cli import main
+from onnxslim.graph.slim import slim
+
+
+def _dequantized_conv(scales: int = 4, zero_points: int = 4, axis: int = 0) -> onnx.ModelProto:
+    """Conv(x, DequantizeLinear(int8 w[4,3,3,3], scale[scales], zero_point[zero_points], axis)) -> mask -> Conv."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    weight = g.op("DequantizeLinear", [g.const(np.ones((4, 3, 3, 3), np.int8)),
+                                       g.const(np.full(scales, 0.1, np.float32)),
+                                       g.const(np.zeros(zero_points, np.int8))], axis=axis)
+    y = g.mask(g.op("Conv", [x, weight], pads=[1] * 4), 4, zeros=[2])
+    g.output(g.conv(y, 4, 2))
+    outputs = [helper.make_tensor_value_info(g.outputs[0], TensorProto.FLOAT, [1, 2, 8, 8])]
+    model = helper.make_model(helper.make_graph(g.nodes, "q", g.inputs, outputs, g.initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("scales, zero_points, axis, message", [
+    (4, 3, 0, "zero point dims [3] differ from the scale's [4]"),
+    (5, 5, 0, "5 scales for the 4 entries of axis 0"),
+    (4, 4, 7, "axis 7 is outside the rank 4"),
+], ids=["zero-point-length", "scale-length", "axis"])
+def test_malformed_quantization_parameters_are_bad_input(tmp_path, scales, zero_points, axis, message):
+    path = tmp_path / "q.onnx"
+    onnx.save(_dequantized_conv(scales, zero_points, axis), path)
+    before = path.read_bytes()
+    for command in (["slim", path, tmp_path / "out.onnx"], ["inspect", path]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: invalid input model: ") and message in lines[0], lines
+    assert path.read_bytes() == before and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype, entries", [(TensorProto.INT4, 54), (TensorProto.FLOAT8E4M3FN, 108)],
+                         ids=["int4", "float8"])
+def test_sub_byte_and_float8_weights_slim(tmp_path, dtype, entries):
+    """onnx.helper packs two INT4 values per ``int32_data`` entry (108 values in 54 entries); a sliced
+    int4 or float8 weight is written back (int4 requantized, float8 dequantized), not a traceback."""
+    g = GraphBuilder(opset=21)
+    x = g.input([1, 3, 8, 8])
+    g.initializers.append(helper.make_tensor("wq", dtype, [4, 3, 3, 3], [1, -2] * 54))
+    g.initializers.append(helper.make_tensor("wz", dtype, [4], [0, 1, 0, 0] if dtype == TensorProto.INT4 else [0] * 4))
+    weight = g.op("DequantizeLinear", ["wq", g.const(np.full(4, 0.1, np.float32)), "wz"], axis=0)
+    y = g.mask(g.op("Conv", [x, weight], pads=[1] * 4), 4, zeros=[2])
+    g.output(g.conv(y, 4, 2))
+    model = g.model()
+    assert len(model.graph.initializer[0].int32_data) == entries
+    path = tmp_path / "w.onnx"
+    onnx.save(model, path)
+    slimmed, report = slim(path)
+    assert report.deleted_masked_channels == 1
+    assert_equivalent(model, slimmed)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mnist:abc", "bad mnist spec 'mnist:abc'"),
+    ("mnist:999999", "would take"),
+    ("mnistseg:99999", "would take"),
+    ("synthetic:-1,3,8,8", "every dim must be >= 1"),
+    ("synthetic:100000,100000,100000,100000", "would take"),
+], ids=["mnist-not-a-number", "mnist-petabytes", "mnistseg-huge", "synthetic-negative", "synthetic-huge"])
+def test_data_specs_with_bad_numbers_are_bad_input(tmp_path, spec, message):
+    """A data spec's numbers are checked before any array is built: no ValueError traceback, no
+    petabyte allocation."""
+    g = GraphBuilder()
+    g.output(g.conv(g.input([1, 1, 28, 28]), 1, 2))
+    path = tmp_path / "m.onnx"
+    onnx.save(g.model(), path)
+    result = CliRunner().invoke(main, ["check", str(path), str(path), "--data", spec])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
