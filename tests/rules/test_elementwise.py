@@ -137,3 +137,27 @@ def test_zero_residual_branch_is_removed_from_the_graph():
     slimmed, report = slim_checked(g.model())
     assert conv_channels(slimmed) == [8, 4]  # the branch's two convs are gone
     assert "Add" not in ops(slimmed) and "Mul" not in ops(slimmed)
+
+
+@pytest.mark.parametrize("spelling", ["where_greater", "masked_fill", "hardshrink", "not_and"])
+def test_where_of_a_comparison_keeps_zero_channels_zero(spelling):
+    """``torch.where(y > t, y, 0)``, ``y.masked_fill(y < t, 0)``, Hardshrink (``Where(|y| <= l, 0, y)``)
+    and a logical mask: on a zero channel the condition is a constant and both branches are 0, so the
+    channel stays zero. 3 masked channels: 0 -> 3 deleted (before: the comparison was a barrier)."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.mask(g.conv(x, 3, 8), 8, zeros=[1, 4, 6])
+    t, zero = g.const(np.float32(0.2)), g.const(np.float32(0.0))
+    if spelling == "where_greater":
+        y = g.op("Where", [g.op("Greater", [y, t]), y, zero])
+    elif spelling == "masked_fill":
+        y = g.op("Where", [g.op("Less", [y, t]), zero, y])
+    elif spelling == "hardshrink":
+        y = g.op("Where", [g.op("LessOrEqual", [g.op("Abs", [y]), t]), zero, y])
+    else:
+        band = g.op("And", [g.op("Not", [g.op("Less", [y, t])]), g.op("GreaterOrEqual", [y, zero])])
+        y = g.op("Where", [band, y, g.op("Mul", [y, g.const(np.float32(0.1))])])
+    head(g, y, 8)
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert conv_channels(slimmed) == [5, 4]

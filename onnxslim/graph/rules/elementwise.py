@@ -7,7 +7,9 @@ non-zero constant otherwise (Sigmoid: 0.5, HardSigmoid: beta).
 N-ary ``y = f(a, b, ...)`` with numpy broadcasting: inputs that span the channel axis are either
 feature maps, whose channels are **coupled** (a residual Add, SE gating ``x * s`` with s of shape
 N×C×1×1), or constants, which are sliced along the channel axis. A channel of ``y`` is constant when
-every operand's channel is (``Mul``: when any operand's channel is zero). A ``Mul`` by a constant that
+every operand's channel is (``Mul``: when any operand's channel is zero; ``Where(cond, x, y)``: when a
+constant condition picks a constant channel, or x and y hold the same constant, so
+``torch.where(y > t, y, 0)`` and ``masked_fill`` keep a zero channel zero). A ``Mul`` by a constant that
 varies only along the channel axis is a **mask**: its zero entries are the channels to delete.
 A feature operand whose channel dim is 1 (a spatial gate ``x * g[N,1,H,W]``, or ``x + g``) is read by
 every output channel: its one channel is kept, and the output carries the ids of the full operands.
@@ -96,7 +98,7 @@ def unary_function(node: onnx.NodeProto, constant_inputs: list[np.ndarray | None
         "Softsign": lambda v: v / (1.0 + np.abs(v)), "Softplus": lambda v: np.logaddexp(0.0, v),
         "Mish": lambda v: v * np.tanh(np.logaddexp(0.0, v)),
         "Identity": lambda v: v, "Dropout": lambda v: v, "Sqrt": np.sqrt, "Reciprocal": lambda v: 1.0 / v,
-        "Log": np.log, "Relu6": lambda v: np.clip(v, 0, 6),
+        "Log": np.log, "Relu6": lambda v: np.clip(v, 0, 6), "Not": lambda v: (v == 0).astype(np.float64),
     }
     if op in simple:
         return simple[op]
@@ -121,8 +123,8 @@ def apply_to_constants(function, info: ChannelInfo) -> ChannelInfo:
 
 #: unary ops whose output is >= 0 for every input (ONNX operator spec): Relu ``max(0, x)``, Sigmoid
 #: ``1 / (1 + exp(-x))``, HardSigmoid ``max(0, min(1, alpha x + beta))``, Softplus ``ln(exp(x) + 1)``,
-#: Abs ``|x|``, Exp ``exp(x)``
-_NONNEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs", "Exp"})
+#: Abs ``|x|``, Exp ``exp(x)``, Not (a boolean)
+_NONNEGATIVE = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softplus", "Abs", "Exp", "Not"})
 #: unary ops with ``f(x) >= 0`` for ``x >= 0`` (spec formulas): ``f(x) = x`` there (Identity, Dropout in
 #: inference; LeakyRelu, Elu, Celu), odd increasing functions (Tanh, Erf, Softsign, Sign), ``x`` times a
 #: factor >= 0 (Gelu, Mish, HardSwish), Sqrt, and rounding (Floor, Ceil, Round)
@@ -160,7 +162,7 @@ class UnaryRule(Rule):
     op_types = (
         "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid", "HardSigmoid", "HardSwish",
         "Shrink", "Gelu", "Clip", "Tanh", "Abs", "Neg", "Exp", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
-        "Erf", "Softsign", "Softplus", "Mish", "Identity", "Dropout", "Sqrt", "Reciprocal", "Log", "Cast",
+        "Erf", "Softsign", "Softplus", "Mish", "Identity", "Dropout", "Sqrt", "Reciprocal", "Log", "Cast", "Not",
     )
     passthrough = True
 
@@ -211,7 +213,19 @@ _NARY = {
     "Sum": lambda vs: np.add.reduce(vs),
     "Mean": lambda vs: np.add.reduce(vs) / len(vs),
     "PRelu": lambda vs: np.where(vs[0] >= 0, vs[0], vs[1] * vs[0]),
+    # comparisons and logic give booleans (here 0.0 / 1.0); Where(cond, x, y) selects per element
+    "Greater": lambda vs: np.greater(vs[0], vs[1]).astype(np.float64),
+    "Less": lambda vs: np.less(vs[0], vs[1]).astype(np.float64),
+    "GreaterOrEqual": lambda vs: np.greater_equal(vs[0], vs[1]).astype(np.float64),
+    "LessOrEqual": lambda vs: np.less_equal(vs[0], vs[1]).astype(np.float64),
+    "Equal": lambda vs: np.equal(vs[0], vs[1]).astype(np.float64),
+    "And": lambda vs: np.logical_and(vs[0] != 0, vs[1] != 0).astype(np.float64),
+    "Or": lambda vs: np.logical_or(vs[0] != 0, vs[1] != 0).astype(np.float64),
+    "Xor": lambda vs: np.logical_xor(vs[0] != 0, vs[1] != 0).astype(np.float64),
+    "Where": lambda vs: np.where(vs[0] != 0, vs[1], vs[2]),
 }
+#: n-ary ops whose output is boolean, so >= 0
+_BOOLEAN = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Xor"})
 
 
 class _Operand:
@@ -283,9 +297,18 @@ def _drop_zero_operands(node, rewriter) -> None:
     node.input.extend(survivors)
 
 
+def _where_constant(consts: list[np.ndarray], values: list[np.ndarray]) -> np.ndarray:
+    """Channels of ``Where(cond, x, y)`` that are constant: a constant condition picking a constant
+    channel, or x and y the same constant (a zero channel masked either way: ``masked_fill(y < t, 0)``
+    of a zero channel, ``torch.where(y > t, y, 0)``, Hardshrink)."""
+    picked = consts[0] & np.where(values[0] != 0, consts[1], consts[2])
+    return picked | (consts[1] & consts[2] & (values[1] == values[2]))
+
+
 @register
 class NaryRule(Rule):
-    """Add, Sub, Mul, Div, Pow, Max, Min, Sum, Mean, PRelu with broadcasting."""
+    """Add, Sub, Mul, Div, Pow, Max, Min, Sum, Mean, PRelu, comparisons (Greater, Less, Equal ...),
+    And, Or, Xor and Where with broadcasting."""
 
     op_types = tuple(_NARY)
     passthrough = True
@@ -352,6 +375,8 @@ class NaryRule(Rule):
             zero = np.logical_or.reduce([c & (v == 0) for c, v in zip(consts, values)])
         elif node.op_type == "Div" and analysis.positive(node.input[1]):  # 0 / d = 0 when d is never 0
             zero = consts[0] & (values[0] == 0)
+        elif node.op_type == "Where" and len(consts) == 3:
+            const = _where_constant(consts, values)
         if zero is not None:
             const |= zero
             value = np.where(zero, 0.0, value)
@@ -371,9 +396,14 @@ class NaryRule(Rule):
         * Add, Mul, Sum, Mean, Min: every operand >= 0; Max: some operand >= 0; PRelu: ``x >= 0`` gives x;
         * Div: numerator >= 0 and denominator a constant > 0 (a computed ``-0.0`` divisor gives -inf);
         * Pow: base >= 0 and exponent a constant >= 0, or any base and an even integer exponent
-          (``x.pow(2)`` of an L2 norm); Sub: never.
+          (``x.pow(2)`` of an L2 norm); Sub: never;
+        * comparisons, And, Or, Xor: booleans, always; Where: both branches >= 0.
         """
         op, index = node.op_type, analysis.index
+        if op in _BOOLEAN:
+            return True
+        if op == "Where":
+            return inputs_nonnegative(node, analysis, (1, 2))
         if op == "Pow" and len(node.input) == 2:
             exponent = index.constant(node.input[1])
             if exponent is not None and exponent.size and np.all(np.mod(exponent, 2) == 0):
