@@ -191,6 +191,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise OnnxSlimError(f"recipe not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise OnnxSlimError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib does not wrap the decoding error
+        raise OnnxSlimError(f"{path}: not valid TOML (not UTF-8 text: byte {exc.start})") from None
     return recipe_from_dict(raw, source=str(path), default_name=path.stem)
 
 

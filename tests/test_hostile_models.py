@@ -1,8 +1,13 @@
-"""Hostile model files (attack pass 2): malformed constant quantization parameters are refused as bad
-input (one ``error:`` line, exit 2, nothing written, the input unchanged); valid 4-bit weights stored
-packed in ``int32_data`` are read, not refused."""
+"""Hostile inputs (attack pass 2): malformed constant quantization parameters, data specs with bad or
+huge numbers, a non-UTF-8 recipe and a code-running pickle of a newer protocol are each one ``error:``
+line and exit 2 (nothing written, the input unchanged); valid 4-bit and float8 weights are slimmed."""
 
 from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -87,3 +92,35 @@ def test_data_specs_with_bad_numbers_are_bad_input(tmp_path, spec, message):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+class _Payload:
+    """Unpickling this object would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_code_pickle_of_a_newer_protocol_is_one_error_line(tmp_path):
+    """A plain ``pickle.dump`` (protocol 4/5, not torch's 2) of an object that would run code: torch's
+    weights_only loader refuses it and warns about the protocol; stderr holds only the error line."""
+    marker, checkpoint = tmp_path / "pwned", tmp_path / "evil.pt"
+    checkpoint.write_bytes(pickle.dumps({"state": _Payload(marker)}, protocol=pickle.HIGHEST_PROTOCOL))
+    result = subprocess.run([sys.executable, "-m", "onnxslim", "export", str(checkpoint), "-o",
+                             str(tmp_path / "e.onnx")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "evil.pt" in lines[0], result.stderr
+    assert not marker.exists() and not (tmp_path / "e.onnx").exists()
+
+
+def test_recipe_that_is_not_utf8_is_one_error_line(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_bytes(b"\xff\xfe\x00name = 1\n")
+    result = CliRunner().invoke(main, ["train", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid TOML (not UTF-8" in lines[0], lines

@@ -379,6 +379,7 @@ def load_checkpoint(path: str | Path) -> dict:
     missing, unreadable, holds any other object, or is not an onnxslim checkpoint.
     """
     import pickle
+    import warnings
 
     path = Path(path)
     if not path.exists():
@@ -386,7 +387,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.is_dir():
         raise OnnxSlimError(f"checkpoint {path} is a directory")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refused: never fall back to full unpickling
         refused = _refused_global(exc)
         if refused is None:
