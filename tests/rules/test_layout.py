@@ -133,3 +133,15 @@ def test_zero_inception_branch_and_its_concat_slice_are_removed():
     slimmed, _ = slim_checked(g.model())
     assert conv_channels(slimmed) == [6, 4]
     assert "Concat" not in ops(slimmed)
+
+
+def test_tile_of_spatial_axes_passes_channels():
+    """``x.repeat(1, 1, 2, 2)`` (Tile with repeats [1, 1, 2, 2]) copies each channel's plane: 3 masked
+    channels, 0 -> 3 deleted (before: Tile had no rule); repeating the channel axis stays a barrier."""
+    for repeats, deleted in (([1, 1, 2, 2], 3), ([1, 2, 1, 1], 0)):
+        g = GraphBuilder()
+        y = g.mask(g.conv(g.input([1, 3, 6, 6]), 3, 8), 8, zeros=[1, 4, 6])
+        tiled = g.op("Tile", [y, g.const(np.array(repeats, np.int64))])
+        head(g, tiled, 8 * repeats[1])
+        _, report = slim_checked(g.model())
+        assert report.deleted_masked_channels == deleted, report.format_table()

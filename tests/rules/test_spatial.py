@@ -97,3 +97,14 @@ def test_pad_opset13_with_nonzero_fill_keeps_zero_channels_before_a_padded_conv_
     slimmed, report = slim_checked(g.model())
     assert conv_channels(slimmed) == [6, 4]
     assert report.kept
+
+
+def test_cumsum_along_a_spatial_axis_keeps_zero_channels_zero():
+    """``torch.cumsum(y, 2)`` sums within each channel: 3 masked channels, 0 -> 3 deleted (before: CumSum
+    had no rule); along the channel axis it is a barrier (0 deleted)."""
+    for axis, deleted in ((2, 3), (1, 0)):
+        g = GraphBuilder()
+        y = g.mask(g.conv(g.input([1, 3, 6, 6]), 3, 8), 8, zeros=[1, 4, 6])
+        head(g, g.op("CumSum", [y, g.const(np.array(axis, np.int64))]), 8)
+        _, report = slim_checked(g.model())
+        assert report.deleted_masked_channels == deleted, report.format_table()

@@ -14,7 +14,8 @@
   passes channels through. Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
   later op expects channels on axis 1 (it only moves the axis here).
 * Squeeze / Unsqueeze / Transpose keep channels and move the channel axis; Expand broadcasts them (its
-  shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature).
+  shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature);
+  Tile that repeats only other axes passes them.
 * Shape reads no channel values: it does not keep anything (Reshape targets computed from it are
   handled by the Reshape rule).
 """
@@ -578,6 +579,28 @@ class ExpandRule(_MovesElements):
             shape = shape.copy()
             shape[position] = int(keep.sum())
             rewriter.weights.write(node, 1, shape, key=("shape", shape.tobytes()))
+
+
+@register
+class TileRule(_MovesElements):
+    """Tile (ONNX Tile-13): ``repeats[i]`` copies of the input along each axis ``i``. With 1 repeat of the
+    channel axis (``x.repeat(1, 1, 2, 2)``), output channel ``c`` holds copies of input channel ``c``'s
+    elements only: channels and their constant values pass; repeating the channel axis is a barrier."""
+
+    op_types = ("Tile",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature(node, analysis)
+        if x is None:
+            return
+        repeats = static_values(shape_value(analysis.index, node.input[1])) if len(node.input) > 1 else None
+        if repeats is None or len(repeats) != x.rank:
+            analysis.barrier(node, "its repeats are computed")
+        elif repeats[x.axis] != 1:
+            analysis.barrier(node, "repeats the channel axis")
+        else:
+            pass_through(node, analysis, x.with_values(x.const, x.value))
 
 
 @register

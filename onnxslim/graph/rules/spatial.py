@@ -7,6 +7,7 @@ Upsample interpolate between equal values and keep constants; cubic keeps only z
 constant ``v`` when it pads with ``v`` (or replicates edges) and never pads the channel axis.
 
 Softmax and the like over a spatial axis pass channels through; over the channel axis they are barriers.
+CumSum along a spatial axis keeps only zero.
 """
 
 from __future__ import annotations
@@ -203,6 +204,32 @@ class PadRule(Rule):
             fill = _pad_fill(node, analysis.index)
             if fill is None or not fill >= 0:
                 return False
+        return inputs_nonnegative(node, analysis)
+
+
+@register
+class CumSumRule(Rule):
+    """CumSum (ONNX CumSum-14) along a constant axis other than the channel axis sums within each channel:
+    channels pass, zero stays zero (a sum of zeros), another constant does not; along the channel axis it
+    mixes channels (a barrier)."""
+
+    op_types = ("CumSum",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = _feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        axis = analysis.index.constant(node.input[1]) if len(node.input) > 1 else None
+        if axis is None or axis.size != 1:
+            analysis.barrier(node, "its axis is computed")
+        elif normalize_axis(int(axis.reshape(-1)[0]), x.rank) == x.axis:
+            analysis.barrier(node, "sums across the channel axis")
+        else:
+            pass_through(node, analysis, x.with_values(x.zero, np.zeros(x.size)))
+
+    def nonnegative(self, node, analysis):
+        """Sums (exclusive: from 0) of elements >= 0 are >= 0."""
         return inputs_nonnegative(node, analysis)
 
 
