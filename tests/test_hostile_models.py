@@ -4,7 +4,9 @@ line and exit 2 (nothing written, the input unchanged); valid 4-bit and float8 w
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from graphs import GraphBuilder, assert_equivalent
 from onnx import TensorProto, helper
 
 from onnxslim.cli import main
+from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.slim import slim
+from onnxslim.io import write_bytes_atomic
 
 
 def _dequantized_conv(scales: int = 4, zero_points: int = 4, axis: int = 0) -> onnx.ModelProto:
@@ -166,3 +170,22 @@ def test_models_the_checker_lets_through_are_refused(tmp_path, how, message):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: invalid input model: ") and message in lines[0], lines
     assert path.read_bytes() == before and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("option", ["OUT", "--json"])
+def test_an_output_on_a_fifo_or_device_is_refused(tmp_path, option):
+    """``slim m.onnx /dev/null`` (as root) renamed a regular file over the device; a FIFO stands in for it
+    here. Refused before any work, the FIFO left as it was."""
+    model = tmp_path / "m.onnx"
+    onnx.save(_masked_conv_model(), model)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    output = [str(fifo)] if option == "OUT" else [str(tmp_path / "out.onnx"), "--json", str(fifo)]
+    result = CliRunner().invoke(main, ["slim", str(model), *output, "--no-verify-speed"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {fifo}: it is a device, FIFO"), lines
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (tmp_path / "out.onnx").exists()
+    with pytest.raises(OnnxSlimError, match="not a regular file"):
+        write_bytes_atomic(fifo, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
