@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -114,8 +115,26 @@ def _temp_prefix(path: Path) -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{path.name[:_NAME_LIMIT]}."
 
 
+def check_replaceable(path: str | os.PathLike, folder_ok: bool = False) -> None:
+    """Refuse (:class:`OnnxSlimError`) an output path that names a device, a FIFO or a socket
+    (``/dev/null``): the final rename would replace it with a regular file. A missing path, a regular
+    file and a symlink (the rename replaces the link, never its target) are fine; a folder is fine when
+    ``folder_ok`` (outputs that are folders)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return
+    kind = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+    raise OnnxSlimError(f"cannot write {path}: it is {kind}, not a regular file (writing renames a new file "
+                        f"over it)")
+
+
 def _prepare_folder(path: Path) -> Path:
-    """Create ``path``'s folder and remove stray temporary files of dead writers from it."""
+    """Check that ``path`` may be replaced, create its folder and remove stray temporary files of dead
+    writers from it."""
+    check_replaceable(path, folder_ok=True)  # a folder: os.replace fails on it and says so
     folder = path.parent
     with _os_errors(path):
         folder.mkdir(parents=True, exist_ok=True)
@@ -347,12 +366,14 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_distinct_paths(inputs: Sequence[tuple[str, Path]], outputs: Sequence[tuple[str, Path]]) -> None:
-    """Refuse (``OnnxSlimError``) an output that is an input, or two outputs that are one file.
+    """Refuse (``OnnxSlimError``) an output that is an input, two outputs that are one file, or an output
+    on a device, FIFO or socket (:func:`check_replaceable`).
 
     ``inputs`` and ``outputs`` are ``(label, path)`` pairs; labels name the option in the message.
     Called before anything is written.
     """
     for index, (label, path) in enumerate(outputs):
+        check_replaceable(path, folder_ok=True)
         for in_label, source in inputs:
             if same_file(path, source):
                 raise OnnxSlimError(f"{label} {path} is the input {in_label} {source}; refusing to overwrite it")

@@ -4,7 +4,9 @@ line and exit 2 (nothing written, the input unchanged); valid 4-bit and float8 w
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from graphs import GraphBuilder, assert_equivalent
 from onnx import TensorProto, helper
 
 from onnxslim.cli import main
+from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.slim import slim
+from onnxslim.io import write_bytes_atomic
 
 
 def _dequantized_conv(scales: int = 4, zero_points: int = 4, axis: int = 0) -> onnx.ModelProto:
@@ -124,3 +128,64 @@ def test_recipe_that_is_not_utf8_is_one_error_line(tmp_path):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid TOML (not UTF-8" in lines[0], lines
+
+
+def _masked_conv_model() -> onnx.ModelProto:
+    g = GraphBuilder()
+    y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 8, 8]), 3, 4), 4, zeros=[1])])
+    g.output(g.conv(y, 4, 2))
+    return g.model()
+
+
+def _legacy(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
+    if how == "opset 6":  # the mask as Mul-6 with legacy broadcasting along axis 1: one value per channel
+        model.opset_import[0].version = 6
+        mul = next(n for n in model.graph.node if n.op_type == "Mul")
+        mask = next(t for t in model.graph.initializer if t.name == mul.input[1])
+        mask.dims[:] = [4]
+        mul.attribute.extend([helper.make_attribute("broadcast", 1), helper.make_attribute("axis", 1)])
+    elif how == "opset 99":
+        model.opset_import[0].version = 99
+    else:  # a negative dim in the declared input shape
+        model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -5
+    return model
+
+
+@pytest.mark.parametrize("how, message", [
+    ("opset 6", "opset 6 is older than 7"),
+    ("opset 99", "opset 99 is newer than this onnx package defines"),
+    ("negative dim", "'x' is declared with a negative dim [1, 3, -5, 8]"),
+], ids=["opset-6-legacy-broadcast", "opset-99", "negative-input-dim"])
+def test_models_the_checker_lets_through_are_refused(tmp_path, how, message):
+    """onnx.checker passes these; slim would read a Mul-6's legacy broadcast as numpy broadcasting, write
+    an opset no runtime knows, or blame itself ('internal error') for the user's negative dim."""
+    model = _legacy(_masked_conv_model(), how)
+    onnx.checker.check_model(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    for command in (["slim", path, tmp_path / "out.onnx"], ["prune", path, tmp_path / "out.onnx"], ["inspect", path]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: invalid input model: ") and message in lines[0], lines
+    assert path.read_bytes() == before and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("option", ["OUT", "--json"])
+def test_an_output_on_a_fifo_or_device_is_refused(tmp_path, option):
+    """``slim m.onnx /dev/null`` (as root) renamed a regular file over the device; a FIFO stands in for it
+    here. Refused before any work, the FIFO left as it was."""
+    model = tmp_path / "m.onnx"
+    onnx.save(_masked_conv_model(), model)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    output = [str(fifo)] if option == "OUT" else [str(tmp_path / "out.onnx"), "--json", str(fifo)]
+    result = CliRunner().invoke(main, ["slim", str(model), *output, "--no-verify-speed"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {fifo}: it is a device, FIFO"), lines
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not (tmp_path / "out.onnx").exists()
+    with pytest.raises(OnnxSlimError, match="not a regular file"):
+        write_bytes_atomic(fifo, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

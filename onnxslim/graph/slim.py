@@ -30,7 +30,7 @@ from onnxslim.graph.cleanup import (
     remove_identities,
     sync_ir3_inputs,
 )
-from onnxslim.graph.model import Graph, attach_weights, detach_weights, serialized_size
+from onnxslim.graph.model import Graph, attach_weights, detach_weights, opset_version, serialized_size
 from onnxslim.graph.names import module_path
 from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers, fold_static_dims
 from onnxslim.graph.plan import RemovalPlan
@@ -45,6 +45,7 @@ from onnxslim.io import load_onnx, save_model_atomic
 # above this size the checker runs on the weight-free skeleton (plus our own tensor-size check),
 # so that checking never holds a second serialised copy of a large model
 _FULL_CHECK_LIMIT = 16 << 20
+_OLDEST_OPSET = 7  # onnxruntime's oldest; numpy-style broadcasting from here on
 _STATIC_DIM_ROUNDS = 64  # fold_static_dims rounds: a legacy ShuffleNet block needs two (its shapes follow the last)
 
 
@@ -178,7 +179,10 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
 
 def check_input(model: onnx.ModelProto) -> None:
     """Refuse an input that onnx itself rejects (``onnx.checker`` with full shape inference, run on the
-    weight-free skeleton), or constant quantization parameters that do not fit their data
+    weight-free skeleton), or what the checker lets through: a default-domain opset before 7 (elementwise
+    ops broadcast by the legacy ``broadcast``/``axis`` attributes, which the rules do not read;
+    onnxruntime runs opset 7 and later) or newer than the installed onnx defines, a negative dim in a
+    declared shape, constant quantization parameters that do not fit their data
     (:func:`quantized.check_parameters`): it is the user's invalid model, not a failure of slim.
 
     Raises OnnxSlimError("invalid input model: ...").
@@ -187,9 +191,29 @@ def check_input(model: onnx.ModelProto) -> None:
         _checker(skeleton(model), full=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
-    problem = quantized.check_parameters(model.graph)  # the checker does not compare them with the data
+    problem = _opset_problem(model) or _negative_dim(model.graph) or quantized.check_parameters(model.graph)
     if problem is not None:
         raise OnnxSlimError(f"invalid input model: {problem}")
+
+
+def _opset_problem(model: onnx.ModelProto) -> str | None:
+    version = opset_version(model)
+    newest = onnx.defs.onnx_opset_version()
+    if version < _OLDEST_OPSET:
+        return (f"default-domain opset {version} is older than {_OLDEST_OPSET} (before it, elementwise ops broadcast "
+                f"by their 'broadcast'/'axis' attributes); convert it with onnx.version_converter")
+    if version > newest:
+        return f"default-domain opset {version} is newer than this onnx package defines ({newest})"
+    return None
+
+
+def _negative_dim(graph: onnx.GraphProto) -> str | None:
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        dims = value.type.tensor_type.shape.dim
+        if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+            return f"{value.name!r} is declared with a negative dim {shape}"
+    return None
 
 
 def _checker(model: onnx.ModelProto, full: bool) -> None:
