@@ -145,3 +145,24 @@ def test_tile_of_spatial_axes_passes_channels():
         head(g, tiled, 8 * repeats[1])
         _, report = slim_checked(g.model())
         assert report.deleted_masked_channels == deleted, report.format_table()
+
+
+@pytest.mark.parametrize("windows", [True, False], ids=["swin_windows", "tokens_to_rows"])
+def test_reshape_that_keeps_the_channels_last_layout_passes_them(windows):
+    """A Reshape that merges the batch with other axes but leaves the channel axis last as it was: Swin's
+    window partition ``(N, H/2, 2, W/2, 2, C) -> permute -> (N * 4, 4, C)``, or tokens to rows
+    ``(N, H, W, C) -> (N * H * W, C)`` before a Linear. 3 masked channels: 0 -> 3 deleted (before: the
+    Reshape that merged the batch was a barrier)."""
+    g = GraphBuilder()
+    y = g.mask(g.conv(g.input([1, 3, 4, 4]), 3, 8), 8, zeros=[1, 4, 6])
+    y = g.op("Transpose", [y], perm=[0, 2, 3, 1])
+    if windows:
+        y = g.op("Reshape", [y, g.const(np.array([1, 2, 2, 2, 2, 8], np.int64))])
+        y = g.op("Transpose", [y], perm=[0, 1, 3, 2, 4, 5])
+        y = g.op("Reshape", [y, g.const(np.array([-1, 4, 8], np.int64))])
+    else:
+        y = g.op("Reshape", [y, g.const(np.array([-1, 8], np.int64))])
+    g.output(g.op("Add", [g.op("MatMul", [y, g.const(g.weights(8, 6))]), g.const(g.weights(6, scale=0.1))]))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert conv_channels(slimmed) == [5]

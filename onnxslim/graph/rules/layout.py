@@ -11,7 +11,8 @@
   channel ``c``, so a channel becomes a block of H*W features that a Gemm / MatMul reads; the Reshape
   target is rewritten to ``[-1, C'*H*W]``. When H or W is unknown before run time the op is a barrier
   whose reason names ``--input-shape``. A Reshape that keeps (N, C) and regroups the rest
-  passes channels through. Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
+  passes channels through, as does one that leaves the channel axis and the axes after it as they were
+  (channels last: Swin's windows, tokens merged with the batch before a Linear). Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
   later op expects channels on axis 1 (it only moves the axis here).
 * Squeeze / Unsqueeze / Transpose keep channels and move the channel axis; Expand broadcasts them (its
   shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature);
@@ -412,6 +413,25 @@ def _map_reshape(node, analysis, x) -> bool:
     return True
 
 
+def _same_trailing_layout(node, analysis, x) -> int | None:
+    """The output axis of a Reshape that leaves the channel axis and the axes after it laid out as they
+    were, whatever it does before them (Swin's window partition ``(N, H/w, W/w, w, w, C) -> (N*nW, w*w,
+    C)`` merges the batch): element ``f`` of channel ``c`` is ``f // T % C == c`` with the same T (the
+    elements after the channel axis) on both sides, so channels pass one to one. None otherwise, or when
+    those dims, or the output's dims other than the first, are not static."""
+    in_shape, out_shape = analysis.index.shape(node.input[0]), analysis.index.shape(node.output[0])
+    if in_shape is None or out_shape is None or len(in_shape) != x.rank or len(out_shape) < 2:
+        return None
+    tail, dims = in_shape[x.axis + 1:], out_shape[1:]
+    if any(not isinstance(d, int) for d in [*tail, *dims]) or in_shape[x.axis] != x.size:
+        return None
+    block = int(np.prod(tail, dtype=np.int64))
+    for axis in range(len(out_shape) - 1, 0, -1):
+        if out_shape[axis] == x.size and int(np.prod(out_shape[axis + 1:], dtype=np.int64)) == block:
+            return axis
+    return None
+
+
 def _block_size(shape, x) -> int | None:
     """H*W... of a (N, C, H, W...) map when static."""
     if shape is None or len(shape) != x.rank or any(d is None for d in shape[2:]):
@@ -456,6 +476,12 @@ class ReshapeRule(_MovesElements):
         if x is None:
             return
         kind, dims = self._kind(node, analysis, x)
+        axis = _same_trailing_layout(node, analysis, x) if kind == "barrier" else None
+        if axis is not None:
+            info = x.with_values(x.const, x.value)
+            info.axis, info.rank = axis, len(analysis.index.shape(node.output[0]))
+            pass_through(node, analysis, info)
+            return
         if kind == "barrier" and _map_reshape(node, analysis, x):
             return
         if kind == "barrier":
