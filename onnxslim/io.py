@@ -306,7 +306,14 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise OnnxSlimError(f"{path}: external data file {info.get('location')} of initializer "
                                 f"{tensor.name!r} not found")
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        try:
+            offset, length = (int(info.get(key, 0) or 0) for key in ("offset", "length"))
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or length < 0:
+            raise OnnxSlimError(f"{path}: initializer {tensor.name!r} has a bad external data offset or length "
+                                f"({info.get('offset')!r}, {info.get('length')!r}); expected integers >= 0")
+        end = offset + length
         if end > target.stat().st_size:
             raise OnnxSlimError(f"{path}: external data file {info.get('location')} is shorter than initializer "
                                 f"{tensor.name!r} ({target.stat().st_size} bytes, needs {end})")

@@ -206,3 +206,25 @@ def test_a_model_onnxruntime_cannot_run_is_one_error_line(tmp_path, command):
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines()
              if line.strip() and "sample/s" not in line and "run/s" not in line]  # progress bars
     assert len(lines) == 1 and lines[0].startswith("error: ") and "DequantizeLinear" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("offset", ["abc", "-100"], ids=["not-a-number", "negative"])
+def test_external_data_with_a_bad_offset_is_bad_input(tmp_path, offset):
+    """An external-data ``offset`` that is not an integer >= 0: was a ValueError traceback ('abc')."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_masked_conv_model(), str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "offset":
+                entry.value = offset
+        if "offset" not in [entry.key for entry in tensor.external_data]:
+            tensor.external_data.add(key="offset", value=offset)
+    onnx.save(proto, str(path))
+    before = path.read_bytes()
+    for command in (["slim", path, tmp_path / "out.onnx"], ["inspect", path]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "bad external data offset or length" in lines[0], lines
+    assert path.read_bytes() == before and not (tmp_path / "out.onnx").exists()
