@@ -189,3 +189,20 @@ def test_an_output_on_a_fifo_or_device_is_refused(tmp_path, option):
     with pytest.raises(OnnxSlimError, match="not a regular file"):
         write_bytes_atomic(fifo, b"x")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_a_model_onnxruntime_cannot_run_is_one_error_line(tmp_path, command):
+    """A DequantizeLinear axis out of range passes onnx.checker and loads in onnxruntime, then fails when
+    it runs: ``check`` printed a traceback (exit 1), ``bench`` onnxruntime's own log lines as well."""
+    reference, candidate = tmp_path / "ref.onnx", tmp_path / "bad.onnx"
+    good = _dequantized_conv()
+    onnx.save(good, reference)
+    onnx.save(_dequantized_conv(axis=7), candidate)
+    args = [str(reference), str(candidate)] if command == "check" else [str(candidate), "--warmup", "0"]
+    result = subprocess.run([sys.executable, "-m", "onnxslim", command, *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and "sample/s" not in line and "run/s" not in line]  # progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "DequantizeLinear" in lines[0], result.stderr

@@ -1,9 +1,9 @@
 """The ``onnxslim`` command line: a thin click layer over the Python API.
 
 Commands live in one module per area and are imported only when invoked, so ``onnxslim slim`` never
-pays for importing torch. Errors the user can cause are :class:`~onnxslim.errors.OnnxSlimError`, and
-click's own usage errors (a bad option value, a folder given as MODEL, a missing argument) are reported
-the same way: one ``error: ...`` line on stderr and exit code 2; ``check`` uses 1 for a failed gate.
+pays for importing torch. Errors the user can cause are :class:`~onnxslim.errors.OnnxSlimError` (and
+onnxruntime's errors running a model), and click's own usage errors (a bad option value, a folder given as
+MODEL, a missing argument) are reported the same way: one ``error: ...`` line on stderr and exit code 2; ``check`` uses 1 for a failed gate.
 SIGTERM (CI cancellation, ``timeout``, ``docker stop``) unwinds like Ctrl-C, so partly written temporary
 files are removed; the process then exits with 128 + 15.
 """
@@ -45,6 +45,10 @@ _SUMMARIES = {
 }
 
 
+# the module of onnxruntime's exception types (Fail, InvalidArgument, ...), all plain Exception subclasses
+_ORT_ERRORS = "onnxruntime.capi.onnxruntime_pybind11_state"
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(_COMMANDS)
@@ -76,6 +80,13 @@ class _LazyGroup(click.Group):
         except OSError as exc:  # a file-system error no layer turned into a message (a folder that cannot be made)
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
+        except Exception as exc:
+            if type(exc).__module__ != _ORT_ERRORS:
+                raise
+            # onnxruntime refused to run a model (a DequantizeLinear axis out of range ...): the model's fault
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            click.echo(f"error: onnxruntime cannot run the model: {first[:400]}", err=True)
             ctx.exit(2)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):

@@ -128,7 +128,7 @@ def make_session_options(options: SessionOptions):
     so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
+    so.log_severity_level = 4  # fatal only: warnings are noise, and an error is raised (and reported) anyway
     if options.profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = options.profile_prefix
