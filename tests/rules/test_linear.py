@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder, assert_equivalent, conv_channels, slim_checked
+from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
 
 from onnxslim.graph.prune import channel_scores, prune
 from onnxslim.graph.slim import analyse, slim
@@ -201,6 +201,19 @@ def test_matmul_passes_a_features_columns_after_a_computed_operand():
     scores = g.op("Softmax", [g.op("MatMul", [g.op("Transpose", [q], perm=[0, 2, 1]), q])], axis=-1)
     mixed = g.op("MatMul", [scores, g.op("Transpose", [tokens], perm=[0, 2, 1])])
     g.output(g.op("MatMul", [mixed, g.const(g.weights(8, 3))]))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert conv_channels(slimmed) == [5, 4]
+
+
+@pytest.mark.parametrize("equation", ["bchw,bc->bchw", "bc,bchw->bchw"])
+def test_einsum_of_a_map_and_its_gate_couples_their_channels(equation):
+    """An SE gate applied with ``torch.einsum("bchw,bc->bchw", y, sigmoid(mean(y)))``: channel c of the
+    product reads channel c of both; 3 masked channels: 0 -> 3 deleted (before: a barrier)."""
+    g = GraphBuilder()
+    y = g.mask(g.op("Relu", [g.conv(g.input([1, 3, 6, 6]), 3, 8)]), 8, zeros=[1, 4, 6])
+    gate = g.op("Sigmoid", [g.op("ReduceMean", [y], axes=[2, 3], keepdims=0)])
+    head(g, g.op("Einsum", [y, gate] if equation.startswith("bchw") else [gate, y], equation=equation), 8)
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
     assert conv_channels(slimmed) == [5, 4]

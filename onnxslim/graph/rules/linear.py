@@ -24,7 +24,9 @@ GCNet's context ``(N, 1, C, HW) @ (N, 1, HW, 1)``), and channels on B's last axi
 (``attention @ V`` with V's channels last); a zero channel stays zero, deleting it deletes a row (column)
 of Y and nothing else. The other operand is read whole: its channels are kept.
 
-Einsum of a feature map and a constant 2-D weight that sums the channel letter against the weight's
+Einsum of two features that both carry the channel letter on their channel axes, kept in the output
+(``bchw,bc->bchw``), multiplies channel by channel: their channels are coupled. Einsum of a feature map
+and a constant 2-D weight that sums the channel letter against the weight's
 other letter, which becomes a new output axis, every other axis of the feature reaching the output
 (``bchw,oc->bohw``, ``torch.einsum`` as a 1x1 conv, which both torch exporters keep as Einsum;
 ``...c,co->...o``), is MatMul over those axes: zero input channels go with the weight's rows, output
@@ -338,6 +340,22 @@ class _EinsumForm(NamedTuple):
     axis: int
     matrix: np.ndarray | None = None  # "contract": the weight as (K input channels, M output channels)
     transposed: bool = False  # the weight is stored (M, K)
+    coupled: bool = False  # "channelwise" of two features that share the channel letter (couple them)
+
+
+def _einsum_of_features(node, infos) -> _EinsumForm | None:
+    """Two features whose channel axes carry one letter that reaches the output (``bchw,bc->bchw``: a
+    gate computed from the map): output channel ``c`` is a sum of products that all hold channel ``c`` of
+    both operands, so the two are coupled and a zero channel of either stays zero."""
+    parsed = _einsum_terms(_equation(node), [info.rank for info in infos])
+    if parsed is None:
+        return None
+    terms, out = parsed
+    channel = terms[0][infos[0].axis]
+    if terms[1][infos[1].axis] != channel or channel not in out or infos[0].size != infos[1].size \
+            or any(len(set(term)) != len(term) for term in [*terms, out]):
+        return None
+    return _EinsumForm("channelwise", 0, out.index(channel), coupled=True)
 
 
 def _einsum_form(node, feature_info, index) -> _EinsumForm | None:
@@ -345,10 +363,13 @@ def _einsum_form(node, feature_info, index) -> _EinsumForm | None:
     feature's channel axis: "contract" when the channel letter is summed against a 2-D constant whose
     other letter is a new output axis and every other axis of the feature reaches the output
     (``bchw,oc->bohw``: a 1x1 conv; ``...c,co->...o``: a Linear); "channelwise" when the channel letter
-    reaches the output and the constant does not use it (``bchw,wk->bchk``); None otherwise."""
+    reaches the output and the constant does not use it (``bchw,wk->bchk``), or two features share it
+    (:func:`_einsum_of_features`); None otherwise."""
     if len(node.input) != 2:
         return None
     infos = [feature_info(name) for name in node.input]
+    if all(info is not None for info in infos):
+        return _einsum_of_features(node, infos)
     constants = [index.constant(name) for name in node.input]
     slots = [s for s in (0, 1) if infos[s] is not None and constants[1 - s] is not None]
     if len(slots) != 1:
@@ -388,12 +409,17 @@ class EinsumRule(Rule):
         form = _einsum_form(node, analysis.feature, analysis.index)
         if form is None:
             analysis.barrier(node, "needs a feature and a constant, contracted over the channels into one new "
-                                   "axis, or not touching the channels")
+                                   "axis, or not touching the channels, or two features sharing the channels")
             return
         x = analysis.feature(node.input[form.slot])
         rank = len(analysis.index.shape(node.output[0]) or ()) or x.rank
         if form.kind == "channelwise":
-            info = x.with_values(x.zero, np.zeros(x.size))
+            zero = x.zero
+            if form.coupled:
+                other = analysis.feature(node.input[1])
+                analysis.couple(x.ids, other.ids)
+                zero = zero | other.zero
+            info = x.with_values(zero, np.zeros(x.size))
             pass_through(node, analysis, dataclasses.replace(info, axis=form.axis, rank=rank))
             return
         nonzero = form.matrix != 0
