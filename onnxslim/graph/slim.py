@@ -182,7 +182,7 @@ def check_input(model: onnx.ModelProto) -> None:
     weight-free skeleton), or what the checker lets through: a default-domain opset before 7 (elementwise
     ops broadcast by the legacy ``broadcast``/``axis`` attributes, which the rules do not read;
     onnxruntime runs opset 7 and later) or newer than the installed onnx defines, a negative dim in a
-    declared shape, constant quantization parameters that do not fit their data
+    declared shape other than -1 (Paddle2ONNX's spelling of a dynamic dim), constant quantization parameters that do not fit their data
     (:func:`quantized.check_parameters`): it is the user's invalid model, not a failure of slim.
 
     Raises OnnxSlimError("invalid input model: ...").
@@ -210,7 +210,8 @@ def _opset_problem(model: onnx.ModelProto) -> str | None:
 def _negative_dim(graph: onnx.GraphProto) -> str | None:
     for value in (*graph.input, *graph.output, *graph.value_info):
         dims = value.type.tensor_type.shape.dim
-        if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        # -1 is how Paddle2ONNX declares a dynamic dim (read as unknown); other negatives are errors
+        if any(d.HasField("dim_value") and d.dim_value < -1 for d in dims):
             shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
             return f"{value.name!r} is declared with a negative dim {shape}"
     return None
