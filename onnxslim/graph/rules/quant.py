@@ -33,8 +33,8 @@ from onnxslim.graph.values import ChannelInfo
 def _parameters(node, index, x: ChannelInfo):
     """(scale, zero point) per channel of ``x`` (float64 / int64 arrays of length C), or None with why."""
     scale = index.constant(node.input[1])
-    zero_point = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if scale is None or (len(node.input) > 2 and node.input[2] and zero_point is None):
+    zero_point = _zero_point(node, index)
+    if scale is None or (_has_zero_point(node) and zero_point is None):
         return None, "scale or zero point is computed"
     if get_attr(node, "block_size", 0):
         return None, "blocked quantization"
@@ -48,14 +48,18 @@ def _parameters(node, index, x: ChannelInfo):
 
 def _zero_point(node, index) -> np.ndarray | None:
     """The node's zero point (None when absent or computed)."""
-    return index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return index.constant(node.input[2]) if _has_zero_point(node) else None
+
+
+def _has_zero_point(node) -> bool:
+    return len(node.input) > 2 and bool(node.input[2])
 
 
 def _known_parameters(node, index) -> bool:
     """Every scale is a constant > 0 and the zero point is absent or a constant."""
     scale = index.constant(node.input[1])
-    has_zero_point = len(node.input) > 2 and bool(node.input[2])
-    return scale is not None and bool(np.all(scale > 0)) and (not has_zero_point or _zero_point(node, index) is not None)
+    return scale is not None and bool(np.all(scale > 0)) and (not _has_zero_point(node)
+                                                              or _zero_point(node, index) is not None)
 
 
 def _unsigned_output(node, index) -> bool:
@@ -63,9 +67,8 @@ def _unsigned_output(node, index) -> bool:
     zero_point = _zero_point(node, index)
     if zero_point is not None:
         return zero_point.dtype.kind == "u"
-    has_zero_point = len(node.input) > 2 and bool(node.input[2])
     output_dtype = get_attr(node, "output_dtype", 0)
-    return not has_zero_point and output_dtype in (0, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT4)
+    return not _has_zero_point(node) and output_dtype in (0, TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT4)
 
 
 def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -77,7 +80,7 @@ def _same_values(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 def _quantized_type_range(node, index) -> tuple[int, int]:
     """Range of Q's output type: the zero point's type (uint8 when the zero point is absent)."""
-    zero_point = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    zero_point = _zero_point(node, index)
     info = np.iinfo(zero_point.dtype if zero_point is not None else np.uint8)
     return info.min, info.max
 
