@@ -108,3 +108,26 @@ def test_cumsum_along_a_spatial_axis_keeps_zero_channels_zero():
         head(g, g.op("CumSum", [y, g.const(np.array(axis, np.int64))]), 8)
         _, report = slim_checked(g.model())
         assert report.deleted_masked_channels == deleted, report.format_table()
+
+
+@pytest.mark.parametrize(("extrapolation", "roi_channel", "deleted"), [
+    (0.0, (0, 1), [4]),    # the zero channel stays zero, the constant 0.5 gets 0 outside the crop
+    (0.5, (0, 1), [1]),    # the constant 0.5 stays 0.5 (absorbed), the zero channel gets 0.5 outside
+    (0.0, (0, 0.5), []),   # a crop of the channel axis mixes channels: a barrier
+])
+def test_resize_tf_crop_and_resize_writes_the_extrapolation_value_outside_the_crop(extrapolation, roi_channel, deleted):
+    """DeepLab / TF detection crops: Resize-19 in ``tf_crop_and_resize`` mode writes
+    ``extrapolation_value`` where the roi reaches past the input, so a channel that is the constant v stays
+    v only when v equals it (0 deleted -> 2 wrongly deleted before, an inexact model); the channel axis'
+    roi entries must be (0, 1)."""
+    g = GraphBuilder(opset=13)
+    y = g.mask(g.conv(g.input([1, 3, 6, 6]), 3, 6), 6, zeros=[1, 4])
+    y = g.op("Add", [y, g.const(np.array([0, 0.5, 0, 0, 0, 0], np.float32).reshape(1, 6, 1, 1))])
+    roi = np.array([0, roi_channel[0], -0.5, -0.5, 1, roi_channel[1], 1.5, 1.5], np.float32)
+    y = g.op("Resize", [y, g.const(roi), g.const(np.array([1, 1, 2, 2], np.float32))], mode="linear",
+             coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation)
+    g.output(g.conv(y, 6, 4, pad=0))
+    _, report = slim_checked(g.model())
+    assert report.masked_channels == 2
+    assert report.deleted_masked_channels == len(deleted), report.format_table()
+    assert sorted({c for kept in report.kept for c in kept.channels}) == sorted({1, 4} - set(deleted))

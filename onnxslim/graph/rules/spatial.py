@@ -3,7 +3,8 @@
 Constant channels: ``max``/``min``/``mean`` of a constant is that constant, so MaxPool, global pooling
 and AveragePool that excludes padding keep them (reductions: see :mod:`onnxslim.graph.rules.reduce`).
 AveragePool counting zero padding and LpPool keep only zero. Resize (nearest or linear) and
-Upsample interpolate between equal values and keep constants; cubic keeps only zero. Pad keeps a
+Upsample interpolate between equal values and keep constants; cubic keeps only zero; a
+``tf_crop_and_resize`` box past the input keeps only the constant equal to its extrapolation value. Pad keeps a
 constant ``v`` when it pads with ``v`` (or replicates edges) and never pads the channel axis.
 
 Softmax and the like over a spatial axis pass channels through; over the channel axis they are barriers.
@@ -74,6 +75,11 @@ class ResizeRule(Rule):
 
     From opset 18 an ``axes`` attribute says which axes ``scales`` / ``sizes`` (and ``roi``) list: a
     channel axis not among them is not resized; one among them is read at its position in the list.
+
+    ``coordinate_transformation_mode="tf_crop_and_resize"`` (ONNX Resize-11..19) samples the box ``roi``
+    = [starts..., ends...] (normalised coordinates) and writes ``extrapolation_value`` (default 0) where
+    the box reaches past the input: a constant channel ``v`` stays ``v`` only when ``v`` is that value, and
+    the channel axis must have the box (0, 1) (any other crops and interpolates across channels).
     """
 
     op_types = ("Resize", "Upsample")
@@ -119,6 +125,11 @@ class ResizeRule(Rule):
                 return
         mode = _string(get_attr(node, "mode", b"nearest"))
         const = x.const if mode in ("nearest", "linear", "bilinear") else x.zero
+        if _string(get_attr(node, "coordinate_transformation_mode", b"")) == "tf_crop_and_resize":
+            if not _crops_only_spatially(node, analysis, position):
+                analysis.barrier(node, "crops the channel axis (its roi is not the box (0, 1) or is computed)")
+                return
+            const = const & (x.value == get_attr(node, "extrapolation_value", 0.0))
         pass_through(node, analysis, x.with_values(const, x.value))
 
     def nonnegative(self, node, analysis):
@@ -143,6 +154,18 @@ class ResizeRule(Rule):
         sizes = rewriter.index.constant(node.input[3]).copy()
         sizes[position] = int(keep.sum())
         rewriter.weights.write(node, 3, sizes, key=("sizes", sizes.tobytes()))
+
+
+def _crops_only_spatially(node, analysis, position: int | None) -> bool:
+    """The roi of a ``tf_crop_and_resize`` Resize (input 1: [starts..., ends...], one pair per listed axis)
+    gives the channel axis (listed at ``position``) the box (0, 1), which maps every channel onto itself."""
+    if position is None:
+        return True
+    roi = analysis.index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if roi is None or roi.size % 2:
+        return False
+    roi = roi.reshape(-1)
+    return bool(roi[position] == 0 and roi[position + roi.size // 2] == 1)
 
 
 def _channel_position(node, x) -> int | None:
