@@ -284,8 +284,9 @@ def start_run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, over
         for name in DERIVED:
             (out / name).unlink(missing_ok=True)
 
-    DistContext.current().on_main(prepare)  # under torchrun: rank 0 decides, every rank raises its error
+    # data first: a bad data spec must not leave an empty output folder behind
     train_data, test_data = load_data(recipe)
+    DistContext.current().on_main(prepare)  # under torchrun: rank 0 decides, every rank raises its error
     return Run(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device)
 
 

@@ -123,6 +123,15 @@ def test_inapplicable_method_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run" / "dense.pt").exists()
 
 
+@pytest.mark.parametrize("spec", ["fashion-mnist:{tmp}/absent", "{tmp}/absent.npz"])
+def test_bad_data_spec_leaves_no_output_folder(tmp_path, spec):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nname = "lenet5"\n[data]\ndataset = "{spec.format(tmp=tmp_path.as_posix())}"\n')
+    result = invoke("train", recipe, "--out", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_mobile_advice_names_the_command_that_fixes_shapes(tmp_path):
     path = tmp_path / "dyn.onnx"
     onnx.save(conv_net(8), path)  # input x: (N, 1, 28, 28)
