@@ -114,14 +114,7 @@ class ConcatRule(_MovesElements):
             analysis.barrier(node, "inputs disagree on the channel axis")
             return
         if axis != channel_axis:
-            for other in features[1:]:
-                if other.size != features[0].size:
-                    analysis.barrier(node, "inputs have different channel counts")
-                    return
-                analysis.couple(features[0].ids, other.ids)
-            const = np.logical_and.reduce([i.const for i in features])
-            const &= np.logical_and.reduce([i.value == features[0].value for i in features])
-            pass_through(node, analysis, features[0].with_values(const, features[0].value))
+            self._along_another_axis(node, analysis, infos, features[0])
             return
         parts = []
         for name, info in zip(node.input, infos):
@@ -142,6 +135,32 @@ class ConcatRule(_MovesElements):
         info = features[0].with_values(np.concatenate([p.const for p in parts]), np.concatenate([p.value for p in parts]))
         info.ids = ids
         analysis.set(node.output[0], info)
+
+    @staticmethod
+    def _along_another_axis(node, analysis, infos, first) -> None:
+        """A Concat along an axis other than the channel axis (ONNX Concat-13: shapes agree off ``axis``):
+        output channel ``c`` is channel ``c`` of every input, so the features' ids are coupled (one
+        unit) and ``c`` is the constant ``v`` only when it is ``v`` in every input. A constant input (a
+        ViT class token ``cat([cls, tokens], 1)``) is ``v`` at ``c`` when its whole slice ``c`` is ``v``; the
+        rewrite slices it with the deleted channels. Any other input without channel facts is a barrier."""
+        const = first.const.copy()
+        for name, info in zip(node.input, infos):
+            if info is not None:
+                if info.size != first.size:
+                    analysis.barrier(node, "inputs have different channel counts")
+                    return
+                const &= info.const & (info.value == first.value)
+                continue
+            constant = analysis.index.constant(name)
+            if constant is None or constant.ndim != first.rank or constant.shape[first.axis] != first.size:
+                analysis.barrier(node, "an input has no known channel axis")
+                return
+            slices = np.moveaxis(constant, first.axis, 0).reshape(first.size, -1)
+            const &= (slices == first.value[:, None]).all(axis=1)
+        for info in infos:
+            if info is not None and info is not first:
+                analysis.couple(first.ids, info.ids)
+        pass_through(node, analysis, first.with_values(const, first.value))
 
     def nonnegative(self, node, analysis):
         """>= 0 when every input is (the output is the inputs' elements, on any axis)."""
