@@ -5,7 +5,8 @@
 * :func:`remove_identities` — ``Identity`` nodes are bypassed (Dropout in inference, dropped operands).
 * :func:`remove_dead_code` — nodes no output depends on, and initializers nothing reads, are dropped.
 * :func:`refresh_shapes` — stale ``value_info`` is cleared and shapes re-inferred.
-* :func:`sync_ir3_inputs` — IR < 4 models list every initializer as a graph input too; keep that true.
+* :func:`sync_initializer_inputs` — initializers that are also graph inputs (all of them below IR 4) keep
+  their input declarations, with their sliced shapes.
 """
 
 from __future__ import annotations
@@ -261,15 +262,22 @@ def remove_dead_code(model: onnx.ModelProto) -> int:
     return removed
 
 
-def sync_ir3_inputs(model: onnx.ModelProto, original_inputs: list[str]) -> None:
-    """IR < 4: every initializer is also a graph input, with its current type and shape."""
-    if model.ir_version >= 4:
-        return
+def sync_initializer_inputs(model: onnx.ModelProto, original_inputs: list[str]) -> None:
+    """Initializers that are also graph inputs are declared with their current type and shape.
+
+    IR < 4 requires every initializer to be a graph input; at IR >= 4 an exporter may still list some
+    (``keep_initializers_as_inputs=True``, older converters and zoo models), which makes them defaults a
+    caller could override. The analysis reads them as the constants they hold (a slimmed weight has
+    another shape, so overriding it with the original's value could not work anyway); their inputs keep
+    being declared, in their original order, with the sliced shapes.
+    """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
+    listed = set(original_inputs) if model.ir_version >= 4 else set(initializers)
     real = [i for i in graph.input if i.name not in initializers]
     order = {name: position for position, name in enumerate(original_inputs)}
-    constant_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+    constant_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in graph.initializer if t.name in listed]
     constant_inputs.sort(key=lambda v: order.get(v.name, len(order)))
     del graph.input[:]
     graph.input.extend(real + constant_inputs)

@@ -28,7 +28,7 @@ from onnxslim.graph.cleanup import (
     refresh_shapes,
     remove_dead_code,
     remove_identities,
-    sync_ir3_inputs,
+    sync_initializer_inputs,
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, opset_version, serialized_size
 from onnxslim.graph.names import module_path
@@ -123,7 +123,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     removed_nodes += remove_dead_code(model)
     attach_weights(model, index.sources)
     del source, sources
-    sync_ir3_inputs(model, original_inputs)
+    sync_initializer_inputs(model, original_inputs)
     try:
         refresh_shapes(model)
     except OnnxSlimError as exc:
