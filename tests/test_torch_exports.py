@@ -239,3 +239,26 @@ def test_exported_model_slims_exactly(name, dynamo):
     assert report.deleted_masked_channels == report.masked_channels, report.format_table()
     assert report.params_after < report.params_before
     assert not report.remaining_masks
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy-functions"])
+def test_modules_exported_as_functions_are_inlined_and_slimmed(dynamo):
+    # the legacy exporter's export_modules_as_functions writes each ConvBN as a model-local function
+    # (one call node): before inlining, every call was a barrier and nothing was deleted
+    torch.manual_seed(0)
+    model = ResNet20(np.random.default_rng(0)).eval()
+    example = (torch.randn(1, 3, 32, 32),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            onnx_model = torch.onnx.export(model, example, dynamo=True, verbose=False).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, example, buffer, dynamo=False, opset_version=17,
+                              export_modules_as_functions={ConvBN})
+            onnx_model = onnx.load_from_string(buffer.getvalue())
+            assert onnx_model.functions and any(n.op_type == "ConvBN" for n in onnx_model.graph.node)
+    slimmed, report = slim(onnx_model)
+    assert_equivalent(onnx_model, slimmed, feeds={onnx_model.graph.input[0].name: example[0].numpy()})
+    assert report.masked_channels > 0 and report.deleted_masked_channels == report.masked_channels
+    assert not slimmed.functions

@@ -17,7 +17,10 @@ spelled. The work is done by well-kept libraries, not by an evaluator of our own
    *scalar* index, which onnxscript's folder (1-D indices only) leaves; once folded, the ``Slice`` and
    ``Reshape`` read constants as in dynamo exports, and the rules rewrite them when channels shrink.
 
-Before that, :func:`alias_constant_identities` lets readers of ``Identity(initializer)`` read the
+First, :func:`inline_functions` replaces calls of model-local functions (``FunctionProto``: the legacy
+exporter's ``export_modules_as_functions``, onnxscript-authored models) by their bodies with onnx's
+inliner, so the convolutions inside a function are layers like any other (a call was a barrier).
+Then :func:`alias_constant_identities` lets readers of ``Identity(initializer)`` read the
 initializer itself, so that a shared weight stays one tensor.
 
 A ``ConstantOfShape`` folds only when its result is small (at most ``_SMALL_FILL`` elements): legacy
@@ -43,6 +46,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnx.numpy_helper
 import onnx.reference.ops
 import onnx_ir as ir
@@ -57,6 +61,25 @@ _MAX_PASSES = 8  # folding passes (a multi-output fold can make more nodes all-c
 _KEPT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 #: a ConstantOfShape with at most this many elements is folded (index arithmetic such as legacy pads)
 _SMALL_FILL = 4096
+
+
+def inline_functions(model: onnx.ModelProto) -> int:
+    """Inline every call of a model-local function in place (``onnx.inliner.inline_local_functions``);
+    returns the number of functions the model had.
+
+    Functions whose opset differs from the model's (the inliner would need a version conversion) are
+    left as they are: their calls stay barriers, which is safe. Initializers and opset imports are kept.
+    """
+    count = len(model.functions)
+    if not count:
+        return 0
+    try:
+        inlined = onnx.inliner.inline_local_functions(model)
+    except Exception:  # noqa: BLE001 -- any failure of the inliner leaves the calls as barriers
+        return 0
+    model.graph.CopyFrom(inlined.graph)
+    del model.functions[:]
+    return count
 
 
 def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto] | None = None) -> int:

@@ -32,7 +32,12 @@ from onnxslim.graph.cleanup import (
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, opset_version, serialized_size
 from onnxslim.graph.names import module_path
-from onnxslim.graph.normalize import alias_constant_identities, constants_to_initializers, fold_static_dims
+from onnxslim.graph.normalize import (
+    alias_constant_identities,
+    constants_to_initializers,
+    fold_static_dims,
+    inline_functions,
+)
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
@@ -72,6 +77,7 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
     check_input(model)
+    inline_functions(model)
     alias_constant_identities(model)
     constants_to_initializers(model, sources)
     folded = False
