@@ -19,7 +19,9 @@ For a Reshape, the output axis that carries the channels is one on which every i
 single index (no space mixed in: GroupNorm's ``[N, G, C/G*H*W]`` is read along G) if there is one, with
 the most components (the finest units), the later on a tie: a channel shuffle's ``C -> (g, C/g)`` is read
 along ``C/g`` (channel ``j`` of every group goes together, and the Transpose and Reshape that follow
-keep the order). A Flatten has one axis: channel ``c`` becomes a block of features.
+keep the order). A map of one component (GroupNorm with one group: ``[N, 1, C*H*W] -> [N, C, H, W]``)
+is exact on any axis and is read on the axis at the input's channel position, where the readers (a
+conv) look for channels. A Flatten has one axis: channel ``c`` becomes a block of features.
 """
 
 from __future__ import annotations
@@ -114,14 +116,18 @@ def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[
     # [N, G, C/G*H*W] is read along G, not along the mixed axis); among those the finest, the later
     pure = [len(_unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
             for axis, out_channel in enumerate(out_channels)]
-    best, best_count = None, 0
-    for axis in range(len(out_dims)):
-        if any(pure) and not pure[axis]:
-            continue
-        found = components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
-        if found is not None and found.components >= best_count:
-            best, best_count = (axis, found), found.components
-    return best
+    found = {axis: components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
+             for axis in range(len(out_dims)) if pure[axis] or not any(pure)}
+    found = {axis: value for axis, value in found.items() if value is not None}
+    if not found:
+        return None
+    best_count = max(value.components for value in found.values())
+    if best_count == 1 and in_axis in found:
+        # one component (every channel one unit: GroupNorm with one group, [N, 1, C*H*W] back to
+        # [N, C, H, W]): any axis is exact; the input's channel position is where the readers look
+        return in_axis, found[in_axis]
+    axis = max(axis for axis, value in found.items() if value.components == best_count)
+    return axis, found[axis]
 
 
 def depth_to_space_map(channels: int, block: int, mode: str) -> IndexMap | None:
