@@ -109,16 +109,17 @@ def test_decomposed_group_norm_with_fewer_groups_than_channels_per_group():
     assert (report.masked_channels, report.deleted_masked_channels) == (5, 4)
 
 
-def test_decomposed_group_norm_with_one_group_feeds_a_prunable_mlp():
+@pytest.mark.parametrize("size", [(8, 8), (4, 1)])
+def test_decomposed_group_norm_with_one_group_feeds_a_prunable_mlp(size):
     """GroupNorm(1, C) (timm's GroupNorm1: MobileViTv2, PoolFormer) normalises over C, H, W: every channel
     is one unit, and the Reshape back from [N, 1, C*H*W] must give the channels their axis 1 again, so the
     conv MLP after it is analysed: its 4 masked hidden channels go (0 before: the Reshape put the one
-    component on the last axis and the conv became a barrier)."""
+    component on the last axis, or on a trailing axis of size 1, and the conv became a barrier)."""
     g = GraphBuilder(opset=17)
-    x = g.conv(g.input([1, 3, 8, 8]), 3, 8)
+    x = g.conv(g.input([1, 3, *size]), 3, 8)
     h = g.mask(g.conv(group_norm_decomposed(g, x, 8, 1), 8, 16, k=1, pad=0), 16, zeros=[1, 4, 5, 11])
     y = g.op("Add", [x, g.conv(g.op("Relu", [h]), 16, 8, k=1, pad=0)])
-    g.output(g.conv(y, 8, 4), shape=[1, 4, 8, 8])
+    g.output(g.conv(y, 8, 4), shape=[1, 4, *size])
     slimmed, report = slim_exact(g.model())
     assert conv_outputs(slimmed) == [8, 12, 8, 4]
     assert (report.masked_channels, report.deleted_masked_channels) == (4, 4)

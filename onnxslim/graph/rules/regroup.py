@@ -117,15 +117,16 @@ def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[
     pure = [len(_unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
             for axis, out_channel in enumerate(out_channels)]
     found = {axis: components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
-             for axis in range(len(out_dims)) if pure[axis] or not any(pure)}
+             for axis in range(len(out_dims))}
     found = {axis: value for axis, value in found.items() if value is not None}
-    if not found:
-        return None
-    best_count = max(value.components for value in found.values())
-    if best_count == 1 and in_axis in found:
+    if in_axis in found and all(value.components == 1 for value in found.values()):
         # one component (every channel one unit: GroupNorm with one group, [N, 1, C*H*W] back to
         # [N, C, H, W]): any axis is exact; the input's channel position is where the readers look
         return in_axis, found[in_axis]
+    found = {axis: value for axis, value in found.items() if pure[axis] or not any(pure)}
+    if not found:
+        return None
+    best_count = max(value.components for value in found.values())
     axis = max(axis for axis, value in found.items() if value.components == best_count)
     return axis, found[axis]
 
