@@ -1,0 +1,221 @@
+"""Regression: small stand-ins of architecture families that users export, slimmed exactly.
+
+GhostNet (Concat of a conv and its cheap depthwise, then ``[:, :oup]``), Res2Net (chunk, hierarchical
+adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), YOLOv5 (Focus slices on
+H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
+RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
+fold by Reshape and Transpose around attention). ``masks``: hand-placed masks whose zeros are all
+deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
+on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from graphs import assert_equivalent
+from test_torch_exports import ConvBN, Mask, export
+from torch import nn
+
+from onnxslim.graph.prune import prune
+from onnxslim.graph.slim import slim
+
+
+def _mask(channels, zeros):
+    return Mask(channels, list(zeros))
+
+
+class Ghost(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 8)
+        self.primary, self.cheap = ConvBN(8, 6, 1), ConvBN(6, 6, 3, groups=6)
+        self.dw = ConvBN(11, 11, 3, 2, groups=11, act=None)
+        self.primary2, self.cheap2 = ConvBN(11, 4, 1, act=None), ConvBN(4, 4, 3, groups=4, act=None)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a = self.primary(self.stem(x))
+        y = self.dw(torch.cat([a, self.cheap(a)], 1)[:, :11])
+        b = self.primary2(y)
+        return self.fc(torch.cat([b, self.cheap2(b)], 1).mean((2, 3)))
+
+
+class Res2Net(nn.Module):
+    def __init__(self, width=4, scale=4):
+        super().__init__()
+        self.scale = scale
+        self.stem, self.conv1 = ConvBN(3, 16), ConvBN(16, width * scale, 1)
+        self.convs = nn.ModuleList([ConvBN(width, width) for _ in range(scale - 1)])
+        self.conv3, self.fc = ConvBN(width * scale, 16, 1, act=None), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        parts, out, y = torch.chunk(self.conv1(x), self.scale, 1), [], None
+        for i, conv in enumerate(self.convs):
+            y = conv(parts[i] if i == 0 else y + parts[i])
+            out.append(y)
+        return self.fc(torch.relu(self.conv3(torch.cat([*out, parts[-1]], 1)) + x).mean((2, 3)))
+
+
+class HRNetFuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        high, low = _mask(8, [1, 6]), _mask(16, [0, 3, 4, 12])
+        self.h, self.low = ConvBN(3, 8, mask=high), ConvBN(3, 16, 3, 2, mask=low)
+        self.l2h, self.h2l = ConvBN(16, 8, 1, mask=high, act=None), ConvBN(8, 16, 3, 2, mask=low, act=None)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        h, low = self.h(x), self.low(x)
+        h2 = torch.relu(h + F.interpolate(self.l2h(low), scale_factor=2, mode="nearest"))
+        low2 = torch.relu(low + self.h2l(h))
+        return self.head(torch.cat([h2, F.interpolate(low2, size=h.shape[-2:], mode="bilinear")], 1))
+
+
+class YoloV5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.focus = ConvBN(12, 16, mask=_mask(16, [2, 9]), act=nn.SiLU)
+        cv1 = _mask(8, [0, 5])
+        self.cv1, self.cv2 = ConvBN(16, 8, 1, mask=cv1, act=nn.SiLU), ConvBN(16, 8, 1, mask=_mask(8, [7]), act=nn.SiLU)
+        self.m1, self.m2 = ConvBN(8, 8, 1, mask=_mask(8, [3]), act=nn.SiLU), ConvBN(8, 8, mask=cv1, act=nn.SiLU)
+        self.cv3 = ConvBN(16, 16, 1, mask=_mask(16, [1, 14]), act=nn.SiLU)
+        self.spp1, self.spp2 = ConvBN(16, 8, 1, mask=_mask(8, [4]), act=nn.SiLU), ConvBN(32, 16, 1, act=nn.SiLU)
+        self.detect = nn.Conv2d(16, 3 * 7, 1)
+
+    def forward(self, x):
+        x = self.focus(torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1))
+        a = self.cv1(x)
+        x = self.spp1(self.cv3(torch.cat([a + self.m2(self.m1(a)), self.cv2(x)], 1)))
+        y1 = F.max_pool2d(x, 5, 1, 2)
+        y2 = F.max_pool2d(y1, 5, 1, 2)
+        p = self.detect(self.spp2(torch.cat([x, y1, y2, F.max_pool2d(y2, 5, 1, 2)], 1)))
+        return p.view(p.shape[0], 3, 7, p.shape[2], p.shape[3]).permute(0, 1, 3, 4, 2)
+
+
+class ASPP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 8, mask=_mask(8, [3]))
+        self.branches = nn.ModuleList([ConvBN(8, 6, k, mask=_mask(6, zeros)) for k, zeros in
+                                       ((1, [0]), (3, [2, 5]), (3, [1]))])
+        for dilation, branch in zip((2, 3), self.branches[1:]):
+            branch[0].dilation, branch[0].padding = (dilation, dilation), (dilation, dilation)
+        self.pool = ConvBN(8, 6, 1, mask=_mask(6, [4]))
+        self.project, self.head = ConvBN(24, 8, 1, mask=_mask(8, [6])), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        pooled = F.interpolate(self.pool(x.mean((2, 3), keepdim=True)), size=x.shape[-2:], mode="bilinear")
+        return self.head(self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1)))
+
+
+class RegNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        shared = _mask(16, [2, 9])
+        self.stem = ConvBN(3, 16, mask=shared)
+        self.a = ConvBN(16, 16, 1, mask=_mask(16, [4, 5, 6, 7]))  # one whole group of width 4
+        self.b = ConvBN(16, 16, 3, groups=4, mask=_mask(16, [1, 5, 9, 13]))  # one per group
+        self.c, self.fc = ConvBN(16, 16, 1, mask=shared, act=None), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.relu(x + self.c(self.b(self.a(x)))).mean((2, 3)))
+
+
+class RepVGG(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 8)
+        self.blocks = nn.ModuleList(nn.ModuleList([ConvBN(8, 8, 3, act=None), ConvBN(8, 8, 1, act=None), nn.BatchNorm2d(8)])
+                                    for _ in range(2))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv3, conv1, identity in self.blocks:
+            x = torch.relu(conv3(x) + conv1(x) + identity(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class MobileViT(nn.Module):
+    def __init__(self, c=8, d=12, patch=2):
+        super().__init__()
+        self.patch = patch
+        self.local = ConvBN(3, c, mask=_mask(c, [1, 6]), act=nn.SiLU)
+        self.to_d, self.norm, self.attn = nn.Conv2d(c, d, 1, bias=False), nn.LayerNorm(d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.proj, self.fuse = ConvBN(d, c, 1, mask=_mask(c, [0]), act=nn.SiLU), ConvBN(2 * c, c, mask=_mask(c, [3]))
+        self.fc = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.local(x)
+        y = self.to_d(x)
+        n, d, h, w = y.shape
+        p = self.patch
+        y = y.reshape(n * d * (h // p), p, w // p, p).transpose(1, 2).reshape(n, d, -1, p * p)
+        y = y.transpose(1, 3).reshape(n * p * p, -1, d)
+        z = self.norm(y)
+        y = y + self.attn(z, z, z, need_weights=False)[0]
+        y = y + self.fc2(F.silu(self.fc1(y)))
+        y = y.reshape(n, p * p, -1, d).transpose(1, 3).reshape(n * d * (h // p), w // p, p, p)
+        y = y.transpose(1, 2).reshape(n, d, h, w)
+        return self.fc(self.fuse(torch.cat([x, self.proj(y)], 1)).mean((2, 3)))
+
+
+# name -> (module, input size, how it is checked, exporters)
+FAMILIES = {
+    "ghostnet": (Ghost, 8, "prune", ["legacy"]),
+    "res2net": (Res2Net, 8, "prune", ["legacy"]),
+    "hrnet_fuse": (HRNetFuse, 8, "masks", ["legacy"]),
+    "yolov5_focus_c3_sppf": (YoloV5, 8, "masks", ["legacy"]),
+    "deeplab_aspp": (ASPP, 8, "masks", ["legacy"]),
+    "regnet": (RegNet, 8, "masks", ["legacy"]),
+    "repvgg": (RepVGG, 8, "prune", ["legacy"]),
+    "mobilevit": (MobileViT, 8, "masks", ["legacy"]),
+}
+
+
+def _randomized(module: nn.Module) -> nn.Module:
+    """BN statistics and affine parameters away from their defaults (a zero channel becomes a constant)."""
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5, generator=generator)
+        bn.running_var.uniform_(0.5, 1.5, generator=generator)
+        bn.weight.data.uniform_(0.5, 1.5, generator=generator)
+        bn.bias.data.uniform_(-0.5, 0.5, generator=generator)
+    return module
+
+
+def _zeros_per_use(module: nn.Module, size: int) -> int:
+    """Zero mask entries summed over every call of every Mask in a forward pass (a shared mask is one
+    Mul node per use in the export)."""
+    zeros = []
+    hooks = [m.register_forward_hook(lambda m, args, out: zeros.append(int((m.weight == 0).sum())))
+             for m in module.modules() if isinstance(m, Mask)]
+    with torch.no_grad():
+        module(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return sum(zeros)
+
+
+@pytest.mark.parametrize(("name", "exporter"), [(name, exporter) for name, spec in FAMILIES.items() for exporter in spec[3]])
+def test_family_slims_exactly(name, exporter):
+    factory, size, check, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    module = _randomized(factory())
+    model = export(module, size, dynamo=exporter == "dynamo")
+    feeds = {model.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)}
+    if check == "prune":
+        slimmed, report, reference = prune(model, ratio=0.5)
+    else:
+        (slimmed, report), reference = slim(model), model
+        assert report.masked_channels == _zeros_per_use(module, size)  # every mask Mul was found
+    assert_equivalent(reference, slimmed, feeds=feeds)
+    assert report.masked_channels > 0
+    assert report.deleted_masked_channels == report.masked_channels, report.format_table()
