@@ -57,10 +57,10 @@ class _Calibration(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def _quantize(model: onnx.ModelProto, tmp_path, per_channel: bool) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, tmp_path, per_channel: bool, quant_format=QuantFormat.QDQ) -> onnx.ModelProto:
     source, target = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
     onnx.save(model, str(source))
-    quantize_static(str(source), str(target), _Calibration(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+    quantize_static(str(source), str(target), _Calibration(), quant_format=quant_format, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return onnx.load(str(target))
 
@@ -207,3 +207,15 @@ def test_a_mask_scale_is_not_folded_into_fake_quantized_weights():
     _assert_exact(model, slimmed, (1, 4, 8, 8))
     producers = {o: n for n in slimmed.graph.node for o in n.output}
     assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in slimmed.graph.node if n.op_type == "Conv")
+
+
+def test_qoperator_model_is_left_exact_and_the_report_says_why(tmp_path):
+    # onnxruntime's QOperator format (QLinearConv ...) has no rule: nothing is deleted, and the note names
+    # the ops and the QDQ format that slim reads (before: "no channels were removed" and nothing else)
+    model, _ = _masked_float_model()
+    quantized = _quantize(model, tmp_path, per_channel=True, quant_format=QuantFormat.QOperator)
+    assert any(node.op_type == "QLinearConv" for node in quantized.graph.node)
+    slimmed, report = slim(quantized)
+    _assert_exact(quantized, slimmed, (1, 3, 16, 16))
+    assert not report.layers
+    assert any("QLinearConv x3" in note and "QuantFormat.QDQ" in note for note in report.notes), report.notes

@@ -16,6 +16,7 @@ An input that fails ``onnx.checker`` (full check) is refused as invalid input be
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -156,9 +157,33 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         rounding=rounding.to_dict(),
         macs_complete=before.macs_complete and after.macs_complete,
     )
+    report.notes.extend(_no_layer_notes(analysis))
     if output_path is not None:
         report.size_after = save_model_atomic(model, output_path)
     return model, report
+
+
+# int8 ops of onnxruntime's QOperator format (ONNX QLinearConv / QLinearMatMul / ConvInteger / MatMulInteger
+# and com.microsoft's QLinear* / QGemm); the quantization rules read the QDQ format
+_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+                            "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+                            "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean"})
+
+
+def _no_layer_notes(analysis: ChannelAnalysis) -> list[str]:
+    """Why nothing could be removed when the analysis found no layer at all: the ops without a rule."""
+    if analysis.creators:
+        return []
+    unknown = Counter(node.op_type for node in analysis.index.model.graph.node
+                      if (node.domain or "", node.op_type) not in analysis.rules)
+    if not unknown:
+        return []
+    note = "no layer that the rules know was found; ops without a rule: " + ", ".join(
+        f"{op} x{count}" for op, count in unknown.most_common(6)) + (", ..." if len(unknown) > 6 else "")
+    if unknown.keys() & _QOPERATOR_OPS:
+        note += (" (onnxruntime's QOperator int8 format: quantize with quant_format=QuantFormat.QDQ, whose "
+                 "QuantizeLinear/DequantizeLinear pairs slim reads, or slim/prune the float model and quantize after)")
+    return [note]
 
 
 def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
