@@ -13,12 +13,14 @@ normalisation folds), so a masked channel passes the Pad as it does in a dynamo 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from graphs import assert_equivalent
 from test_torch_exports import Mask
 from torch import nn
@@ -163,3 +165,37 @@ def test_partial_mac_counts_are_not_printed_as_totals():
     _, full = slim(model, input_shapes={"x": [1, 3, 8, 8]})
     assert full.macs_complete and full.macs_before == 4 * 3 * 64 + 20
     assert "MACs: 788 -> 788" in full.format_table()
+
+
+class SamePadded(nn.Module):
+    """TF-style "same" padding computed from the input size (timm's ``pad_same`` of the tf_* EfficientNets
+    ported from TensorFlow): two stride-2 convs in a row, so the second pad's amounts follow from the first
+    pad's once that one is a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 8, 3, 2), nn.Conv2d(8, 8, 3, 2), nn.Conv2d(8, 6, 3, 2)])
+        self.masks = nn.ModuleList(Mask(8, zeros) for zeros in ([1, 6], [0, 3, 4]))
+
+    @staticmethod
+    def pad_same(x: torch.Tensor, k: int = 3, s: int = 2) -> torch.Tensor:
+        ih, iw = x.size()[-2:]
+        pad_h = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+        pad_w = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+        return F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+
+    def forward(self, x):
+        for conv, mask in zip(self.convs[:2], self.masks):
+            x = torch.relu(mask(conv(self.pad_same(x))))
+        return self.convs[2](self.pad_same(x))
+
+
+def test_same_padding_computed_from_shapes_folds_layer_after_layer():
+    """Each layer's pad amounts become constants once the layer before is folded (fold the arithmetic
+    between the rounds of static dims): the 5 masked channels go (2 before: the second Pad's amounts stayed
+    computed, a barrier)."""
+    torch.manual_seed(0)
+    exported = export(SamePadded(), dynamo=False, dynamic_batch=False)
+    slimmed, report = slim(exported)
+    assert_equivalent(exported, slimmed)
+    assert report.masked_channels == report.deleted_masked_channels == 5, report.format_table()

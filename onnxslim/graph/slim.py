@@ -52,7 +52,7 @@ from onnxslim.io import load_onnx, save_model_atomic
 # so that checking never holds a second serialised copy of a large model
 _FULL_CHECK_LIMIT = 16 << 20
 _OLDEST_OPSET = 7  # onnxruntime's oldest; numpy-style broadcasting from here on
-_STATIC_DIM_ROUNDS = 64  # fold_static_dims rounds: a legacy ShuffleNet block needs two (its shapes follow the last)
+_STATIC_DIM_ROUNDS = 64  # fold_static_dims rounds: a legacy ShuffleNet block, or a TF "same" pad, needs one per layer
 
 
 def load_model(model: onnx.ModelProto | str | os.PathLike, copy: bool = True) -> tuple[onnx.ModelProto, int]:
@@ -81,12 +81,11 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     inline_functions(model)
     alias_constant_identities(model)
     constants_to_initializers(model, sources)
-    folded = False
     for _ in range(_STATIC_DIM_ROUNDS):  # each round's constants can make the shapes below static
         if not fold_static_dims(model):
             break
-        folded = True
-    if folded:
+        # fold the arithmetic on the new constants (TF "same" pads computed from a size): the Pad's
+        # amounts become constants, and shape inference then reaches the layers after it
         constants_to_initializers(model, sources)
     inferred = infer_model(model, input_shapes)
     index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
