@@ -101,3 +101,40 @@ def test_convnext_block_deletes_hidden_channels_after_layer_norm(exporter):
     assert {k.reason.split(":")[0].split()[1] for k in report.kept} == {"LayerNormalization"}
     inits = {t.name: list(t.dims) for t in slimmed.graph.initializer}
     assert [inits[n.input[1]] for n in slimmed.graph.node if n.op_type == "MatMul"] == [[8, 27], [27, 8]]
+
+
+def _nhwc_conv(g: GraphBuilder, x: str, cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> str:
+    """tf2onnx's conv on an NHWC map: Transpose to NCHW, Conv, Transpose back."""
+    y = g.conv(g.op("Transpose", [x], perm=[0, 3, 1, 2]), cin, cout, k=k, stride=stride, groups=groups)
+    return g.op("Transpose", [y], perm=[0, 2, 3, 1])
+
+
+def _nhwc_mask(g: GraphBuilder, x: str, c: int, zeros) -> str:
+    return g.op("Mul", [x, g.const(g.mask_values(c, zeros))])
+
+
+@pytest.mark.parametrize("squeeze", ["keepdims", "reshape"])
+def test_tf2onnx_efficientnet_block_with_se_on_nhwc(squeeze):
+    """EfficientNet's MBConv as tf2onnx writes it unoptimised: Transposes around every Conv, masks, swish
+    and ReLU6 (Clip) in NHWC, SE by ReduceMean over axes [1, 2] (kept, or dropped and Reshaped to
+    [-1, 1, 1, C] as Keras' Reshape) gating the depthwise output, a residual Add, a ReduceMean head and a
+    Dense (MatMul + Add). All 18 masked channels go."""
+    g = GraphBuilder(opset=13, seed=11)
+    stem_zeros = [1, 4, 9]
+    y = _nhwc_mask(g, _nhwc_conv(g, g.input([1, 16, 16, 3]), 3, 16, k=3, stride=2), 16, stem_zeros)
+    y = g.op("Mul", [y, g.op("Sigmoid", [y])])
+    clip = [g.const(np.float32(0)), g.const(np.float32(6))]
+    h = g.op("Clip", [_nhwc_mask(g, _nhwc_conv(g, y, 16, 32), 32, [0, 3, 5, 20, 31]), *clip])
+    h = g.op("Clip", [_nhwc_mask(g, _nhwc_conv(g, h, 32, 32, k=3, groups=32), 32, [0, 2, 3, 5, 7, 20, 31]), *clip])
+    if squeeze == "keepdims":
+        s = g.op("ReduceMean", [h], axes=[1, 2], keepdims=1)
+    else:
+        s = g.op("Reshape", [g.op("ReduceMean", [h], axes=[1, 2], keepdims=0), g.const(np.array([-1, 1, 1, 32], np.int64))])
+    s = _nhwc_conv(g, s, 32, 8)
+    s = g.op("Sigmoid", [_nhwc_conv(g, g.op("Mul", [s, g.op("Sigmoid", [s])]), 8, 32)])
+    y = g.op("Add", [y, _nhwc_mask(g, _nhwc_conv(g, g.op("Mul", [h, s]), 32, 16), 16, stem_zeros)])
+    y = g.op("MatMul", [g.op("ReduceMean", [y], axes=[1, 2], keepdims=0), g.const(g.weights(16, 10))])
+    g.output(g.op("Add", [y, g.const(g.weights(10, scale=0.1))]))
+    slimmed, report = slim_exact(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 18, report.format_table()
+    assert conv_outputs(slimmed) == [13, 25, 25, 8, 25, 13]  # the depthwise couples its input and output
