@@ -463,12 +463,31 @@ def markdown(rows: list[dict], command: str, pending: list[str], finish: str) ->
               "the masks: every zero channel deleted (what the knob was matched on); slimmed: the measured model, "
               "which keeps zero channels up to the channel multiple (params removed are the slimmed model's).", "",
               _how_measured([r for r in rows if "accuracy" in r and "model" in r])]
+    unmatched = _unmatched(groups)
+    if unmatched:
+        lines += ["", f"**Cost not matched** (MACs removed by the masks more than {UNMATCHED:.0%} from the target: "
+                  "the knob's response jumps between the bisection's probes, or the final training removed "
+                  "another share than its probe): " + "; ".join(unmatched) + "."]
     for (model, method), why in skipped.items():
         lines += ["", f"{model} / {method}: not applicable ({why})."]
     if pending:
         lines += ["", f"**Not yet computed ({len(pending)} rows):** {', '.join(sorted(pending))}.", "",
                   f"Finish them with `{finish}` (rows resume: finished ones are reused)."]
     return "\n".join(lines) + "\n"
+
+
+UNMATCHED = 0.10  # a row whose masks removed a share of the MACs this far from its target is flagged
+
+
+def _unmatched(groups: dict[tuple, list[dict]]) -> list[str]:
+    """``"model method target: achieved"`` for the rows whose mean share of MACs removed by the masks is
+    more than :data:`UNMATCHED` from the target (as fractions of the dense MACs)."""
+    flagged = []
+    for (model, target, method), subset in groups.items():
+        achieved = statistics.mean(1 - r.get("macs_masked", r["macs_after"]) / r["macs_before"] for r in subset)
+        if abs(achieved - target) > UNMATCHED:
+            flagged.append(f"{model} {method} {target:.0%}: {achieved:.1%}")
+    return flagged
 
 
 def _how_measured(rows: list[dict]) -> str:
