@@ -112,23 +112,22 @@ def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[
     size = int(np.prod(in_dims, dtype=np.int64))
     in_channel = _channel_of_element(in_dims, in_axis, size)
     out_channels = [_channel_of_element(out_dims, axis, size) for axis in range(len(out_dims))]
+    if in_dims[in_axis] == 1 and in_axis < len(out_dims):
+        # one input channel, one component on any axis (GroupNorm with one group: [N, 1, C*H*W] back to
+        # [N, C, H, W]): every axis is exact; the input's channel position is where the readers look
+        return in_axis, components(in_channel, out_channels[in_axis], 1, out_dims[in_axis])
     # an axis on which every input channel lands at one index only carries no space (GroupNorm's
     # [N, G, C/G*H*W] is read along G, not along the mixed axis); among those the finest, the later
     pure = [len(_unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
             for axis, out_channel in enumerate(out_channels)]
-    found = {axis: components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
-             for axis in range(len(out_dims))}
-    found = {axis: value for axis, value in found.items() if value is not None}
-    if in_axis in found and all(value.components == 1 for value in found.values()):
-        # one component (every channel one unit: GroupNorm with one group, [N, 1, C*H*W] back to
-        # [N, C, H, W]): any axis is exact; the input's channel position is where the readers look
-        return in_axis, found[in_axis]
-    found = {axis: value for axis, value in found.items() if pure[axis] or not any(pure)}
-    if not found:
-        return None
-    best_count = max(value.components for value in found.values())
-    axis = max(axis for axis, value in found.items() if value.components == best_count)
-    return axis, found[axis]
+    best, best_count = None, 0
+    for axis in range(len(out_dims)):
+        if any(pure) and not pure[axis]:
+            continue
+        found = components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
+        if found is not None and found.components >= best_count:
+            best, best_count = (axis, found), found.components
+    return best
 
 
 def depth_to_space_map(channels: int, block: int, mode: str) -> IndexMap | None:
