@@ -187,3 +187,19 @@ def test_reshape_that_keeps_the_channels_last_layout_passes_them(windows):
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
     assert conv_channels(slimmed) == [5]
+
+
+def test_flatten_of_the_batch_and_token_axes_passes_channels_on_the_last_axis():
+    """LeViT's ``LinearNorm``: ``bn(x.flatten(0, 1)).reshape_as(x)`` on a (B, N, C) sequence is Flatten
+    with axis 2: rows merge the batch and the tokens, and each channel stays one column, so the masked
+    hidden channels of the MLP go: 2 (0 before: "flattens across the batch" was a barrier)."""
+    g = GraphBuilder()
+    y = g.conv(g.input([1, 3, 4, 4]), 3, 6)
+    y = g.op("Transpose", [g.op("Reshape", [y, g.const(np.array([1, 6, 16], np.int64))])], perm=[0, 2, 1])
+    y = g.op("Add", [g.op("MatMul", [y, g.const(g.weights(6, 8))]), g.const(g.weights(8, scale=0.1))])
+    y = g.bn(g.op("Flatten", [y], axis=2), 8)
+    y = g.op("Reshape", [y, g.const(np.array([1, 16, 8], np.int64))])
+    y = g.op("Relu", [g.op("Mul", [y, g.const(g.mask_values(8, [1, 5]))])])
+    g.output(g.op("MatMul", [y, g.const(g.weights(8, 6))]))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 2, report.format_table()

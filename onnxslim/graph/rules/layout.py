@@ -379,6 +379,14 @@ class GatherRule(_ChannelSelection):
 
 @register
 class FlattenRule(_MovesElements):
+    """Flatten (ONNX Flatten-13): ``(d0 ... d{k-1}, dk ...) -> (d0*...*d{k-1}, dk*...)`` for ``axis`` k.
+
+    k = 1 keeps the batch: channel ``c`` of an NCHW map becomes a block of features, of another layout
+    the features of its index map (:mod:`regroup`). k > 1 merges the batch with the axes before k (LeViT's
+    ``bn(x.flatten(0, 1))`` of a (B, N, C) sequence): a channel axis at or after k stays in the columns,
+    mapped from the static dims after k alone, since every row is laid out alike; one before k goes into
+    the rows (a barrier)."""
+
     op_types = ("Flatten",)
     passthrough = True
 
@@ -390,6 +398,8 @@ class FlattenRule(_MovesElements):
         block = _block_size(analysis.index.shape(node.input[0]), x)
         if axis == 1 and x.axis != 1 and _map_reshape(node, analysis, x):
             return
+        if 1 < axis <= x.axis and _map_columns(node, analysis, x, axis):
+            return
         if axis != 1 or x.axis != 1:
             analysis.barrier(node, "flattens across the batch")
             return
@@ -397,6 +407,18 @@ class FlattenRule(_MovesElements):
             analysis.barrier(node, "flattens over dynamic spatial dims" + GIVE_SHAPE)
             return
         analysis.set(node.output[0], _flattened(x, block))
+
+
+def _map_columns(node, analysis, x, axis: int) -> bool:
+    """Give a Flatten's columns (the dims from ``axis`` on, static) the channels through their index map."""
+    shape = analysis.index.shape(node.input[0])
+    if shape is None or len(shape) != x.rank or any(not isinstance(d, int) for d in shape[axis:]):
+        return False
+    found = reshape_map(list(shape[axis:]), x.axis - axis, [int(np.prod(shape[axis:], dtype=np.int64))])
+    if found is None:
+        return False
+    apply_map(analysis, x, node.output[0], found[1], 1, 2)
+    return True
 
 
 # said where channels stay only because a dim is not known before run time
