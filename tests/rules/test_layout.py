@@ -203,3 +203,21 @@ def test_flatten_of_the_batch_and_token_axes_passes_channels_on_the_last_axis():
     g.output(g.op("MatMul", [y, g.const(g.weights(8, 6))]))
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 2, report.format_table()
+
+
+def test_reshape_that_splits_merged_rows_and_the_channels_into_heads():
+    """The dynamo spelling of LeViT's attention: ``(B*N, C) -> (B, N, heads, d)`` both un-merges the rows
+    and splits the channels on the last axis; rows keep their elements, so the head dim maps as in a
+    per-sample Reshape and the masked head channel goes in every head: 1 (0 before: "regroups the channel
+    axis")."""
+    g = GraphBuilder()
+    y = g.conv(g.input([1, 3, 4, 4]), 3, 6)
+    y = g.op("Transpose", [g.op("Reshape", [y, g.const(np.array([1, 6, 16], np.int64))])], perm=[0, 2, 1])
+    y = g.op("Reshape", [y, g.const(np.array([16, 6], np.int64))])
+    y = g.op("Add", [g.op("MatMul", [y, g.const(g.weights(6, 8))]), g.const(g.weights(8, scale=0.1))])
+    y = g.op("Reshape", [y, g.const(np.array([1, 16, 2, 4], np.int64))])
+    y = g.op("Relu", [g.op("Mul", [y, g.const(g.mask_values(4, [1]))])])
+    y = g.op("Reshape", [y, g.const(np.array([1, 16, 8], np.int64))])
+    g.output(g.op("MatMul", [y, g.const(g.weights(8, 3))]))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 1, report.format_table()

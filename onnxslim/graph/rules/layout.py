@@ -433,15 +433,31 @@ def _unknown_dims(analysis, names) -> bool:
 
 def _static_map(node, analysis, x):
     """(output channel axis, IndexMap) of a Reshape / Flatten of static per-sample dims that keeps the
-    batch axis (see :mod:`regroup`), or None."""
+    batch axis (see :mod:`regroup`), or that keeps the rows of channels on the last axis
+    (:func:`_rows_map`); None otherwise."""
     index = analysis.index
     in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
     if in_shape is None or out_shape is None or len(in_shape) != x.rank or x.axis == 0 or len(out_shape) < 2:
         return None
-    if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]) or in_shape[0] != out_shape[0]:
+    if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]):
         return None
+    if in_shape[0] != out_shape[0]:
+        return _rows_map(list(in_shape), list(out_shape)) if x.axis == x.rank - 1 else None
     found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
     return None if found is None else (found[0] + 1, found[1])
+
+
+def _rows_map(in_shape: list, out_shape: list):
+    """A Reshape of static dims, channels on the last axis, whose leading dims hold as many rows as some
+    leading dims of the output (the dynamo spelling of LeViT's ``(B*N, C) -> (B, N, heads, d)``): every
+    row keeps its elements, so the channels map as in a one-row Reshape. (output axis, IndexMap) or None."""
+    if any(not isinstance(d, int) for d in [*in_shape, *out_shape]):
+        return None
+    rows = int(np.prod(in_shape[:-1], dtype=np.int64))
+    k_out = max((k for k in range(1, len(out_shape)) if int(np.prod(out_shape[:k], dtype=np.int64)) == rows),
+                default=None)
+    found = None if k_out is None else reshape_map(in_shape[-1:], 0, out_shape[k_out:])
+    return None if found is None else (found[0] + k_out, found[1])
 
 
 def _map_reshape(node, analysis, x) -> bool:
