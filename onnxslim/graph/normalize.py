@@ -19,7 +19,8 @@ spelled. The work is done by well-kept libraries, not by an evaluator of our own
 
 First, :func:`inline_functions` replaces calls of model-local functions (``FunctionProto``: the legacy
 exporter's ``export_modules_as_functions``, onnxscript-authored models) by their bodies with onnx's
-inliner, so the convolutions inside a function are layers like any other (a call was a barrier).
+inliner, so the convolutions inside a function are layers like any other (a call was a barrier);
+functions that the rule set has a rule for stay calls, read by that rule.
 Then :func:`alias_constant_identities` lets readers of ``Identity(initializer)`` read the
 initializer itself, so that a shared weight stays one tensor.
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -63,23 +65,27 @@ _KEPT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"
 _SMALL_FILL = 4096
 
 
-def inline_functions(model: onnx.ModelProto) -> int:
-    """Inline every call of a model-local function in place (``onnx.inliner.inline_local_functions``);
-    returns the number of functions the model had.
+def inline_functions(model: onnx.ModelProto, keep: Iterable[tuple[str, str]] = ()) -> int:
+    """Inline in place every call of a model-local function except those whose ``(domain, name)`` is in
+    ``keep`` (the ops a rule set has a rule for: the rule reads the call); returns the number inlined.
 
-    Functions whose opset differs from the model's (the inliner would need a version conversion) are
-    left as they are: their calls stay barriers, which is safe. Initializers and opset imports are kept.
+    Uses ``onnx.inliner.inline_selected_functions``. When the inliner fails (a function whose opset differs
+    from the model's would need a version conversion), nothing is inlined: the calls stay barriers, which
+    is safe. Initializers and opset imports are kept; the kept functions stay in ``model.functions``.
     """
-    count = len(model.functions)
-    if not count:
+    kept = {(domain or "", name) for domain, name in keep}
+    inline = [f for f in model.functions if (f.domain or "", f.name) not in kept]
+    if not inline:
         return 0
     try:
-        inlined = onnx.inliner.inline_local_functions(model)
+        inlined = onnx.inliner.inline_selected_functions(
+            model, [(f.domain, f.name) for f in model.functions if (f.domain or "", f.name) in kept], exclude=True)
     except Exception:  # noqa: BLE001 -- any failure of the inliner leaves the calls as barriers
         return 0
     model.graph.CopyFrom(inlined.graph)
     del model.functions[:]
-    return count
+    model.functions.extend(inlined.functions)
+    return len(inline)
 
 
 def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto] | None = None) -> int:

@@ -78,7 +78,8 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     ``sources`` holds the data of placeholder initializers (see ``detach_weights``).
     """
     check_input(model)
-    inline_functions(model)
+    rules = rules if rules is not None else default_rules()
+    inline_functions(model, keep=[(domain, op) for (domain, op), _ in rules])
     alias_constant_identities(model)
     constants_to_initializers(model, sources)
     for _ in range(_STATIC_DIM_ROUNDS):  # each round's constants can make the shapes below static
@@ -89,7 +90,7 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         constants_to_initializers(model, sources)
     inferred = infer_model(model, input_shapes)
     index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
-    return ChannelAnalysis(index, rules if rules is not None else default_rules()).run()
+    return ChannelAnalysis(index, rules).run()
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
