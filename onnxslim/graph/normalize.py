@@ -74,18 +74,18 @@ def inline_functions(model: onnx.ModelProto, keep: Iterable[tuple[str, str]] = (
     is safe. Initializers and opset imports are kept; the kept functions stay in ``model.functions``.
     """
     kept = {(domain or "", name) for domain, name in keep}
-    inline = [f for f in model.functions if (f.domain or "", f.name) not in kept]
-    if not inline:
+    excluded = [(f.domain, f.name) for f in model.functions if (f.domain or "", f.name) in kept]
+    count = len(model.functions) - len(excluded)
+    if not count:
         return 0
     try:
-        inlined = onnx.inliner.inline_selected_functions(
-            model, [(f.domain, f.name) for f in model.functions if (f.domain or "", f.name) in kept], exclude=True)
+        inlined = onnx.inliner.inline_selected_functions(model, excluded, exclude=True)
     except Exception:  # noqa: BLE001 -- any failure of the inliner leaves the calls as barriers
         return 0
     model.graph.CopyFrom(inlined.graph)
     del model.functions[:]
     model.functions.extend(inlined.functions)
-    return len(inline)
+    return count
 
 
 def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto] | None = None) -> int:
