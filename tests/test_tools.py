@@ -84,7 +84,7 @@ def test_tune_demo_tool_holds_out_validation_images(tmp_path):
     stdout = run_tool("tune_demo.py", "--recipe", recipe, "--epochs", "1,3,1", "--val", "80", "--set", "lam=0.2",
                       "--set", "lam=2.0", "--out", tmp_path / "tune")
     lines = stdout.strip().splitlines()
-    assert lines[0].startswith("160 train / 80 validation images (split seed 0)")
+    assert lines[0].startswith("240 train / 80 validation images (split seed 0)")  # train_samples kept
     rows = [json.loads(line) for line in lines[1:]]
     assert [row["params"] for row in rows] == [{"lam": 0.2}, {"lam": 2.0}]
     assert rows[0]["val_baseline"] == rows[1]["val_baseline"]  # one baseline for both settings

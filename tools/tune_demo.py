@@ -1,10 +1,11 @@
 """Tune the demo recipe (epochs, sparsity knobs) on a validation split, never on the test images.
 
-Holds out ``--val`` (2,000) of the recipe's training images (a permutation seeded by ``--split-seed``),
-trains on the rest exactly as ``onnxslim run`` does (the :mod:`onnxslim.pipeline` stages: dense, the
-dense baseline with the same epoch budget, mask training, export, slim, validate) and prints per setting:
-params and MACs removed, the validation accuracy of the baseline and of the slimmed ONNX model, the
-drop in percentage points, and the training seconds. Settings with the same epochs share the dense and
+Holds out ``--val`` (2,000) of the recipe's training split (a permutation seeded by ``--split-seed``),
+trains on the rest (cut to the recipe's ``train_samples``) exactly as ``onnxslim run`` does (the
+:mod:`onnxslim.pipeline` stages: dense, the dense baseline with the same epoch budget, mask training,
+export, slim, validate) and prints per setting: params and MACs removed, the validation metric
+(``metric``: top-1 accuracy, or mIoU for segmentation) of the baseline and of the slimmed ONNX model,
+the drop in percentage points, and the training seconds. Settings with the same epochs share the dense and
 baseline checkpoints (``--out/e<D>-<S>-<F>-lr<X>-b<B>-split<seed>/``: one per split, never shared across splits); the test split is not loaded.
 
     python tools/tune_demo.py --epochs 4,10,6 --set lam=0.015 --set mask_lr_scale=20 --threads 1
@@ -22,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,17 +31,30 @@ import numpy as np
 import torch
 
 from onnxslim import pipeline
+from onnxslim.data import load_dataset
+from onnxslim.errors import OnnxSlimError
 from onnxslim.recipes import Recipe, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def holdout(recipe: Recipe, val: int, seed: int):
-    """(fit, val) datasets: ``val`` images of the recipe's training split held out by a seeded permutation."""
-    train, _ = pipeline.load_data(recipe)
+    """(fit, val) datasets carved from the recipe's whole training split (the test split is not loaded).
+
+    ``val`` images are held out by a permutation seeded by ``seed``; the rest, cut to the recipe's
+    ``train_samples`` when set (the first of them in index order), is the fit set. So a recipe that uses
+    only part of its training split (mnistseg: 2,000 of 4,000 canvases) keeps its training-set size when
+    the held-out images fit beside it. Raises OnnxSlimError when ``val`` leaves no training image.
+    """
+    spec = recipe.data
+    if spec.dataset.startswith("synthetic:"):
+        raise OnnxSlimError("a recipe needs labelled data, not a synthetic spec")
+    train = load_dataset(spec.dataset, "train", seed=spec.split_seed)
+    if not 0 < val < len(train):
+        raise OnnxSlimError(f"--val {val} must be between 1 and {len(train) - 1} ({len(train)} training images)")
     order = np.random.default_rng(seed).permutation(len(train))
     pick = lambda idx: dataclasses.replace(train, images=train.images[idx], labels=train.labels[idx])  # noqa: E731
-    return pick(np.sort(order[val:])), pick(np.sort(order[:val]))
+    return pick(np.sort(order[val:])).subset(spec.train_samples), pick(np.sort(order[:val]))
 
 
 def variant(recipe: Recipe, epochs: tuple[int, int, int], params: dict, lr_scale: float,
@@ -76,7 +91,7 @@ def trial(recipe: Recipe, fit, val, folder: Path, shared: Path) -> dict:
     slimmed = pipeline.slim(run, exported)
     report = pipeline.report(run, trained, exported, slimmed, pipeline.validate(run, trained, exported, slimmed))
     return {"params_removed": report.params_removed, "macs_removed": report.macs_removed,
-            "val_baseline": report.accuracy_before, "val_slim": report.accuracy_after,
+            "metric": report.accuracy_metric, "val_baseline": report.accuracy_before, "val_slim": report.accuracy_after,
             "drop_pt": report.accuracy_drop_pt, "live": {k: v[0] for k, v in report.live_channels.items()},
             "train_seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in run.seconds.items()}}
 
@@ -103,9 +118,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/tune_demo"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = load_recipe(args.recipe)
-    epochs = tuple(int(e) for e in args.epochs.split(","))
-    fit, val = holdout(base, args.val, args.split_seed)
+    try:
+        base = load_recipe(args.recipe)
+        epochs = tuple(int(e) for e in args.epochs.split(","))
+        fit, val = holdout(base, args.val, args.split_seed)
+    except (OnnxSlimError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     batch = args.batch_size or base.training.batch_size
     shared = args.out / f"e{epochs[0]}-{epochs[1]}-{epochs[2]}-lr{args.lr_scale:g}-b{batch}-split{args.split_seed}"
     shared.mkdir(parents=True, exist_ok=True)
