@@ -42,8 +42,9 @@ def test_holdout_never_reads_the_test_split(tmp_path, monkeypatch):
     seen = []
     real = tune_demo.load_dataset
     monkeypatch.setattr(tune_demo, "load_dataset", lambda spec, split, seed: seen.append(split) or real(spec, split, seed))
-    tune_demo.holdout(_recipe(tmp_path, 'dataset = "mnist"'), 2000, seed=0)
+    fit, val = tune_demo.holdout(_recipe(tmp_path, 'dataset = "mnist"'), 2000, seed=0)
     assert seen == ["train"]
+    assert (len(fit), len(val)) == (6000, 2000)  # no train_samples: every other training image is fit
 
 
 def test_holdout_rejects_a_split_that_leaves_nothing_to_train(tmp_path):

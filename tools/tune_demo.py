@@ -54,7 +54,7 @@ def holdout(recipe: Recipe, val: int, seed: int):
         raise OnnxSlimError(f"--val {val} must be between 1 and {len(train) - 1} ({len(train)} training images)")
     order = np.random.default_rng(seed).permutation(len(train))
     pick = lambda idx: dataclasses.replace(train, images=train.images[idx], labels=train.labels[idx])  # noqa: E731
-    return pick(np.sort(order[val:])).subset(spec.train_samples), pick(np.sort(order[:val]))
+    return pick(np.sort(order[val:])).subset(spec.train_samples or None), pick(np.sort(order[:val]))
 
 
 def variant(recipe: Recipe, epochs: tuple[int, int, int], params: dict, lr_scale: float,
