@@ -219,3 +219,34 @@ def test_qoperator_model_is_left_exact_and_the_report_says_why(tmp_path):
     _assert_exact(quantized, slimmed, (1, 3, 16, 16))
     assert not report.layers
     assert any("QLinearConv x3" in note and "QuantFormat.QDQ" in note for note in report.notes), report.notes
+
+
+@pytest.mark.parametrize("opset", [13, 19])
+def test_quantized_pad_arithmetic_folds(opset):
+    """A static quantizer puts a Q/DQ pair on every float tensor, also on the float arithmetic of TF
+    "same" pads (tf_efficientnet exports: Sub, Clip, Div of sizes, then Cast to int64) and on a Pad's
+    fill value. Those pairs reach only the Pad's parameter inputs, so they fold like the float graph's and
+    the Pad passes channels (before: "pads or fill value are computed", a barrier holding every masked
+    channel); the Q/DQ of data (a scale the features are multiplied by) and of weights stay."""
+    g = GraphBuilder(opset=opset, seed=26)
+    x = _qdq(g, g.input([1, 4, 8, 8]), 0.05, 128)
+    y = _qdq(g, g.op("Relu", [g.mask(_quantized_conv(g, x, 4, 8), 8, zeros=(0, 3, 6))]), 0.02, 0)
+    need = g.op("Sub", [_qdq(g, g.const(np.float32(3.0)), 0.05, 0), _qdq(g, g.const(np.float32(1.0)), 0.05, 0)])
+    half = g.op("Div", [g.op("Clip", [_qdq(g, need, 0.05, 0), _qdq(g, g.const(np.float32(0.0)), 0.05, 0)]),
+                        _qdq(g, g.const(np.float32(2.0)), 0.05, 0)])
+    pads = g.op("Mul", [g.op("Cast", [_qdq(g, half, 0.05, 0)], to=TensorProto.INT64),
+                        g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pattern")])
+    padded = g.op("Pad", [y, pads, _qdq(g, g.const(np.float32(0.0)), 0.05, 0)])
+    scaled = _qdq(g, g.op("Mul", [padded, _qdq(g, g.const(np.float32(1.5)), 0.05, 0)]), 0.05, 0)
+    g.output(g.op("GlobalAveragePool", [_quantized_conv(g, scaled, 8, 5)]))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, 3), report.format_table()
+    _assert_exact(model, slimmed, (1, 4, 8, 8))
+    producers = {o: n for n in slimmed.graph.node for o in n.output}
+    pad = next(n for n in slimmed.graph.node if n.op_type == "Pad")
+    assert all(name not in producers for name in pad.input[1:])  # pads and fill are constants now
+    mul = next(n for n in slimmed.graph.node if n.op_type == "Mul" and n.input[0] == pad.output[0])
+    assert producers[mul.input[1]].op_type == "DequantizeLinear"  # the data scale stays quantized
+    int8 = {t.name for t in slimmed.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4}
+    assert sum(n.op_type == "DequantizeLinear" and n.input[0] in int8 for n in slimmed.graph.node) == 2

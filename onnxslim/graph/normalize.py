@@ -30,8 +30,11 @@ TorchScript exports spell the ``pads`` of ``F.pad`` / ``nn.ZeroPad2d`` / ``nn.Re
 Pad reads constant pads (onnxscript keeps every ``ConstantOfShape``, so that a large fill does not grow
 the model).
 
-Left alone: ``QuantizeLinear`` / ``DequantizeLinear`` (int8 weights stay int8; the QDQ rule reads them),
-larger ``ConstantOfShape`` fills, random generators, control flow, and results much larger than the constants they
+Left alone: ``QuantizeLinear`` / ``DequantizeLinear`` (int8 weights stay int8; the QDQ rule reads them)
+except in index arithmetic (:func:`index_only_quantizers`: a static quantizer quantizes every float
+tensor, including TF "same" pads computed in float and a Pad's fill value, whose Q/DQ then feed only
+``Cast`` / ``Concat`` / ... into parameter inputs such as a Pad's ``pads``; those fold like the float
+graph's), larger ``ConstantOfShape`` fills, random generators, control flow, and results much larger than the constants they
 replace. The model's semantics, opset and IR version do not change; exported ``value_info`` is not used
 (it is recomputed after slimming).
 
@@ -59,7 +62,7 @@ from onnxscript.optimizer import fold_constants
 _GROWTH_LIMIT = 1 << 20
 # weights computed from constants (Cast of fp16 weights, Transpose of a MatMul weight) of any size fold
 _INPUT_LIMIT = 1 << 40
-_MAX_PASSES = 8  # folding passes (a multi-output fold can make more nodes all-constant)
+_MAX_PASSES = 64  # folding passes while something folds (a multi-output or Q/DQ fold makes more nodes all-constant)
 _KEPT = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 #: a ConstantOfShape with at most this many elements is folded (index arithmetic such as legacy pads)
 _SMALL_FILL = 4096
@@ -110,7 +113,10 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
         for _ in range(_MAX_PASSES):
             changed = fold_constants(view, onnx_shape_inference=False, input_size_limit=_INPUT_LIMIT,
                                      output_size_limit=_GROWTH_LIMIT, should_fold=_should_fold).modified
-            changed |= _fold_multi_output(view)
+            multi_output = [node for node in graph if len(node.outputs) > 1 and _should_fold(node) is not False]
+            changed |= _fold_by_reference(view, multi_output)
+            # the folder stores no 0-d result of the reference Q/DQ (a NumPy scalar): evaluated here
+            changed |= _fold_by_reference(view, index_only_quantizers(graph))
             modified |= changed
             if not changed:
                 break
@@ -135,6 +141,41 @@ def _quiet_folder():
         logger.setLevel(level)
 
 
+#: inputs that are parameters of an op, not data (ONNX operator specs: a Pad's pads / constant_value / axes,
+#: a Reshape's shape, a Slice's starts / ends / axes / steps, a Resize's roi / scales / sizes ...)
+_PARAMETER_INPUTS = {"Pad": {1, 2, 3}, "Reshape": {1}, "Slice": {1, 2, 3, 4}, "Resize": {1, 2, 3},
+                     "Upsample": {1}, "Expand": {1}, "Tile": {1}, "ConstantOfShape": {0}, "Squeeze": {1},
+                     "Unsqueeze": {1}, "Range": {0, 1, 2}, "Split": {1}, "TopK": {1}, "OneHot": {1},
+                     "CumSum": {1}, "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}, "ReduceMin": {1}}
+#: ops through which index arithmetic flows (every input of theirs may carry it)
+_INDEX_ARITHMETIC = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast", "Concat", "Reshape", "Slice",
+                               "Transpose", "Gather", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Expand",
+                               "Tile", "Split", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Ceil",
+                               "Floor", "Round", "Max", "Min", "Clip", "Relu", "Sqrt", "Pow", "Reciprocal",
+                               "Sign", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not",
+                               "And", "Or", "Where"})
+
+
+def index_only_quantizers(graph: ir.Graph) -> list[ir.Node]:
+    """The Q/DQ nodes of ``graph`` whose outputs reach only parameter inputs (``_PARAMETER_INPUTS``),
+    through index arithmetic (``_INDEX_ARITHMETIC``) and never a graph output: folding them changes no
+    layer's data or weights (those reach a Conv's or MatMul's data input and stay quantized)."""
+    memo: dict[ir.Value, bool] = {}
+
+    def index_only(value: ir.Value) -> bool:
+        if value not in memo:
+            memo[value] = False  # a cycle (never in a valid graph) counts as data
+            uses = list(value.uses())
+            memo[value] = not value.is_graph_output() and all(  # an unused (dead) value changes nothing
+                slot in _PARAMETER_INPUTS.get(use.op_type, ()) or
+                (use.op_type in _INDEX_ARITHMETIC and all(index_only(out) for out in use.outputs))
+                for use, slot in uses)
+        return memo[value]
+
+    return [node for node in graph if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and node.domain in ("", "ai.onnx") and all(index_only(out) for out in node.outputs)]
+
+
 def _should_fold(node: ir.Node) -> bool | None:
     """False for the ops kept as they are; True for a small ``ConstantOfShape`` of a constant shape
     (which the folder would keep); None lets the folder apply its own limits."""
@@ -148,13 +189,15 @@ def _should_fold(node: ir.Node) -> bool | None:
     return None
 
 
-def _fold_multi_output(view: ir.Model) -> bool:
-    """Evaluate the all-constant nodes with several outputs (``Split`` of a constant: legacy exports of
-    ``for s in buffer``), which onnxscript's folder leaves, with onnx's reference op of the model's opset."""
+def _fold_by_reference(view: ir.Model, nodes: Iterable[ir.Node]) -> bool:
+    """Evaluate those of ``nodes`` whose inputs are all constant with onnx's reference op of the model's
+    opset and replace their outputs by initializers; returns whether any was folded. For what
+    onnxscript's folder leaves: nodes with several outputs (``Split`` of a constant: legacy exports of
+    ``for s in buffer``) and the Q/DQ of index arithmetic."""
     graph, version = view.graph, view.opset_imports.get("", 1)
     changed = False
-    for node in list(graph):
-        if len(node.outputs) < 2 or node.domain not in ("", "ai.onnx") or _should_fold(node) is False:
+    for node in list(nodes):
+        if node.domain not in ("", "ai.onnx"):
             continue
         if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             continue
@@ -168,7 +211,7 @@ def _fold_multi_output(view: ir.Model) -> bool:
         except Exception:  # the reference ops lack this op or version: the node stays
             continue
         for output, result in zip(node.outputs, results):
-            folded = ir.Value(name=output.name, const_value=ir.tensor(result, name=output.name))
+            folded = ir.Value(name=output.name, const_value=ir.tensor(np.asarray(result), name=output.name))
             graph.register_initializer(folded)
             output.replace_all_uses_with(folded)
         graph.remove(node, safe=True)
@@ -179,8 +222,13 @@ def _fold_multi_output(view: ir.Model) -> bool:
 def _evaluate(node: ir.Node, version: int, inputs: list) -> list:
     attributes = {name: ir.serde.serialize_tensor(a.value) if a.type == ir.AttributeType.TENSOR else a.value
                   for name, a in node.attributes.items()}
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        # onnx's reference has no Q/DQ before opset 19; versions 19+ only add types (float8, int4) and
+        # attributes whose defaults keep the earlier semantics (ONNX operator changelog)
+        version = max(version, 19)
     operator = onnx.reference.ops.load_op("", node.op_type, version)
-    return list(operator.eval(*inputs, n_outputs=len(node.outputs), **attributes))
+    results = operator.eval(*inputs, n_outputs=len(node.outputs), **attributes)
+    return list(results) if isinstance(results, (tuple, list)) else [results]  # one output: not a tuple
 
 
 def _write_back(model: onnx.ModelProto, graph: ir.Graph, original: dict) -> None:
