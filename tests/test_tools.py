@@ -102,3 +102,21 @@ def test_side_by_side_tool(tmp_path):
     lines = run_tool("bench_side_by_side.py", "--recipe", recipe, "--epochs", "1,1", "--rounds", "1").splitlines()
     assert [line.split(":")[0] for line in lines] == ["round 0 side by side  ", "round 0 one after other"]
     assert all("wall" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_round_to_models_tool_on_masked_models(tmp_path):
+    """``--masked``: slim's rounding keeps extra zero channels, so the MACs ratio never rises with the multiple."""
+    import onnx
+    from graphs import GraphBuilder
+
+    for name, zeros in (("dense", ()), ("masked", tuple(range(0, 24, 2)))):
+        g = GraphBuilder(seed=3)
+        y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 16, 16]), 3, 24), 24, zeros=zeros)])
+        g.output(g.conv(y, 24, 8))
+        onnx.save(g.model(), str(tmp_path / f"{name}.onnx"))
+    stdout = run_tool("bench_round_to_models.py", "--masked", tmp_path, "--multiples", "1,8", "--rounds", "2")
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith(f"| {tmp_path.name} ")]
+    assert [int(r[2]) for r in rows] == [1, 8]
+    unrounded, rounded = (float(r[3]) for r in rows)
+    assert unrounded == pytest.approx(2.0, rel=0.01) and 1.0 < rounded <= unrounded  # 12 of 24 channels zero

@@ -115,7 +115,7 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
                                      output_size_limit=_GROWTH_LIMIT, should_fold=_should_fold).modified
             multi_output = [node for node in graph if len(node.outputs) > 1 and _should_fold(node) is not False]
             changed |= _fold_by_reference(view, multi_output)
-            # the folder stores no 0-d result of the reference Q/DQ (a NumPy scalar): evaluated here
+            # every Q/DQ is kept from onnxscript's folder (weights stay int8); those of index arithmetic fold
             changed |= _fold_by_reference(view, index_only_quantizers(graph))
             modified |= changed
             if not changed:
