@@ -1,4 +1,4 @@
-"""Tune the demo recipe (epochs, sparsity knobs) on a validation split, never on the test images.
+"""Tune a recipe's knobs (epochs, sparsity knobs) on a validation split, never on the test images.
 
 Holds out ``--val`` (2,000) of the recipe's training split (a permutation seeded by ``--split-seed``),
 trains on the rest (cut to the recipe's ``train_samples``) exactly as ``onnxslim run`` does (the
