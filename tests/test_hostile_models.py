@@ -228,3 +228,22 @@ def test_external_data_with_a_bad_offset_is_bad_input(tmp_path, offset):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "bad external data offset or length" in lines[0], lines
     assert path.read_bytes() == before and not (tmp_path / "out.onnx").exists()
+
+
+def test_model_inconsistent_once_its_pads_are_folded_is_bad_input(tmp_path):
+    """Pads computed in float (TF "same" arithmetic, as a quantizer may round it) make one branch 9 rows
+    high and the other 8, concatenated: onnx.checker cannot see it, onnxruntime fails at run time. slim
+    and prune say `invalid input model` (exit 2), not an internal error on their result."""
+    g = GraphBuilder(seed=31)
+    a = g.op("Relu", [g.conv(g.input([1, 4, 8, 8]), 4, 4)])
+    rows = g.op("Add", [g.const(np.float32(0.6)), g.const(np.float32(0.6))])  # 1.2 -> 1 row
+    pads = g.op("Mul", [g.op("Cast", [rows], to=TensorProto.INT64),
+                        g.const(np.array([0, 0, 0, 0, 0, 0, 1, 0], np.int64), "pattern")])
+    g.output(g.op("Concat", [a, g.op("Pad", [a, pads])], axis=1), shape=[1, 8, None, 8])
+    path = tmp_path / "inconsistent.onnx"
+    onnx.save(g.model(), str(path))
+    with pytest.raises(OnnxSlimError, match="invalid input model: once its computed constants are folded"):
+        slim(str(path))
+    result = CliRunner().invoke(main, ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5"])
+    assert result.exit_code == 2 and "error: invalid input model" in result.output, result.output
+    assert not (tmp_path / "p.onnx").exists()

@@ -88,9 +88,30 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         # fold the arithmetic on the new constants (TF "same" pads computed from a size): the Pad's
         # amounts become constants, and shape inference then reaches the layers after it
         constants_to_initializers(model, sources)
+    check_folded(model, input_shapes)
     inferred = infer_model(model, input_shapes)
     index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
     return ChannelAnalysis(index, rules).run()
+
+
+def check_folded(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> None:
+    """Strict shape inference of the normalised ``model`` (its computed pads and shapes now constants).
+
+    A model can pass ``onnx.checker`` while amounts it computes at run time make it inconsistent (a
+    quantizer that rounded TF "same" pad arithmetic: two branches of 11 and 12 rows concatenated), so
+    onnxruntime fails on it too. Raises OnnxSlimError("invalid input model: ...") for that, instead of
+    an internal error on the result.
+    """
+    skel = skeleton(model, input_shapes)
+    for output in skel.graph.output:  # declared output dims (-1, a fixed batch) are not what is checked here
+        output.type.tensor_type.ClearField("shape")
+    try:
+        onnx.shape_inference.infer_shapes(skel, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        if "TypeInferenceError" in str(exc):  # a type onnx cannot infer (not a conflict): left to the result's check
+            return
+        raise OnnxSlimError("invalid input model: once its computed constants are folded, shape inference "
+                            f"finds it inconsistent (onnxruntime would fail too): {_first_line(exc)}") from None
 
 
 def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
