@@ -74,23 +74,24 @@ METHODS = ("l1_mask", "bn_slimming", "l1_norm", "ssr_l21", "ssr_l20", "gal", "jo
 # 4 x 4 + dense 10 + baseline 4 = 142 epochs of 2,500 images x 45 s: ~1.8 h). The dense phase is trained
 # once per seed and shared by every row, so it is the cheap place to spend: with 3 dense epochs (117 SGD
 # steps) the dense baseline reached only 58.02 % test accuracy.
+# a model's own bisection range for a method's knob. SSR-L2,0's hard threshold acts on filter norms, which BN
+# keeps alike within a layer: LeNet-5 (no BN) responds between lam 0.17 and 0.25, the BN nets near 0.6-0.7
+# (ResNet-20 on MNIST: 0.6 -> 12 %, 0.7 -> 91 % of params zero, tools/reproduce.py); with LeNet-5's range
+# (0.05, 0.5) every probe on ResNet-20 and VGG-16 removed nothing.
+_BN_NET_RANGES = {"ssr_l20": (0.3, 1.5)}
 MODELS = {
     "lenet5": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
                "epochs": (3, 3, 3), "lr": 0.02, "batch": 64, "train": 10000, "probes": 4, "seeds": (0, 1, 2)},
     "resnet20": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
                  "epochs": (4, 2, 3), "lr": 0.05, "batch": 64, "train": 5000, "probes": 3, "seeds": (0, 1, 2),
-                 "ranges": {"ssr_l20": (0.3, 1.5)}},
+                 "ranges": _BN_NET_RANGES},
     "resnet56": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
                  "epochs": (10, 2, 2), "lr": 0.05, "batch": 64, "train": 2500, "probes": 2, "seeds": (0,),
-                 "ranges": {"ssr_l20": (0.3, 1.5)}},
+                 "ranges": _BN_NET_RANGES},
     "vgg16": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 32, "width": 0.25}, "size": 32,
               "epochs": (4, 2, 3), "lr": 0.02, "batch": 64, "train": 5000, "probes": 3, "seeds": (0,),
-              "ranges": {"ssr_l20": (0.3, 1.5)}},
+              "ranges": _BN_NET_RANGES},
 }
-# "ranges": a model's own bisection range for a method's knob. SSR-L2,0's hard threshold acts on filter
-# norms, which BN keeps alike within a layer: LeNet-5 (no BN) responds between lam 0.17 and 0.25, the BN
-# nets near 0.6-0.7 (ResNet-20 on MNIST: 0.6 -> 12 %, 0.7 -> 91 % of params zero, tools/reproduce.py);
-# with LeNet-5's range (0.05, 0.5) every probe on ResNet-20 and VGG-16 removed nothing.
 
 # per method: fixed params, the knob bisected to reach a MACs target, its range, and its scale
 KNOBS = {
