@@ -30,9 +30,10 @@ def test_quick_row_slims_exactly_and_resumes(tmp_path):
     calibration = json.loads((tmp_path / "rows" / "lenet5_l1_norm_0.5_calibration.json").read_text())
     assert len(calibration["probes"]) == 2 and calibration["knob"] == "ratio"
     assert row["macs_after"] < row["macs_before"] and row["max_abs_diff"] <= 1e-4
+    assert row["slim_diff"] <= 1e-4  # masked.onnx against slim.onnx, both in onnxruntime
     assert 0.1 < row["accuracy"] <= 1.0  # 10 classes: above chance after one epoch per phase
     table = (tmp_path / "REPRODUCE_FMNIST.md").read_text()
-    assert "| lenet5 | 50% | l1_norm | 1 |" in table
+    assert "| lenet5 | 50% | l1_norm | 1 |" in table and f"| {row['slim_diff']:.1e} |" in table
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir()}
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]

@@ -267,3 +267,76 @@ def plot_layer_latency(profiles: Sequence[LayerProfile], path, max_layers: int =
     axes.set_title(f"Per-layer latency, {profiles[0].threads} thread(s)")
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+# onnxruntime ops that run a layer counted in MACs (its own op, or its fused / NCHWc form)
+_MAC_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def ideal_run_ms(before: LayerProfile, after: LayerProfile, before_model, after_model,
+                 input_shapes: dict[str, list[int]] | None = None) -> float:
+    """The run time (ms) ``after_model`` would take if each of its layers ran at ``before_model``'s time
+    per unit of work: the best that kernels can do for these channel counts.
+
+    For each node executed in ``before`` (its profiled kernel time ``t``): a conv / GEMM / MatMul node
+    (``_MAC_OPS``, fused or NCHWc forms resolved to the model's node) counts ``t * MACs_after / MACs_before``
+    (MACs per :func:`onnxslim.graph.stats.model_stats`, per node); another node ``t`` times its output
+    size after over before (its partner in ``after`` by name), or ``t`` when it has none. The executor
+    overhead of ``before`` is added unchanged. So ``before.run_ms / ideal_run_ms(...)`` is the speedup that
+    the pruned channel counts allow when no layer gets less efficient, and dividing it by the MACs ratio
+    gives the *ideal efficiency*: below 1 when the layers whose MACs shrink least (depthwise convs, stems,
+    element-wise ops) hold more of the time than of the MACs. ``input_shapes`` fixes dynamic input dims
+    for the MAC counts. Raises :class:`OnnxSlimError` when a model's MACs cannot be counted.
+    """
+    from onnxslim.graph.stats import model_stats
+
+    before_model, after_model = _loaded_named(before_model), _loaded_named(after_model)
+    stats = [model_stats(m, input_shapes) for m in (before_model, after_model)]
+    if not all(s.macs_complete for s in stats):
+        raise OnnxSlimError("the MACs of some layer cannot be counted (dynamic shapes): give input_shapes")
+    resolve = _mac_node_resolver(before_model)
+    partners = {layer.node: layer for layer in after.layers}
+    total = before.overhead_ms
+    for layer in before.layers:
+        node = resolve(layer.node) if layer.op_type in _MAC_OPS else None
+        if node is not None and node in stats[1].layer_macs and stats[0].layer_macs.get(node):
+            total += layer.median_ms * stats[1].layer_macs[node] / stats[0].layer_macs[node]
+        elif layer.node in partners and np.prod(layer.output_shape) > 0:
+            total += layer.median_ms * np.prod(partners[layer.node].output_shape) / np.prod(layer.output_shape)
+        else:
+            total += layer.median_ms
+    return float(total)
+
+
+def _loaded_named(model):
+    """``model`` (a path or a ModelProto) as a ModelProto whose nodes are named as :func:`_named_nodes`
+    names them for the profiler (weights not loaded from external files: only shapes are read)."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return _named_nodes(model)
+
+
+def _mac_node_resolver(model):
+    """A function: onnxruntime's name for an executed node -> the name of the model's MAC-counting node
+    it runs, or None. onnxruntime names a fused node (Conv + Relu, Conv + Add) after the last op it
+    absorbed and an NCHWc node after its output tensor plus ``_nchwc``; so the name is looked up as a node
+    name, then as a tensor name (its producer), and followed back to a MAC-counting producer (3 steps)."""
+    from onnxslim.graph.rules import default_rules
+
+    rules = default_rules()
+    nodes = {node.name: node for node in model.graph.node}
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def resolve(name: str):
+        name = name.removesuffix("_nchwc")
+        node = nodes.get(name) or producers.get(name)
+        for _ in range(3):
+            if node is None or rules.rule_for(node).counts_macs:
+                break
+            upstream = [producers[i] for i in node.input if i in producers]
+            node = next((n for n in upstream if rules.rule_for(n).counts_macs), upstream[0] if upstream else None)
+        return node.name if node is not None and rules.rule_for(node).counts_macs else None
+
+    return resolve
