@@ -23,9 +23,6 @@ NOT_TUNED = {
     "lenet5_mnist_ssr_l21_layerwise.toml": "keeps the paper's lambdas on purpose",
     # being re-tuned on a validation split by the lead (issue 15); remove this exemption when it lands
     "unet_mnistseg_joint.toml": "pre-protocol, re-tuning in progress",
-    # tools/reproduce.py's former SETTINGS; their validation tuning is running (issue 15): removed when it lands
-    **{f"resnet20_mnist{suffix}.toml": "pre-protocol, tuning in progress"
-       for suffix in ("", "_bn_slimming", "_l1_norm", "_ssr_l21", "_ssr_l20", "_joint")},
 }
 
 
