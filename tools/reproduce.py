@@ -5,8 +5,10 @@ training -> mask training (sparse phase, zero masks, fine-tune) -> export -> sli
 validation. **Every method gets the same epoch budget per model**: the dense phase is shared (trained
 once, reused through the checkpoint), each method keeps the sparse phase (and fine-tune learning rate) it
 was tuned with, and the rest of the budget goes to fine-tuning; the dense baseline of every row is trained for the same total
-number of epochs. Method settings come from the method's recipe in ``models/`` when there is one for
-that model (the tuned values), else from :data:`SETTINGS` below.
+number of epochs. Method settings (params, sparse phase, fine-tune learning rate and schedule) come from the
+method's recipe ``models/{recipe_prefix}{RECIPE_SUFFIX[method]}.toml`` (:func:`recipe_path`), whose strength
+knob was chosen on a validation split with ``tools/tune_demo.py`` (its header records the trials); the model,
+data, dense phase, export and validation settings are ``MODELS[model]["base"]``. A missing recipe is an error.
 
 Writes ``REPRODUCE.md`` (the table: params and MACs removed, accuracy of the dense baseline and of the
 slimmed ONNX, onnxruntime speedup of the slimmed over the dense model at 1 thread, batch 1, max |PyTorch
@@ -22,9 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -68,54 +70,39 @@ MODELS = {
     },
 }
 
-# method settings where models/ has no tuned recipe: (method params, sparse phase)
-SETTINGS = {
-    ("lenet5", "bn_slimming"): ({"target": "mask", "lam": 1e-3, "percent": 0.85},
-                                {"epochs": 20, "lr": 0.01, "schedule": "constant"}),
-    ("lenet5", "l1_norm"): ({"ratio": 0.75, "scope": "layer"}, {"epochs": 0, "lr": 0.01}),
-    # ResNet-20: 4 dense epochs leave every filter's norm within ~10 % of the others, so thresholds on
-    # norms cut all or nothing; the values below were picked from single runs of the mask training
-    # (sparse + fine-tune, no baseline) on the shared dense checkpoint, 1 thread, before issue 15's
-    # validation-split protocol: the top-1 figures in brackets are TEST-split reads, and these values
-    # (and the LeNet-5 ones above) have not been re-chosen on a validation split:
-    #   l1_mask lam 0.02 -> 40 % params zero, 0.05 -> 80 % (top-1 98.75 % after fine-tuning);
-    #   ssr_l21 lam 0.05 -> 0 %, 0.1 -> 79 % (97.45 %); include_norm puts BN's gamma/beta into the group,
-    #   without it the BN makes the loss blind to a filter's norm and lam cuts all or nothing;
-    #   ssr_l20 (include_norm) lam 0.6 -> 12 %, 0.7 -> 91 % (97.9 %).
-    ("resnet20", "l1_mask"): ({"lam": 0.05, "proximal": True, "mask_lr_scale": 10.0, "epsilon": 0.001,
-                               "criterion": "mean_abs"}, {"epochs": 3, "lr": 0.02, "schedule": "constant"}),
-    ("resnet20", "bn_slimming"): ({"target": "bn", "lam": 1e-4, "percent": 0.5},
-                                  {"epochs": 3, "lr": 0.02, "schedule": "constant"}),
-    ("resnet20", "l1_norm"): ({"ratio": 0.5, "scope": "layer"}, {"epochs": 0, "lr": 0.02}),
-    ("resnet20", "ssr_l21"): ({"lam": 0.1, "layer_lams": [], "rho": 1.0, "update_every": 25, "include_norm": True},
-                              {"epochs": 3, "lr": 0.02, "schedule": "constant"}),
-    ("resnet20", "ssr_l20"): ({"lam": 0.7, "layer_lams": [], "rho": 1.0, "update_every": 25, "include_norm": True},
-                              {"epochs": 3, "lr": 0.02, "schedule": "constant"}),
-    # joint (pre-protocol, as above): defaults -> 17 %; significance 0.75, max_new_fraction 0.15 -> 26 %;
-    # the values below -> 55 % (98.85 %, a test-split read): three sparse epochs are only 7 windows, so
-    # pressure must start and act faster
-    ("resnet20", "joint"): ({"significance": 1.0, "max_new_fraction": 0.25, "decay": 0.05},
-                            {"epochs": 3, "lr": 0.02, "schedule": "constant"}),
-}
-
 # the recipe file of each method, after the model prefix ("" is the demo recipe)
 RECIPE_SUFFIX = {"l1_mask": "", "ssr_l21": "_ssr_l21", "ssr_l20": "_ssr_l20", "gal": "_gal", "joint": "_joint",
                  "bn_slimming": "_bn_slimming", "l1_norm": "_l1_norm"}
 
 
+def fail(message: str) -> typing.NoReturn:
+    """Print ``error: message`` on stderr and exit with status 2 (bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def recipe_path(model: str, method: str) -> Path:
+    """``models/{recipe_prefix}{RECIPE_SUFFIX[method]}.toml``: the recipe that holds ``method``'s settings on ``model``."""
+    return ROOT / "models" / f"{MODELS[model]['recipe_prefix']}{RECIPE_SUFFIX[method]}.toml"
+
+
 def method_settings(model: str, method: str) -> tuple[dict, dict, dict, str]:
-    """(method params, sparse phase, fine-tune phase without its epochs, where they came from)."""
-    path = ROOT / "models" / f"{MODELS[model]['recipe_prefix']}{RECIPE_SUFFIX[method]}.toml"
-    if path.exists():
-        raw = tomllib.loads(path.read_text())
-        if raw.get("method", {}).get("name") == method:
-            finetune = {k: v for k, v in raw["training"].get("finetune", {}).items() if k != "epochs"}
-            return (dict(raw["method"].get("params", {})), dict(raw["training"]["sparse"]),
-                    finetune or dict(MODELS[model]["finetune"]), str(path.relative_to(ROOT)))
-    if (model, method) not in SETTINGS:
-        raise SystemExit(f"no settings for {method} on {model}: add a recipe models/... or an entry in SETTINGS")
-    params, sparse = SETTINGS[(model, method)]
-    return dict(params), dict(sparse), dict(MODELS[model]["finetune"]), "tools/reproduce.py SETTINGS"
+    """(method params, sparse phase, fine-tune phase without its epochs, the recipe they came from).
+
+    Read from :func:`recipe_path` (knobs chosen on a validation split, see each recipe's header); the
+    fine-tune phase falls back to ``MODELS[model]["finetune"]`` when the recipe has none. Raises
+    SystemExit(2) after one ``error: ...`` line on stderr (:func:`fail`) when the recipe is missing or
+    names another method.
+    """
+    path = recipe_path(model, method)
+    if not path.exists():
+        fail(f"no recipe for {method} on {model}: {path.relative_to(ROOT)} does not exist")
+    raw = tomllib.loads(path.read_text())
+    if raw.get("method", {}).get("name") != method:
+        fail(f"{path.relative_to(ROOT)} is a {raw.get('method', {}).get('name')!r} recipe, not {method!r}")
+    finetune = {k: v for k, v in raw["training"].get("finetune", {}).items() if k != "epochs"}
+    return (dict(raw["method"].get("params", {})), dict(raw["training"]["sparse"]),
+            finetune or dict(MODELS[model]["finetune"]), str(path.relative_to(ROOT)))
 
 
 def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = None):
@@ -133,7 +120,7 @@ def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = 
     dense_epochs = raw["training"]["dense"]["epochs"]
     finetune = {**finetune, "epochs": spec["budget"] - dense_epochs - sparse["epochs"]}
     if finetune["epochs"] < 1:
-        raise SystemExit(f"{method} on {model}: its sparse phase leaves no fine-tuning in a {spec['budget']}-epoch budget")
+        fail(f"{method} on {model}: its sparse phase leaves no fine-tuning in a {spec['budget']}-epoch budget")
     raw["training"]["sparse"] = sparse
     raw["training"]["finetune"] = finetune
     raw["method"] = {"name": method, "params": params}
@@ -144,6 +131,34 @@ def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = 
             raw["training"][phase]["epochs"] = min(raw["training"][phase]["epochs"], 1)
         raw["validate"].update(warmup=2, repeat=10)
     return recipe_from_dict(raw, source=f"reproduce:{model}/{method}"), source
+
+
+# the fingerprint keys (onnxslim.pipeline.recipe_fingerprint) that shape the dense checkpoint
+DENSE_KEYS = ("model.", "data.", "training.seed", "training.batch_size", "training.dense.")
+
+
+def share_dense(source: Path, target: Path, recipe) -> bool:
+    """Write the dense checkpoint ``source`` to ``target``, stamped with ``recipe``'s fingerprint.
+
+    ``onnxslim run --resume`` refuses a checkpoint whose recorded recipe differs in any key, the method
+    included, though the dense phase never sees the method; so the copy records ``recipe`` when every
+    :data:`DENSE_KEYS` key is the same, and nothing is written (False) when one differs.
+    """
+    import torch
+
+    from onnxslim.io import atomic_open
+    from onnxslim.pipeline import recipe_fingerprint
+    from onnxslim.training.trainer import load_checkpoint
+
+    state = load_checkpoint(source)
+    fingerprint = recipe_fingerprint(recipe)
+    dense = lambda fp: {k: v for k, v in fp.items() if k.startswith(DENSE_KEYS)}  # noqa: E731
+    if dense(state.get("extra", {}).get("fingerprint", {})) != dense(fingerprint):
+        return False
+    state["extra"] = {**state["extra"], "recipe": recipe.name, "fingerprint": fingerprint}
+    with atomic_open(target) as handle:
+        torch.save(state, handle)
+    return True
 
 
 def run_all(models, methods, out: Path, device: str | None, quick: bool, progress: bool,
@@ -158,7 +173,7 @@ def run_all(models, methods, out: Path, device: str | None, quick: bool, progres
             run_dir = out / model / method
             run_dir.mkdir(parents=True, exist_ok=True)
             if shared_dense is not None and not (run_dir / "dense.pt").exists():
-                shutil.copyfile(shared_dense, run_dir / "dense.pt")  # same dense phase: train it once
+                share_dense(shared_dense, run_dir / "dense.pt", recipe)  # same dense phase: train it once
             started = time.perf_counter()
             print(f"== {model} / {method} ({source})", flush=True)
             report = run_recipe(recipe, run_dir, resume=True, progress=progress, device=device)

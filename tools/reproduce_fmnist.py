@@ -76,8 +76,8 @@ METHODS = ("l1_mask", "bn_slimming", "l1_norm", "ssr_l21", "ssr_l20", "gal", "jo
 # steps) the dense baseline reached only 58.02 % test accuracy.
 # a model's own bisection range for a method's knob. SSR-L2,0's hard threshold acts on filter norms, which BN
 # keeps alike within a layer: LeNet-5 (no BN) responds between lam 0.17 and 0.25, the BN nets near 0.6-0.7
-# (ResNet-20 on MNIST: 0.6 -> 12 %, 0.7 -> 91 % of params zero, tools/reproduce.py); with LeNet-5's range
-# (0.05, 0.5) every probe on ResNet-20 and VGG-16 removed nothing.
+# (ResNet-20 on MNIST: 0.6 -> 12 %, 0.7 -> 91 % of params zero, models/resnet20_mnist_ssr_l20.toml); with
+# LeNet-5's range (0.05, 0.5) every probe on ResNet-20 and VGG-16 removed nothing.
 _BN_NET_RANGES = {"ssr_l20": (0.3, 1.5)}
 MODELS = {
     "lenet5": {"params": {"num_classes": 10, "in_channels": 1, "input_size": 28}, "size": 28,
