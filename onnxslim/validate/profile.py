@@ -286,10 +286,10 @@ def plot_layer_latency(profiles: Sequence[LayerProfile], path, max_layers: int =
 _MAC_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def ideal_kernels_ms(before: LayerProfile, after: LayerProfile, before_model, after_model,
+def dense_rate_kernels_ms(before: LayerProfile, after: LayerProfile, before_model, after_model,
                      input_shapes: dict[str, list[int]] | None = None) -> float:
     """The kernel time (ms) ``after_model`` would take if each of its layers ran at ``before_model``'s
-    time per unit of work: the best that kernels can do for these channel counts.
+    time per unit of work: what these channel counts give when no layer gets less (or more) efficient.
 
     For each node executed in ``before`` (its profiled kernel time ``t``): a conv / GEMM / MatMul node
     (``_MAC_OPS``, fused or NCHWc forms resolved to the model's node) counts ``t * MACs_after / MACs_before``
@@ -298,11 +298,13 @@ def ideal_kernels_ms(before: LayerProfile, after: LayerProfile, before_model, af
     a partner of the same name are the ones onnxruntime inserts and numbers per session (NCHWc
     ``ReorderInput_token_12``; their order and number change with the channel counts): they count at
     the time ``after`` measured for its own such nodes (those that are not a model's MAC node under
-    another fused name). So ``before.kernels_ms / ideal_kernels_ms(...)`` is the kernel speedup that the pruned channel counts
-    allow when no layer gets less efficient, and dividing it by the MACs ratio gives the *ideal
-    efficiency*: below 1 when the layers whose MACs shrink least (depthwise convs, stems, element-wise
-    ops) hold more of the time than of the MACs. Kernel time only: the profiler's own per-node cost
-    inflates ``run_ms`` on small models. ``input_shapes`` fixes dynamic input dims for the MAC counts.
+    another fused name). So ``before.kernels_ms / dense_rate_kernels_ms(...)`` is the kernel speedup of
+    the pruned channel counts at the dense rate, and dividing it by the MACs ratio gives the efficiency
+    the channel counts allow: below 1 when the layers whose MACs shrink least (depthwise convs, stems,
+    element-wise ops) hold more of the time than of the MACs. An estimate, not a bound: narrow layers can
+    run slower per MAC, smaller tensors that stay in cache faster. Kernel time only: the profiler's own
+    per-node cost inflates ``run_ms`` on small models. ``input_shapes`` fixes dynamic input dims for the
+    MAC counts.
     Raises :class:`OnnxSlimError` when a model's MACs cannot be counted.
     """
     from onnxslim.graph.stats import model_stats
@@ -312,7 +314,9 @@ def ideal_kernels_ms(before: LayerProfile, after: LayerProfile, before_model, af
     if not all(s.macs_complete for s in stats):
         raise OnnxSlimError("the MACs of some layer cannot be counted (dynamic shapes): give input_shapes")
     resolve = _mac_node_resolver(before_model)
-    partners = pair_layers(before, after, by_op_type=False)
+    names = {node.name for node in before_model.graph.node} | {o for node in before_model.graph.node for o in node.output}
+    partners = {node: partner for node, partner in pair_layers(before, after, by_op_type=False).items()
+                if node.removesuffix("_nchwc") in names}  # not onnxruntime's own "ReorderOutput" of each session
     paired = {partner.node for partner in partners.values()}
     after_resolve = _mac_node_resolver(after_model)
     total = sum(layer.median_ms for layer in after.layers  # onnxruntime's own nodes, at their time after
