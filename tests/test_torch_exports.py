@@ -262,3 +262,41 @@ def test_modules_exported_as_functions_are_inlined_and_slimmed(dynamo):
     assert_equivalent(onnx_model, slimmed, feeds={onnx_model.graph.input[0].name: example[0].numpy()})
     assert report.masked_channels > 0 and report.deleted_masked_channels == report.masked_channels
     assert not slimmed.functions
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d (BiT, NFNet): each filter standardised at run time by a batch norm over the weight."""
+
+    def forward(self, x):
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                                     momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class StdConvNet(nn.Module):
+    """Large enough (256 x 512 x 3 x 3 = 1.2 M weight elements) that the standardisation's intermediate
+    results exceed the constant folder's growth limit: they fold only as weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 512, 3, padding=1)
+        self.mask1 = Mask(512, list(range(0, 512, 5)))
+        self.std = StdConv2d(512, 256, 3, padding=1)
+        self.mask2 = Mask(256, list(range(0, 256, 4)))
+        self.head = nn.Conv2d(256, 10, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mask2(self.std(torch.relu(self.mask1(self.stem(x)))))))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_weight_standardized_conv_folds_and_slims(dynamo):
+    torch.manual_seed(0)
+    model = StdConvNet().eval()
+    onnx_model = export(model, 6, dynamo)
+    assert "ReduceMean" in [n.op_type for n in onnx_model.graph.node]  # the weight is computed in the graph
+    slimmed, report = slim(onnx_model, round_to=1)
+    feeds = {onnx_model.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    assert_equivalent(onnx_model, slimmed, feeds=feeds, tolerance=1e-4)
+    assert report.deleted_masked_channels == report.masked_channels == 103 + 64, report.format_table()
+    assert "ReduceMean" not in [n.op_type for n in slimmed.graph.node]

@@ -35,7 +35,10 @@ except in index arithmetic (:func:`index_only_quantizers`: a static quantizer qu
 tensor, including TF "same" pads computed in float and a Pad's fill value, whose Q/DQ then feed only
 ``Cast`` / ``Concat`` / ... into parameter inputs such as a Pad's ``pads``; those fold like the float
 graph's), larger ``ConstantOfShape`` fills, random generators, control flow, and results much larger than the constants they
-replace. The model's semantics, opset and IR version do not change; exported ``value_info`` is not used
+replace — except where the results only compute a layer's weights (:func:`weight_only_nodes`: timm's
+``StdConv2d`` in BiT and NFNet standardises each filter at run time, ``Sub`` / ``Mul`` / ``ReduceMean`` /
+``BatchNormalization`` on the weight, whose intermediate results are as large as the weight; once folded
+the Conv reads a constant weight again). The model's semantics, opset and IR version do not change; exported ``value_info`` is not used
 (it is recomputed after slimming).
 
 Memory: the folder runs on an onnx-ir view of the working model whose tensors wrap the existing
@@ -117,6 +120,8 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
             changed |= _fold_by_reference(view, multi_output)
             # every Q/DQ is kept from onnxscript's folder (weights stay int8); those of index arithmetic fold
             changed |= _fold_by_reference(view, index_only_quantizers(graph))
+            # a weight computed from weights (weight standardization) folds whatever its size
+            changed |= _fold_by_reference(view, weight_only_nodes(graph))
             modified |= changed
             if not changed:
                 break
@@ -174,6 +179,36 @@ def index_only_quantizers(graph: ir.Graph) -> list[ir.Node]:
 
     return [node for node in graph if node.op_type in ("QuantizeLinear", "DequantizeLinear")
             and node.domain in ("", "ai.onnx") and all(index_only(out) for out in node.outputs)]
+
+
+#: inputs that hold a layer's weights or per-channel parameters (ONNX operator specs)
+_WEIGHT_INPUTS = {"Conv": {1, 2}, "ConvTranspose": {1, 2}, "Gemm": {1, 2}, "BatchNormalization": {1, 2, 3, 4},
+                  "InstanceNormalization": {1, 2}, "LayerNormalization": {1, 2}, "GroupNormalization": {1, 2},
+                  "PRelu": {1}}
+
+
+def weight_only_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes of ``graph`` (default domain, not Q/DQ) whose outputs reach only weight inputs
+    (``_WEIGHT_INPUTS``), directly or through other such nodes, never a graph output. Folding one
+    replaces data that only ever becomes a weight, so the folded model is no larger than the weights it
+    ends in (the intermediate results die once the chain is folded)."""
+    memo: dict[ir.Value, bool] = {}
+
+    def foldable(node: ir.Node) -> bool:
+        return node.domain in ("", "ai.onnx") and node.op_type not in _KEPT and not any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+    def weight_only(value: ir.Value) -> bool:
+        if value not in memo:
+            memo[value] = False  # a cycle (never in a valid graph) counts as data
+            uses = list(value.uses())
+            memo[value] = bool(uses) and not value.is_graph_output() and all(
+                (use.domain in ("", "ai.onnx") and slot in _WEIGHT_INPUTS.get(use.op_type, ())) or
+                (foldable(use) and all(weight_only(out) for out in use.outputs))
+                for use, slot in uses)
+        return memo[value]
+
+    return [node for node in graph if foldable(node) and node.outputs and all(weight_only(o) for o in node.outputs)]
 
 
 def _should_fold(node: ir.Node) -> bool | None:

@@ -183,21 +183,34 @@ class LayerComparison:
 
 
 def compare_profiles(before: LayerProfile, after: LayerProfile) -> list[LayerComparison]:
-    """Nodes of both models paired by name, in ``before``'s execution order, then ``after``-only nodes."""
-    remaining = {layer.node: layer for layer in after.layers}
-    rows = []
-    for layer in before.layers:
-        partner = remaining.pop(layer.node, None)
-        rows.append(LayerComparison(layer.node, layer.op_type, layer.median_ms,
-                                    partner.median_ms if partner else None))
-    unpaired = [i for i, row in enumerate(rows) if row.after_ms is None]
-    for i in unpaired:  # then by op type, in execution order
-        partner = next((layer for layer in remaining.values() if layer.op_type == rows[i].op_type), None)
-        if partner is not None:
-            del remaining[partner.node]
-            rows[i] = dataclasses.replace(rows[i], after_ms=partner.median_ms)
-    rows.extend(LayerComparison(layer.node, layer.op_type, None, layer.median_ms) for layer in remaining.values())
+    """Nodes of both models paired (:func:`pair_layers`), in ``before``'s execution order, then ``after``-only nodes."""
+    partners = pair_layers(before, after)
+    rows = [LayerComparison(layer.node, layer.op_type, layer.median_ms,
+                            partners[layer.node].median_ms if layer.node in partners else None)
+            for layer in before.layers]
+    paired = {partner.node for partner in partners.values()}
+    rows.extend(LayerComparison(layer.node, layer.op_type, None, layer.median_ms)
+                for layer in after.layers if layer.node not in paired)
     return rows
+
+
+def pair_layers(before: LayerProfile, after: LayerProfile, by_op_type: bool = True) -> dict[str, LayerTime]:
+    """``before``'s node name -> its partner in ``after``: the node of the same name (slim keeps node and
+    tensor names; a trailing ``_nchwc`` of onnxruntime's layout pass ignored), then, with ``by_op_type``,
+    for nodes left without one (onnxruntime numbers the nodes it inserts, ``ReorderInput_token_12``), the
+    next unpaired ``after`` node of the same op type in execution order."""
+    remaining = {layer.node.removesuffix("_nchwc"): layer for layer in after.layers}
+    partners = {}
+    for layer in before.layers:
+        partner = remaining.pop(layer.node.removesuffix("_nchwc"), None)
+        if partner is not None:
+            partners[layer.node] = partner
+    for layer in before.layers if by_op_type else ():
+        if layer.node not in partners:
+            key = next((k for k, other in remaining.items() if other.op_type == layer.op_type), None)
+            if key is not None:
+                partners[layer.node] = remaining.pop(key)
+    return partners
 
 
 def format_comparison(before: LayerProfile, after: LayerProfile, max_rows: int | None = 30) -> str:
@@ -273,20 +286,26 @@ def plot_layer_latency(profiles: Sequence[LayerProfile], path, max_layers: int =
 _MAC_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def ideal_run_ms(before: LayerProfile, after: LayerProfile, before_model, after_model,
-                 input_shapes: dict[str, list[int]] | None = None) -> float:
-    """The run time (ms) ``after_model`` would take if each of its layers ran at ``before_model``'s time
-    per unit of work: the best that kernels can do for these channel counts.
+def dense_rate_kernels_ms(before: LayerProfile, after: LayerProfile, before_model, after_model,
+                     input_shapes: dict[str, list[int]] | None = None) -> float:
+    """The kernel time (ms) ``after_model`` would take if each of its layers ran at ``before_model``'s
+    time per unit of work: what these channel counts give when no layer gets less (or more) efficient.
 
     For each node executed in ``before`` (its profiled kernel time ``t``): a conv / GEMM / MatMul node
     (``_MAC_OPS``, fused or NCHWc forms resolved to the model's node) counts ``t * MACs_after / MACs_before``
     (MACs per :func:`onnxslim.graph.stats.model_stats`, per node); another node ``t`` times its output
-    size after over before (its partner in ``after`` by name), or ``t`` when it has none. The executor
-    overhead of ``before`` is added unchanged. So ``before.run_ms / ideal_run_ms(...)`` is the speedup that
-    the pruned channel counts allow when no layer gets less efficient, and dividing it by the MACs ratio
-    gives the *ideal efficiency*: below 1 when the layers whose MACs shrink least (depthwise convs, stems,
-    element-wise ops) hold more of the time than of the MACs. ``input_shapes`` fixes dynamic input dims
-    for the MAC counts. Raises :class:`OnnxSlimError` when a model's MACs cannot be counted.
+    size after over before (its partner of the same name in ``after``, :func:`pair_layers`). Nodes without
+    a partner of the same name are the ones onnxruntime inserts and numbers per session (NCHWc
+    ``ReorderInput_token_12``; their order and number change with the channel counts): they count at
+    the time ``after`` measured for its own such nodes (those that are not a model's MAC node under
+    another fused name). So ``before.kernels_ms / dense_rate_kernels_ms(...)`` is the kernel speedup of
+    the pruned channel counts at the dense rate, and dividing it by the MACs ratio gives the efficiency
+    the channel counts allow: below 1 when the layers whose MACs shrink least (depthwise convs, stems,
+    element-wise ops) hold more of the time than of the MACs. An estimate, not a bound: narrow layers can
+    run slower per MAC, smaller tensors that stay in cache faster. Kernel time only: the profiler's own
+    per-node cost inflates ``run_ms`` on small models. ``input_shapes`` fixes dynamic input dims for the
+    MAC counts.
+    Raises :class:`OnnxSlimError` when a model's MACs cannot be counted.
     """
     from onnxslim.graph.stats import model_stats
 
@@ -295,16 +314,20 @@ def ideal_run_ms(before: LayerProfile, after: LayerProfile, before_model, after_
     if not all(s.macs_complete for s in stats):
         raise OnnxSlimError("the MACs of some layer cannot be counted (dynamic shapes): give input_shapes")
     resolve = _mac_node_resolver(before_model)
-    partners = {layer.node: layer for layer in after.layers}
-    total = before.overhead_ms
+    names = {node.name for node in before_model.graph.node} | {o for node in before_model.graph.node for o in node.output}
+    partners = {node: partner for node, partner in pair_layers(before, after, by_op_type=False).items()
+                if node.removesuffix("_nchwc") in names}  # not onnxruntime's own "ReorderOutput" of each session
+    paired = {partner.node for partner in partners.values()}
+    after_resolve = _mac_node_resolver(after_model)
+    total = sum(layer.median_ms for layer in after.layers  # onnxruntime's own nodes, at their time after
+                if layer.node not in paired and not (layer.op_type in _MAC_OPS and after_resolve(layer.node)))
     for layer in before.layers:
         node = resolve(layer.node) if layer.op_type in _MAC_OPS else None
+        partner = partners.get(layer.node)
         if node is not None and node in stats[1].layer_macs and stats[0].layer_macs.get(node):
             total += layer.median_ms * stats[1].layer_macs[node] / stats[0].layer_macs[node]
-        elif layer.node in partners and np.prod(layer.output_shape) > 0:
-            total += layer.median_ms * np.prod(partners[layer.node].output_shape) / np.prod(layer.output_shape)
-        else:
-            total += layer.median_ms
+        elif partner is not None and np.prod(layer.output_shape) > 0:
+            total += layer.median_ms * np.prod(partner.output_shape) / np.prod(layer.output_shape)
     return float(total)
 
 

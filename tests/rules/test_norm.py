@@ -94,3 +94,28 @@ def test_instance_norm_passes_channels():
     head(g, g.op("Relu", [y]), 6)
     slimmed, _ = slim_checked(g.model())
     assert conv_channels(slimmed) == [4, 4]
+
+
+@pytest.mark.parametrize("axis, expected", [(1, 6), (-1, 6), (2, 6)])
+def test_lp_normalization_deletes_zero_channels_along_any_axis(axis, expected):
+    """SSD's L2Norm as Paddle2ONNX and Caffe converters write it: LpNormalization (p=2) over the channels
+    then a learned per-channel scale. A zero channel adds nothing to the norm and stays zero."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.mask(g.op("Relu", [g.conv(x, 3, 10)]), 10, zeros=[0, 3, 4, 7])
+    y = g.op("LpNormalization", [y], axis=axis, p=2)
+    head(g, g.op("Mul", [y, g.const(g.rng.uniform(5, 20, (1, 10, 1, 1)).astype(np.float32), "l2scale")]), 10)
+    slimmed, report = slim_checked(g.model(), round_to=1)
+    assert report.layers[0].channels_after == expected
+
+
+def test_lp_normalization_over_channels_keeps_a_live_channel_masked_after_it():
+    """A mask after the norm cannot delete a live channel: it is in the norm of the other channels."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    y = g.op("LpNormalization", [g.op("Relu", [g.conv(x, 3, 6)])], axis=1, p=1)
+    head(g, g.mask(y, 6, zeros=[2, 5]), 6)
+    model = g.model()
+    slimmed, report = slim_checked(model, round_to=1)
+    assert conv_channels(slimmed) == conv_channels(model)  # nothing deleted before the norm
+    assert "LpNormalization" in ops(slimmed)

@@ -11,8 +11,10 @@ InstanceNormalization normalises each channel over space: a constant channel nor
 output is the constant ``B[c]``; parameters are sliced.
 
 LayerNormalization over axes that exclude the channel axis passes channels through (its parameters are
-not per channel). GroupNormalization couples the channels of each group (whole groups go). Normalisations
-that mix channels otherwise — LRN, LayerNormalization over the channel axis — are barriers.
+not per channel). GroupNormalization couples the channels of each group (whole groups go).
+LpNormalization divides by a p-norm: over the channel axis a zero channel adds nothing to the norm, so
+zero channels go and the others stay. Normalisations that mix channels otherwise — LRN,
+LayerNormalization over the channel axis — are barriers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     BarrierRule,
     Rule,
+    block_reduced_channels,
     inputs_nonnegative,
     keep_extra_outputs,
     normalize_axis,
@@ -162,6 +165,36 @@ class LayerNormRule(Rule):
         bias = analysis.index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         zero_bias = bias is None or not np.any(bias)
         pass_through(node, analysis, x.with_values(x.zero & zero_bias, np.zeros(x.size)))
+
+
+@register
+class LpNormRule(Rule):
+    """LpNormalization (ONNX LpNormalization-1): ``y = x / ||x||_p`` along ``axis`` (default -1), p 1 or 2.
+
+    Along a non-channel axis, output channel ``c`` reads input channel ``c`` only: channels pass through,
+    and a zero channel stays zero (onnxruntime returns 0 for a zero norm, and the spec gives no epsilon).
+    Along the channel axis (SSD's L2Norm on conv4_3, Paddle2ONNX's ``normalize``) every output reads the
+    norm of all channels; a zero channel adds ``|0|^p = 0`` to it and comes out zero, so deleting zero
+    channels from input and output together is exact, while every non-zero channel is kept (it is in the
+    norm of the others).
+    """
+
+    op_types = ("LpNormalization",)
+    passthrough = True
+
+    def propagate(self, node, analysis):
+        x = analysis.feature(node.input[0])
+        if x is None:
+            analysis.barrier(node, "input has no known channel axis")
+            return
+        if normalize_axis(get_attr(node, "axis", -1), x.rank) == x.axis:
+            block_reduced_channels(analysis, node, node.input[0], x, np.ones(x.size, bool), absorbs_constants=False)
+        pass_through(node, analysis, x.with_values(x.zero, np.zeros(x.size)))
+
+    def reduction(self, node, slot):
+        """"full": along the channel axis every channel is in the norm (a mask put before it by ``prune``
+        changes the others)."""
+        return "full"
 
 
 @register
