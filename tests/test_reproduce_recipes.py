@@ -21,8 +21,6 @@ OWN_PHASES = {("lenet5", "l1_mask"), ("lenet5", "gal"), ("lenet5", "joint")}
 # recipes whose knobs were not chosen with tools/tune_demo.py, each with the reason its header gives
 NOT_TUNED = {
     "lenet5_mnist_ssr_l21_layerwise.toml": "keeps the paper's lambdas on purpose",
-    # being re-tuned on a validation split by the lead (issue 15); remove this exemption when it lands
-    "unet_mnistseg_joint.toml": "pre-protocol, re-tuning in progress",
 }
 
 
