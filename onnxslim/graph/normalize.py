@@ -192,23 +192,21 @@ def weight_only_nodes(graph: ir.Graph) -> list[ir.Node]:
     (``_WEIGHT_INPUTS``), directly or through other such nodes, never a graph output. Folding one
     replaces data that only ever becomes a weight, so the folded model is no larger than the weights it
     ends in (the intermediate results die once the chain is folded)."""
-    memo: dict[ir.Value, bool] = {}
-
     def foldable(node: ir.Node) -> bool:
         return node.domain in ("", "ai.onnx") and node.op_type not in _KEPT and not any(
             a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
-    def weight_only(value: ir.Value) -> bool:
-        if value not in memo:
-            memo[value] = False  # a cycle (never in a valid graph) counts as data
+    # consumers come after producers in a valid graph: in reverse order a value's readers are decided
+    # before it (a loop, not recursion: exported chains are thousands of nodes deep)
+    weight_only: dict[ir.Value, bool] = {}
+    for node in reversed(list(graph)):
+        for value in node.outputs:
             uses = list(value.uses())
-            memo[value] = bool(uses) and not value.is_graph_output() and all(
+            weight_only[value] = bool(uses) and not value.is_graph_output() and all(
                 (use.domain in ("", "ai.onnx") and slot in _WEIGHT_INPUTS.get(use.op_type, ())) or
-                (foldable(use) and all(weight_only(out) for out in use.outputs))
+                (foldable(use) and all(weight_only.get(out, False) for out in use.outputs))
                 for use, slot in uses)
-        return memo[value]
-
-    return [node for node in graph if foldable(node) and node.outputs and all(weight_only(o) for o in node.outputs)]
+    return [node for node in graph if foldable(node) and node.outputs and all(weight_only[o] for o in node.outputs)]
 
 
 def _should_fold(node: ir.Node) -> bool | None:
