@@ -243,10 +243,10 @@ def pass_through(node: onnx.NodeProto, analysis: ChannelAnalysis, info: ChannelI
         analysis.set(name, info)
 
 
-def feature_or_barrier(node: onnx.NodeProto, analysis: ChannelAnalysis) -> ChannelInfo | None:
-    """The channel facts of ``node``'s first input; when it has none, ``node`` becomes a barrier (it
+def feature_or_barrier(node: onnx.NodeProto, analysis: ChannelAnalysis, slot: int = 0) -> ChannelInfo | None:
+    """The channel facts of ``node``'s input ``slot``; when it has none, ``node`` becomes a barrier (it
     holds what it reads) and None is returned."""
-    x = analysis.feature(node.input[0])
+    x = analysis.feature(node.input[slot])
     if x is None:
         analysis.barrier(node, "input has no known channel axis")
     return x
