@@ -298,7 +298,9 @@ def main() -> int:
     print_table(rows)
     print()
     print(summary(rows))
-    print(f"input {args.size}x{args.size}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
+    sizes = f"built graphs at {args.size}x{args.size}" if args.models else ""
+    sizes += ("; " if sizes and args.onnx else "") + ("given files at their own input sizes" if args.onnx else "")
+    print(f"input: {sizes}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
     if args.json:
         from onnxslim.io import write_json_atomic
 
