@@ -48,14 +48,17 @@ class SpeedCheck:
         """Faster, but even the CI's upper end is below ``SHORT_OF_MACS`` of the MACs ratio."""
         return not self.slower and self.macs_ratio > 1.0 and self.ci_high < SHORT_OF_MACS * self.macs_ratio
 
-    def note(self) -> str:
+    def note(self, planned_on_time: bool = False) -> str:
+        """One line for the report; ``planned_on_time``: the result already came from a latency target, so
+        a speedup short of the MACs ratio needs no advice to plan on time."""
         figures = (f"{self.speedup:.2f}x (95 % CI {self.ci_low:.2f}-{self.ci_high:.2f}, {self.rounds} quick A/B rounds, "
                    f"{self.threads} thread(s))")
         if self.short_of_macs:
             return (f"speed check: {figures} faster than the input, {self.speedup / self.macs_ratio:.0%} of its MACs "
                     f"ratio {self.macs_ratio:.2f}: the layers that keep most of their MACs (depthwise convs, the "
-                    "stem, element-wise ops) are the slow ones per MAC (docs/latency.md). To plan on time instead of "
-                    "MACs: --target-latency F; `onnxslim bench --per-layer IN OUT` shows where the time goes")
+                    "stem, element-wise ops) are the slow ones per MAC (docs/latency.md)"
+                    + ("" if planned_on_time else ". To plan on time instead of MACs: --target-latency F; "
+                       "`onnxslim bench --per-layer IN OUT` shows where the time goes"))
         if not self.slower:
             return f"speed check: {figures} faster than the input; MACs ratio {self.macs_ratio:.2f}"
         return (f"WARNING: the result is not faster than its input: {figures}, although it has "
