@@ -4,7 +4,8 @@ GhostNet (Concat of a conv and its cheap depthwise, then ``[:, :oup]``), Res2Net
 adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), YOLOv5 (Focus slices on
 H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
-fold by Reshape and Transpose around attention). ``masks``: hand-placed masks whose zeros are all
+fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
+channel shuffle: a permutation). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -167,6 +168,47 @@ class MobileViT(nn.Module):
         return self.fc(self.fuse(torch.cat([x, self.proj(y)], 1)).mean((2, 3)))
 
 
+class NonLocal(nn.Module):
+    """Non-local block (Wang et al. 2018): ``softmax(theta^T phi) g`` over the H*W positions, the channels of
+    theta and phi summed by the first MatMul. theta's mask alone makes a term ``theta_k * phi_k`` zero:
+    channel k goes from both convs."""
+
+    def __init__(self):
+        super().__init__()
+        shared = _mask(8, [1, 6])
+        self.stem, self.head = ConvBN(3, 8, mask=shared), nn.Conv2d(8, 3, 1)
+        self.theta, self.phi, self.g = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.mask_theta, self.mask_g = _mask(4, [1]), _mask(4, [2])
+        self.w = nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), shared)
+
+    def forward(self, x):
+        x = self.stem(x)
+        n, _, h, w = x.shape
+        theta = self.mask_theta(self.theta(x)).view(n, 4, -1).permute(0, 2, 1)
+        g = self.mask_g(self.g(x)).view(n, 4, -1).permute(0, 2, 1)
+        attention = torch.softmax(torch.matmul(theta, self.phi(x).view(n, 4, -1)), -1)
+        y = torch.matmul(attention, g).permute(0, 2, 1).reshape(n, 4, h, w)
+        return self.head(x + self.w(y))
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2 unit (Ma et al. 2018, fig. 3c) with a mask after every BN, as BN-slimming leaves them:
+    each half's zero channels are their own after the shuffle (a channel permutation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 16, mask=_mask(16, [1, 4, 9, 14]))
+        self.branch = nn.Sequential(ConvBN(8, 8, 1, mask=_mask(8, [2, 5])), ConvBN(8, 8, 3, groups=8, act=None),
+                                    ConvBN(8, 8, 1, mask=_mask(8, [0, 7])))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.shape
+        return self.fc(y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w).mean((2, 3)))
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -177,6 +219,8 @@ FAMILIES = {
     "regnet": (RegNet, 8, "masks", ["legacy"]),
     "repvgg": (RepVGG, 8, "prune", ["legacy"]),
     "mobilevit": (MobileViT, 8, "masks", ["legacy"]),
+    "nonlocal": (NonLocal, 8, "masks", ["dynamo", "legacy"]),
+    "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
 }
 
 

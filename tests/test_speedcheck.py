@@ -26,6 +26,15 @@ def test_note_warns_only_when_fewer_macs_are_not_faster():
     assert not same_macs.slower  # nothing was removed: no promise to keep
 
 
+def test_note_explains_a_speedup_clearly_short_of_the_macs_ratio():
+    short = SpeedCheck(4.25, 4.1, 4.4, 15, 1, macs_ratio=8.05)  # MobileNetV2 at ratio 0.7, docs/latency.md
+    assert short.short_of_macs and "53% of its MACs ratio 8.05" in short.note()
+    assert "--target-latency" in short.note() and not short.note().startswith("WARNING")
+    assert "--target-latency" not in short.note(planned_on_time=True)
+    noisy = SpeedCheck(1.9, 1.5, 2.2, 15, 1, macs_ratio=2.6)  # 0.73 at the median, but the CI reaches 0.85
+    assert not noisy.short_of_macs and "of its MACs ratio" not in noisy.note()
+
+
 def test_ensure_faster_keeps_the_fastest_build():
     small, large = masked_net(size=8), masked_net(width=96, zeros=0, size=96)  # ~100x the MACs
 

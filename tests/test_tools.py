@@ -65,6 +65,33 @@ def test_latency_efficiency_tool(tmp_path):
     assert "speedup / MACs ratio" in stdout and "dense time per MAC: median" in stdout
 
 
+def test_latency_efficiency_tool_measures_given_onnx_files(tmp_path):
+    """--onnx: a user's own file, measured at its own image size; a non-batch dynamic dim is a one-line error."""
+    import onnx
+    from graphs import GraphBuilder
+
+    g = GraphBuilder(seed=1)
+    x = g.input([1, 3, 16, 16])
+    y = g.op("Relu", [g.conv(x, 3, 32)])
+    g.output(g.conv(g.op("Relu", [g.conv(y, 32, 32)]), 32, 8))
+    path = tmp_path / "user_net.onnx"
+    onnx.save(g.model(), path)
+    out = tmp_path / "eff.json"
+    run_tool("bench_latency_efficiency.py", "--models", "", "--onnx", path, "--rounds", "2", "--warmup", "0",
+             "--threads", "1", "--batch", "1", "--ratios", "0.5", "--round-to", "1", "--json", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "user_net" and row["macs_ratio"] > 2  # half of both sides of the middle conv
+
+    dynamic = onnx.load(path)
+    dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    onnx.save(dynamic, tmp_path / "dynamic.onnx")
+    completed = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_latency_efficiency.py"), "--models", "",
+                                "--onnx", str(tmp_path / "dynamic.onnx")], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 2 and completed.stderr.strip().startswith("error:")
+    assert "dynamic dims besides the batch" in completed.stderr
+
+
 @pytest.mark.slow
 def test_latency_efficiency_tool_target_mode(tmp_path):
     out = tmp_path / "target.json"

@@ -22,6 +22,10 @@ minimum >= 0.80, no model slower than dense).
     python tools/bench_latency_efficiency.py --size 224 --rounds 30            # the full run
     python tools/bench_latency_efficiency.py --size 96 --rounds 15 --threads 1 --batch 1   # reduced
     python tools/bench_latency_efficiency.py --target-latency 0.5 --models resnet50,mobilenet_v3_small
+    python tools/bench_latency_efficiency.py --models "" --onnx face.onnx --onnx yolo.onnx --threads 1 --batch 1
+
+``--onnx FILE`` adds a user's own graphs (e.g. real third-party exports), measured the same way at the
+file's own image size (its inputs must be static except the batch).
 
 With ``--target-latency F`` each model is pruned with ``prune --target-latency F`` instead
 (:func:`onnxslim.graph.allocate.prune_to_target`, ``--allocation greedy`` (default: per-layer latency
@@ -129,21 +133,54 @@ def build(name: str, size: int) -> tuple[nn.Module, tuple[int, int, int]]:
     return model.eval(), (channels, size, size)
 
 
-def export_onnx(name: str, size: int, folder: Path) -> tuple[Path, tuple[int, int, int]]:
+def export_onnx(name: str, size: int, folder: Path) -> tuple[Path, dict[str, list[int]]]:
+    """The built graph ``name`` exported to ``folder``, with its input shape at batch 1."""
     from onnxslim.training.export import export
 
     model, shape = build(name, size)
     path = folder / f"{name}.onnx"
     export(model, torch.randn(1, *shape), path, dynamo=False, opset=17, dynamic_batch=True)
-    return path, shape
+    return path, {"input": [1, *shape]}
 
 
-def measure(name: str, args, folder: Path) -> list[dict]:
+def fail(message: str) -> None:
+    """The project's bad-input convention: one line ``error: ...`` on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def given_onnx(path: Path) -> tuple[Path, dict[str, list[int]]]:
+    """A user's ONNX file with its graph inputs' shapes at batch 1; :func:`fail` when a file is missing or
+    an input has another dynamic dim (export it with a static image size)."""
+    import onnx
+
+    if not path.is_file():
+        fail(f"{path}: no such file")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    shapes = {}
+    for value in graph.input:
+        if value.name in weights:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if any(d is None for d in dims[1:]):
+            fail(f"{path}: input {value.name!r} has dynamic dims besides the batch: {dims}")
+        shapes[value.name] = [1, *dims[1:]]
+    return path, shapes
+
+
+def sources(args, folder: Path):
+    """(name, path, input shapes) of every graph to measure: the built ones, then ``--onnx`` files."""
+    for name in filter(None, args.models.split(",")):
+        yield (name, *export_onnx(name, args.size, folder))
+    for path in args.onnx:
+        yield (path.stem, *given_onnx(path))
+
+
+def measure(name: str, path: Path, shapes: dict, args, folder: Path) -> list[dict]:
     from onnxslim.graph.prune import prune
     from onnxslim.validate.bench import BenchOptions, benchmark
 
-    path, shape = export_onnx(name, args.size, folder)
-    shapes = {"input": [1, *shape]}
     variants, macs = [path], {}
     for ratio in args.ratios:
         out = folder / f"{name}_r{ratio}.onnx"
@@ -183,12 +220,10 @@ def kernel_speedups(variants: list[Path], args, threads: int, batch: int, shapes
             for path, after in zip(variants[1:], profiles[1:])]
 
 
-def measure_target(name: str, args, folder: Path) -> dict:
+def measure_target(name: str, path: Path, shapes: dict, args) -> dict:
     from onnxslim.graph.allocate import prune_to_target
     from onnxslim.validate.speedcheck import verify_speed
 
-    path, shape = export_onnx(name, args.size, folder)
-    shapes = {"input": [1, *shape]}
     start = time.perf_counter()
     slimmed, report, _, result = prune_to_target(path, "latency", args.target_latency, rounds=args.rounds,
                                                  allocation=args.allocation, cache_dir=args.latency_cache,
@@ -229,7 +264,9 @@ def summary(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="built graphs (empty: none)")
+    parser.add_argument("--onnx", type=Path, action="append", default=[], metavar="FILE",
+                        help="also measure this ONNX file (repeatable): e.g. real third-party exports")
     parser.add_argument("--ratios", default="0.4,0.7")
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--threads", default="1,4")
@@ -255,13 +292,15 @@ def main() -> int:
         return run_targets(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
-        for name in args.models.split(","):
-            rows += measure(name, args, Path(tmp))
+        for name, path, shapes in sources(args, Path(tmp)):
+            rows += measure(name, path, shapes, args, Path(tmp))
             print(f"measured {name}", file=sys.stderr, flush=True)
     print_table(rows)
     print()
     print(summary(rows))
-    print(f"input {args.size}x{args.size}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
+    sizes = f"built graphs at {args.size}x{args.size}" if args.models else ""
+    sizes += ("; " if sizes and args.onnx else "") + ("given files at their own input sizes" if args.onnx else "")
+    print(f"input: {sizes}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
     if args.json:
         from onnxslim.io import write_json_atomic
 
@@ -272,7 +311,7 @@ def main() -> int:
 
 def run_targets(args) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
-        rows = [measure_target(name, args, Path(tmp)) for name in args.models.split(",")]
+        rows = [measure_target(name, path, shapes, args) for name, path, shapes in sources(args, Path(tmp))]
     print("| model | allocation | target | search: ratio / cut | prunes | verified latency fraction (95 % CI) | error "
           "| MACs fraction | table points measured / cached | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -243,6 +243,15 @@ def pass_through(node: onnx.NodeProto, analysis: ChannelAnalysis, info: ChannelI
         analysis.set(name, info)
 
 
+def feature_or_barrier(node: onnx.NodeProto, analysis: ChannelAnalysis, slot: int = 0) -> ChannelInfo | None:
+    """The channel facts of ``node``'s input ``slot``; when it has none, ``node`` becomes a barrier (it
+    holds what it reads) and None is returned."""
+    x = analysis.feature(node.input[slot])
+    if x is None:
+        analysis.barrier(node, "input has no known channel axis")
+    return x
+
+
 def keep_extra_outputs(node: onnx.NodeProto, analysis: ChannelAnalysis, first_extra: int, why: str) -> bool:
     """Ops whose extra outputs (MaxPool indices, BN running stats, Dropout mask) we do not model: when
     one is read, the op is a barrier. Returns True when it became one."""

@@ -30,6 +30,7 @@ from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     BarrierRule,
     Rule,
+    feature_or_barrier,
     inputs_nonnegative,
     inputs_positive,
     normalize_axis,
@@ -38,13 +39,6 @@ from onnxslim.graph.rules.base import (
 )
 from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
-
-
-def _feature(node, analysis, slot: int = 0):
-    x = analysis.feature(node.input[slot])
-    if x is None:
-        analysis.barrier(node, "input has no known channel axis")
-    return x
 
 
 def _new_positions(keep: np.ndarray) -> np.ndarray:
@@ -217,7 +211,7 @@ class SplitRule(_MovesElements):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         axis, sizes = _split_sizes(node, analysis, x)
@@ -290,7 +284,7 @@ class SliceRule(_ChannelSelection):
         return operands is not None and x.axis in operands[2]
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         operands = self._operands(node, analysis, x.rank)
@@ -340,7 +334,7 @@ class GatherRule(_ChannelSelection):
         return x is not None and normalize_axis(get_attr(node, "axis", 0), x.rank) == x.axis
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         indices = analysis.index.constant(node.input[1])
@@ -391,7 +385,7 @@ class FlattenRule(_MovesElements):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         axis = normalize_axis(get_attr(node, "axis", 1), x.rank)
@@ -529,7 +523,7 @@ class ReshapeRule(_MovesElements):
         return "barrier", None
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         kind, dims = self._kind(node, analysis, x)
@@ -610,7 +604,7 @@ class ExpandRule(_MovesElements):
         return (shape[position] if position >= 0 else None), rank
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         entry, rank = self._channel_entry(node, analysis, x)
@@ -674,7 +668,7 @@ class TileRule(_MovesElements):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         repeats = static_values(shape_value(analysis.index, node.input[1])) if len(node.input) > 1 else None
@@ -692,7 +686,7 @@ class SqueezeRule(_MovesElements):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         axes, known = _input_or_attr(node, analysis, "axes", 1)
@@ -732,7 +726,7 @@ class TransposeRule(_MovesElements):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         shape = analysis.index.shape(node.output[0])
@@ -770,7 +764,7 @@ class DepthToSpaceRule(_MovesElements):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         block = get_attr(node, "blocksize", 1)

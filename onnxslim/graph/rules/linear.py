@@ -22,7 +22,10 @@ row ``m`` of Y reads row ``m`` of A only, column ``n`` reads column ``n`` of B o
 row axis (the second last) pass to Y's second last axis (attention pooling ``(N, C, HW) @ (N, HW, 1)``,
 GCNet's context ``(N, 1, C, HW) @ (N, 1, HW, 1)``), and channels on B's last axis pass to Y's last axis
 (``attention @ V`` with V's channels last); a zero channel stays zero, deleting it deletes a row (column)
-of Y and nothing else. The other operand is read whole: its channels are kept.
+of Y and nothing else. The other operand is read whole: its channels are kept. Two features whose
+channels are the summed axis, A's last and B's second last (``q @ k^T`` attention scores of a non-local
+block): term ``k`` is ``A[..., k] B[..., k, :]``, so their channels are coupled and kept unless one of
+the two is zero; Y's axes are rows and columns, not channels.
 
 Einsum of two features that both carry the channel letter on their channel axes, kept in the output
 (``bchw,bc->bchw``), multiplies channel by channel: their channels are coupled. Einsum of a feature map
@@ -53,7 +56,7 @@ from onnxslim.graph.rules.base import (
     slice_bias,
     write_scaled,
 )
-from onnxslim.graph.values import BARRIER
+from onnxslim.graph.values import BARRIER, LIVE
 
 
 def _gemm_matrix(node, index) -> np.ndarray | None:
@@ -201,6 +204,34 @@ def _pass_rows_or_columns(node, analysis, form: str) -> None:
     analysis.set(node.output[0], info)
 
 
+def _contracts_channels(node, analysis) -> bool:
+    """Both operands are features, A's channels on its last axis and B's on its second last, as many:
+    ``Y[..., m, n] = sum_k A[..., m, k] B[..., k, n]`` sums over their channels (attention scores
+    ``q @ k^T`` of a non-local block, SAGAN, DANet)."""
+    a, b = (analysis.feature(name) for name in node.input[:2])
+    return (a is not None and b is not None and a.rank >= 2 and b.rank >= 2 and a.axis == a.rank - 1
+            and b.axis == b.rank - 2 and a.size == b.size)
+
+
+def _contract_channels(node, analysis) -> None:
+    """The channel sum of :func:`_contracts_channels`: term ``k`` is ``A[..., k] * B[..., k, :]``, zero
+    when either channel is zero, and deleting channel ``k`` of both removes exactly that term. So the
+    two channels ``k`` are coupled and kept unless one of them is zero. Y's axes are rows of A and
+    columns of B, not channels: its ids are fresh and kept."""
+    a, b = (analysis.feature(name) for name in node.input[:2])
+    analysis.couple(a.ids, b.ids)
+    label = f"MatMul '{analysis.index.node_name(node)}'"
+    live = ~(a.zero | b.zero)
+    analysis.keep(a.ids[live], LIVE, f"live (non-zero) in '{node.input[0]}' and '{node.input[1]}', "
+                                     f"multiplied and summed by {label}")
+    shape = analysis.index.shape(node.output[0])
+    rank = max(a.rank, b.rank)
+    size = shape[rank - 2] if shape is not None and len(shape) == rank else None
+    if size:
+        out = analysis.fresh(None, node.output[0], size, rank - 2, rank)
+        analysis.keep(out.ids, BARRIER, f"rows of the channel sum of {label}")
+
+
 @register
 class MatMulRule(Rule):
     op_types = ("MatMul",)
@@ -212,6 +243,8 @@ class MatMulRule(Rule):
             forms = _passing_forms(node, analysis)
             if forms:
                 _pass_rows_or_columns(node, analysis, forms[0])
+            elif _contracts_channels(node, analysis):
+                _contract_channels(node, analysis)
             else:
                 analysis.barrier(node, "needs a feature input and a constant 2-D weight, or a feature's "
                                        "channels on A's second last or B's last axis")
@@ -264,10 +297,10 @@ class MatMulRule(Rule):
 
     def rewrite(self, node, rewriter):
         keeps = layer_keeps(node, rewriter)
-        if keeps is None or _channelwise(node, rewriter.analysis.info):
-            return
-        keep_out, keep_in = keeps
         matrix = rewriter.index.constant(node.input[1])
+        if keeps is None or matrix is None or _channelwise(node, rewriter.analysis.info):
+            return  # a product of two features: each shrinks where it is made
+        keep_out, keep_in = keeps
         a = rewriter.info(node.input[0])
         absorb = ~keep_in & a.const & (a.value != 0)
         if absorb.any():  # the plan let them go: the Add after it takes value @ rows

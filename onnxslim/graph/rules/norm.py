@@ -26,6 +26,7 @@ from onnxslim.graph.rules.base import (
     BarrierRule,
     Rule,
     block_reduced_channels,
+    feature_or_barrier,
     inputs_nonnegative,
     keep_extra_outputs,
     normalize_axis,
@@ -152,9 +153,8 @@ class LayerNormRule(Rule):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = analysis.feature(node.input[0])
+        x = feature_or_barrier(node, analysis)
         if x is None:
-            analysis.barrier(node, "input has no known channel axis")
             return
         axis = normalize_axis(get_attr(node, "axis", -1), x.rank)
         if axis <= x.axis:
@@ -183,9 +183,8 @@ class LpNormRule(Rule):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = analysis.feature(node.input[0])
+        x = feature_or_barrier(node, analysis)
         if x is None:
-            analysis.barrier(node, "input has no known channel axis")
             return
         if normalize_axis(get_attr(node, "axis", -1), x.rank) == x.axis:
             block_reduced_channels(analysis, node, node.input[0], x, np.ones(x.size, bool), absorbs_constants=False)

@@ -50,6 +50,7 @@ from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
+    feature_or_barrier,
     inputs_nonnegative,
     keep_all,
     normalize_axis,
@@ -95,9 +96,8 @@ class ReduceRule(Rule):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = analysis.feature(node.input[0])
+        x = feature_or_barrier(node, analysis)
         if x is None:
-            analysis.barrier(node, "input has no known channel axis")
             return
         axes = reduced_axes(node, analysis, x.rank)
         if axes is None:

@@ -18,6 +18,7 @@ import numpy as np
 from onnxslim.graph.model import get_attr
 from onnxslim.graph.rules.base import (
     Rule,
+    feature_or_barrier,
     inputs_nonnegative,
     keep_extra_outputs,
     normalize_axis,
@@ -31,20 +32,13 @@ def _string(value) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def _feature_or_barrier(node, analysis):
-    x = analysis.feature(node.input[0])
-    if x is None:
-        analysis.barrier(node, "input has no known channel axis")
-    return x
-
-
 @register
 class PoolRule(Rule):
     op_types = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature_or_barrier(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         if x.axis != 1:
@@ -104,7 +98,7 @@ class ResizeRule(Rule):
         return scales, sizes, True
 
     def propagate(self, node, analysis):
-        x = _feature_or_barrier(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         scales, sizes, known = self._scales_and_sizes(node, analysis)
@@ -193,7 +187,7 @@ class PadRule(Rule):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature_or_barrier(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         index = analysis.index
@@ -240,7 +234,7 @@ class CumSumRule(Rule):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature_or_barrier(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         axis = analysis.index.constant(node.input[1]) if len(node.input) > 1 else None
@@ -262,7 +256,7 @@ class SoftmaxRule(Rule):
     passthrough = True
 
     def propagate(self, node, analysis):
-        x = _feature_or_barrier(node, analysis)
+        x = feature_or_barrier(node, analysis)
         if x is None:
             return
         default = -1 if analysis.index.opset >= 13 else 1
