@@ -99,6 +99,23 @@ def test_pad_opset13_with_nonzero_fill_keeps_zero_channels_before_a_padded_conv_
     assert report.kept
 
 
+def test_pad_of_the_channel_axis_adds_zero_channels_that_go():
+    """Pad-2 (opset 9, pads as an attribute) of 2 channels before and 3 after, fill 0 (a CIFAR ResNet
+    "option A" shortcut): the 5 new channels are zero, so with the 2 masked ones all 7 go and the pads of
+    the channel axis become 0; a reflect pad of the channel axis is a barrier."""
+    for mode, deleted in (("constant", 2), ("reflect", 0)):
+        g = GraphBuilder(opset=9)
+        y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 8, 8]), 3, 6), 6, zeros=[1, 2])])
+        y = g.op("Pad", [y], pads=[0, 2, 1, 1, 0, 3, 1, 1], mode=mode)
+        g.output(g.conv(y, 11, 4, pad=0))
+        slimmed, report = slim_checked(g.model())
+        assert report.deleted_masked_channels == deleted, report.format_table()
+        if mode == "constant":
+            pad = next(n for n in slimmed.graph.node if n.op_type == "Pad")
+            assert list(next(a.ints for a in pad.attribute if a.name == "pads")) == [0, 0, 1, 1, 0, 0, 1, 1]
+            assert [t.dims[1] for t in slimmed.graph.initializer if len(t.dims) == 4] == [3, 4]
+
+
 def test_cumsum_along_a_spatial_axis_keeps_zero_channels_zero():
     """``torch.cumsum(y, 2)`` sums within each channel: 3 masked channels, 0 -> 3 deleted (before: CumSum
     had no rule); along the channel axis it is a barrier (0 deleted)."""

@@ -5,7 +5,8 @@ and AveragePool that excludes padding keep them (reductions: see :mod:`onnxslim.
 AveragePool counting zero padding and LpPool keep only zero. Resize (nearest or linear) and
 Upsample interpolate between equal values and keep constants; cubic keeps only zero; a
 ``tf_crop_and_resize`` box past the input keeps only the constant equal to its extrapolation value. Pad keeps a
-constant ``v`` when it pads with ``v`` (or replicates edges) and never pads the channel axis.
+constant ``v`` when it pads with ``v`` (or replicates edges); constant padding of the channel axis adds
+channels that hold the fill value (see :class:`PadRule`).
 
 Softmax and the like over a spatial axis pass channels through; over the channel axis they are barriers.
 CumSum along a spatial axis keeps only zero.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxslim.graph.model import get_attr
+from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     feature_or_barrier,
@@ -181,8 +182,43 @@ def _pad_fill(node, index) -> float | None:
     return None if fill is None else float(np.reshape(fill, -1)[0]) if np.size(fill) else 0.0
 
 
+def _pad_operands(node, index):
+    """(pads as a flat int array, axes they apply to or None for all, fill) of a Pad; pads None when
+    computed (or its ``axes`` are), fill None when computed."""
+    fill = _pad_fill(node, index)
+    pads = get_attr(node, "pads")
+    if pads is not None:
+        return np.reshape(np.asarray(pads, np.int64), -1), None, fill
+    pads = index.constant(node.input[1]) if len(node.input) > 1 else None
+    has_axes = len(node.input) > 3 and bool(node.input[3])
+    axes = index.constant(node.input[3]) if has_axes else None
+    if pads is None or (has_axes and axes is None):
+        return None, None, fill
+    return np.reshape(pads, -1).astype(np.int64), None if axes is None else np.reshape(axes, -1), fill
+
+
+def _channel_pads(node, index, x) -> tuple[int, int, int] | None:
+    """(position of the channel axis in ``pads``, channels padded before, after) — (-1, 0, 0) when the
+    channel axis is not padded; None when pads, axes or fill are computed."""
+    pads, axes, fill = _pad_operands(node, index)
+    if pads is None or fill is None:
+        return None
+    axes = list(range(x.rank)) if axes is None else [normalize_axis(int(a), x.rank) for a in axes]
+    half = len(pads) // 2
+    for position, axis in enumerate(axes[:half]):
+        if axis == x.axis and (pads[position] or pads[position + half]):
+            return position, int(pads[position]), int(pads[position + half])
+    return -1, 0, 0
+
+
 @register
 class PadRule(Rule):
+    """Pad (ONNX Pad-2 ... Pad-18). Spatial padding passes channels through. Padding the channel axis with
+    a constant ``v`` (ResNet's CIFAR "option A" shortcut ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p))``)
+    adds ``before`` and ``after`` new channels that hold ``v`` everywhere: each is a fresh channel, the
+    constant ``v``, and the rewrite pads only as many as are kept (they are all alike). Negative channel
+    pads (a crop) and the reflect / edge / wrap modes on the channel axis are barriers."""
+
     op_types = ("Pad",)
     passthrough = True
 
@@ -190,29 +226,43 @@ class PadRule(Rule):
         x = feature_or_barrier(node, analysis)
         if x is None:
             return
-        index = analysis.index
-        pads = get_attr(node, "pads")
-        fill = _pad_fill(node, index)
-        if pads is None:
-            pads = index.constant(node.input[1]) if len(node.input) > 1 else None
-            axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            if len(node.input) > 3 and node.input[3] and axes is None:
-                pads = None
-        else:
-            axes = None
-        if pads is None or fill is None:
+        found = _channel_pads(node, analysis.index, x)
+        if found is None:
             analysis.barrier(node, "pads or fill value are computed")
             return
-        pads = np.reshape(pads, -1)
-        axes = list(range(x.rank)) if axes is None else [normalize_axis(int(a), x.rank) for a in np.reshape(axes, -1)]
-        half = len(pads) // 2
-        for position, axis in enumerate(axes[:half]):
-            if axis == x.axis and (pads[position] or pads[position + half]):
-                analysis.barrier(node, "pads the channel axis")
-                return
+        fill = _pad_fill(node, analysis.index)
         mode = _string(get_attr(node, "mode", b"constant"))
+        _, before, after = found
+        if (before or after) and (mode != "constant" or before < 0 or after < 0):
+            analysis.barrier(node, f"pads the channel axis ({mode}, {before} before, {after} after)")
+            return
         const = x.const & (x.value == fill) if mode == "constant" else x.const
-        pass_through(node, analysis, x.with_values(const, x.value))
+        info = x.with_values(const, x.value)
+        if before or after:
+            parts = [analysis.fresh(None, "", n, x.axis, x.rank, np.ones(n, bool), np.full(n, fill))
+                     for n in (before, after)]
+            info.ids = np.concatenate([parts[0].ids, x.ids, parts[1].ids])
+            info.const = np.concatenate([parts[0].const, const, parts[1].const])
+            info.value = np.concatenate([parts[0].value, info.value, parts[1].value])
+        pass_through(node, analysis, info)
+
+    def allows_empty_input(self, node, slot, plan):
+        return slot == 0 and plan.is_empty(node.output[0])
+
+    def rewrite(self, node, rewriter):
+        x = rewriter.info(node.input[0])
+        keep = rewriter.keep(node.output[0])
+        found = None if x is None else _channel_pads(node, rewriter.index, x)
+        if keep is None or found is None or found[0] < 0 or keep.all():
+            return
+        position, before, after = found
+        pads, _, _ = _pad_operands(node, rewriter.index)
+        pads = pads.copy()
+        pads[position], pads[position + len(pads) // 2] = keep[:before].sum(), keep[len(keep) - after:].sum()
+        if get_attr(node, "pads") is not None:
+            set_attr(node, "pads", [int(p) for p in pads])
+        else:
+            rewriter.weights.write(node, 1, pads, key=("pads", pads.tobytes()))
 
     def nonnegative(self, node, analysis):
         """Pad-18 copies its input and writes the fill value (constant mode) or input elements (reflect,
