@@ -5,7 +5,7 @@ adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), Y
 H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
 fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
-channel shuffle: a permutation). ``masks``: hand-placed masks whose zeros are all
+channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -209,6 +209,23 @@ class ShuffleNetV2(nn.Module):
         return self.fc(y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w).mean((2, 3)))
 
 
+class CifarResNetOptionA(nn.Module):
+    """CIFAR ResNet's parameter-free "option A" shortcut (He et al. 2016, sec. 4.2): subsample, then pad
+    the channel axis with zeros, ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))``; the zero channels added
+    (0, 1, 6, 7) are coupled with the block's output by the residual Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = ConvBN(3, 4, mask=_mask(4, [1])), ConvBN(4, 8, 3, 2, mask=_mask(8, [3]))
+        self.c2 = ConvBN(8, 8, 3, mask=_mask(8, [0, 3, 7]), act=None)  # 0 and 7: padded; 3: the stem's 1
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2), "constant", 0)
+        return self.fc(torch.relu(self.c2(self.c1(x)) + shortcut).mean((2, 3)))
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -221,6 +238,7 @@ FAMILIES = {
     "mobilevit": (MobileViT, 8, "masks", ["legacy"]),
     "nonlocal": (NonLocal, 8, "masks", ["dynamo", "legacy"]),
     "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
+    "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
 }
 
 

@@ -126,8 +126,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
-    channels so each layer's count is a multiple of it (``"auto"``: the onnxruntime NCHWc block of this
-    machine or of ``target_device``, see :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
+    channels so each layer's count is a multiple of it (default 1: off, where the CLI's is ``"auto"``;
+    ``"auto"``: the onnxruntime NCHWc block of this machine or of ``target_device``, see
+    :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
     with full shape inference (without it, the structural check only); ``rules`` is the rule set (default
     :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
     for ops of other domains).
