@@ -4,7 +4,8 @@ GhostNet (Concat of a conv and its cheap depthwise, then ``[:, :oup]``), Res2Net
 adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), YOLOv5 (Focus slices on
 H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
-fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels). ``masks``: hand-placed masks whose zeros are all
+fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
+channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -190,6 +191,41 @@ class NonLocal(nn.Module):
         return self.head(x + self.w(y))
 
 
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2 unit (Ma et al. 2018, fig. 3c) with a mask after every BN, as BN-slimming leaves them:
+    each half's zero channels are their own after the shuffle (a channel permutation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 16, mask=_mask(16, [1, 4, 9, 14]))
+        self.branch = nn.Sequential(ConvBN(8, 8, 1, mask=_mask(8, [2, 5])), ConvBN(8, 8, 3, groups=8, act=None),
+                                    ConvBN(8, 8, 1, mask=_mask(8, [0, 7])))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.shape
+        return self.fc(y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w).mean((2, 3)))
+
+
+class CifarResNetOptionA(nn.Module):
+    """CIFAR ResNet's parameter-free "option A" shortcut (He et al. 2016, sec. 4.2): subsample, then pad
+    the channel axis with zeros, ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))``; the zero channels added
+    (0, 1, 6, 7) are coupled with the block's output by the residual Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = ConvBN(3, 4, mask=_mask(4, [1])), ConvBN(4, 8, 3, 2, mask=_mask(8, [3]))
+        self.c2 = ConvBN(8, 8, 3, mask=_mask(8, [0, 3, 7]), act=None)  # 0 and 7: padded; 3: the stem's 1
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2), "constant", 0)
+        return self.fc(torch.relu(self.c2(self.c1(x)) + shortcut).mean((2, 3)))
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -201,6 +237,8 @@ FAMILIES = {
     "repvgg": (RepVGG, 8, "prune", ["legacy"]),
     "mobilevit": (MobileViT, 8, "masks", ["legacy"]),
     "nonlocal": (NonLocal, 8, "masks", ["dynamo", "legacy"]),
+    "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
+    "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
 }
 
 

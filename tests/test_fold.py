@@ -101,3 +101,27 @@ def test_affine_from_unsqueezed_constants(build, ir3):
     assert report.deleted_masked_channels == zeroed, report.format_table()
     assert report.params_after < report.params_before
     assert not any(n.op_type in ("Unsqueeze", "Constant") for n in slimmed.graph.node)
+
+
+@pytest.mark.parametrize("opset", [10, 11, 13])
+def test_a_folded_shape_stays_valid_in_old_opsets(opset):
+    """BlazePose (torch 1.6, opset 10) reshapes its head with ``input.shape[0]``: ``Shape -> Gather
+    (index from a Constant node) -> Unsqueeze -> Concat -> Reshape``. onnxscript's folder writes the static
+    Shape as ``Constant(value_ints)``, an attribute of Constant-12+: lifted to an initializer it is valid
+    in every opset. 2 masked channels, 2 deleted (before, opset 10/11: "invalid input model ... Attribute
+    'value' of Constant node must exist")."""
+    g = GraphBuilder(opset=opset)
+    x = g.input([1, 3, 8, 8], name="input")
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 6), 6, zeros=[1, 4])])
+    y = g.op("Transpose", [g.conv(y, 6, 4)], perm=[0, 2, 3, 1])
+    index = g.name("index")
+    g.nodes.append(helper.make_node("Constant", [], [index], value=onnx.numpy_helper.from_array(np.array(0, np.int64))))
+    batch = g.op("Gather", [g.op("Shape", [x]), index], axis=0)
+    batch = g.op("Unsqueeze", [batch], axes=[0]) if opset < 13 else \
+        g.op("Unsqueeze", [batch, g.const(np.array([0], np.int64))])
+    target = g.op("Concat", [batch, g.const(np.array([-1, 4], np.int64))], axis=0)
+    g.output(g.op("Reshape", [y, target]), shape=[1, 64, 4])
+    model = g.model()
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.masked_channels == report.deleted_masked_channels == 2, report.format_table()

@@ -122,8 +122,9 @@ def export(module, dynamo: bool) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
 # (dynamo, legacy): the legacy export computes its shuffle's Reshape targets from Shape; normalisation folds
-# them (fold_static_dims), so both exports lose the same channels
-@pytest.mark.parametrize("name, deleted", [("c2f", (24, 24)), ("shufflenetv2", (17, 17))])
+# them (fold_static_dims), so both exports lose the same channels; the shuffle is one Gather (a channel
+# permutation), so each channel is its own unit
+@pytest.mark.parametrize("name, deleted", [("c2f", (24, 24)), ("shufflenetv2", (20, 20))])
 def test_prune_torch_blocks_with_split_outputs(name, deleted, dynamo, tmp_path):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -255,3 +256,21 @@ def test_bn_criterion_without_batchnorm_says_so(tmp_path):
     g.output(g.conv(g.op("Relu", [g.conv(y, 8, 8)]), 8, 4))
     _, report = prune_exact(g.model(), criterion="bn")
     assert any("1 of 3 layers have no BatchNormalization" in n or "2 of 3 layers" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("target", [{"ratio": 0.5}, {"target_macs": 0.5}])
+def test_file_size_before_is_the_inputs(tmp_path, target):
+    """The report's size_before is the input file's bytes, not the masked reference's (which adds masks)."""
+    from onnxslim.graph.allocate import prune_to_target
+
+    g = GraphBuilder()
+    x = g.input([1, 3, 8, 8])
+    g.output(g.conv(g.op("Relu", [g.conv(g.op("Relu", [g.conv(x, 3, 16)]), 16, 16)]), 16, 4))
+    path = tmp_path / "model.onnx"
+    onnx.save(g.model(), path)
+    if "ratio" in target:
+        _, report, masked = prune(path, **target)
+    else:
+        _, report, masked, _ = prune_to_target(path, "macs", target["target_macs"])
+    assert report.deleted_masked_channels > 0
+    assert report.size_before == path.stat().st_size < masked.ByteSize()

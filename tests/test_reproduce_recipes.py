@@ -2,6 +2,7 @@
 its knobs were chosen (issue 15: on a validation split with tools/tune_demo.py, never on the test split)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,20 @@ def test_shared_dense_checkpoint_is_restamped_for_the_next_method(tmp_path):
     other, _ = reproduce.build_recipe("resnet20", "joint", quick=True)
     assert not reproduce.share_dense(source, tmp_path / "other.pt", other)
     assert not (tmp_path / "other.pt").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "l1_mask.lam=abc"], "error: reproduce:lenet5/l1_mask: [method.params]: lam must be a float, got 'abc'"),
+    (["--methods", "gal", "--set", "gal.no_such_knob=1"], "unknown parameter(s) no_such_knob"),
+    (["--methods", "l1_mask", "--set", "gal.lam_channel=0.1"], "--set names gal, which --methods does not run"),
+    (["--set", "nosuch.lam=1"], "unknown: nosuch"),
+])
+def test_bad_set_is_a_one_line_error_before_training(monkeypatch, capsys, tmp_path, argv, message):
+    """Every row's recipe, --set values applied, is checked before the first row trains."""
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--out", str(tmp_path / "out"), *argv])
+    monkeypatch.setattr(reproduce, "run_all", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as raised:
+        reproduce.main()
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().splitlines()[-1].startswith(("error: ", "reproduce.py: error: "))

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -123,3 +124,47 @@ def test_cli_prune_and_slim_default_to_auto_and_name_the_choice(tmp_path):
     default = CliRunner().invoke(main, ["slim", str(source), "-o", str(tmp_path / "s.onnx")])
     assert default.exit_code == 0, default.output
     assert "no channels were removed" in default.output  # nothing masked: auto changes nothing
+
+
+def widened_stream(pads=(4, 4, 4), masks=None) -> onnx.ModelProto:
+    """BlazeFace's backbone: a residual stream of 16 channels that each block widens by zero-padding the
+    skip (``F.pad`` of the channel axis): 16, 20, 24, 28. ``masks`` (per stream conv, zero channels)
+    make a masked model."""
+    masks = masks or {}
+    g = GraphBuilder(seed=2)
+    width = 16
+    stream = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 8, 8]), 3, width), width, zeros=masks.get(0, ()))])
+    for block, pad in enumerate(pads, 1):
+        branch = g.conv(g.conv(stream, width, width, groups=width), width, width + pad, k=1, pad=0)
+        branch = g.mask(branch, width + pad, zeros=masks.get(block, ()))
+        skip = g.op("Pad", [stream, g.const(np.array([0, 0, 0, 0, 0, pad, 0, 0], np.int64))])
+        stream, width = g.op("Relu", [g.op("Add", [branch, skip])]), width + pad
+    g.output(g.conv(stream, width, 4))
+    return g.model()
+
+
+def test_prune_rounds_a_stream_widened_by_padded_channels():
+    """Each layer of the stream keeps a multiple of 8: the classes a block adds go first (before: the
+    layers gave back one another's channels until nothing was pruned)."""
+    model = widened_stream()
+    slimmed, report, masked = prune(model, ratio=0.5, round_to=8)
+    assert_equivalent(masked, slimmed)
+    counts = conv_outputs(slimmed)
+    assert counts[-1] == 4
+    assert all(c % 8 == 0 for c in counts[:-1]), counts
+    assert counts[0] == 8 and report.macs_after < 0.5 * report.macs_before, counts
+
+
+def test_slim_rounds_a_widened_stream_with_the_classes_each_layer_adds():
+    """Stream 16 -> 24 -> 28 -> 32 (pads 8, 4, 4). Masks: 8 of the 16 stream channels in every layer, and
+    2 of the 8 that the first block adds (in every later layer too). Rounding up to 8 restores those 2
+    (the first block's layer: 14 -> 16) and leaves the 8 stream channels deleted; the second block's layer
+    (20) could only be rounded with channels of earlier layers and stays. 32 of 38 masked channels
+    deleted (before: 0, every layer gave back the channels of the others)."""
+    stream = list(range(8))
+    model = widened_stream((8, 4, 4), masks={0: stream, 1: [*stream, 16, 17], 2: [*stream, 16, 17],
+                                             3: [*stream, 16, 17]})
+    slimmed, report = slim(model, round_to=8)
+    assert_equivalent(model, slimmed)
+    assert report.masked_channels == 38 and report.deleted_masked_channels == 32, report.format_table()
+    assert conv_outputs(slimmed) == [8, 8, 16, 16, 20, 20, 24, 4]

@@ -55,3 +55,26 @@ def test_holdout_rejects_a_split_that_leaves_nothing_to_train(tmp_path):
                                capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith("error: --val 8000")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "lam=abc"], "lam must be a float, got 'abc'"),
+    (["--set", "no_such_knob=1"], "unknown parameter(s) no_such_knob"),
+    (["--set", "lam"], "--set expects KEY=VALUE, got 'lam'"),
+    (["--epochs", "1,1"], "--epochs expects three integers"),
+])
+def test_bad_set_or_epochs_is_one_line_error_before_training(tmp_path, args, message):
+    """A wrong-type, unknown or malformed --set value (or --epochs) is refused with one `error:` line, exit 2,
+    before any trial trains (nothing is written under --out)."""
+    completed = subprocess.run([sys.executable, str(ROOT / "tools" / "tune_demo.py"), "--epochs", "1,1,1",
+                                "--out", str(tmp_path / "out"), *args],
+                               capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], completed.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_values_are_json_or_strings():
+    assert tune_demo.parse_sets(["lam=0.5", "criterion=mean_abs", "lam=1"]) == [
+        {"lam": 0.5, "criterion": "mean_abs"}, {"lam": 1, "criterion": "mean_abs"}]

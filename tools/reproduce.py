@@ -106,6 +106,12 @@ def method_settings(model: str, method: str) -> tuple[dict, dict, dict, str]:
 
 
 def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = None):
+    """(the row's Recipe, where its settings came from); ``overrides`` are ``--set`` values per method.
+
+    Raises SystemExit(2) after one ``error: ...`` line (:func:`fail`) when the recipe is missing or the
+    result is not a valid recipe (a ``--set`` value of the wrong type or range, an unknown parameter).
+    """
+    from onnxslim.errors import OnnxSlimError
     from onnxslim.recipes import recipe_from_dict
 
     spec = MODELS[model]
@@ -130,7 +136,10 @@ def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = 
         for phase in ("dense", "sparse", "finetune"):
             raw["training"][phase]["epochs"] = min(raw["training"][phase]["epochs"], 1)
         raw["validate"].update(warmup=2, repeat=10)
-    return recipe_from_dict(raw, source=f"reproduce:{model}/{method}"), source
+    try:
+        return recipe_from_dict(raw, source=f"reproduce:{model}/{method}"), source
+    except OnnxSlimError as error:
+        fail(str(error))
 
 
 # the fingerprint keys (onnxslim.pipeline.recipe_fingerprint) that shape the dense checkpoint
@@ -242,9 +251,15 @@ def main() -> int:
         overrides.setdefault(method, {})[key] = value
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in models if m not in MODELS] + [m for m in methods if m not in METHODS]
+    unknown = [m for m in models if m not in MODELS] + [m for m in [*methods, *overrides] if m not in METHODS]
     if unknown:
-        parser.error(f"unknown: {', '.join(unknown)}")
+        parser.error(f"unknown: {', '.join(dict.fromkeys(unknown))}")
+    unused = [m for m in overrides if m not in methods]
+    if unused:
+        parser.error(f"--set names {', '.join(unused)}, which --methods does not run")
+    for model in models:  # every row's recipe is checked before anything trains
+        for method in methods:
+            build_recipe(model, method, args.quick, overrides)
     if args.threads:
         import torch
 

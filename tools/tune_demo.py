@@ -97,12 +97,34 @@ def trial(recipe: Recipe, fit, val, folder: Path, shared: Path) -> dict:
 
 
 def parse_sets(items: list[str]) -> list[dict]:
-    """``["lam=0.01", "lam=0.02", "mask_lr_scale=20"]`` -> the product of each key's values."""
+    """``["lam=0.01", "lam=0.02", "mask_lr_scale=20"]`` -> the product of each key's values.
+
+    A value is read as JSON (``0.01``, ``true``, ``[1, 2]``), else kept as the string (``criterion=mean_abs``);
+    whether it fits the method's parameter is checked by :func:`variant`. Raises OnnxSlimError for an item
+    without ``KEY=VALUE``.
+    """
     values: dict[str, list] = {}
     for item in items:
         key, _, raw = item.partition("=")
-        values.setdefault(key, []).append(json.loads(raw))
+        if not key or not raw:
+            raise OnnxSlimError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        values.setdefault(key, []).append(value)
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())] or [{}]
+
+
+def parse_epochs(text: str) -> tuple[int, int, int]:
+    """``"4,10,6"`` -> (dense, sparse, fine-tune) epochs; raises OnnxSlimError unless three integers >= 0."""
+    try:
+        epochs = tuple(int(e) for e in text.split(","))
+    except ValueError:
+        epochs = ()
+    if len(epochs) != 3 or min(epochs) < 0:
+        raise OnnxSlimError(f"--epochs expects three integers >= 0 (dense,sparse,finetune), got {text!r}")
+    return epochs
 
 
 def main() -> None:
@@ -118,9 +140,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/tune_demo"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
+    try:  # every trial's recipe is checked before anything trains
         base = load_recipe(args.recipe)
-        epochs = tuple(int(e) for e in args.epochs.split(","))
+        epochs = parse_epochs(args.epochs)
+        trials = [(params, variant(base, epochs, params, args.lr_scale, args.batch_size))
+                  for params in parse_sets(args.set)]
         fit, val = holdout(base, args.val, args.split_seed)
     except (OnnxSlimError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -130,9 +154,9 @@ def main() -> None:
     shared.mkdir(parents=True, exist_ok=True)
     print(f"{len(fit)} train / {len(val)} validation images (split seed {args.split_seed}), epochs {epochs}, "
           f"batch {batch}, lr x{args.lr_scale:g}, {args.threads} thread(s)", flush=True)
-    for params in parse_sets(args.set):
+    for params, recipe in trials:
         name = "-".join(f"{k}{v}" for k, v in params.items()) or "recipe"
-        result = trial(variant(base, epochs, params, args.lr_scale, args.batch_size), fit, val, shared / name, shared)
+        result = trial(recipe, fit, val, shared / name, shared)
         print(json.dumps({"params": params, **result}), flush=True)
 
 

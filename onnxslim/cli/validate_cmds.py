@@ -36,7 +36,7 @@ _input_shape_option = click.option(
 
 @click.command(cls=Command)
 @click.argument("models", nargs=-1, required=True, type=input_path(dir_okay=False))
-@click.option("--threads", default="1", show_default=True, help="Intra-op thread counts, comma-separated (1,2,4).")
+@click.option("--threads", default="1", show_default=True, help="Intra-op thread counts, comma-separated (1,2,4; 0: onnxruntime's default).")
 @click.option("--batch", "batch", default=None, help="Batch sizes, comma-separated (1,8); default: the model's.")
 @_input_shape_option
 @click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",

@@ -112,7 +112,7 @@ def _prune_cut(model, chosen: set[int], rounding, options: dict[str, Any], notes
     from onnxslim.graph.prune import _criterion_notes, channel_scores, prune_selection
     from onnxslim.graph.slim import analyse, load_model
 
-    masked, _ = load_model(model)
+    masked, size_before = load_model(model)
     analysis = analyse(masked, options.get("input_shapes"), rules=options.get("rules"))
     settled = settle_choice(analysis, chosen) if chosen else set()
     criterion = options.get("criterion", "l1")
@@ -120,7 +120,8 @@ def _prune_cut(model, chosen: set[int], rounding, options: dict[str, Any], notes
     slimmed, report = prune_selection(masked, analysis, selection,
                                       channel_scores(analysis, criterion, options.get("seed", 0)), rounding,
                                       placement=options.get("placement", "consumers"),
-                                      input_shapes=options.get("input_shapes"), rules=options.get("rules"))
+                                      input_shapes=options.get("input_shapes"), rules=options.get("rules"),
+                                      size_before=size_before)
     return slimmed, report, masked
 
 

@@ -125,6 +125,9 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
             modified |= changed
             if not changed:
                 break
+    # the folder writes a folded Shape as Constant(value_ints), an attribute from Constant-12 on: lifted
+    # to an initializer, it stays valid in opset 9-11 models (BlazePose, torch 1.6 at opset 10)
+    modified |= LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(view).modified
     if not modified:
         return 0
     for node in graph:

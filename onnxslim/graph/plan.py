@@ -122,13 +122,20 @@ class RemovalPlan:
     def round_layers(self, multiple: int) -> None:
         """Keep extra channels so every channel-creating layer keeps a multiple of ``multiple``.
 
-        The extra channels are the removed ones whose producing filters have the largest L1 norm.
+        The extra channels are the removed ones whose producing filters have the largest L1 norm, among the
+        classes that no layer visited before has (in graph order): restoring them leaves the earlier layers
+        as rounded. A layer that only classes of earlier layers could round stays as it is: a residual
+        stream widened block by block with zero-padded channels (BlazeFace: 24, 28, 32 ... 96) would
+        otherwise give back every channel, one layer after the other.
         """
         analysis = self.analysis
         for _ in range(8):  # coupled layers can disturb each other; a few passes settle it
             changed = False
+            seen = np.zeros(len(self.removed), bool)  # classes (roots) of the layers visited before
             for name, node in analysis.creators.items():
                 info = analysis.info[name]
+                shared = seen[self.roots[info.ids]]
+                seen[self.roots[info.ids]] = True
                 keep = ~self.removed[info.ids]
                 kept, total = int(keep.sum()), info.size
                 if kept == 0 or kept % multiple == 0:
@@ -139,7 +146,9 @@ class RemovalPlan:
                 scores = analysis.rule_for(node).channel_scores(node, analysis)
                 if scores is None:
                     scores = np.zeros(total)
-                candidates = np.flatnonzero(~keep)
+                candidates = np.flatnonzero(~keep & ~shared)
+                if len(candidates) < target - kept:
+                    continue  # only restoring classes of earlier layers would reach it: they stay rounded
                 candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
                 self.restore(info.ids[candidates[: target - kept]], f"kept to round '{name}' to a multiple of {multiple}")
                 changed = True

@@ -187,11 +187,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     *kept* count to the nearest multiple, as Torch-Pruning does.
     """
     rounding = resolve_round_to(round_to, target_device)
-    masked, _ = load_model(model)
+    masked, size_before = load_model(model)
     analysis = analyse(masked, input_shapes, rules=rules)
     selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
     slimmed, report = prune_selection(masked, analysis, selection, channel_scores(analysis, criterion, seed),
-                                      rounding, placement=placement, input_shapes=input_shapes, rules=rules)
+                                      rounding, placement=placement, input_shapes=input_shapes, rules=rules,
+                                      size_before=size_before)
     # written only once everything succeeded: a failed command leaves no output file
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
@@ -203,10 +204,11 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
 def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selection: Selection,
                     scores: dict[str, np.ndarray], rounding: Rounding, *, placement: str = "consumers",
                     input_shapes: dict[str, list[int]] | None = None, rules: RuleSet | None = None,
-                    ) -> tuple[onnx.ModelProto, SlimReport]:
+                    size_before: int | None = None) -> tuple[onnx.ModelProto, SlimReport]:
     """Steps 4-5 of ``prune`` for classes already chosen: round the kept counts (``scores`` rank the
     channels :func:`round_choice` adds or gives back), insert the masks into ``masked`` (in place; it is
-    the model ``analysis`` was run on), check it and slim it. Returns (slimmed model, report)."""
+    the model ``analysis`` was run on), check it and slim it. Returns (slimmed model, report), whose
+    ``size_before`` is ``size_before`` (the input's bytes) when given, else the masked model's."""
     roots = round_choice(analysis, selection.roots, scores, rounding.multiple, analysis.kept_by(BARRIER))
     insert_masks(masked, analysis, roots, placement)
     _drop_dead_code(masked)
@@ -214,4 +216,6 @@ def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selectio
     slimmed, report = slim(masked, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
     report.rounding = rounding.to_dict(kept_counts=True)
     report.notes = selection.notes + report.notes
+    if size_before is not None:  # the input's size, not the masked reference's (which adds the masks)
+        report.size_before = size_before
     return slimmed, report

@@ -4,6 +4,7 @@ Pipeline (each step in its own module):
 
 1. :mod:`normalize` — constants become initializers (Constant nodes, Identity of weights ...);
 2. :mod:`shapes` — static shapes on a weight-free skeleton (value_info from the exporter is ignored);
+   :mod:`permutations` — Reshape / Transpose chains that permute channels become one Gather;
 3. :mod:`channels` + :mod:`rules` — the channel dataflow analysis and the removal plan;
 4. :mod:`rewrite` — every rule slices its weights and attributes;
 5. :mod:`cleanup` — mask scales folded into weights, dead code dropped, shapes re-inferred;
@@ -39,6 +40,7 @@ from onnxslim.graph.normalize import (
     fold_static_dims,
     inline_functions,
 )
+from onnxslim.graph.permutations import gather_channel_permutations
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
@@ -90,7 +92,9 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         constants_to_initializers(model, sources)
     check_folded(model, input_shapes)
     inferred = infer_model(model, input_shapes)
-    index = Graph(model, shapes_of(inferred), sources, symbols_of(inferred))
+    shapes = shapes_of(inferred)
+    gather_channel_permutations(model, shapes)
+    index = Graph(model, shapes, sources, symbols_of(inferred))
     return ChannelAnalysis(index, rules).run()
 
 
@@ -122,8 +126,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
     ``input_shapes`` fixes dynamic input dims (needed for Flatten -> Gemm of dynamic maps and for MACs);
     ``fold_masks`` folds per-channel mask scales into neighbouring weights; ``round_to`` keeps extra
-    channels so each layer's count is a multiple of it (``"auto"``: the onnxruntime NCHWc block of this
-    machine or of ``target_device``, see :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
+    channels so each layer's count is a multiple of it (default 1: off, where the CLI's is ``"auto"``;
+    ``"auto"``: the onnxruntime NCHWc block of this machine or of ``target_device``, see
+    :mod:`onnxslim.graph.rounding`); ``check`` runs ``onnx.checker``
     with full shape inference (without it, the structural check only); ``rules`` is the rule set (default
     :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
     for ops of other domains).

@@ -132,7 +132,8 @@ def test_flatten_squeeze_and_matmul():
     assert conv_channels(slimmed) == [5]
 
 
-def test_channel_shuffle_reshape_is_a_barrier():
+def test_channel_shuffle_deletes_zero_channels_of_one_group():
+    """Channels 0 and 1 of the first of 2 groups: the shuffle is a permutation (one Gather), so both go."""
     g = GraphBuilder(opset=13)
     x = g.input([1, 3, 8, 8])
     y = g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[0, 1])])
@@ -141,7 +142,7 @@ def test_channel_shuffle_reshape_is_a_barrier():
     y = g.op("Reshape", [y, g.const(np.array([1, 8, 8, 8], np.int64))])
     head(g, y, 8)
     slimmed, report = slim_checked(g.model())
-    assert conv_channels(slimmed)[0] == 8
+    assert conv_channels(slimmed)[0] == 6
 
 
 def test_zero_inception_branch_and_its_concat_slice_are_removed():
@@ -221,3 +222,17 @@ def test_reshape_that_splits_merged_rows_and_the_channels_into_heads():
     g.output(g.op("MatMul", [y, g.const(g.weights(8, 3))]))
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 1, report.format_table()
+
+
+def test_reshape_transpose_chain_that_mixes_space_into_channels_is_not_a_permutation():
+    """(N, 16, 4, 4) -> (N, 4, 4, 4, 4) -> swap the second channel factor with H -> (N, 16, 4, 4): output
+    channel (c1, h) reads a row of every input channel c1*4 + c2, so the chain is not turned into a Gather
+    (which would move whole channels); the slimmed model stays exact."""
+    g = GraphBuilder(opset=13)
+    y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 4, 4]), 3, 16), 16, zeros=[1, 5, 9, 13])])
+    y = g.op("Reshape", [y, g.const(np.array([1, 4, 4, 4, 4], np.int64))])
+    y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 1, 3, 2, 4]), g.const(np.array([1, 16, 4, 4], np.int64))])
+    head(g, y, 16)
+    slimmed, report = slim_checked(g.model())
+    assert "Transpose" in ops(slimmed) and "Gather" not in ops(slimmed)
+    assert report.masked_channels == 4

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
 
+from onnxslim.graph.model import get_attr
 from onnxslim.graph.slim import slim
 
 
@@ -131,3 +133,45 @@ def test_resize_tf_crop_and_resize_writes_the_extrapolation_value_outside_the_cr
     assert report.masked_channels == 2
     assert report.deleted_masked_channels == len(deleted), report.format_table()
     assert sorted({c for kept in report.kept for c in kept.channels}) == sorted({1, 4} - set(deleted))
+
+
+def _blaze_block(opset: int, fill: float = 0.0, mode: str = "constant"):
+    """BlazeFace's BlazeBlock (MediaPipe, as exported by torch): ``relu(pw(dw(y)) + F.pad(y, (0, 0, 0, 0,
+    0, 2)))``, the skip padded from 4 to 6 channels. Masks: channel 1 of ``y`` and of the branch, and
+    branch channel 4 (which meets a pad channel). Pads: attribute (opset 10), input (13), input with
+    ``axes`` (18)."""
+    g = GraphBuilder(opset=opset)
+    y = g.mask(g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 4)]), 4, zeros=[1])
+    branch = g.mask(g.conv(g.conv(y, 4, 4, groups=4), 4, 6, k=1, pad=0), 6, zeros=[1, 4])
+    if opset < 11:
+        skip = g.op("Pad", [y], pads=[0, 0, 0, 0, 0, 2, 0, 0], mode=mode, value=fill)
+    elif opset < 18:
+        skip = g.op("Pad", [y, g.const(np.array([0, 0, 0, 0, 0, 2, 0, 0], np.int64)), g.const(np.float32(fill))],
+                    mode=mode)
+    else:
+        skip = g.op("Pad", [y, g.const(np.array([0, 2], np.int64)), g.const(np.float32(fill)),
+                            g.const(np.array([1], np.int64))], mode=mode)
+    head(g, g.op("Relu", [g.op("Add", [branch, skip])]), 6)
+    return g.model()
+
+
+@pytest.mark.parametrize("opset", [10, 13, 18])
+def test_pad_of_the_channel_axis_adds_constant_channels_that_can_go(opset):
+    """A zero pad of the channel axis adds zero channels (a Concat of zeros): the masked branch channel 4
+    meets one and goes with it (the pads shrink to 1); channel 1 goes everywhere. 3 masked channels, 3
+    deleted (before: 'pads the channel axis', a barrier holding all 3)."""
+    slimmed, report = slim_checked(_blaze_block(opset))
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert conv_channels(slimmed) == [3, 3, 4, 4]
+    pad = next(n for n in slimmed.graph.node if n.op_type == "Pad")
+    pads = get_attr(pad, "pads") if opset < 11 else \
+        onnx.numpy_helper.to_array(next(t for t in slimmed.graph.initializer if t.name == pad.input[1]))
+    assert list(pads)[-3 if opset < 18 else -1] == 1
+
+
+@pytest.mark.parametrize(("fill", "mode", "deleted"), [(1.0, "constant", 2), (0.0, "edge", 0)])
+def test_pad_of_the_channel_axis_with_a_fill_or_copies(fill, mode, deleted):
+    """A pad channel holding 1 makes the sum there the constant 1, which the padded head conv cannot
+    absorb: that channel stays (2 of 3 deleted). Edge mode copies the last channel: a barrier (0)."""
+    _, report = slim_checked(_blaze_block(13, fill, mode))
+    assert report.deleted_masked_channels == deleted, report.format_table()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx
 
+from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.values import BARRIER, CONSTANT, LIVE, ChannelInfo
 
 if TYPE_CHECKING:
@@ -289,6 +290,22 @@ def block_reduced_channels(analysis: ChannelAnalysis, node: onnx.NodeProto, name
     if constant.any():
         keep(info.ids[constant], CONSTANT,
                       f"non-zero constant in '{name}' that {label} cannot absorb{constant_why}")
+
+
+def write_int_operand(node: onnx.NodeProto, rewriter: Rewriter, attr: str, slot: int, value: np.ndarray) -> None:
+    """Store a recomputed int64 operand (Split's sizes, Slice's bounds, Pad's pads) the way the node
+    carries it: as attribute ``attr`` (old opsets) or as input ``slot`` (a computed input is replaced by a
+    constant: its export-time formula would not know about the deleted channels)."""
+    if get_attr(node, attr) is not None:
+        set_attr(node, attr, [int(v) for v in value])
+    elif len(node.input) > slot and node.input[slot] and rewriter.index.is_const(node.input[slot]):
+        rewriter.weights.write(node, slot, np.asarray(value, np.int64), key=(attr, np.asarray(value).tobytes()))
+    elif len(node.input) > slot and node.input[slot]:
+        node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
+    else:
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
 
 
 def layer_keeps(node: onnx.NodeProto, rewriter: Rewriter) -> tuple[np.ndarray, np.ndarray] | None:

@@ -36,6 +36,7 @@ from onnxslim.graph.rules.base import (
     normalize_axis,
     pass_through,
     register,
+    write_int_operand,
 )
 from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
 from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
@@ -59,21 +60,6 @@ def _input_or_attr(node, analysis, attr: str, slot: int):
         numbers = static_values(shape_value(analysis.index, node.input[slot]))
         return (None, False) if numbers is None else (np.asarray(numbers, np.int64), True)
     return None, True
-
-
-def _write_operand(node, rewriter, attr: str, slot: int, value: np.ndarray) -> None:
-    """Store a recomputed attribute-or-input operand the way the node carries it (a computed input is
-    replaced by a constant: its export-time formula would not know about the deleted channels)."""
-    if get_attr(node, attr) is not None:
-        set_attr(node, attr, [int(v) for v in value])
-    elif len(node.input) > slot and node.input[slot] and rewriter.index.is_const(node.input[slot]):
-        rewriter.weights.write(node, slot, np.asarray(value, np.int64), key=(attr, np.asarray(value).tobytes()))
-    elif len(node.input) > slot and node.input[slot]:
-        node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
-    else:
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = rewriter.weights.add(f"{node.output[0]}_{attr}", np.asarray(value, np.int64))
 
 
 class _MovesElements(Rule):
@@ -246,7 +232,7 @@ class SplitRule(_MovesElements):
         if get_attr(node, "num_outputs") is not None:
             node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
         if rewriter.index.opset >= 13:
-            _write_operand(node, rewriter, "split", 1, sizes)
+            write_int_operand(node, rewriter, "split", 1, sizes)
         else:
             set_attr(node, "split", [int(s) for s in sizes])
 
@@ -321,8 +307,8 @@ class SliceRule(_ChannelSelection):
         new = _new_positions(keep)
         starts, ends = starts.copy(), ends.copy()
         starts[position], ends[position] = new[kept[0]], new[kept[-1]] + 1
-        _write_operand(node, rewriter, "starts", 1, starts)
-        _write_operand(node, rewriter, "ends", 2, ends)
+        write_int_operand(node, rewriter, "starts", 1, starts)
+        write_int_operand(node, rewriter, "ends", 2, ends)
 
 
 @register

@@ -5,13 +5,16 @@ and AveragePool that excludes padding keep them (reductions: see :mod:`onnxslim.
 AveragePool counting zero padding and LpPool keep only zero. Resize (nearest or linear) and
 Upsample interpolate between equal values and keep constants; cubic keeps only zero; a
 ``tf_crop_and_resize`` box past the input keeps only the constant equal to its extrapolation value. Pad keeps a
-constant ``v`` when it pads with ``v`` (or replicates edges) and never pads the channel axis.
+constant ``v`` when it pads with ``v`` (or replicates edges); constant-mode padding of the channel axis adds
+channels holding the fill (a Concat of constants), which may go like any other.
 
 Softmax and the like over a spatial axis pass channels through; over the channel axis they are barriers.
 CumSum along a spatial axis keeps only zero.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from onnxslim.graph.rules.base import (
     normalize_axis,
     pass_through,
     register,
+    write_int_operand,
 )
 from onnxslim.graph.shape_values import as_int, is_dim_of, shape_value
 
@@ -181,8 +185,53 @@ def _pad_fill(node, index) -> float | None:
     return None if fill is None else float(np.reshape(fill, -1)[0]) if np.size(fill) else 0.0
 
 
+def _pad_operands(node, index, rank: int) -> tuple[np.ndarray, int | None] | None:
+    """The flat ``pads`` of a Pad ([begins..., ends...], one pair per padded axis; attribute before
+    opset 11, input 1 from opset 11, with the axes of input 3 from opset 18) and ``axes[i]``, the axis
+    of pair ``i``; None when the pads or axes are computed."""
+    pads = get_attr(node, "pads")
+    axes = None
+    if pads is None:
+        pads = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if len(node.input) > 3 and node.input[3]:
+            axes = index.constant(node.input[3])
+            if axes is None:
+                return None
+    if pads is None:
+        return None
+    pads = np.asarray(np.reshape(pads, -1), np.int64)
+    axes = list(range(rank)) if axes is None else [normalize_axis(int(a), rank) for a in np.reshape(axes, -1)]
+    return pads, axes
+
+
+def _channel_pads(node, index, x) -> tuple[np.ndarray, int | None] | None:
+    """(flat pads, position of the channel axis' begin entry in them or None when it is not padded), or
+    None when the pads are computed."""
+    operands = _pad_operands(node, index, x.rank)
+    if operands is None:
+        return None
+    pads, axes = operands
+    half = len(pads) // 2
+    position = axes.index(x.axis) if x.axis in axes[:half] else None
+    if position is not None and not (pads[position] or pads[position + half]):
+        position = None
+    return pads, position
+
+
 @register
 class PadRule(Rule):
+    """Pad (ONNX Pad-1..23). Spatial padding passes channels through; a constant ``v`` stays ``v`` when
+    the fill is ``v`` or only the channel axis is padded (constant mode), or the mode copies input elements
+    (reflect, edge, wrap).
+
+    Constant-mode padding of the channel axis by ``b`` before and ``e`` after (BlazeFace's
+    ``F.pad(x, (0, 0, 0, 0, 0, c_out - c_in))`` before a residual Add) is
+    ``Concat([fill] * b, x, [fill] * e)``: the output carries ``x``'s channels between ``b`` and ``e``
+    new channels, each the constant fill. A deleted pad channel leaves the pads (the rewrite counts the
+    kept ones). Padding the channel axis in another mode (copies of channels) or cropping it (negative
+    pads) is a barrier.
+    """
+
     op_types = ("Pad",)
     passthrough = True
 
@@ -190,29 +239,50 @@ class PadRule(Rule):
         x = feature_or_barrier(node, analysis)
         if x is None:
             return
-        index = analysis.index
-        pads = get_attr(node, "pads")
-        fill = _pad_fill(node, index)
-        if pads is None:
-            pads = index.constant(node.input[1]) if len(node.input) > 1 else None
-            axes = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            if len(node.input) > 3 and node.input[3] and axes is None:
-                pads = None
-        else:
-            axes = None
-        if pads is None or fill is None:
+        operands = _channel_pads(node, analysis.index, x)
+        fill = _pad_fill(node, analysis.index)
+        if operands is None or fill is None:
             analysis.barrier(node, "pads or fill value are computed")
             return
-        pads = np.reshape(pads, -1)
-        axes = list(range(x.rank)) if axes is None else [normalize_axis(int(a), x.rank) for a in np.reshape(axes, -1)]
-        half = len(pads) // 2
-        for position, axis in enumerate(axes[:half]):
-            if axis == x.axis and (pads[position] or pads[position + half]):
-                analysis.barrier(node, "pads the channel axis")
-                return
         mode = _string(get_attr(node, "mode", b"constant"))
-        const = x.const & (x.value == fill) if mode == "constant" else x.const
-        pass_through(node, analysis, x.with_values(const, x.value))
+        pads, position = operands
+        half = len(pads) // 2
+        writes_fill = mode == "constant" and any(pads[i] or pads[i + half] for i in range(half) if i != position)
+        info = x.with_values(x.const & (x.value == fill) if writes_fill else x.const, x.value)
+        if position is None:
+            pass_through(node, analysis, info)
+            return
+        before, after = int(pads[position]), int(pads[position + half])
+        if mode != "constant" or before < 0 or after < 0:
+            analysis.barrier(node, f"pads the channel axis ({mode} mode)" if mode != "constant"
+                             else "crops the channel axis (negative pads)")
+            return
+        parts = [analysis.fresh(None, "", n, x.axis, x.rank, np.ones(n, bool), np.full(n, fill))
+                 for n in (before, after)]
+        info = dataclasses.replace(
+            info, ids=np.concatenate([parts[0].ids, info.ids, parts[1].ids]),
+            const=np.concatenate([parts[0].const, info.const, parts[1].const]),
+            value=np.concatenate([parts[0].value, info.value, parts[1].value]))
+        analysis.set(node.output[0], info)
+
+    def allows_empty_input(self, node, slot, plan):
+        """The input may lose every channel only when the output does (the node goes); a channel pad
+        would otherwise pad nothing into channels."""
+        return plan.is_empty(node.output[0])
+
+    def rewrite(self, node, rewriter):
+        keep = rewriter.keep(node.output[0])
+        x = rewriter.info(node.input[0])
+        if keep is None or keep.all() or x is None:
+            return
+        pads, position = _channel_pads(node, rewriter.index, x)
+        if position is None:
+            return
+        end = position + len(pads) // 2
+        new = pads.copy()
+        new[position] = int(keep[: pads[position]].sum())
+        new[end] = int(keep[len(keep) - pads[end]:].sum())
+        write_int_operand(node, rewriter, "pads", 1, new)
 
     def nonnegative(self, node, analysis):
         """Pad-18 copies its input and writes the fill value (constant mode) or input elements (reflect,
