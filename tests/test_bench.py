@@ -108,6 +108,16 @@ def test_dynamic_dims_need_a_shape():
     assert report.models[0].input_shapes == {"x": [2, 1, 16, 16]}
 
 
+def test_unnamed_dynamic_dims_get_placeholders_in_the_message():
+    """SCRFD (InsightFace) declares its input ``[1, 3, '?', '?']``: the message's example spells those dims
+    ``D2,D3``, not ``?,?`` (which looks like something to type)."""
+    model = segmenter()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "?", "unk__3"
+    with pytest.raises(OnnxSlimError, match=r"dynamic dimension 2 \('\?'\).*--input-shape x:1,1,D2,D3 "):
+        benchmark([model], BenchOptions(measure_memory=False, **FAST), progress=False)
+
+
 def test_unavailable_provider_lists_the_installed_ones():
     import onnxruntime as ort
 
