@@ -150,6 +150,21 @@ def test_bench_cli_writes_json_and_plot(two_models, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_cli_notes_weights_declared_as_graph_inputs(two_models, tmp_path):
+    """A legacy export listing its weights as graph inputs (onnxruntime neither folds nor fuses them) is named."""
+    a, _ = two_models
+    legacy = onnx.load(a)
+    legacy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in legacy.graph.initializer)
+    path = tmp_path / "legacy.onnx"
+    onnx.save(legacy, path)
+    result = CliRunner().invoke(main, ["bench", str(a), str(path), "--warmup", "1", "--repeat", "3",
+                                       "--session-repeats", "1", "--threads", "1", "--no-memory", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"{path} declares {len(legacy.graph.initializer)} weight(s)" in notes[0]
+
+
 def test_bench_cli_unknown_provider_exits_2(two_models):
     result = CliRunner().invoke(main, ["bench", str(two_models[0]), "--provider", "xnnpack", "--no-progress"])
     import onnxruntime as ort
