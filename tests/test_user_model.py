@@ -147,6 +147,11 @@ def test_factory_names_are_checked(user_package):
         get_model(f"{user_package}.nets:not_a_model")
     with pytest.raises(OnnxSlimError, match="no parameter 'depth'"):
         get_model(f"{user_package}.nets:build", {"depth": 3})
+    # a parameter of the wrong type makes the user's constructor raise: one line naming the model and params
+    with pytest.raises(OnnxSlimError, match=r"could not be built with \[model.params\] \{'width': 'x'\}: TypeError"):
+        get_model(f"{user_package}.nets:build", {"width": "x"})
+    with pytest.raises(OnnxSlimError, match=r"'lenet5' could not be built .*'input_size': 'x'\}: TypeError"):
+        get_model("lenet5", {"input_size": "x"})
     with pytest.raises(OnnxSlimError, match="input_shape"):
         ModelSpec(f"{user_package}.nets:build").input_shape()
     assert ModelSpec.from_dict(ModelSpec("x.y:z", {"a": 1}, (1, 28, 28)).to_dict()).sample_shape == (1, 28, 28)

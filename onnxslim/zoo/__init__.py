@@ -145,8 +145,19 @@ def model_parameters(name: str, params: Mapping[str, Any] | None = None) -> dict
 
 
 def get_model(name: str, params: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build zoo model (or factory) ``name`` with ``params`` (a mapping of the builder's keyword parameters)."""
-    model = _builder(name)(**model_parameters(name, params))
+    """Build zoo model (or factory) ``name`` with ``params`` (a mapping of the builder's keyword parameters).
+
+    Raises :class:`OnnxSlimError` for an unknown name or parameter, and when the builder itself raises
+    with these parameters (``width = "x"``: the message names the builder, the parameters and its error).
+    """
+    builder, resolved = _builder(name), model_parameters(name, params)
+    try:
+        model = builder(**resolved)
+    except OnnxSlimError:
+        raise
+    except Exception as exc:  # the builder rejected its parameters (or the user's model code raised)
+        raise OnnxSlimError(f"model {name!r} could not be built with [model.params] {dict(params or {})}: "
+                            f"{type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise OnnxSlimError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

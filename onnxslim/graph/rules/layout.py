@@ -13,7 +13,9 @@
   target is rewritten to ``[-1, C'*H*W]``. When H or W is unknown before run time the op is a barrier
   whose reason names ``--input-shape``. A Reshape that keeps (N, C) and regroups the rest
   passes channels through, as does one that leaves the channel axis and the axes after it as they were
-  (channels last: Swin's windows, tokens merged with the batch before a Linear). Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
+  (channels last: Swin's windows, tokens merged with the batch before a Linear). A Reshape that regroups
+  channels (a channel shuffle, GroupNorm's groups; with a batch of 1 baked into the target, the whole
+  tensor) maps them through :mod:`regroup`; any other Reshape is a barrier, as is Transpose when a
   later op expects channels on axis 1 (it only moves the axis here).
 * Squeeze / Unsqueeze / Transpose keep channels and move the channel axis; Expand broadcasts them (its
   shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature);
@@ -441,18 +443,29 @@ def _unknown_dims(analysis, names) -> bool:
 
 def _static_map(node, analysis, x):
     """(output channel axis, IndexMap) of a Reshape / Flatten of static per-sample dims that keeps the
-    batch axis (see :mod:`regroup`), or that keeps the rows of channels on the last axis
-    (:func:`_rows_map`); None otherwise."""
+    batch axis (see :mod:`regroup`), that keeps the rows of channels on the last axis
+    (:func:`_rows_map`), or of a whole static tensor of one sample (:func:`_whole_map`); None otherwise."""
     index = analysis.index
     in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
-    if in_shape is None or out_shape is None or len(in_shape) != x.rank or x.axis == 0 or len(out_shape) < 2:
+    if in_shape is None or out_shape is None or len(in_shape) != x.rank or len(out_shape) < 2:
         return None
     if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]):
         return None
-    if in_shape[0] != out_shape[0]:
-        return _rows_map(list(in_shape), list(out_shape)) if x.axis == x.rank - 1 else None
-    found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
-    return None if found is None else (found[0] + 1, found[1])
+    if x.axis > 0 and in_shape[0] == out_shape[0]:
+        found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
+        return None if found is None else (found[0] + 1, found[1])
+    rows = _rows_map(list(in_shape), list(out_shape)) if 0 < x.axis == x.rank - 1 else None
+    return rows if rows is not None else _whole_map(list(in_shape), list(out_shape), x)
+
+
+def _whole_map(in_shape: list, out_shape: list, x):
+    """A Reshape of a whole static tensor that is one sample (a batch of 1 baked into the target, or no
+    batch axis left) maps every element, batch included: megvii's ShuffleNetV2 ``channel_shuffle``
+    (YOLO-FastestV2) reshapes ``(1, C, H, W) -> (C/2, 2, H*W)``, transposes to ``(2, C/2, H*W)`` and
+    takes ``x[0]``, ``x[1]`` of ``(2, -1, C/2, H, W)``. (output axis, IndexMap) or None."""
+    if any(not isinstance(d, int) for d in [*in_shape, *out_shape]) or (x.axis > 0 and in_shape[0] != 1):
+        return None
+    return reshape_map(in_shape, x.axis, out_shape)
 
 
 def _rows_map(in_shape: list, out_shape: list):
