@@ -1,8 +1,9 @@
 """Ops that move, cut, join or regroup channels.
 
 * Concat on the channel axis: the output's channels are the inputs' channels end to end (offsets);
-  an input that loses every channel is dropped from the Concat. Concat on another axis couples the
-  inputs' channels.
+  an input that loses every channel is dropped from the Concat. A constant input brings fresh channels
+  (each a known constant where its slice is one value: PyramidNet's zero channels), sliced by the
+  rewrite. Concat on another axis couples the inputs' channels.
 * Split / Slice / Gather on the channel axis: each output takes a sub-range (or a list) of the input's
   channels; sizes, bounds and indices are recomputed in the kept numbering. On other axes they pass
   channels through.
@@ -103,13 +104,11 @@ class ConcatRule(_MovesElements):
             if info is not None:
                 parts.append(info)
                 continue
-            shape = index.shape(name)
-            if not index.is_const(name) or shape is None or len(shape) != rank:
+            constant = index.constant(name)
+            if constant is None or constant.ndim != rank:
                 analysis.barrier(node, "an input has no known channel axis")
                 return
-            const_part = analysis.fresh(None, "", shape[channel_axis], channel_axis, rank)
-            analysis.keep(const_part.ids, BARRIER, f"constant input '{name}' of Concat '{index.node_name(node)}'")
-            parts.append(const_part)
+            parts.append(_constant_channels(analysis, constant, channel_axis))
         ids = np.concatenate([p.ids for p in parts])
         if out_shape is not None and out_shape[axis] not in (None, len(ids)):
             analysis.barrier(node, "output channel count does not add up")
@@ -160,7 +159,9 @@ class ConcatRule(_MovesElements):
             return
         first = next(rewriter.info(n) for n in node.input if rewriter.info(n) is not None)
         if normalize_axis(get_attr(node, "axis", 0), out.rank) == first.axis:
-            names = [name for name in node.input if not rewriter.plan.is_empty(name)]
+            kept_constants = _slice_constant_inputs(node, rewriter, out)
+            names = [name for slot, name in enumerate(node.input)
+                     if kept_constants.get(slot, True) and not rewriter.plan.is_empty(name)]
             if len(names) != len(node.input):
                 del node.input[:]
                 node.input.extend(names)
@@ -176,6 +177,33 @@ class ConcatRule(_MovesElements):
             if constant is not None:
                 rewriter.weights.write(node, slot, np.compress(keep, constant, axis=out.axis),
                                        key=("take", out.axis, keep.tobytes()))
+
+
+def _constant_channels(analysis, constant: np.ndarray, axis: int) -> ChannelInfo:
+    """The channels of a constant input of a channel Concat (PyramidNet's zero channels
+    ``cat([shortcut, zeros], 1)``): fresh ones, each the constant ``v`` where its whole slice is ``v``."""
+    slices = np.moveaxis(constant, axis, 0).reshape(constant.shape[axis], -1).astype(np.float64)
+    const = (slices == slices[:, :1]).all(axis=1) if slices.shape[1] else np.zeros(len(slices), bool)
+    value = np.where(const, slices[:, 0], 0.0) if slices.shape[1] else np.zeros(len(slices))
+    return analysis.fresh(None, "", constant.shape[axis], axis, constant.ndim, const, value)
+
+
+def _slice_constant_inputs(node, rewriter, out) -> dict[int, bool]:
+    """Keep the kept channels of each constant input of a channel Concat (by its offset in the output);
+    returns, per constant input slot, whether any channel of it is kept."""
+    kept, offset = {}, 0
+    keep = rewriter.keep(node.output[0])
+    for slot, name in enumerate(node.input):
+        constant = rewriter.index.constant(name)
+        size = constant.shape[out.axis] if constant is not None else rewriter.info(name).size
+        if constant is not None:
+            part = keep[offset:offset + size]
+            kept[slot] = bool(part.any())
+            if kept[slot] and not part.all():
+                rewriter.weights.write(node, slot, np.compress(part, constant, axis=out.axis),
+                                       key=("take", out.axis, part.tobytes()))
+        offset += size
+    return kept
 
 
 def _split_sizes(node, analysis, x):
