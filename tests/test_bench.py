@@ -108,6 +108,16 @@ def test_dynamic_dims_need_a_shape():
     assert report.models[0].input_shapes == {"x": [2, 1, 16, 16]}
 
 
+def test_unnamed_dynamic_dims_get_placeholders_in_the_message():
+    """SCRFD (InsightFace) declares its input ``[1, 3, '?', '?']``: the message's example spells those dims
+    ``D2,D3``, not ``?,?`` (which looks like something to type)."""
+    model = segmenter()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "?", "unk__3"
+    with pytest.raises(OnnxSlimError, match=r"dynamic dimension 2 \('\?'\).*--input-shape x:1,1,D2,D3 "):
+        benchmark([model], BenchOptions(measure_memory=False, **FAST), progress=False)
+
+
 def test_unavailable_provider_lists_the_installed_ones():
     import onnxruntime as ort
 
@@ -138,6 +148,21 @@ def test_bench_cli_writes_json_and_plot(two_models, tmp_path):
     assert data["options"]["opt_level"] == "basic"
     assert data["configs"][0]["comparisons"][0]["candidate"] == "b.onnx"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cli_notes_weights_declared_as_graph_inputs(two_models, tmp_path):
+    """A legacy export listing its weights as graph inputs (onnxruntime neither folds nor fuses them) is named."""
+    a, _ = two_models
+    legacy = onnx.load(a)
+    legacy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                              for t in legacy.graph.initializer)
+    path = tmp_path / "legacy.onnx"
+    onnx.save(legacy, path)
+    result = CliRunner().invoke(main, ["bench", str(a), str(path), "--warmup", "1", "--repeat", "3",
+                                       "--session-repeats", "1", "--threads", "1", "--no-memory", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"{path} declares {len(legacy.graph.initializer)} weight(s)" in notes[0]
 
 
 def test_bench_cli_unknown_provider_exits_2(two_models):

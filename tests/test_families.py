@@ -5,7 +5,7 @@ adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), Y
 H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
 fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
-channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on). ``masks``: hand-placed masks whose zeros are all
+channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -226,6 +226,22 @@ class CifarResNetOptionA(nn.Module):
         return self.fc(torch.relu(self.c2(self.c1(x)) + shortcut).mean((2, 3)))
 
 
+class PyramidNet(nn.Module):
+    """PyramidNet's zero-padded shortcut (Han et al. 2017, sec. 3.2): ``cat([x, zeros], 1)`` with the
+    zeros a constant of the export; its channels (4..7) are zero, coupled with the block's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1 = ConvBN(3, 4, mask=_mask(4, [1])), ConvBN(4, 8, 3, mask=_mask(8, [3]))
+        self.c2 = ConvBN(8, 8, 3, mask=_mask(8, [1, 5, 6]), act=None)  # 5, 6: padded; 1: the stem's 1
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        n, c, h, w = x.shape
+        return self.fc((self.c2(self.c1(x)) + torch.cat([x, torch.zeros(n, 8 - c, h, w)], 1)).mean((2, 3)))
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -239,6 +255,7 @@ FAMILIES = {
     "nonlocal": (NonLocal, 8, "masks", ["dynamo", "legacy"]),
     "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
     "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
+    "pyramidnet_zero_channels": (PyramidNet, 8, "masks", ["dynamo", "legacy"]),
 }
 
 

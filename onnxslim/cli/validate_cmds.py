@@ -97,6 +97,8 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
         report = benchmark(targets, options, progress=progress)
         profiles = _per_layer(targets, options, report) if per_layer or layer_plot_path else []
     click.echo(report.format_table())
+    for note in _initializer_input_notes(models):
+        click.echo(note)
     for profile in profiles[1:] or profiles:
         from onnxslim.validate.profile import format_comparison, format_profile
 
@@ -133,6 +135,24 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
 
         plot_layer_latency(profiles, layer_plot_path)
         click.echo(f"wrote {layer_plot_path}")
+
+
+def _initializer_input_notes(models) -> list[str]:
+    """A note per model (IR >= 4) that also declares weights as graph inputs: onnxruntime treats those as
+    overridable, so it neither folds nor fuses them, and a comparison with a model without them (what
+    slim writes) measures that too."""
+    import onnx
+
+    notes = []
+    for model in models:
+        proto = onnx.load(str(model), load_external_data=False)
+        weights = {t.name for t in proto.graph.initializer}
+        listed = sum(value.name in weights for value in proto.graph.input)
+        if listed and proto.ir_version >= 4:
+            notes.append(f"note: {model} declares {listed} weight(s) as graph inputs: onnxruntime does not fold "
+                         "or fuse them, which slows it; slim and prune write their results without them, so part "
+                         "of a speedup against this model comes from that (docs/latency.md)")
+    return notes
 
 
 def _per_layer(targets, options, report) -> list:

@@ -207,8 +207,7 @@ def resolve_shapes(specs: Sequence[TensorSpec], overrides: Mapping[str, Sequence
                 elif axis == 0:
                     shape.append(batch_size or 1)
                 else:
-                    example = ",".join(str(d) if isinstance(d, int) and d > 0 else ("1" if i == 0 else str(d or "?"))
-                                       for i, d in enumerate(spec.shape))
+                    example = _shape_example(spec.shape)
                     raise OnnxSlimError(
                         f"{label}: input {spec.name!r} has a dynamic dimension {axis} ({dim!r}) in shape "
                         f"{list(spec.shape)}; give its shape in numbers: --input-shape {spec.name}:{example} "
@@ -223,6 +222,23 @@ def resolve_shapes(specs: Sequence[TensorSpec], overrides: Mapping[str, Sequence
             raise OnnxSlimError(f"{label}: input {spec.name!r} shape {shape} has a non-positive dimension")
         shapes[spec.name] = tuple(shape)
     return shapes
+
+
+def _shape_example(shape: Sequence) -> str:
+    """How ``--input-shape`` could spell ``shape`` (for a message): its static dims, 1 for a dynamic
+    batch, each other dynamic dim by its name, or ``D<axis>`` where the name does not read as one
+    (``?``, onnx's ``unk__3``, none)."""
+    parts = []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int) and dim > 0:
+            parts.append(str(dim))
+        elif axis == 0:
+            parts.append("1")
+        elif isinstance(dim, str) and dim.isidentifier() and not dim.startswith("unk__"):
+            parts.append(dim)
+        else:
+            parts.append(f"D{axis}")
+    return ",".join(parts)
 
 
 def random_feeds(specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]], seed: int = 0,

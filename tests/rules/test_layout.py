@@ -236,3 +236,23 @@ def test_reshape_transpose_chain_that_mixes_space_into_channels_is_not_a_permuta
     slimmed, report = slim_checked(g.model())
     assert "Transpose" in ops(slimmed) and "Gather" not in ops(slimmed)
     assert report.masked_channels == 4
+
+
+def test_megvii_channel_shuffle_of_a_batch_of_one_maps_its_pairs():
+    """megvii's ShuffleNetV2 ``channel_shuffle`` (YOLO-FastestV2, exported at batch 1): ``(1, 16, H, W) ->
+    (8, 2, H*W)``, ``perm (1, 0, 2)``, ``-> (2, -1, 8, H, W)``, then ``x[0]`` (the even channels, kept as
+    they are) and ``x[1]`` (the odd ones, into a conv). The first Reshape merges the batch of 1 with the
+    channels: the whole tensor maps, channels ``2k, 2k + 1`` go together. Masks: A's channels 2, 3 (one
+    pair) and B's channel 0 (half a pair, whose twin B[1] is live): 2 of 3 deleted (before: a barrier, 0)."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    a = g.mask(g.op("Relu", [g.conv(x, 3, 8)]), 8, zeros=[2, 3])
+    b = g.mask(g.op("Relu", [g.conv(x, 3, 8)]), 8, zeros=[0])
+    y = g.op("Reshape", [g.op("Concat", [a, b], axis=1), g.const(np.array([8, 2, 36], np.int64))])
+    y = g.op("Reshape", [g.op("Transpose", [y], perm=[1, 0, 2]), g.const(np.array([2, -1, 8, 6, 6], np.int64))])
+    even, odd = (g.op("Gather", [y, g.const(np.array(k, np.int64))], axis=0) for k in (0, 1))
+    branch = g.op("Relu", [g.conv(g.conv(odd, 8, 8, k=1, pad=0), 8, 8, groups=8)])
+    head(g, g.op("Concat", [even, branch], axis=1), 16)
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == 3 and report.deleted_masked_channels == 2, report.format_table()
+    assert conv_channels(slimmed)[:2] == [6, 8]

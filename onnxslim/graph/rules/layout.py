@@ -1,8 +1,9 @@
 """Ops that move, cut, join or regroup channels.
 
 * Concat on the channel axis: the output's channels are the inputs' channels end to end (offsets);
-  an input that loses every channel is dropped from the Concat. Concat on another axis couples the
-  inputs' channels.
+  an input that loses every channel is dropped from the Concat. A constant input brings fresh channels
+  (each a known constant where its slice is one value: PyramidNet's zero channels), sliced by the
+  rewrite. Concat on another axis couples the inputs' channels.
 * Split / Slice / Gather on the channel axis: each output takes a sub-range (or a list) of the input's
   channels; sizes, bounds and indices are recomputed in the kept numbering. On other axes they pass
   channels through.
@@ -12,7 +13,9 @@
   target is rewritten to ``[-1, C'*H*W]``. When H or W is unknown before run time the op is a barrier
   whose reason names ``--input-shape``. A Reshape that keeps (N, C) and regroups the rest
   passes channels through, as does one that leaves the channel axis and the axes after it as they were
-  (channels last: Swin's windows, tokens merged with the batch before a Linear). Any other Reshape (channel shuffle ...) is a barrier, as is Transpose when a
+  (channels last: Swin's windows, tokens merged with the batch before a Linear). A Reshape that regroups
+  channels (a channel shuffle, GroupNorm's groups; with a batch of 1 baked into the target, the whole
+  tensor) maps them through :mod:`regroup`; any other Reshape is a barrier, as is Transpose when a
   later op expects channels on axis 1 (it only moves the axis here).
 * Squeeze / Unsqueeze / Transpose keep channels and move the channel axis; Expand broadcasts them (its
   shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature);
@@ -101,13 +104,11 @@ class ConcatRule(_MovesElements):
             if info is not None:
                 parts.append(info)
                 continue
-            shape = index.shape(name)
-            if not index.is_const(name) or shape is None or len(shape) != rank:
+            constant = index.constant(name)
+            if constant is None or constant.ndim != rank:
                 analysis.barrier(node, "an input has no known channel axis")
                 return
-            const_part = analysis.fresh(None, "", shape[channel_axis], channel_axis, rank)
-            analysis.keep(const_part.ids, BARRIER, f"constant input '{name}' of Concat '{index.node_name(node)}'")
-            parts.append(const_part)
+            parts.append(_constant_channels(analysis, constant, channel_axis))
         ids = np.concatenate([p.ids for p in parts])
         if out_shape is not None and out_shape[axis] not in (None, len(ids)):
             analysis.barrier(node, "output channel count does not add up")
@@ -158,7 +159,9 @@ class ConcatRule(_MovesElements):
             return
         first = next(rewriter.info(n) for n in node.input if rewriter.info(n) is not None)
         if normalize_axis(get_attr(node, "axis", 0), out.rank) == first.axis:
-            names = [name for name in node.input if not rewriter.plan.is_empty(name)]
+            kept_constants = _slice_constant_inputs(node, rewriter, out)
+            names = [name for slot, name in enumerate(node.input)
+                     if kept_constants.get(slot, True) and not rewriter.plan.is_empty(name)]
             if len(names) != len(node.input):
                 del node.input[:]
                 node.input.extend(names)
@@ -174,6 +177,33 @@ class ConcatRule(_MovesElements):
             if constant is not None:
                 rewriter.weights.write(node, slot, np.compress(keep, constant, axis=out.axis),
                                        key=("take", out.axis, keep.tobytes()))
+
+
+def _constant_channels(analysis, constant: np.ndarray, axis: int) -> ChannelInfo:
+    """The channels of a constant input of a channel Concat (PyramidNet's zero channels
+    ``cat([shortcut, zeros], 1)``): fresh ones, each the constant ``v`` where its whole slice is ``v``."""
+    slices = np.moveaxis(constant, axis, 0).reshape(constant.shape[axis], -1).astype(np.float64)
+    const = (slices == slices[:, :1]).all(axis=1) if slices.shape[1] else np.zeros(len(slices), bool)
+    value = np.where(const, slices[:, 0], 0.0) if slices.shape[1] else np.zeros(len(slices))
+    return analysis.fresh(None, "", constant.shape[axis], axis, constant.ndim, const, value)
+
+
+def _slice_constant_inputs(node, rewriter, out) -> dict[int, bool]:
+    """Keep the kept channels of each constant input of a channel Concat (by its offset in the output);
+    returns, per constant input slot, whether any channel of it is kept."""
+    kept, offset = {}, 0
+    keep = rewriter.keep(node.output[0])
+    for slot, name in enumerate(node.input):
+        constant = rewriter.index.constant(name)
+        size = constant.shape[out.axis] if constant is not None else rewriter.info(name).size
+        if constant is not None:
+            part = keep[offset:offset + size]
+            kept[slot] = bool(part.any())
+            if kept[slot] and not part.all():
+                rewriter.weights.write(node, slot, np.compress(part, constant, axis=out.axis),
+                                       key=("take", out.axis, part.tobytes()))
+        offset += size
+    return kept
 
 
 def _split_sizes(node, analysis, x):
@@ -413,18 +443,29 @@ def _unknown_dims(analysis, names) -> bool:
 
 def _static_map(node, analysis, x):
     """(output channel axis, IndexMap) of a Reshape / Flatten of static per-sample dims that keeps the
-    batch axis (see :mod:`regroup`), or that keeps the rows of channels on the last axis
-    (:func:`_rows_map`); None otherwise."""
+    batch axis (see :mod:`regroup`), that keeps the rows of channels on the last axis
+    (:func:`_rows_map`), or of a whole static tensor of one sample (:func:`_whole_map`); None otherwise."""
     index = analysis.index
     in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
-    if in_shape is None or out_shape is None or len(in_shape) != x.rank or x.axis == 0 or len(out_shape) < 2:
+    if in_shape is None or out_shape is None or len(in_shape) != x.rank or len(out_shape) < 2:
         return None
     if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]):
         return None
-    if in_shape[0] != out_shape[0]:
-        return _rows_map(list(in_shape), list(out_shape)) if x.axis == x.rank - 1 else None
-    found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
-    return None if found is None else (found[0] + 1, found[1])
+    if x.axis > 0 and in_shape[0] == out_shape[0]:
+        found = reshape_map(list(in_shape[1:]), x.axis - 1, list(out_shape[1:]))
+        return None if found is None else (found[0] + 1, found[1])
+    rows = _rows_map(list(in_shape), list(out_shape)) if 0 < x.axis == x.rank - 1 else None
+    return rows if rows is not None else _whole_map(list(in_shape), list(out_shape), x)
+
+
+def _whole_map(in_shape: list, out_shape: list, x):
+    """A Reshape of a whole static tensor that is one sample (a batch of 1 baked into the target, or no
+    batch axis left) maps every element, batch included: megvii's ShuffleNetV2 ``channel_shuffle``
+    (YOLO-FastestV2) reshapes ``(1, C, H, W) -> (C/2, 2, H*W)``, transposes to ``(2, C/2, H*W)`` and
+    takes ``x[0]``, ``x[1]`` of ``(2, -1, C/2, H, W)``. (output axis, IndexMap) or None."""
+    if any(not isinstance(d, int) for d in [*in_shape, *out_shape]) or (x.axis > 0 and in_shape[0] != 1):
+        return None
+    return reshape_map(in_shape, x.axis, out_shape)
 
 
 def _rows_map(in_shape: list, out_shape: list):
