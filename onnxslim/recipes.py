@@ -70,7 +70,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from onnxslim.errors import OnnxSlimError
+from onnxslim.training.export import MIN_OPSET
 from onnxslim.training.methods import method_class, params_from_mapping
 from onnxslim.training.trainer import PhaseConfig
 from onnxslim.zoo import ModelSpec, model_parameters
@@ -313,11 +316,11 @@ _LOWER = {
     **dict.fromkeys(("seed", "split_seed", "train_samples", "test_samples", "epochs", "warmup", "latency_threads",
                      "momentum", "weight_decay", "max_abs_diff", "min_params_removed", "min_macs_removed"),
                     (0, True)),
-    **dict.fromkeys(("batch_size", "eval_batch_size", "latency_batch", "repeat", "lr", "opset"),
-                    (0, False)),
+    **dict.fromkeys(("batch_size", "eval_batch_size", "latency_batch", "repeat", "lr"), (0, False)),
     "round_to": (1, True),
+    "opset": (MIN_OPSET, True),
 }
-_UPPER = {"momentum": 1.0, "min_params_removed": 1.0, "min_macs_removed": 1.0}
+_UPPER = {"momentum": 1.0, "min_params_removed": 1.0, "min_macs_removed": 1.0, "opset": onnx.defs.onnx_opset_version()}
 
 
 def _in_range(key: str, value: Any, what: str) -> Any:

@@ -61,3 +61,23 @@ def test_prune_cli_target_macs(tmp_path):
     assert "target macs: keep 0.500" in result.output
     both = CliRunner().invoke(main, ["prune", str(source), str(out), "--target-macs", "0.5", "--target-latency", "0.5"])
     assert both.exit_code == 2 and "one of --target-macs and --target-latency" in both.output
+
+
+def test_target_macs_of_a_model_with_dynamic_spatial_dims_needs_input_shapes(tmp_path):
+    """With H and W unknown the MACs are a partial count: --target-macs refuses it (one line, exit 2,
+    nothing written) and reaches the target once --input-shape fixes them."""
+    g = GraphBuilder(seed=5)
+    x = g.input(["N", 3, "H", "W"])
+    y = g.op("Relu", [g.conv(g.op("Relu", [g.conv(x, 3, 32)]), 32, 32)])
+    g.output(g.op("GlobalAveragePool", [g.conv(y, 32, 8)]), shape=["N", 8, 1, 1])
+    model = g.model()
+    with pytest.raises(OnnxSlimError, match="some layers' shapes are not static: give --input-shape"):
+        prune_to_target(model, "macs", 0.5, round_to=1)
+    slimmed, report, masked, result = prune_to_target(model, "macs", 0.5, round_to=1,
+                                                      input_shapes={"x": [1, 3, 16, 16]})
+    assert report.macs_complete and abs(result.achieved - 0.5) <= 0.05
+    source = tmp_path / "dyn.onnx"
+    onnx.save(model, str(source))
+    refused = CliRunner().invoke(main, ["prune", str(source), str(tmp_path / "p.onnx"), "--target-macs", "0.5"])
+    assert refused.exit_code == 2 and refused.output.startswith("error: --target-macs needs every layer's MACs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn.onnx"]

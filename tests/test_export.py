@@ -68,6 +68,8 @@ def test_export_errors_and_atomicity(tmp_path):
     model, example, _ = masked_resnet()
     with pytest.raises(OnnxSlimError, match="opset"):
         export(model, example, tmp_path / "old.onnx", opset=13)
+    with pytest.raises(OnnxSlimError, match="opset 99 is newer than the installed onnx"):
+        export(model, example, tmp_path / "new.onnx", opset=99)  # the dynamo exporter would write 18
     with pytest.raises(OnnxSlimError, match="export"):
         export(model, torch.randn(2, 5, 32, 32), tmp_path / "bad.onnx")  # wrong channel count
     assert list(tmp_path.iterdir()) == []  # nothing half-written
@@ -147,3 +149,25 @@ def test_module_paths_travel_into_onnx_and_the_slim_reports(tmp_path, dynamo):
     got = session.run(None, {"input": example.numpy()})[0]
     with torch.no_grad():
         assert abs(got - model(example).numpy()).max() < 1e-4
+
+
+def test_export_reports_the_opset_it_wrote(tmp_path):
+    """Asked for opset 17, the dynamo exporter writes 18 for a model with a pooling gate (seen with torch
+    2.13; LeNet-5 stays at 17): the result (and the CLI line) say what was written, not what was asked;
+    the legacy exporter writes 17."""
+
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * torch.sigmoid(torch.nn.functional.adaptive_avg_pool2d(y, 1))
+
+    for dynamo in (True, False):
+        result = export(Gate(), torch.randn(2, 1, 8, 8), tmp_path / f"m{dynamo}.onnx", dynamo=dynamo, opset=17)
+        written = onnx.load(str(tmp_path / f"m{dynamo}.onnx")).opset_import
+        assert result.opset == next(o.version for o in written if o.domain in ("", "ai.onnx"))
+        assert result.requested_opset == 17
+        assert result.opset == (18 if dynamo else 17)

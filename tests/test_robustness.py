@@ -352,6 +352,8 @@ def test_malformed_initializers_are_bad_input(tmp_path, how, message):
     ({"method": {"name": "l1_mask", "params": 3}}, "[method] params must be a table"),
     ({"method": {"name": 7}}, "[method] name must be a string"),
     ({"export": {"opset": True}}, "[export] opset must not be a boolean"),
+    ({"export": {"opset": 13}}, "[export] opset must be >= 17"),
+    ({"export": {"opset": 99}}, "[export] opset must be <= "),  # above the installed onnx's newest
     ({"name": ["x"]}, "name must be a string"),
 ])
 def test_recipe_values_are_checked_with_their_key_path(section, message):

@@ -166,7 +166,8 @@ def export(checkpoint: Path, output_arg: Path | None, output: Path | None, model
     result = export_model(model, example, output, dynamo=not legacy, opset=opset, check=check,
                           dynamic_batch=not static_batch)
     diff = f", max |onnxruntime - PyTorch| {result.max_abs_diff:.3g}" if result.max_abs_diff is not None else ""
-    click.echo(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, "
+    asked = f" (asked for {opset})" if result.opset != opset else ""  # the dynamo exporter may raise it
+    click.echo(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}{asked}, "
                f"{result.mask_nodes} mask Mul nodes{diff})")
 
 

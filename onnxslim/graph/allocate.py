@@ -177,11 +177,18 @@ def prune_to_target(model: Any, metric: Metric, target: float, *, allocation: Al
 
 
 def _measurer(model: Any, metric: Metric, rounds: int, threads: int, shapes) -> Callable[[Any, Any], float]:
-    """``f(slimmed, report) -> kept fraction``: MACs counted, or latency by the quick A/B."""
+    """``f(slimmed, report) -> kept fraction``: MACs counted, or latency by the quick A/B.
+
+    Raises OnnxSlimError for the MACs of a model some of whose layers' shapes are not static (a partial
+    count is no fraction of the model's MACs): ``--input-shape`` makes them static.
+    """
     from onnxslim.validate.speedcheck import verify_speed
 
     def kept(slimmed, report) -> float:
         if metric == "macs":
+            if not report.macs_complete:
+                raise OnnxSlimError("--target-macs needs every layer's MACs, but some layers' shapes are not "
+                                    "static: give --input-shape (input_shapes= in Python)")
             return report.macs_after / report.macs_before if report.macs_before else 1.0
         check = verify_speed(model, slimmed, report.macs_before, report.macs_after, rounds=rounds,
                              threads=threads, input_shapes=shapes)

@@ -32,6 +32,7 @@ from onnxslim.graph.report import SlimReport
 from onnxslim.graph.rounding import Rounding, resolve_round_to, round_choice
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
+from onnxslim.graph.shapes import infer_model
 from onnxslim.graph.slim import analyse, check_model, load_model, slim
 from onnxslim.graph.values import BARRIER
 from onnxslim.io import save_model_atomic
@@ -130,12 +131,13 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
                     name = uses[0].node.output[0]
                 targets.append(name)
     graph = model.graph
+    mask_dtype = _float_types(model) if targets else None
     # every output of every node (the second output of a Split ...); graph inputs go first (-1)
     positions = {name: position for position, node in enumerate(graph.node) for name in node.output if name}
     inserted, added = [], []
     for name in targets:
         info = analysis.info[name]
-        values = np.where(chosen[roots[info.ids]], 0.0, 1.0).astype(np.float32)
+        values = np.where(chosen[roots[info.ids]], 0.0, 1.0).astype(mask_dtype(name))
         shape = [1] * info.rank
         shape[info.axis] = info.size
         mask_name = index.fresh_name(f"{name}_prune_mask")
@@ -157,6 +159,19 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
     if model.ir_version < 4:  # IR 3 lists every initializer as an input
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
     return len(inserted)
+
+
+def _float_types(model: onnx.ModelProto):
+    """A function giving the numpy dtype of a tensor of ``model`` (by shape inference; float32 when onnx
+    cannot tell): a mask multiplies a float16 model's tensors (YOLOv5 exported with ``--half``) in float16."""
+    inferred = infer_model(model)
+    types = {value.name: value.type.tensor_type.elem_type
+             for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+
+    def dtype(name: str) -> np.dtype:
+        elem_type = types.get(name, onnx.TensorProto.FLOAT)
+        return helper.tensor_dtype_to_np_dtype(elem_type if elem_type else onnx.TensorProto.FLOAT)
+    return dtype
 
 
 def _drop_dead_code(model: onnx.ModelProto) -> None:

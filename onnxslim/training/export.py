@@ -46,6 +46,7 @@ class ExportResult:
     mask_nodes: int  # Mul nodes by a per-channel constant
     input_name: str
     input_shape: tuple[int, ...]
+    requested_opset: int | None = None  # the dynamo exporter writes 18 when asked for 17, or for what it cannot convert to
 
     def to_dict(self) -> dict:
         payload = dataclasses.asdict(self)
@@ -76,11 +77,16 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
            input_name: str = "input", output_name: str = "output") -> ExportResult:
     """Export ``model`` (eval mode) to ``path``; with ``check`` compare onnxruntime with PyTorch.
 
-    Raises :class:`OnnxSlimError` when the export fails or the outputs differ by more than
-    ``tolerance * max(1, max|output|)``. The model's train/eval mode is restored afterwards.
+    Raises :class:`OnnxSlimError` when the export fails, ``opset`` is below :data:`MIN_OPSET` or above the
+    installed onnx's newest, or the outputs differ by more than ``tolerance * max(1, max|output|)``. The
+    result's ``opset`` is the one written (``requested_opset`` the one asked for). The model's train/eval
+    mode is restored afterwards.
     """
     if opset < MIN_OPSET:
         raise OnnxSlimError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    if opset > onnx.defs.onnx_opset_version():
+        raise OnnxSlimError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows "
+                            f"({onnx.defs.onnx_opset_version()})")
     path = Path(path)
     example_input = example_input.detach().to("cpu")
     was_training = model.training
@@ -105,8 +111,9 @@ def export(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLik
         if device.type != "cpu":
             model.to(device)
         model.train(was_training)
-    return ExportResult(path, "dynamo" if dynamo else "torchscript", opset, max_diff, count_mask_nodes(proto),
-                        input_name, tuple(example_input.shape))
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    return ExportResult(path, "dynamo" if dynamo else "torchscript", written, max_diff, count_mask_nodes(proto),
+                        input_name, tuple(example_input.shape), opset)
 
 
 def _export_proto(model, example_input, dynamo, opset, dynamic_batch, input_name, output_name) -> onnx.ModelProto:

@@ -17,7 +17,8 @@ The error statistic decides what is compared with the tolerances:
 
 Without tolerances from the user, :data:`DEFAULT_ATOL` and :data:`DEFAULT_RTOL` apply (Polygraphy's
 default is 1e-5 for both; fp32 slimming folds mask scales into weights, which moves outputs by a few
-ulps of their magnitude, so onnxslim allows 1e-4 of either kind).
+ulps of their magnitude, so onnxslim allows 1e-4 of either kind); float16 / bfloat16 outputs get
+:data:`HALF_ULPS` ulps of their type (:func:`default_tolerances`).
 
 The median needs every difference in memory; the other statistics are accumulated batch by batch.
 Outputs are matched by name when both models have the same output names, by position otherwise.
@@ -47,6 +48,10 @@ from onnxslim.validate.runtime import (
 # the equivalence tolerance when the user gives none
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
+#: ulps of an output's float type (at 1) that the default tolerance allows at least: float16 (2**-10)
+#: gives 0.0156, bfloat16 (2**-7) 0.125; float32 and float64 stay at the defaults above
+HALF_ULPS = 16
+_EPSILON = {"tensor(float16)": 2.0**-10, "tensor(bfloat16)": 2.0**-7}
 
 ERROR_STATS = ("elemwise", "max", "mean", "median")
 
@@ -212,6 +217,17 @@ def check_compatible(reference_session, candidate_session, reference_label: str 
             raise OnnxSlimError(f"incompatible output {ref.name!r}: {reference_label} {list(ref.shape)}, "
                                 f"{candidate_label} {list(cand.shape)}")
     return pairs
+
+
+def default_tolerances(reference_session, pairs: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """(atol, rtol) when the user gives none: :data:`DEFAULT_ATOL` / :data:`DEFAULT_RTOL`, raised to
+    :data:`HALF_ULPS` ulps of the coarsest float type among the compared outputs of the reference. A
+    float16 model (YOLOv5 exported with ``--half``) moves by more than 1e-4 whenever onnxruntime sums in
+    another order: its own float16 kernels move YOLOv5n's outputs by up to 0.5 of 652 (0.5% relative)
+    between optimisation levels (measured)."""
+    outputs = output_specs(reference_session)
+    epsilon = max((_EPSILON.get(outputs[i].dtype, 0.0) for i, _ in pairs), default=0.0)
+    return max(DEFAULT_ATOL, HALF_ULPS * epsilon), max(DEFAULT_RTOL, HALF_ULPS * epsilon)
 
 
 def make_meters(reference_session, candidate_session, pairs: Sequence[tuple[int, int]], atol: float, rtol: float,

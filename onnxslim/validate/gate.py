@@ -7,7 +7,7 @@ Checks, each active only when its threshold is given:
 * output difference: every output passes :mod:`onnxslim.validate.equivalence` with ``atol =
   max_abs_diff`` (0 when only ``rtol`` is given) and ``rtol`` (0 when only ``max_abs_diff`` is given).
   With no threshold at all the gate is an equivalence check at :data:`DEFAULT_ATOL` / :data:`DEFAULT_RTOL`
-  (an element fails when it exceeds both); when other thresholds are given without a tolerance, the
+  (an element fails when it exceeds both; float16 outputs: 16 ulps of float16, ``default_tolerances``); when other thresholds are given without a tolerance, the
   output difference is reported at those defaults but not gated.
 * speedup: the median over interleaved rounds of ``t_reference / t_candidate`` (see
   :mod:`onnxslim.validate.bench`) ``>= min_speedup``. The confidence interval is reported next to it.
@@ -46,6 +46,7 @@ from onnxslim.validate.equivalence import (
     ERROR_STATS,
     EquivalenceResult,
     check_compatible,
+    default_tolerances,
     make_meters,
     random_inputs,
 )
@@ -84,10 +85,10 @@ class GateThresholds:
         """Whether the output difference is a threshold (given tolerances, or the default check)."""
         return self.max_abs_diff is not None or self.rtol is not None or self.none_given
 
-    def tolerances(self) -> tuple[float, float]:
-        """(atol, rtol) the outputs are compared with."""
+    def tolerances(self, defaults: tuple[float, float] = (DEFAULT_ATOL, DEFAULT_RTOL)) -> tuple[float, float]:
+        """(atol, rtol) the outputs are compared with: ``defaults`` when neither is given."""
         if self.max_abs_diff is None and self.rtol is None:
-            return DEFAULT_ATOL, DEFAULT_RTOL
+            return defaults
         return (self.max_abs_diff if self.max_abs_diff is not None else 0.0,
                 self.rtol if self.rtol is not None else 0.0)
 
@@ -242,7 +243,7 @@ def run_check(reference: ModelSource, candidate: ModelSource, thresholds: GateTh
     ref_session = create_session(reference, session_options)
     cand_session = create_session(candidate, session_options)
     pairs = check_compatible(ref_session, cand_session, ref_label, cand_label)
-    atol, rtol = thresholds.tolerances()
+    atol, rtol = thresholds.tolerances(default_tolerances(ref_session, pairs))
     meters = make_meters(ref_session, cand_session, pairs, atol, rtol, thresholds.error_stat)
 
     ref_accuracy = cand_accuracy = agreement = None
