@@ -5,7 +5,8 @@ adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), Y
 H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
 fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
-channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated). ``masks``: hand-placed masks whose zeros are all
+channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated),
+ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -242,6 +243,26 @@ class PyramidNet(nn.Module):
         return self.fc((self.c2(self.c1(x)) + torch.cat([x, torch.zeros(n, 8 - c, h, w)], 1)).mean((2, 3)))
 
 
+class ResNeSt(nn.Module):
+    """ResNeSt split attention (Zhang et al. 2022) with radix 2 and cardinality 2: the gate's rSoftMax
+    ``view(b, card, radix, -1).transpose(1, 2)``, softmax over the radix, ``reshape(b, -1).view(b, -1, 1,
+    1)`` (one Reshape in the dynamo export, two in the legacy one), split and weighted sum."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem, self.conv = ConvBN(3, c), ConvBN(c, 2 * c, 3, groups=4)
+        self.fc1, self.fc2, self.head = ConvBN(c, 4, 1), nn.Conv2d(4, 2 * c, 1, groups=2), nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(self.stem(x))
+        b, c2 = y.shape[:2]
+        splits = torch.split(y, c2 // 2, dim=1)
+        attention = self.fc2(self.fc1((splits[0] + splits[1]).mean((2, 3), keepdim=True)))
+        attention = F.softmax(attention.view(b, 2, 2, -1).transpose(1, 2), dim=1).reshape(b, -1).view(b, -1, 1, 1)
+        gates = torch.split(attention, c2 // 2, dim=1)
+        return self.head(gates[0] * splits[0] + gates[1] * splits[1])
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -256,6 +277,7 @@ FAMILIES = {
     "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
     "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
     "pyramidnet_zero_channels": (PyramidNet, 8, "masks", ["dynamo", "legacy"]),
+    "resnest": (ResNeSt, 8, "prune", ["dynamo", "legacy"]),
 }
 
 
@@ -298,3 +320,17 @@ def test_family_slims_exactly(name, exporter):
     assert_equivalent(reference, slimmed, feeds=feeds)
     assert report.masked_channels > 0
     assert report.deleted_masked_channels == report.masked_channels, report.format_table()
+
+
+def test_resnest_gate_reshape_to_n_c_1_1_maps_channels_in_both_exports():
+    """The dynamo export reshapes the rSoftMax output (N, 2, 2, 4) straight to (N, 16, 1, 1): the trailing
+    1s are not where the channels go (before: they were, the gate's Mul saw the channels on axis 3 and
+    was a barrier, and prune deleted 6 channels of the dynamo export against 18 of the legacy one)."""
+    deleted = []
+    for dynamo in (True, False):
+        torch.manual_seed(0)
+        model = export(_randomized(ResNeSt()), 8, dynamo=dynamo)
+        _, report, _ = prune(model, ratio=0.5)
+        assert not [k for k in report.kept if k.kind == "barrier"], report.format_table()
+        deleted.append(report.deleted_masked_channels)
+    assert deleted[0] == deleted[1] > 0

@@ -116,6 +116,11 @@ def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[
         # one input channel, one component on any axis (GroupNorm with one group: [N, 1, C*H*W] back to
         # [N, C, H, W]): every axis is exact; the input's channel position is where the readers look
         return in_axis, components(in_channel, out_channels[in_axis], 1, out_dims[in_axis])
+    # trailing axes of size 1 (an (N, C, 1, 1) gate spelt ``view(b, -1, 1, 1)``) hold one index each:
+    # they would count as pure below with a single component, and are never where the channels are
+    while len(out_dims) > 1 and out_dims[-1] == 1:
+        out_dims.pop()
+        out_channels.pop()
     # an axis on which every input channel lands at one index only carries no space (GroupNorm's
     # [N, G, C/G*H*W] is read along G, not along the mixed axis); among those the finest, the later
     pure = [len(_unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
