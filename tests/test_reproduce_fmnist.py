@@ -86,3 +86,26 @@ def test_rows_whose_masks_missed_the_cost_are_flagged():
     groups = {("vgg16", 0.5, "ssr_l21"): [row(0.942)], ("vgg16", 0.7, "joint"): [row(0.65), row(0.62)],
               ("resnet20", 0.5, "l1_mask"): [row(0.488)]}
     assert tool._unmatched(groups) == ["vgg16 ssr_l21 50%: 94.2%"]  # joint's 63.5 % is within 10 points of 70 %
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--costs", "abc"], "could not convert string to float: 'abc'"),
+    (["--costs", "0.5,1.5"], "--costs are shares of the MACs to remove, each in (0, 1)"),
+    (["--seeds", "x"], "invalid literal for int()"),
+    (["--train", "-5"], "--train must be >= 1, got -5"),
+    (["--probes", "0"], "--probes must be >= 1, got 0"),
+    ([], "lacks train-images-idx3-ubyte[.gz]"),  # the --data folder is empty
+], ids=["costs-not-a-number", "cost-above-1", "seed-not-an-int", "negative-train", "no-probes", "empty-data"])
+def test_bad_arguments_are_an_error_line_before_anything_loads(tmp_path, capsys, extra, message):
+    """Bad numbers and a data folder without the IDX files exit 2 with `error: ...` (before: a ValueError or
+    OnnxSlimError traceback, exit 1)."""
+    spec = importlib.util.spec_from_file_location("reproduce_fmnist", ROOT / "tools" / "reproduce_fmnist.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    spec.loader.exec_module(tool)
+    with pytest.raises(SystemExit) as raised:
+        tool.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out"), *extra])
+    assert raised.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in last and message in last, last  # argparse: "<prog>: error: ..."
+    assert not (tmp_path / "out").exists()

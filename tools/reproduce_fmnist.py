@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxslim.data import ArrayDataset, load_dataset  # noqa: E402
+from onnxslim.data import ArrayDataset, fashion_mnist_files, load_dataset  # noqa: E402
 from onnxslim.errors import OnnxSlimError  # noqa: E402
 from onnxslim.io import write_json_atomic, write_text_atomic  # noqa: E402
 from onnxslim.training.masks import attach_masks, masked_summary  # noqa: E402
@@ -134,7 +134,8 @@ def split_data(folder: str, train: int, val: int, size: int, seed: int = 0):
     test = load_dataset(f"fashion-mnist:{folder}", "test")
     order = np.random.default_rng(seed).permutation(len(full.images))
     if train + val > len(order):
-        raise SystemExit(f"--train + --val ({train + val}) exceeds the {len(order)} training images")
+        print(f"error: --train + --val ({train + val}) exceeds the {len(order)} training images", file=sys.stderr)
+        raise SystemExit(2)
     parts = [_subset(full, order[:train], size, "train"), _subset(full, order[train:train + val], size, "val")]
     return (*parts, _subset(test, np.arange(len(test.images)), size, "test"))
 
@@ -596,8 +597,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in MODELS] + [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown: {', '.join(unknown)}")
-    args.costs = [float(v) for v in args.costs.split(",")]
-    args.seeds = None if args.seeds is None else [int(v) for v in args.seeds.split(",")]
+    try:
+        args.costs = [float(v) for v in args.costs.split(",")]
+        args.seeds = None if args.seeds is None else [int(v) for v in args.seeds.split(",")]
+    except ValueError as exc:
+        parser.error(f"--costs takes numbers and --seeds integers, comma-separated: {exc}")
+    if not all(0.0 < c < 1.0 for c in args.costs):
+        parser.error(f"--costs are shares of the MACs to remove, each in (0, 1): got {args.costs}")
+    for name in ("train", "val", "probes", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:  # the data folder is checked before anything trains
+        fashion_mnist_files(args.data, "train"), fashion_mnist_files(args.data, "test")
+    except OnnxSlimError as exc:
+        parser.error(str(exc))
     return args
 
 

@@ -258,15 +258,17 @@ def test_megvii_channel_shuffle_of_a_batch_of_one_maps_its_pairs():
     assert conv_channels(slimmed)[:2] == [6, 8]
 
 
-@pytest.mark.parametrize("preprocessing", [[], ["Mul"], ["Mul", "Sub"]])
+@pytest.mark.parametrize("preprocessing", [[], ["Mul"], ["Mul", "Sub"], ["Mul", "Pad"]])
 def test_an_nhwc_input_normalised_before_its_transpose_feeds_a_prunable_conv(preprocessing):
     """tf2onnx's M-LSD: ``x / 127.5 - 1`` on the NHWC input, then ``Transpose(0, 3, 1, 2)`` and the first
-    conv. The Transpose decides the input's layout through the elementwise normalisation too, so the
-    first conv's 2 masked channels go (before, with normalisation: the conv was a barrier, 0 deleted)."""
+    conv (tf2onnx's M-LSD with alpha pads first). The Transpose decides the input's layout through the
+    normalisation and the pad too, so the first conv's 2 masked channels go (before, with either: the
+    conv was a barrier, 0 deleted)."""
     g = GraphBuilder()
     x = g.input([1, 8, 8, 3])
     for op in preprocessing:
-        x = g.op(op, [x, g.const(np.float32(0.5))])
+        pads = np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64)  # TF "same" padding of H, W in NHWC
+        x = g.op(op, [x, g.const(pads)]) if op == "Pad" else g.op(op, [x, g.const(np.float32(0.5))])
     x = g.op("Transpose", [x], perm=[0, 3, 1, 2])
     head(g, g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[2, 5])]), 8)
     slimmed, report = slim_checked(g.model())

@@ -815,13 +815,15 @@ class SqueezeRule(_MovesElements):
         pass_through(node, analysis, info)
 
 
-#: elementwise ops that preprocess an input (normalisation, a cast) without moving its elements
-_PREPROCESSING = frozenset({"Mul", "Add", "Sub", "Div", "Cast", "Identity", "Clip", "Neg", "Sqrt", "Pow"})
+#: ops that preprocess an input axis by axis: elementwise (normalisation, a cast), or moving elements
+#: along axes without mixing them (a spatial Pad, a crop, a resize)
+_PREPROCESSING = frozenset({"Mul", "Add", "Sub", "Div", "Cast", "Identity", "Clip", "Neg", "Sqrt", "Pow",
+                            "Pad", "Slice", "Resize"})
 
 
 def _preprocessed_input(index, name: str) -> str | None:
-    """The graph input that ``name`` is, or that elementwise ops with constant other operands
-    (``_PREPROCESSING``) computed from it alone; None otherwise."""
+    """The graph input that ``name`` is, or that ops of ``_PREPROCESSING`` with constant other operands
+    computed from it alone; None otherwise."""
     inputs = {value.name for value in index.inputs}
     for _ in range(16):
         if name in inputs:
@@ -843,7 +845,8 @@ class TransposeRule(_MovesElements):
     A graph input's layout is unknown (axis 1 is a guess, and its channels are kept anyway): a Transpose
     reading it decides it. NHWC inputs of tf2onnx / keras2onnx exports are transposed to NCHW before the
     first conv, so the Transpose's output gets (kept) channels on axis 1 — also when the input is first
-    normalised elementwise by constants (M-LSD's ``x / 127.5 - 1`` in NHWC, :func:`_preprocessed_input`).
+    normalised by constants or padded (M-LSD's ``x / 127.5 - 1`` and TF "same" pads in NHWC,
+    :func:`_preprocessed_input`).
     """
 
     op_types = ("Transpose",)
@@ -853,8 +856,10 @@ class TransposeRule(_MovesElements):
         shape = analysis.index.shape(node.output[0])
         source = _preprocessed_input(analysis.index, node.input[0])
         if source is not None and shape and len(shape) >= 2 and shape[1]:
+            read = analysis.feature(node.input[0])  # what the preprocessing made of the guessed axis stays
             info = analysis.fresh(None, node.output[0], shape[1], 1, len(shape))
-            analysis.keep(info.ids, BARRIER, f"graph input '{source}'")
+            for ids in (info.ids, read.ids if read is not None else ()):
+                analysis.keep(ids, BARRIER, f"graph input '{source}'")
             return
         x = feature_or_barrier(node, analysis)
         if x is None:
