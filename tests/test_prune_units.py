@@ -238,6 +238,20 @@ def test_a_barrier_that_keeps_a_layer_out_of_reach_is_noted(tmp_path):
     assert result.exit_code == 0 and "note: " in result.output and "LRN" in result.output
 
 
+def test_a_barrier_that_writes_only_graph_outputs_is_not_noted():
+    """keras2onnx's MNIST MLP ends ``fc3 -> Softmax(classes) -> output``: the classes are out of reach by
+    definition, like a layer writing a graph output (before: "'fc3': 10 of 10 channels are out of reach
+    (barrier Softmax ...)"). The same Softmax in the middle of the net, before a conv, is still noted."""
+    for softmax_last in (True, False):
+        g = GraphBuilder()
+        y = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 8)])
+        y = g.op("Softmax", [g.conv(y, 8, 8)], axis=1)
+        g.output(y if softmax_last else g.conv(y, 8, 4))
+        _, report = prune_exact(g.model(), ratio=0.5)
+        noted = [note for note in report.notes if "Softmax" in note]
+        assert len(noted) == (0 if softmax_last else 1), report.notes
+
+
 def test_bn_criterion_without_batchnorm_says_so(tmp_path):
     g = GraphBuilder()
     x = g.input([1, 3, 8, 8])

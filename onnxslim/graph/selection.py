@@ -309,15 +309,27 @@ def _layer_costs(analysis: ChannelAnalysis, cost: Cost, notes: list[str]) -> dic
     return result
 
 
+def _output_bound(analysis: ChannelAnalysis, roots: np.ndarray) -> set[int]:
+    """Classes out of reach by definition: those of graph outputs, and those a barrier reads whose outputs
+    are all graph outputs (a classifier's Softmax over its classes)."""
+    index = analysis.index
+    names = [name for name in index.outputs if name in analysis.info]
+    for node, _ in analysis.barriers:
+        if all(not name or name in index.outputs for name in node.output):
+            names.extend(name for name in node.input if analysis.feature(name) is not None)
+    return {int(r) for name in names for r in roots[analysis.info[name].ids]}
+
+
 def _unreachable_budgets(analysis, roots, layers, locked, chosen, ratio) -> list[str]:
     """A note per layer whose budget cannot be met because a barrier holds too many of its channels."""
     reasons = analysis.kept_reason(BARRIER)
+    outputs = _output_bound(analysis, roots)
     notes = []
     for layer in layers:
         held = [r for r in layer.units if locked[r]]
         held_channels = sum(layer.units[r] for r in held)
         target = int(ratio * layer.size)
-        if not held or layer.size - held_channels >= target:
+        if not held or layer.size - held_channels >= target or all(r in outputs for r in held):
             continue
         removed = sum(n for r, n in layer.units.items() if r in chosen)
         why = analysis.reasons[reasons[held[0]]].text if reasons[held[0]] >= 0 else "a barrier"
