@@ -6,7 +6,8 @@ H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
 fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
 channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated),
-ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate). ``masks``: hand-placed masks whose zeros are all
+ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate),
+ReXNet's partial residual (ScatterND). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -263,6 +264,22 @@ class ResNeSt(nn.Module):
         return self.head(gates[0] * splits[0] + gates[1] * splits[1])
 
 
+class ReXNet(nn.Module):
+    """ReXNet's partial residual (Han et al. 2021, the authors' code): ``out[:, 0:c_in] += x``, a
+    ScatterND in both exports; channel c < c_in of the output is the block's channel c plus the input's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = ConvBN(3, 6, mask=_mask(6, [1, 4])), ConvBN(6, 9, 3, mask=_mask(9, [1, 4, 8]), act=None)
+        self.fc = nn.Linear(9, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.block(x)
+        out[:, 0:6] += x
+        return self.fc(out.mean((2, 3)))
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -278,6 +295,7 @@ FAMILIES = {
     "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
     "pyramidnet_zero_channels": (PyramidNet, 8, "masks", ["dynamo", "legacy"]),
     "resnest": (ResNeSt, 8, "prune", ["dynamo", "legacy"]),
+    "rexnet_partial_residual": (ReXNet, 8, "masks", ["dynamo", "legacy"]),
 }
 
 

@@ -274,3 +274,17 @@ def test_an_nhwc_input_normalised_before_its_transpose_feeds_a_prunable_conv(pre
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 2, report.format_table()
     assert conv_channels(slimmed) == [6, 4]
+
+
+def test_scatternd_of_whole_channel_rows_couples_data_and_updates():
+    """ScatterND with 1-tuples over the batch axis (``out[0] = u[0]``): whole rows of channels are written,
+    update channel c into output channel c; both masked alike, the 3 zero channels go from both convs
+    (before: no rule, a barrier)."""
+    g = GraphBuilder(opset=13)
+    x = g.input([1, 3, 6, 6])
+    data = g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[1, 4, 6])])
+    updates = g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[1, 4, 6])])
+    head(g, g.op("ScatterND", [data, g.const(np.array([[0]], np.int64)), updates]), 8)
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 6, report.format_table()
+    assert conv_channels(slimmed)[:2] == [5, 5]

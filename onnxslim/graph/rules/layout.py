@@ -20,6 +20,9 @@
 * Squeeze / Unsqueeze / Transpose keep channels and move the channel axis; Expand broadcasts them (its
   shape's channel entry is 1, a constant rewritten to the kept count, or ``Shape(t)`` of a coupled feature);
   Tile that repeats only other axes passes them.
+* ScatterND with constant indices writes update channels into data channels (ReXNet's
+  ``out[:, 0:c] += x``): each written channel is coupled with the update channel written into it; the
+  rewrite keeps the tuples of kept channels, renumbered.
 * Shape reads no channel values: it does not keep anything (Reshape targets computed from it are
   handled by the Reshape rule).
 """
@@ -683,6 +686,78 @@ class ExpandRule(_MovesElements):
             shape = shape.copy()
             shape[position] = int(keep.sum())
             rewriter.weights.write(node, 1, shape, key=("shape", shape.tobytes()))
+
+
+def _scatter_channels(node, analysis, x, u) -> np.ndarray | None:
+    """Per update channel ``j``, the data channel its slices are written to (see :class:`ScatterNDRule`);
+    None when the tuples do not address channels that way."""
+    indices = analysis.index.constant(node.input[1])
+    if indices is None or indices.ndim < 2 or not x.axis < indices.shape[-1] or u.axis >= indices.ndim - 1 \
+            or indices.shape[u.axis] != u.size:
+        return None
+    channel = np.moveaxis(indices[..., x.axis], u.axis, 0).reshape(u.size, -1)
+    channel = np.where(channel < 0, channel + x.size, channel)
+    if not (channel == channel[:, :1]).all() or (channel[:, 0] >= x.size).any() or (channel[:, 0] < 0).any():
+        return None
+    return channel[:, 0]
+
+
+@register
+class ScatterNDRule(_MovesElements):
+    """ScatterND (ONNX ScatterND-11 ... 18, reduction none or add) with constant indices: ``out = data``,
+    then ``out[indices[i]] = updates[i]`` for each k-tuple ``indices[i]`` over data's first k axes; the
+    updates have shape ``indices.shape[:-1] + data.shape[k:]``.
+
+    * The tuples address the channel axis (ReXNet's partial residual ``out[:, 0:c] += x``, which both
+      torch exporters write as a ScatterND) and the updates carry their channels on a leading axis along
+      which the tuples' channel entry depends on the position ``j`` only: output channel ``t[j]`` is data
+      channel ``t[j]`` where not written and update channel ``j`` where written. Those two are coupled (one
+      unit) and the output carries data's channels; deleting a unit deletes the update's tuples too: the
+      rewrite keeps the others and renumbers their channel entry.
+    * The tuples stop before the channel axis: whole channel rows are written, update channel ``c`` to
+      output channel ``c``; data's and the updates' channels are coupled one to one.
+
+    A channel is a known constant when data's and the update's channel hold it. Other forms are barriers.
+    """
+
+    op_types = ("ScatterND",)
+
+    def propagate(self, node, analysis):
+        x, u = analysis.feature(node.input[0]), analysis.feature(node.input[2])
+        indices = analysis.index.constant(node.input[1])
+        if x is None or u is None or indices is None or get_attr(node, "reduction", b"none") not in (b"none", b"add"):
+            analysis.barrier(node, "needs feature data and updates, constant indices, reduction none or add")
+            return
+        if x.axis >= indices.shape[-1]:  # whole channel rows written
+            if u.size != x.size or u.axis != indices.ndim - 1 + x.axis - indices.shape[-1]:
+                analysis.barrier(node, "updates and data disagree on the channel axis")
+                return
+            analysis.couple(x.ids, u.ids)
+            const = x.const & u.const & (x.value == u.value)
+            pass_through(node, analysis, x.with_values(const, x.value))
+            return
+        target = _scatter_channels(node, analysis, x, u)
+        if target is None:
+            analysis.barrier(node, "writes channels that its updates do not carry on one axis")
+            return
+        analysis.couple(x.ids[target], u.ids)
+        const = x.const.copy()
+        const[target] &= u.const & (u.value == x.value[target])
+        pass_through(node, analysis, x.with_values(const, x.value))
+
+    def allows_empty_input(self, node, slot, plan):
+        return slot == 0 and plan.is_empty(node.output[0])
+
+    def rewrite(self, node, rewriter):
+        x, u = rewriter.info(node.input[0]), rewriter.info(node.input[2])
+        keep_x, keep_u = rewriter.keep(node.input[0]), rewriter.keep(node.input[2])
+        indices = rewriter.index.constant(node.input[1])
+        if x is None or u is None or keep_x.all() or x.axis >= indices.shape[-1]:
+            return
+        new = np.compress(keep_u, indices, axis=u.axis)
+        channel = new[..., x.axis]
+        new[..., x.axis] = _new_positions(keep_x)[np.where(channel < 0, channel + x.size, channel)]
+        rewriter.weights.write(node, 1, new, key=("scatter", new.tobytes()))
 
 
 @register
