@@ -148,3 +148,39 @@ def test_round_to_models_tool_on_masked_models(tmp_path):
     assert [int(r[2]) for r in rows] == [1, 8]
     unrounded, rounded = (float(r[3]) for r in rows)
     assert unrounded == pytest.approx(2.0, rel=0.01) and 1.0 < rounded <= unrounded  # 12 of 24 channels zero
+
+
+def test_run_main_turns_onnxslim_errors_into_one_line_and_exit_2(capsys):
+    from onnxslim.errors import OnnxSlimError, run_main
+
+    def bad():
+        raise OnnxSlimError("unknown model 'nosuch'")
+
+    with pytest.raises(SystemExit) as raised:
+        run_main(bad)
+    assert raised.value.code == 2 and capsys.readouterr().err == "error: unknown model 'nosuch'\n"
+    for returned, code in ((None, None), (0, 0), (1, 1)):
+        with pytest.raises(SystemExit) as raised:
+            run_main(lambda returned=returned: returned)
+        assert raised.value.code == code
+
+
+@pytest.mark.parametrize("args, message", [
+    (("bench_mask_overhead.py", "--model", "nosuch"), "error: unknown model 'nosuch'"),
+    (("fuzz_slim.py", "--prune", "1.5"), "error: --prune is prune's ratio, in [0, 1)"),
+    (("bench_slim.py", "--repeat", "0"), "error: --repeat and every --depths value must be >= 1"),
+], ids=["unknown-model", "prune-ratio", "zero-repeat"])
+def test_tools_refuse_bad_input_with_an_error_line(args, message):
+    """Every tool runs its main through onnxslim.errors.run_main: bad input is `error: ...`, exit 2, no
+    traceback (before: an OnnxSlimError or CalledProcessError traceback, exit 1)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    completed = subprocess.run([sys.executable, str(ROOT / "tools" / args[0]), *args[1:]], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr and message in completed.stderr.strip().splitlines()[-1]
+
+
+def test_every_tool_runs_its_main_through_run_main():
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        if path.name != "check_function_length.py":
+            assert path.read_text().endswith("    run_main(main)\n"), path.name

@@ -339,4 +339,6 @@ def run_targets(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from onnxslim.errors import run_main
+
+    run_main(main)

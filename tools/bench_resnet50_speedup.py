@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -283,4 +282,6 @@ def paired_speedup(before, after) -> Speedup:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from onnxslim.errors import run_main
+
+    run_main(main)

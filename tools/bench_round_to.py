@@ -122,4 +122,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from onnxslim.errors import run_main
+
+    run_main(main)

@@ -50,4 +50,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from onnxslim.errors import run_main
+
+    run_main(main)

@@ -117,13 +117,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="slim runs per depth; the median is reported (5)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MODEL", "REPEAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        depths = [int(d) for d in args.depths.split(",")]
+    except ValueError:
+        parser.error(f"--depths takes comma-separated integers, got {args.depths!r}")
+    if args.repeat < 1 or min(depths) < 1:
+        parser.error(f"--repeat and every --depths value must be >= 1, got {args.repeat} and {args.depths}")
     if args.child:
         mode, path, repeat = args.child
         print(json.dumps(measure_time(path, int(repeat)) if mode == "time" else measure_memory(path)))
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for depth in (int(d) for d in args.depths.split(",")):
+        for depth in depths:
             path = Path(tmp) / f"resnet50_x{depth}.onnx"
             build(depth, path)
             result = child("time", path, args.repeat) | child("memory", path, 1)
@@ -145,4 +151,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from onnxslim.errors import run_main
+
+    run_main(main)

@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.kinds.split(",")) - set(KINDS)
     if unknown:
         parser.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if args.prune is not None and not 0.0 <= args.prune < 1.0:
+        parser.error(f"--prune is prune's ratio, in [0, 1): got {args.prune}")
+    if args.examples < 1 or args.max_steps < 1:
+        parser.error(f"--examples and --max-steps must be >= 1, got {args.examples} and {args.max_steps}")
     return args
 
 
@@ -94,4 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from onnxslim.errors import run_main
+
+    run_main(main)

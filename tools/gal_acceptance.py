@@ -22,7 +22,6 @@ import collections
 import copy
 import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -151,4 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from onnxslim.errors import run_main
+
+    run_main(main)
