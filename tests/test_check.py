@@ -125,3 +125,30 @@ def test_segmentation_gate_uses_miou(tmp_path):
                        CheckOptions(data=str(data), progress=False))
     assert result.passed and result.reference_accuracy.metric == "miou"
     assert result.reference_accuracy.dice is not None
+
+
+def test_a_failed_output_behind_a_discrete_op_says_so(tmp_path):
+    """M-LSD decodes in the graph (``Equal(heat, MaxPool(heat))``, TopK): slimming moves the heat map by
+    1e-5 and a near-tie flips. A candidate whose first filter moved by 0.02: the ArgMax output fails
+    naming ArgMax; the continuous logits fail without that note."""
+    from graphs import GraphBuilder
+    from onnx import numpy_helper
+
+    g = GraphBuilder(seed=5)
+    logits = g.conv(g.input([1, 3, 16, 16]), 3, 6)
+    g.output(logits, g.op("Cast", [g.op("ArgMax", [logits], axis=1, keepdims=0)], to=onnx.TensorProto.FLOAT))
+    reference = g.model()
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(reference)
+    weight = candidate.graph.initializer[0]
+    moved = numpy_helper.to_array(weight).copy()
+    moved[0] += np.float32(0.02)  # class 0 gains a little: pixels near a tie change their arg-max
+    weight.CopyFrom(numpy_helper.from_array(moved, weight.name))
+    onnx.save(reference, tmp_path / "reference.onnx")
+    onnx.save(candidate, tmp_path / "candidate.onnx")
+    report = run_check(tmp_path / "reference.onnx", tmp_path / "candidate.onnx",
+                       options=CheckOptions(progress=False, random_samples=4))
+    failed = {o.name: o for o in report.equivalence.outputs if not o.passed}
+    argmax, = (name for name in failed if name != logits)
+    assert logits in failed and not failed[logits].discrete
+    assert failed[argmax].discrete.startswith("ArgMax") and "discrete choice" in report.to_markdown()

@@ -30,6 +30,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import onnx
 
 from onnxslim.data import ArrayDataset
 from onnxslim.errors import OnnxSlimError
@@ -72,10 +73,16 @@ class OutputDiff:
     median_rel: float | None
     mismatches: int
     passed: bool
+    #: the discrete op the output depends on ("TopK 'name'"), when it does (see :func:`with_discrete_notes`)
+    discrete: str = ""
 
     def describe(self, atol: float, rtol: float) -> str:
-        return (f"output {self.name!r}: {self.mismatches} of {self.elements} elements exceed both atol={atol:g} "
+        text = (f"output {self.name!r}: {self.mismatches} of {self.elements} elements exceed both atol={atol:g} "
                 f"and rtol={rtol:g} (max abs diff {self.max_abs:.3g}, max rel diff {self.max_rel:.3g})")
+        if self.discrete:
+            text += (f" [it depends on {self.discrete}, a discrete choice that float-level differences before it "
+                     "can flip: compare the tensors before it, e.g. cut with onnx.utils.extract_model]")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +226,35 @@ def check_compatible(reference_session, candidate_session, reference_label: str 
     return pairs
 
 
+#: ops whose outputs jump when their inputs move by a rounding error (comparisons, arg-max, top-k
+#: indices, rounding, non-maximum suppression)
+_DISCRETE_OPS = frozenset({"TopK", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
+                           "NonMaxSuppression", "NonZero", "Round", "Floor", "Ceil", "Sign"})
+
+
+def discrete_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph outputs of ``model`` computed from a discrete op (``_DISCRETE_OPS``; M-LSD decodes its
+    lines with ``Equal(heat, MaxPool(heat))`` and TopK in the graph): output name -> "Op 'node'" of the
+    first such op on the way."""
+    source: dict[str, str] = {}
+    for position, node in enumerate(model.graph.node):  # nodes are in topological order (ONNX IR)
+        found = next((source[name] for name in node.input if name in source), None)
+        if node.op_type in _DISCRETE_OPS and found is None:
+            found = f"{node.op_type} '{node.name or node.output[0] or position}'"
+        if found is not None:
+            source.update((name, found) for name in node.output if name)
+    return {output.name: source[output.name] for output in model.graph.output if output.name in source}
+
+
+def with_discrete_notes(results: Sequence[OutputDiff], reference: ModelSource) -> tuple[OutputDiff, ...]:
+    """``results`` with each failed output that depends on a discrete op of ``reference`` saying so."""
+    if all(result.passed for result in results):
+        return tuple(results)
+    model = reference if isinstance(reference, onnx.ModelProto) else onnx.load(reference, load_external_data=False)
+    sources = discrete_sources(model)
+    return tuple(dataclasses.replace(r, discrete=sources.get(r.name, "")) if not r.passed else r for r in results)
+
+
 def default_tolerances(reference_session, pairs: Sequence[tuple[int, int]]) -> tuple[float, float]:
     """(atol, rtol) when the user gives none: :data:`DEFAULT_ATOL` / :data:`DEFAULT_RTOL`, raised to
     :data:`HALF_ULPS` ulps of the coarsest float type among the compared outputs of the reference. A
@@ -277,4 +313,5 @@ def compare_models(reference: ModelSource, candidate: ModelSource, dataset: Arra
             for meter, (i, j) in zip(meters, pairs):
                 meter.update(cand_out[j], ref_out[i])
             bar.update(count)
-    return EquivalenceResult(tuple(m.result() for m in meters), atol, rtol, error_stat, total, description)
+    results = with_discrete_notes([m.result() for m in meters], reference)
+    return EquivalenceResult(results, atol, rtol, error_stat, total, description)

@@ -49,6 +49,7 @@ from onnxslim.validate.equivalence import (
     default_tolerances,
     make_meters,
     random_inputs,
+    with_discrete_notes,
 )
 from onnxslim.validate.runtime import (
     ModelSource,
@@ -279,8 +280,8 @@ def run_check(reference: ModelSource, candidate: ModelSource, thresholds: GateTh
                 for meter, (i, j) in zip(meters, pairs):
                     meter.update(cand_out[j], ref_out[i])
                 bar.update(1)
-    equivalence = EquivalenceResult(tuple(m.result() for m in meters), atol, rtol, thresholds.error_stat,
-                                    compared, inputs)
+    equivalence = EquivalenceResult(with_discrete_notes([m.result() for m in meters], reference), atol, rtol,
+                                    thresholds.error_stat, compared, inputs)
     del ref_session, cand_session
 
     bench = None
