@@ -288,3 +288,17 @@ def test_scatternd_of_whole_channel_rows_couples_data_and_updates():
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 6, report.format_table()
     assert conv_channels(slimmed)[:2] == [5, 5]
+
+
+def test_nhwc_channel_shuffle_between_transposes_becomes_one_gather():
+    """tf2onnx's spelling of a channel shuffle: Transpose to NHWC, Reshape (N, H, W, g, C/g), Transpose
+    (0, 1, 2, 4, 3), Reshape back, Transpose to NCHW: the five moves permute whole channels, so they
+    become one Gather and the 3 masked channels go (each its own unit)."""
+    g = GraphBuilder(opset=13)
+    y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 4, 4]), 3, 8), 8, zeros=[1, 2, 6])])
+    y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 3, 1]), g.const(np.array([1, 4, 4, 2, 4], np.int64))])
+    y = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 1, 2, 4, 3]), g.const(np.array([1, 4, 4, 8], np.int64))])
+    head(g, g.op("Transpose", [y], perm=[0, 3, 1, 2]), 8)
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
+    assert [n.op_type for n in slimmed.graph.node if n.op_type in ("Gather", "Transpose", "Reshape")] == ["Gather"]
