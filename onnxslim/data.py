@@ -108,7 +108,12 @@ def mnist_split(size: int = 28, test_fraction: float = 0.2, seed: int = 0) -> tu
 
 
 def load_npz(path: str | Path, mean: float | None = None, std: float | None = None) -> ArrayDataset:
-    """Arrays ``images`` and ``labels`` from an ``.npz``; uint8 images are scaled to [0, 1]."""
+    """Arrays ``images`` and ``labels`` from an ``.npz``; uint8 images are scaled to [0, 1].
+
+    Raises OnnxSlimError for a file that is not an ``.npz`` of both arrays, images holding NaN or
+    infinite values, or labels that are not class indices (integers >= 0; float arrays of whole numbers
+    are accepted).
+    """
     path = Path(path)
     try:
         with np.load(path) as arrays:
@@ -118,8 +123,14 @@ def load_npz(path: str | Path, mean: float | None = None, std: float | None = No
     except (OSError, ValueError) as exc:
         raise OnnxSlimError(f"{path}: not a readable .npz file ({exc})") from None
     x = _to_nchw_float(images, path)
+    if not np.isfinite(x).all():
+        raise OnnxSlimError(f"{path}: images hold NaN or infinite values")
     if mean is not None and std is not None:
         x = (x - np.float32(mean)) / np.float32(std)
+    whole = labels.dtype.kind in "iub" or (labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)))
+    if not whole or (labels.size and labels.min() < 0):
+        raise OnnxSlimError(f"{path}: labels must be class indices (integers >= 0), got {labels.dtype} values "
+                            f"from {labels.min() if labels.size else '-'} to {labels.max() if labels.size else '-'}")
     y = labels.astype(np.int64)
     num_classes = int(y.max()) + 1 if y.size else 0
     return ArrayDataset(x, y, num_classes, path.name)

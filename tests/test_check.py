@@ -96,6 +96,9 @@ def test_failure_message_carries_the_figure(models):
     ("bad_data", "dataset not found"),
     ("drop_without_data", "needs labelled data"),
     ("data_shape", "expects"),
+    ("nan_images", "images hold NaN or infinite values"),
+    ("negative_labels", "labels must be class indices (integers >= 0), got int64 values from -1 to 4"),
+    ("fractional_labels", "labels must be class indices (integers >= 0), got float64"),
 ])
 def test_bad_input_exits_2(models, tmp_path, case, message):
     ref, same = models["reference"], models["same"]
@@ -107,10 +110,25 @@ def test_bad_input_exits_2(models, tmp_path, case, message):
         "bad_data": [ref, same, "--data", tmp_path / "nothing-here"],
         "drop_without_data": [ref, same, "--max-accuracy-drop", "1"],
         "data_shape": [ref, same, "--data", "mnist:32", "--limit", "10"],
-    }[case]
+    }.get(case) or [ref, same, "--data", _bad_npz(tmp_path, case), "--max-accuracy-drop", "1"]
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def _bad_npz(folder, case: str):
+    """An .npz of 5 MNIST-shaped images whose images or labels are wrong in the way ``case`` says (before:
+    NaN images passed the gate at "100 %" top-1, negative or fractional labels were counted as classes)."""
+    images, labels = np.zeros((5, 1, 28, 28), np.float32), np.arange(5)
+    if case == "nan_images":
+        images[2, 0, 3, 3] = np.nan
+    elif case == "negative_labels":
+        labels[0] = -1
+    else:
+        labels = labels + 0.5
+    path = folder / f"{case}.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
 
 
 def test_segmentation_gate_uses_miou(tmp_path):

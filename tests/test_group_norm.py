@@ -123,3 +123,18 @@ def test_decomposed_group_norm_with_one_group_feeds_a_prunable_mlp(size):
     slimmed, report = slim_exact(g.model())
     assert conv_outputs(slimmed) == [8, 12, 8, 4]
     assert (report.masked_channels, report.deleted_masked_channels) == (4, 4)
+
+
+def test_a_decomposed_group_norm_too_large_to_enumerate_maps_its_blocks(monkeypatch):
+    """LDC's legacy export of GroupNorm on a 360x640 map, ``[N, 32, 360, 640] -> [N, 4, -1]`` and back,
+    has 7.4M elements per sample, more than the index maps enumerate (``_MAX_ELEMENTS``): each channel's
+    block of H*W elements stays in one row of a group, so the blocks map instead. Here the limit is
+    lowered below this graph's 512 elements: the same 3 of 4 masked channels go as when enumerated
+    (before: 'regroups the channel axis', a barrier, 0 deleted)."""
+    from onnxslim.graph.rules import regroup
+
+    monkeypatch.setattr(regroup, "_MAX_ELEMENTS", 32)
+    model = _norm_then_masks(17, group_norm_decomposed).model()
+    slimmed, report = slim_exact(model)
+    assert conv_outputs(slimmed) == [6, 5, 4]
+    assert (report.masked_channels, report.deleted_masked_channels) == (4, 3)

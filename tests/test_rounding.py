@@ -93,6 +93,16 @@ def test_prune_rounds_kept_counts_and_stays_exact(scope):
         if layer.op_type == "Conv" and layer.channels_before != 5:
             assert abs(layer.channels_after - unrounded[layer.node]) <= 2  # the nearest multiple of 4
     assert report.rounding["multiple"] == 4 and report.macs_after < report.macs_before
+    # the report says when rounding changed how many channels go (the unrounded choice's own count)
+    chosen = sum(layer.channels_before - layer.channels_after for layer in plain.layers)
+    rounded = sum(layer.channels_before - layer.channels_after for layer in report.layers)
+    notes = [note for note in report.notes if note.startswith("round-to 4:")]
+    assert not any(note.startswith("round-to") for note in plain.notes)
+    if rounded != chosen:
+        assert notes == [f"round-to 4: the kept counts rounded to multiples of 4 remove {rounded} layer output "
+                         f"channels where the choice removed {chosen} (--round-to 1 removes exactly the choice)"]
+    else:
+        assert notes == []
 
 
 def test_slim_auto_keeps_extra_masked_channels_up_to_the_block():

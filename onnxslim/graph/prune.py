@@ -29,7 +29,7 @@ from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.cleanup import remove_dead_code
 from onnxslim.graph.report import SlimReport
-from onnxslim.graph.rounding import Rounding, resolve_round_to, round_choice
+from onnxslim.graph.rounding import Rounding, resolve_round_to, round_choice, rounding_note
 from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
 from onnxslim.graph.shapes import infer_model
@@ -225,12 +225,13 @@ def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selectio
     the model ``analysis`` was run on), check it and slim it. Returns (slimmed model, report), whose
     ``size_before`` is ``size_before`` (the input's bytes) when given, else the masked model's."""
     roots = round_choice(analysis, selection.roots, scores, rounding.multiple, analysis.kept_by(BARRIER))
+    rounded = rounding_note(analysis, selection.roots, roots, scores, rounding.multiple)
     insert_masks(masked, analysis, roots, placement)
     _drop_dead_code(masked)
     check_model(masked, what="the masked model")
     slimmed, report = slim(masked, input_shapes=input_shapes, round_to=rounding.multiple, rules=rules)
     report.rounding = rounding.to_dict(kept_counts=True)
-    report.notes = selection.notes + report.notes
+    report.notes = selection.notes + rounded + report.notes
     if size_before is not None:  # the input's size, not the masked reference's (which adds the masks)
         report.size_before = size_before
     return slimmed, report

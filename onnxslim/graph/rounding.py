@@ -206,6 +206,21 @@ def rounded_kept(kept: int, total: int, multiple: int) -> int:
     return target if target <= total else (total // multiple) * multiple
 
 
+def removed_channels(analysis, chosen: np.ndarray, layers) -> int:
+    """How many output channels of ``layers`` (creating tensors' names) the classes ``chosen`` (root ids) remove."""
+    roots, chosen_set = analysis.uf.roots(), {int(r) for r in chosen}
+    return sum(int(root) in chosen_set for name in layers for root in roots[analysis.info[name].ids])
+
+
+def rounding_note(analysis, chosen: np.ndarray, rounded: np.ndarray, layers, multiple: int) -> list[str]:
+    """A note when rounding the kept counts changed how many channels of ``layers`` go ([] when not)."""
+    before, after = removed_channels(analysis, chosen, layers), removed_channels(analysis, rounded, layers)
+    if before == after:
+        return []
+    return [f"round-to {multiple}: the kept counts rounded to multiples of {multiple} remove {after} layer output "
+            f"channels where the choice removed {before} (--round-to 1 removes exactly the choice)"]
+
+
 def round_choice(analysis, chosen: np.ndarray, scores: Mapping[str, np.ndarray], multiple: int,
                  locked: np.ndarray, passes: int = 8) -> np.ndarray:
     """Adjust the chosen classes (element ids of class roots) so every scored layer keeps a multiple.

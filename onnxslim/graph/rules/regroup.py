@@ -98,13 +98,39 @@ def _channel_of_element(dims: list[int], axis: int, size: int) -> np.ndarray:
     return (np.arange(size, dtype=np.int64) // stride) % dims[axis]
 
 
+def _compress(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[list[int], list[int], set[int]]:
+    """Shrink a Reshape's dims by a block of consecutive elements that stays inside one input channel
+    (GroupNorm's ``[C, H, W] -> [G, C/G*H*W]`` and back): the channels relate as the blocks do.
+
+    * the elements after the channel axis (``inner``) divide the output's last dim: that dim shrinks by
+      ``inner``, and each channel lands at several of its indices (it cannot carry the channels: returned
+      in the third value);
+    * else the largest output suffix ``out_dims[k:]`` (k >= 1) whose size divides ``inner`` holds positions
+      inside a block only: those dims become 1 and the input keeps ``inner / size`` after the channel.
+    Returns (in_dims, out_dims, axes that cannot carry the channels)."""
+    inner = int(np.prod(in_dims[in_axis + 1:], dtype=np.int64))
+    if inner > 1 and out_dims[-1] % inner == 0 and out_dims[-1] > inner and len(out_dims) > 1:
+        return in_dims[:in_axis + 1], [*out_dims[:-1], out_dims[-1] // inner], {len(out_dims) - 1}
+    for k in range(1, len(out_dims)):
+        size = int(np.prod(out_dims[k:], dtype=np.int64))
+        if size > 1 and inner % size == 0:
+            rest = inner // size
+            return [*in_dims[:in_axis + 1], *([rest] if rest > 1 else [])], [*out_dims[:k], *[1] * (len(out_dims) - k)], set()
+    return in_dims, out_dims, set()
+
+
 def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[int, IndexMap] | None:
     """The best output axis and its map for a Reshape of the static per-sample dims ``in_dims`` (channel
     axis ``in_axis``) into ``out_dims`` (batch excluded from both); None when no axis maps."""
     in_dims, out_dims = list(in_dims), list(out_dims)
     size = int(np.prod(in_dims, dtype=np.int64))
-    if size != int(np.prod(out_dims, dtype=np.int64)) or size > _MAX_ELEMENTS or size == 0:
+    if size != int(np.prod(out_dims, dtype=np.int64)) or size == 0:
         return None
+    unusable: set[int] = set()
+    if size > _MAX_ELEMENTS:  # too many to enumerate: the relation of blocks of elements, when it is one
+        in_dims, out_dims, unusable = _compress(in_dims, in_axis, out_dims)
+        if int(np.prod(in_dims, dtype=np.int64)) > _MAX_ELEMENTS:
+            return None
     # trailing dims that both sides share and that hold no channel do not change the relation
     while len(in_dims) > in_axis + 1 and len(out_dims) > 1 and in_dims[-1] == out_dims[-1]:
         in_dims.pop()
@@ -124,10 +150,10 @@ def reshape_map(in_dims: list[int], in_axis: int, out_dims: list[int]) -> tuple[
     # an axis on which every input channel lands at one index only carries no space (GroupNorm's
     # [N, G, C/G*H*W] is read along G, not along the mixed axis); among those the finest, the later
     pure = [len(_unique(in_channel * out_dims[axis] + out_channel)) == in_dims[in_axis]
-            for axis, out_channel in enumerate(out_channels)]
+            and axis not in unusable for axis, out_channel in enumerate(out_channels)]
     best, best_count = None, 0
     for axis in range(len(out_dims)):
-        if any(pure) and not pure[axis]:
+        if (any(pure) and not pure[axis]) or axis in unusable:
             continue
         found = components(in_channel, out_channels[axis], in_dims[in_axis], out_dims[axis])
         if found is not None and found.components >= best_count:
