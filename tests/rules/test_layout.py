@@ -302,3 +302,21 @@ def test_nhwc_channel_shuffle_between_transposes_becomes_one_gather():
     slimmed, report = slim_checked(g.model())
     assert report.masked_channels == report.deleted_masked_channels == 3, report.format_table()
     assert [n.op_type for n in slimmed.graph.node if n.op_type in ("Gather", "Transpose", "Reshape")] == ["Gather"]
+
+
+@pytest.mark.parametrize(("starts", "ends", "steps", "zeros", "op"), [
+    (7, -9, -1, [1, 4, 6], "Slice"),  # x.flip(1): the kept channels reversed, a Slice still
+    (0, 8, 2, [2, 4], "Slice"),  # x[:, 0::2] keeps channels 0 and 6: new positions 0, 4 (step 4)
+    (0, 8, 2, [3], "Gather"),  # keeps 0, 2, 4, 6: new positions 0, 2, 3, 5 (no step): a Gather
+])
+def test_strided_slice_of_the_channel_axis_selects_channels(starts, ends, steps, zeros, op):
+    """A Slice with a step on the channel axis takes a list of channels (before: a barrier holding them
+    all); a second conv reads every channel, so the unselected zero ones go too."""
+    g = GraphBuilder(opset=13)
+    y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 6, 6]), 3, 8), 8, zeros=zeros)])
+    sliced = g.op("Slice", [y, *(g.const(np.array([v], np.int64)) for v in (starts, ends, 1, steps))])
+    width = len(range(8)[slice(starts, ends, steps)])
+    g.output(g.conv(sliced, width, 4), g.conv(y, 8, 4))
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == len(zeros), report.format_table()
+    assert op in ops(slimmed) and conv_channels(slimmed)[0] == 8 - len(zeros)

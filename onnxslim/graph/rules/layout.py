@@ -5,7 +5,9 @@
   (each a known constant where its slice is one value: PyramidNet's zero channels), sliced by the
   rewrite. Concat on another axis couples the inputs' channels.
 * Split / Slice / Gather on the channel axis: each output takes a sub-range (or a list) of the input's
-  channels; sizes, bounds and indices are recomputed in the kept numbering. On other axes they pass
+  channels; sizes, bounds and indices are recomputed in the kept numbering. A Slice with a step on the
+  channel axis alone (``x.flip(1)``, ``x[:, ::2]``) takes a list of channels: it stays a Slice while the
+  kept ones are evenly spaced and becomes a Gather otherwise. On other axes they pass
   channels through.
 * Flatten (axis 1) and a Reshape of a (N, C, H, W) map with static C, H, W to (N, C*H*W), with any batch
   N (a constant ``[-1, C*H*W]`` target, or ``Shape -> Gather -> Concat``): feature ``c*H*W + s`` belongs to
@@ -320,11 +322,10 @@ class SliceRule(_ChannelSelection):
             pass_through(node, analysis, x)
             return
         position = axes.index(x.axis)
-        if steps[position] != 1:
-            analysis.barrier(node, "strided slice of the channel axis")
+        if steps[position] != 1 and len(axes) != 1:
+            analysis.barrier(node, "strided slice of the channel axis and of other axes")
             return
-        chosen = np.arange(x.size)[slice(int(starts[position]), int(ends[position]))]
-        analysis.set(node.output[0], x.take(chosen))
+        analysis.set(node.output[0], x.take(_sliced(x.size, starts, ends, steps, position)))
 
     def rewrite(self, node, rewriter):
         if not self.selects_channels(node, rewriter.analysis):
@@ -333,15 +334,41 @@ class SliceRule(_ChannelSelection):
         if keep is None or keep.all():
             return
         x = rewriter.info(node.input[0])
-        starts, ends, axes, _ = self._operands(node, rewriter.analysis, x.rank)
+        starts, ends, axes, steps = self._operands(node, rewriter.analysis, x.rank)
         position = axes.index(x.axis)
-        chosen = np.arange(x.size)[slice(int(starts[position]), int(ends[position]))]
-        kept = chosen[keep[chosen]]
-        new = _new_positions(keep)
+        chosen = _sliced(x.size, starts, ends, steps, position)
+        new = _new_positions(keep)[chosen[keep[chosen]]]
+        if len(new) == 0:
+            return
+        step = int(new[1] - new[0]) if len(new) > 1 else 1
+        if step == 0 or (len(new) > 2 and (np.diff(new) != step).any()):
+            _slice_to_gather(node, rewriter, x.axis, new)  # a strided selection that is no longer a range
+            return
         starts, ends = starts.copy(), ends.copy()
-        starts[position], ends[position] = new[kept[0]], new[kept[-1]] + 1
+        end = int(new[-1]) + (1 if step > 0 else -1)
+        starts[position], ends[position] = new[0], end if end >= 0 else np.iinfo(np.int64).min
         write_int_operand(node, rewriter, "starts", 1, starts)
         write_int_operand(node, rewriter, "ends", 2, ends)
+        if step != steps[position]:
+            steps = steps.copy()
+            steps[position] = step
+            write_int_operand(node, rewriter, "steps", 4, steps)
+
+
+def _sliced(size: int, starts, ends, steps, position: int) -> np.ndarray:
+    """The channels a Slice takes along the channel axis (entry ``position`` of its operands), in order
+    (ONNX Slice-13: bounds clamped as Python's slices are, a negative step walks backwards)."""
+    return np.arange(size)[slice(int(starts[position]), int(ends[position]), int(steps[position]))]
+
+
+def _slice_to_gather(node, rewriter, axis: int, positions: np.ndarray) -> None:
+    """Turn a Slice of the channel axis alone into ``Gather(x, positions, axis)`` (ONNX Gather-13)."""
+    indices = rewriter.weights.add(f"{node.output[0]}_channels", np.asarray(positions, np.int64))
+    node.op_type = "Gather"
+    del node.input[1:]
+    node.input.append(indices)
+    del node.attribute[:]
+    set_attr(node, "axis", int(axis))
 
 
 @register
