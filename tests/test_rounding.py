@@ -153,11 +153,13 @@ def widened_stream(pads=(4, 4, 4), masks=None) -> onnx.ModelProto:
     return g.model()
 
 
-def test_prune_rounds_a_stream_widened_by_padded_channels():
-    """Each layer of the stream keeps a multiple of 8: the classes a block adds go first (before: the
-    layers gave back one another's channels until nothing was pruned)."""
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_prune_rounds_a_stream_widened_by_padded_channels(scope):
+    """Each layer of the stream keeps a multiple of 8: the classes a block adds change first, towards the
+    nearest multiple they reach (before, per layer: the layers gave back one another's channels until
+    nothing was pruned)."""
     model = widened_stream()
-    slimmed, report, masked = prune(model, ratio=0.5, round_to=8)
+    slimmed, report, masked = prune(model, ratio=0.5, round_to=8, scope=scope)
     assert_equivalent(masked, slimmed)
     counts = conv_outputs(slimmed)
     assert counts[-1] == 4
@@ -178,3 +180,22 @@ def test_slim_rounds_a_widened_stream_with_the_classes_each_layer_adds():
     assert_equivalent(model, slimmed)
     assert report.masked_channels == 38 and report.deleted_masked_channels == 32, report.format_table()
     assert conv_outputs(slimmed) == [8, 8, 16, 16, 20, 20, 24, 4]
+
+
+def test_round_choice_reaches_a_multiple_with_the_classes_a_block_adds():
+    """A choice (as ``--scope global`` makes on BlazeFace) that takes 10 of the 16 stream channels and
+    none that the blocks add: the first layer keeps 6 -> 8; a block's layer then keeps 8 + 4 = 12, whose
+    nearest multiples 8 and 16 are both 4 away: 8 is reached by dropping the block's own 4 channels,
+    16 only by giving back stream channels (which undid every earlier layer, until nothing was pruned)."""
+    from onnxslim.graph.prune import analyse, channel_scores
+    from onnxslim.graph.rounding import round_choice
+    from onnxslim.graph.values import BARRIER
+
+    analysis = analyse(widened_stream())
+    scores = channel_scores(analysis, "l1")
+    roots = analysis.uf.roots()
+    first = next(iter(scores))
+    chosen = np.unique(roots[analysis.info[first].ids[np.argsort(scores[first])[:10]]])
+    rounded = {int(r) for r in round_choice(analysis, chosen, scores, 8, analysis.kept_by(BARRIER))}
+    kept = [sum(int(r) not in rounded for r in roots[analysis.info[name].ids]) for name in scores]
+    assert all(k % 8 == 0 for k in kept[:-1]) and kept[0] == 8, kept

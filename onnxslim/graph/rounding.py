@@ -221,6 +221,18 @@ def rounding_note(analysis, chosen: np.ndarray, rounded: np.ndarray, layers, mul
             f"channels where the choice removed {before} (--round-to 1 removes exactly the choice)"]
 
 
+def _own_goal(kept: int, total: int, multiple: int, low: int, high: int) -> int:
+    """The kept count a layer rounds to: :func:`rounded_kept`, unless that needs classes of earlier layers
+    while some multiple (or the whole layer) is reachable in ``[low, high]``, the counts that changing
+    only the layer's own free classes gives; then the reachable one nearest to ``kept``."""
+    goal = rounded_kept(kept, total, multiple)
+    if low <= goal <= high:
+        return goal
+    reachable = [m for m in range(-(-max(low, 1) // multiple) * multiple, high + 1, multiple)]
+    reachable += [total] if low <= total <= high else []
+    return min(reachable, key=lambda m: (abs(m - kept), m)) if reachable else goal
+
+
 def round_choice(analysis, chosen: np.ndarray, scores: Mapping[str, np.ndarray], multiple: int,
                  locked: np.ndarray, passes: int = 8) -> np.ndarray:
     """Adjust the chosen classes (element ids of class roots) so every scored layer keeps a multiple.
@@ -228,10 +240,12 @@ def round_choice(analysis, chosen: np.ndarray, scores: Mapping[str, np.ndarray],
     Per creating layer (``scores`` keys, one score per output channel): the kept count is rounded by
     :func:`rounded_kept`; to keep fewer, the lowest-scoring free classes of the layer are chosen too;
     to keep more, its highest-scoring chosen classes are given back. Classes that no layer visited before
-    has (in graph order) go first: changing them leaves the earlier layers as rounded, so a residual
-    stream that each block widens with zero-padded channels (BlazeFace: 24, 28, 32 ... 96) settles
-    instead of giving everything back. Coupled layers share classes, so a few passes settle them (a layer may end off the multiple when its coupled layers disagree;
-    ``slim``'s rounding then keeps extra channels). Returns the new sorted root ids.
+    has (in graph order) go first, and the goal is the nearest multiple that changing only those reaches
+    when there is one (:func:`_own_goal`): the earlier layers stay as rounded, so a residual stream that
+    each block widens with zero-padded channels (BlazeFace: 24, 28, 32 ... 96) settles instead of giving
+    everything back. Coupled layers share classes, so a few passes settle them (a layer may end off the
+    multiple when its coupled layers disagree; ``slim``'s rounding then keeps extra channels). Returns the
+    new sorted root ids.
     """
     if multiple <= 1:
         return chosen
@@ -246,7 +260,9 @@ def round_choice(analysis, chosen: np.ndarray, scores: Mapping[str, np.ndarray],
             seen.update(int(r) for r in layer_roots)
             removed = np.array([int(r) in chosen_set for r in layer_roots])
             kept, total = int((~removed).sum()), len(layer_roots)
-            goal = rounded_kept(kept, total, multiple)
+            held = np.array([bool(locked[r]) for r in layer_roots], bool)
+            goal = _own_goal(kept, total, multiple, int((~removed & (shared | held)).sum()),
+                             int((~removed | ~shared).sum()))
             if goal == kept:
                 continue
             if goal < kept:
