@@ -109,3 +109,21 @@ def test_bad_arguments_are_an_error_line_before_anything_loads(tmp_path, capsys,
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in last and message in last, last  # argparse: "<prog>: error: ..."
     assert not (tmp_path / "out").exists()
+
+
+def test_torch_pruning_rows_without_the_package_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    """--torch-pruning without torch-pruning installed: an error line at once (before: a ModuleNotFoundError
+    when the first Torch-Pruning row came up, after the other rows had trained); --table-only needs no package."""
+    spec = importlib.util.spec_from_file_location("reproduce_fmnist", ROOT / "tools" / "reproduce_fmnist.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    spec.loader.exec_module(tool)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_pruning" else real(name, *a))
+    with pytest.raises(SystemExit) as raised:
+        tool.parse_args(["--data", str(tmp_path), "--torch-pruning"])
+    assert raised.value.code == 2
+    assert "--torch-pruning needs the torch-pruning package" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # past that check: the empty --data folder is what stops it now
+        tool.parse_args(["--data", str(tmp_path), "--torch-pruning", "--table-only"])
+    assert "lacks train-images" in capsys.readouterr().err

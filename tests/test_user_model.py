@@ -148,7 +148,7 @@ def test_factory_names_are_checked(user_package):
     with pytest.raises(OnnxSlimError, match="no parameter 'depth'"):
         get_model(f"{user_package}.nets:build", {"depth": 3})
     # a parameter of the wrong type makes the user's constructor raise: one line naming the model and params
-    with pytest.raises(OnnxSlimError, match=r"could not be built with \[model.params\] \{'width': 'x'\}: TypeError"):
+    with pytest.raises(OnnxSlimError, match=r"could not be built with parameters \{'width': 'x'\}: TypeError"):
         get_model(f"{user_package}.nets:build", {"width": "x"})
     with pytest.raises(OnnxSlimError, match=r"'lenet5' could not be built .*'input_size': 'x'\}: TypeError"):
         get_model("lenet5", {"input_size": "x"})

@@ -41,6 +41,7 @@ import collections
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import statistics
@@ -607,6 +608,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("train", "val", "probes", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.torch_pruning and not (args.table_only or args.remeasure) and importlib.util.find_spec("torch_pruning") is None:
+        parser.error("--torch-pruning needs the torch-pruning package: pip install -e \".[repro]\"")
     try:  # the data folder is checked before anything trains
         fashion_mnist_files(args.data, "train"), fashion_mnist_files(args.data, "test")
     except OnnxSlimError as exc:

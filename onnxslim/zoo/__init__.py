@@ -156,7 +156,7 @@ def get_model(name: str, params: Mapping[str, Any] | None = None) -> nn.Module:
     except OnnxSlimError:
         raise
     except Exception as exc:  # the builder rejected its parameters (or the user's model code raised)
-        raise OnnxSlimError(f"model {name!r} could not be built with [model.params] {dict(params or {})}: "
+        raise OnnxSlimError(f"model {name!r} could not be built with parameters {dict(params or {})}: "
                             f"{type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise OnnxSlimError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
