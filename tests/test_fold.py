@@ -125,3 +125,19 @@ def test_a_folded_shape_stays_valid_in_old_opsets(opset):
     slimmed, report = slim(model)
     assert_equivalent(model, slimmed)
     assert report.masked_channels == report.deleted_masked_channels == 2, report.format_table()
+
+
+def test_a_scale_before_a_mask_folds_in_the_same_slim():
+    """LDC's dense block ``0.5 * (conv(x) + conv'(x))`` before a conv; prune puts its mask between the Muls.
+    The mask folds into the conv, and then (a second pass) the 0.5 too: one slim leaves no Mul, so a
+    second slim is a fixed point (before: the 0.5 stayed until the next slim). 2 masked channels go."""
+    g = GraphBuilder()
+    x = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 6)])
+    y = g.op("Mul", [g.op("Add", [g.conv(x, 6, 6), g.conv(x, 6, 6, k=1, pad=0)]), g.const(np.float32(0.5))])
+    g.output(g.conv(g.mask(y, 6, zeros=[1, 4]), 6, 4))
+    model = g.model()
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.deleted_masked_channels == 2 and "Mul" not in {n.op_type for n in slimmed.graph.node}
+    again, _ = slim(slimmed)
+    assert again.SerializeToString() == slimmed.SerializeToString()

@@ -32,8 +32,21 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
     reading it as their feature input: ``W[:, i] *= s[i]``; exact with zero padding since
     ``pad(s x) = s pad(x)``); never into a quantized weight (see :func:`_reads_quantized`). A scale of
     all ones is simply bypassed. The rules are those of the plan's
-    analysis. Returns (number of Mul nodes removed, names of per-channel Mul nodes kept).
+    analysis. Passes repeat while one folds something: a Mul whose consumer was a Mul folded in the
+    same pass (LDC's ``0.5 * (a + b)`` before a mask that prune put in front of a conv) folds in the
+    next, so a second ``slim`` finds nothing left. Returns (number of Mul nodes removed, names of
+    per-channel Mul nodes kept).
     """
+    total = 0
+    while True:
+        folded, kept = _fold_pass(index, plan)
+        total += folded
+        if not folded:
+            return total, kept
+
+
+def _fold_pass(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]]:
+    """One pass of :func:`fold_channel_scales` over the nodes in graph order."""
     rules = plan.analysis.rules
     weights = WeightStore(index)
     folded, kept, removed = 0, [], set()
