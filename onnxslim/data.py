@@ -111,8 +111,8 @@ def load_npz(path: str | Path, mean: float | None = None, std: float | None = No
     """Arrays ``images`` and ``labels`` from an ``.npz``; uint8 images are scaled to [0, 1].
 
     Raises OnnxSlimError for a file that is not an ``.npz`` of both arrays, images holding NaN or
-    infinite values, or labels that are not class indices (integers >= 0; float arrays of whole numbers
-    are accepted).
+    infinite values, or labels that are not class indices (integers, >= 0 for classification; float arrays
+    of whole numbers are accepted; per-pixel labels outside [0, K) are ignored by the metrics).
     """
     path = Path(path)
     try:
@@ -128,7 +128,7 @@ def load_npz(path: str | Path, mean: float | None = None, std: float | None = No
     if mean is not None and std is not None:
         x = (x - np.float32(mean)) / np.float32(std)
     whole = labels.dtype.kind in "iub" or (labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels)))
-    if not whole or (labels.size and labels.min() < 0):
+    if not whole or (labels.ndim == 1 and labels.size and labels.min() < 0):  # per-pixel: < 0 is "ignore"
         raise OnnxSlimError(f"{path}: labels must be class indices (integers >= 0), got {labels.dtype} values "
                             f"from {labels.min() if labels.size else '-'} to {labels.max() if labels.size else '-'}")
     y = labels.astype(np.int64)

@@ -99,6 +99,7 @@ def test_failure_message_carries_the_figure(models):
     ("nan_images", "images hold NaN or infinite values"),
     ("negative_labels", "labels must be class indices (integers >= 0), got int64 values from -1 to 4"),
     ("fractional_labels", "labels must be class indices (integers >= 0), got float64"),
+    ("labels_beyond_outputs", "labels run from 1 to 10, but the model gives 10 classes"),
 ])
 def test_bad_input_exits_2(models, tmp_path, case, message):
     ref, same = models["reference"], models["same"]
@@ -124,6 +125,8 @@ def _bad_npz(folder, case: str):
         images[2, 0, 3, 3] = np.nan
     elif case == "negative_labels":
         labels[0] = -1
+    elif case == "labels_beyond_outputs":  # 1-based labels for a 10-class model
+        labels = np.array([1, 2, 3, 10, 5])
     else:
         labels = labels + 0.5
     path = folder / f"{case}.npz"
@@ -170,3 +173,14 @@ def test_a_failed_output_behind_a_discrete_op_says_so(tmp_path):
     argmax, = (name for name in failed if name != logits)
     assert logits in failed and not failed[logits].discrete
     assert failed[argmax].discrete.startswith("ArgMax") and "discrete choice" in report.to_markdown()
+
+
+def test_per_pixel_labels_may_be_negative_as_ignored_pixels(tmp_path):
+    """Segmentation labels outside [0, K) are ignored by the confusion matrix (an ignore index such as
+    -1), so an .npz of (N, H, W) labels with -1 loads; classification labels may not be negative."""
+    from onnxslim.data import load_npz
+
+    labels = np.zeros((2, 4, 4), np.int64)
+    labels[0, 0, 0] = -1
+    np.savez(tmp_path / "seg.npz", images=np.zeros((2, 4, 4), np.float32), labels=labels)
+    assert load_npz(tmp_path / "seg.npz").labels.min() == -1

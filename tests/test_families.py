@@ -7,7 +7,7 @@ RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), M
 fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
 channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated),
 ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate),
-ReXNet's partial residual (ScatterND). ``masks``: hand-placed masks whose zeros are all
+ReXNet's partial residual (ScatterND), channels picked by a tensor index, flipped or strided. ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -280,6 +280,21 @@ class ReXNet(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
+class ChannelIndexing(nn.Module):
+    """Channels picked by a tensor index ``x[:, idx]`` (dynamo: Transpose, GatherND, Transpose; legacy:
+    Gather), reversed ``x.flip(1)`` (a Slice of step -1) and strided ``x[:, 1::2]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 8, mask=_mask(8, [1, 4, 6]))
+        self.picked, self.flipped, self.odd = nn.Conv2d(3, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 1)
+        self.register_buffer("idx", torch.tensor([0, 4, 5]))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.picked(x[:, self.idx]) + self.flipped(x.flip(1)) + self.odd(x[:, 1::2])
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
@@ -296,6 +311,7 @@ FAMILIES = {
     "pyramidnet_zero_channels": (PyramidNet, 8, "masks", ["dynamo", "legacy"]),
     "resnest": (ResNeSt, 8, "prune", ["dynamo", "legacy"]),
     "rexnet_partial_residual": (ReXNet, 8, "masks", ["dynamo", "legacy"]),
+    "channel_indexing": (ChannelIndexing, 8, "masks", ["dynamo", "legacy"]),
 }
 
 

@@ -97,6 +97,9 @@ def class_predictions(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             raise OnnxSlimError(f"classification needs logits of shape (N, K) for {labels.shape[0]} labels, "
                                 f"the model gives {logits.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+            raise OnnxSlimError(f"labels run from {labels.min()} to {labels.max()}, but the model gives "
+                                f"{logits.shape[1]} classes: labels must be class indices 0..{logits.shape[1] - 1}")
         return np.argmax(logits, axis=1)
     if labels.ndim == 3:
         if logits.ndim != 4 or logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:

@@ -7,7 +7,8 @@
 * Split / Slice / Gather on the channel axis: each output takes a sub-range (or a list) of the input's
   channels; sizes, bounds and indices are recomputed in the kept numbering. A Slice with a step on the
   channel axis alone (``x.flip(1)``, ``x[:, ::2]``) takes a list of channels: it stays a Slice while the
-  kept ones are evenly spaced and becomes a Gather otherwise. On other axes they pass
+  kept ones are evenly spaced and becomes a Gather otherwise. GatherND with constant 1-tuples over a
+  channel axis 0 is such a Gather (see :class:`GatherNDRule`). On other axes they pass
   channels through.
 * Flatten (axis 1) and a Reshape of a (N, C, H, W) map with static C, H, W to (N, C*H*W), with any batch
   N (a constant ``[-1, C*H*W]`` target, or ``Shape -> Gather -> Concat``): feature ``c*H*W + s`` belongs to
@@ -415,6 +416,49 @@ class GatherRule(_ChannelSelection):
         kept = positions[keep[positions]]
         new = _new_positions(keep)[kept].astype(indices.dtype)
         rewriter.weights.write(node, 1, new, key=("gather", new.tobytes()))
+
+
+@register
+class GatherNDRule(_ChannelSelection):
+    """GatherND (ONNX GatherND-13, batch_dims 0) with constant indices: k-tuples over data's first k axes;
+    the output is ``indices.shape[:-1] + data.shape[k:]``. Tuples that stop before the channel axis take
+    whole channel rows: channels pass, on the axis they land on. 1-tuples over a channel axis 0 (the
+    dynamo export of ``x[:, idx]``: Transpose, GatherND, Transpose) are ``Gather(data, indices[:, 0])``:
+    output channel ``i`` is data channel ``indices[i]``. Other forms are barriers."""
+
+    op_types = ("GatherND",)
+
+    def selects_channels(self, node, analysis) -> bool:
+        x = analysis.info.get(node.input[0])
+        indices = analysis.index.constant(node.input[1])
+        return x is not None and indices is not None and x.axis < indices.shape[-1]
+
+    def propagate(self, node, analysis):
+        x = feature_or_barrier(node, analysis)
+        if x is None:
+            return
+        indices = analysis.index.constant(node.input[1])
+        if indices is None or get_attr(node, "batch_dims", 0) != 0:
+            analysis.barrier(node, "indices are computed or batch_dims is not 0")
+            return
+        k = indices.shape[-1]
+        if x.axis >= k:
+            info = x.with_values(x.const, x.value)
+            info.axis, info.rank = indices.ndim - 1 + x.axis - k, indices.ndim - 1 + x.rank - k
+            pass_through(node, analysis, info)
+        elif k == 1 and x.axis == 0 and indices.ndim == 2:
+            analysis.set(node.output[0], x.take(np.where(indices[:, 0] < 0, indices[:, 0] + x.size, indices[:, 0])))
+        else:
+            analysis.barrier(node, "gathers channels with tuples over other axes too")
+
+    def rewrite(self, node, rewriter):
+        keep = rewriter.keep(node.input[0])
+        if not self.selects_channels(node, rewriter.analysis) or keep is None or keep.all():
+            return
+        indices = rewriter.index.constant(node.input[1])
+        positions = np.where(indices[:, 0] < 0, indices[:, 0] + len(keep), indices[:, 0])
+        new = _new_positions(keep)[positions[keep[positions]]].astype(indices.dtype).reshape(-1, 1)
+        rewriter.weights.write(node, 1, new, key=("gathernd", new.tobytes()))
 
 
 @register
