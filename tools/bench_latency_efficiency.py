@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from onnxslim.errors import OnnxSlimError  # noqa: E402
+
 MODELS = ("resnet50", "vgg16", "mobilenet_v2", "mobilenet_v3_small", "yolo_style", "mobilenet_v3_small_seg")
 
 
@@ -304,7 +306,11 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
         for name, path, shapes in sources(args, Path(tmp)):
-            rows += measure(name, path, shapes, args, Path(tmp))
+            try:
+                rows += measure(name, path, shapes, args, Path(tmp))
+            except OnnxSlimError as exc:  # a user's file the engine refuses: say which one, measure the rest
+                print(f"skipped {name}: {exc}", file=sys.stderr, flush=True)
+                continue
             print(f"measured {name}", file=sys.stderr, flush=True)
     print_table(rows)
     print()
