@@ -31,6 +31,7 @@ from torch import nn
 
 from onnxslim.cli import main
 from onnxslim.graph.slim import slim
+from onnxslim.graph.stats import count_params
 
 #: channels zeroed in the residual stream (conv1 and conv3) and in conv2's output
 RESIDUAL_ZEROS, INNER_ZEROS = (1, 4, 9, 14), (0, 2, 7, 11, 13)
@@ -120,7 +121,10 @@ def test_quantize_dynamic_model_slims_exactly(weight_type, tmp_path):
     weight_dtype = TensorProto.INT8 if weight_type == QuantType.QInt8 else TensorProto.UINT8
     init = {t.name: t for t in slimmed.graph.initializer}
     assert all(init[n.input[1]].data_type == weight_dtype for n in slimmed.graph.node if n.op_type == "ConvInteger")
-    assert report.params_after < report.params_before
+    # params count the integer weights (convs, head), the float biases and the 4 weight scales
+    assert count_params(model) == 16 * 27 + 16 * 16 * 9 * 2 + 16 * 10 + 16 * 3 + 10 + 4
+    kept = (16 - r) * 27 + (16 - i) * (16 - r) * 9 * 2 + (16 - r) * 10
+    assert report.params_after == count_params(slimmed) == kept + (16 - r) * 2 + (16 - i) + 10 + 4
     _assert_exact(model, slimmed)
 
 

@@ -154,7 +154,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
         barriers.append(BarrierInfo(index.node_name(node), node.op_type, why, tuple(sorted(held_groups))))
 
     masked = sum(len(site.zero_channels) for site in analysis.masks)
-    return InspectReport(layers, groups, barriers, count_params(model), sum(layer_macs.values()),
+    return InspectReport(layers, groups, barriers, count_params(model, analysis.rules), sum(layer_macs.values()),
                          len(analysis.masks), masked)
 
 

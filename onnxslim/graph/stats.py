@@ -1,7 +1,8 @@
 """Parameter and MAC counts of an ONNX model.
 
-* params: elements of all floating-point initializers (integer ones are shapes and indices) and of
-  quantized weights (the int8 data behind a DequantizeLinear).
+* params: elements of all floating-point initializers (integer ones are shapes and indices), of
+  quantized weights (the int8 data behind a DequantizeLinear) and of the integer weights of
+  ConvInteger / MatMulInteger (dynamically quantized models).
 * MACs: multiply-accumulates of one sample (batch dimension taken as 1), from static shapes, of every
   op whose rule counts them (``Rule.counts_macs`` / ``Rule.macs``): Conv, ConvTranspose, Gemm and MatMul
   in the default rules — ``Cout * prod(out spatial) * Cin/g * prod(kernel)`` for Conv,
@@ -31,11 +32,15 @@ class ModelStats:
     layer_macs: dict[str, int]
 
 
-def count_params(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers and of the quantized weights (the integer data of a
-    DequantizeLinear of initializers, see :mod:`onnxslim.graph.quantized`)."""
+def count_params(model: onnx.ModelProto, rules: RuleSet | None = None) -> int:
+    """Elements of the floating-point initializers, of the quantized weights (the integer data of a
+    DequantizeLinear of initializers, see :mod:`onnxslim.graph.quantized`) and of the integer weights
+    (input 1) of MAC-counting ops (``Rule.counts_macs`` in ``rules``: ConvInteger, MatMulInteger)."""
+    rules = rules if rules is not None else default_rules()
     names = {t.name for t in model.graph.initializer}
     data = {node.input[0] for node in model.graph.node if quantized.is_quantized_constant(node, names)}
+    data |= {node.input[1] for node in model.graph.node
+             if len(node.input) > 1 and node.input[1] in names and rules.rule_for(node).counts_macs}
     total = 0
     for tensor in model.graph.initializer:
         if tensor.data_type in _FLOAT_TYPES or tensor.name in data:
@@ -77,4 +82,4 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     if shapes is None:
         shapes = infer_shapes(model, input_shapes)
     macs, complete, per_layer = count_macs(model, shapes, rules)
-    return ModelStats(count_params(model), macs, complete, per_layer)
+    return ModelStats(count_params(model, rules), macs, complete, per_layer)
