@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.cleanup import remove_dead_code
+from onnxslim.graph.model import Use
 from onnxslim.graph.report import SlimReport
 from onnxslim.graph.rounding import Rounding, resolve_round_to, round_choice, rounding_note
 from onnxslim.graph.rules import RuleSet
@@ -114,14 +115,18 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
     roots = analysis.uf.roots()
     chosen = np.zeros(analysis.uf.size, bool)
     chosen[chosen_roots] = True
-    targets: list[str] = []
+    targets: list[tuple[str, list]] = []  # (masked tensor, the uses that read the mask's output)
     if placement == "consumers":
         for name, info in analysis.info.items():
             if not chosen[roots[info.ids]].any():
                 continue
             readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) != "none"]
-            if readers:
-                targets.append(name)
+            producer = index.producer.get(name)
+            if readers and producer is not None and analysis.rule_for(producer).masks_go_before \
+                    and name == producer.output[0] and producer.input[0] in analysis.info:
+                targets.append((producer.input[0], [Use(producer, 0)]))
+            elif readers:
+                targets.append((name, readers))
     else:
         for name in analysis.creators:
             info = analysis.info[name]
@@ -129,13 +134,13 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
                 uses = index.uses(name)
                 if len(uses) == 1 and analysis.rule_for(uses[0].node).masks_go_after and name not in index.outputs:
                     name = uses[0].node.output[0]
-                targets.append(name)
+                targets.append((name, list(index.uses(name))))
     graph = model.graph
     mask_dtype = _float_types(model) if targets else None
     # every output of every node (the second output of a Split ...); graph inputs go first (-1)
     positions = {name: position for position, node in enumerate(graph.node) for name in node.output if name}
     inserted, added = [], []
-    for name in targets:
+    for name, readers in targets:
         info = analysis.info[name]
         values = np.where(chosen[roots[info.ids]], 0.0, 1.0).astype(mask_dtype(name))
         shape = [1] * info.rank
@@ -145,10 +150,6 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         added.append(graph.initializer[-1])
         masked = index.fresh_name(f"{name}_pruned")
         mul = helper.make_node("Mul", [name, mask_name], [masked], name=masked)
-        if placement == "consumers":
-            readers = [u for u in index.uses(name) if analysis.rule_for(u.node).reduction(u.node, u.slot) != "none"]
-        else:
-            readers = [u for u in index.uses(name)]
         for use in readers:
             use.node.input[use.slot] = masked
         inserted.append((positions.get(name, -1), mul))

@@ -194,9 +194,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     return model, report
 
 
-# int8 ops of onnxruntime's QOperator format (ONNX QLinearConv / QLinearMatMul / ConvInteger / MatMulInteger
-# and com.microsoft's QLinear* / QGemm); the quantization rules read the QDQ format
-_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd",
+# int8 ops of onnxruntime's QOperator format (ONNX QLinearConv / QLinearMatMul and com.microsoft's QLinear* /
+# QGemm); the quantization rules read the QDQ format and quantize_dynamic's ConvInteger / MatMulInteger
+_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
                             "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
                             "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean"})
 

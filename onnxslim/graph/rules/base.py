@@ -16,7 +16,7 @@ A rule states, for one op family,
   positive min ...); a Div by such a tensor keeps a zero channel zero (L2 normalisation);
 * what ``prune``, rounding, ``cleanup`` and ``stats`` ask of the op, so that they name no op types:
   ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
-  ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``counts_macs`` /
+  ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``masks_go_before``, ``counts_macs`` /
   ``macs``, ``params``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
   ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights).
 
@@ -96,6 +96,9 @@ class Rule:
     counts_macs = False
     #: mask training puts masks after this op, which follows a layer and rescales its channels (BN)
     masks_go_after = False
+    #: prune puts a zero mask meant for this op's output 0 on its input 0 instead: a zero of the output
+    #: is not the number 0 (DynamicQuantizeLinear's uint8 output reads 0 as its zero point)
+    masks_go_before = False
 
     def filters(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
         """Channel-creating ops: the weights that make each output channel, shape (C_out, n), or None."""

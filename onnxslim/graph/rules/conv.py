@@ -89,6 +89,31 @@ def _block_per_group(analysis, node, x, out, used: np.ndarray, groups: int, abso
                                absorbs, why, trigger=out.ids[k * b:(k + 1) * b])
 
 
+def conv_channels(node, analysis, x, nonzero: np.ndarray, bias: np.ndarray, absorbs: bool,
+                  reads_every_input: bool = False) -> None:
+    """The channel facts of a Conv-like node (Conv, ConvInteger) with weight mask ``nonzero`` (Cout,
+    Cin/g, k...): output ``o`` is the constant ``bias[o]`` when it reads no live input through a non-zero
+    weight; input channels are held as :func:`_block_per_group` says (``absorbs``: constants go into the
+    bias; ``reads_every_input``: an input channel no filter reads is held anyway)."""
+    groups = get_attr(node, "group", 1)
+    cout, per_group = nonzero.shape[0], nonzero.shape[1]
+    if per_group * groups != x.size or cout % groups:
+        analysis.barrier(node, "weight shape does not match the input channels")
+        return
+    nonzero = np.any(nonzero.reshape(cout, per_group, -1), axis=2)  # (Cout, Cin/g)
+    # live input of (o, j): input channel (o // b) * a + j
+    b = cout // groups
+    live = ~x.zero
+    live_in = live[(np.arange(cout) // b)[:, None] * per_group + np.arange(per_group)[None, :]]
+    dead = ~np.any(nonzero & live_in, axis=1)
+    out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
+    analysis.share_weight(node.input[1], x.ids, out.ids)
+    used = nonzero.reshape(groups, b, per_group).any(axis=1)  # (g, a)
+    if reads_every_input:
+        used = np.ones_like(used)
+    _block_per_group(analysis, node, x, out, used, groups, absorbs, " (spatial padding)")
+
+
 def _balance_groups(plan, node, x_ids: np.ndarray, y_ids: np.ndarray) -> bool:
     """Restore channels so every group that stays keeps the same number of inputs and of outputs.
 
@@ -166,23 +191,8 @@ class ConvRule(_GroupedLayer):
         if x is None or weight is None or x.axis != 1:
             analysis.barrier(node, "input without channel facts or weights that are not constant")
             return
-        groups = get_attr(node, "group", 1)
-        cout, per_group = weight.shape[0], weight.shape[1]
-        if per_group * groups != x.size or cout % groups:
-            analysis.barrier(node, "weight shape does not match the input channels")
-            return
-        bias = _bias(analysis, node, cout)
-        nonzero = np.any(weight.reshape(cout, per_group, -1) != 0, axis=2)  # (Cout, Cin/g)
-        # live input of (o, j): input channel (o // b) * a + j
-        b = cout // groups
-        live = ~x.zero
-        live_in = live[(np.arange(cout) // b)[:, None] * per_group + np.arange(per_group)[None, :]]
-        dead = ~np.any(nonzero & live_in, axis=1)
-        out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
-        analysis.share_weight(node.input[1], x.ids, out.ids)
-        used = nonzero.reshape(groups, b, per_group).any(axis=1)  # (g, a)
-        absorbs = not has_padding(node, weight.shape[2:])
-        _block_per_group(analysis, node, x, out, used, groups, absorbs, " (spatial padding)")
+        conv_channels(node, analysis, x, weight != 0, _bias(analysis, node, weight.shape[0]),
+                      absorbs=not has_padding(node, weight.shape[2:]))
 
     counts_macs = True
 

@@ -231,10 +231,13 @@ _BOOLEAN = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal
 class _Operand:
     """One input of an n-ary op, seen from the output's channel axis."""
 
-    def __init__(self, name: str, info: ChannelInfo | None, constant: np.ndarray | None, out_rank: int):
+    def __init__(self, name: str, info: ChannelInfo | None, constant: np.ndarray | None, out_rank: int,
+                 rank: int | None = None):
         self.name, self.info, self.constant = name, info, constant
-        self.rank = info.rank if info is not None else (constant.ndim if constant is not None else None)
+        self.rank = info.rank if info is not None else (constant.ndim if constant is not None else rank)
         self.out_rank = out_rank
+        #: a computed operand of one element (a dynamic quantization scale): broadcast, value unknown
+        self.scalar = info is None and constant is None
 
     def channel_dim(self, out_axis: int) -> int | None:
         """Size of this operand along the output's channel axis (1 when broadcast), None if unknown."""
@@ -243,7 +246,7 @@ class _Operand:
             return 1
         if self.info is not None:
             return self.info.size if axis == self.info.axis else None
-        return self.constant.shape[axis]
+        return 1 if self.scalar else self.constant.shape[axis]
 
     def constant_axis(self, out_axis: int) -> int:
         return out_axis - (self.out_rank - self.rank)
@@ -259,6 +262,12 @@ def _per_channel(constant: np.ndarray, axis: int, channels: int) -> tuple[np.nda
     moved = np.moveaxis(constant, axis, 0).reshape(channels, -1).astype(np.float64)
     uniform = (moved == moved[:, :1]).all(axis=1)
     return uniform, moved[:, 0]
+
+
+def _scalar_rank(index, name: str) -> int | None:
+    """Rank of a computed tensor of statically one element (every dim 1, or rank 0), else None."""
+    shape = index.shape(name)
+    return len(shape) if shape is not None and all(d == 1 for d in shape) else None
 
 
 def _keep_broadcast_gates(node, analysis, operands, dims, channels) -> None:
@@ -317,12 +326,13 @@ class NaryRule(Rule):
         index = analysis.index
         infos = [analysis.feature(name) for name in node.input]
         constants = [index.constant(name) for name in node.input]
-        ranks = [i.rank if i is not None else (c.ndim if c is not None else None) for i, c in zip(infos, constants)]
+        ranks = [i.rank if i is not None else (c.ndim if c is not None else _scalar_rank(index, n))
+                 for n, i, c in zip(node.input, infos, constants)]
         out_shape = index.shape(node.output[0])
         if any(r is None for r in ranks):
             return None, "an operand has no known channel axis"
         out_rank = len(out_shape) if out_shape is not None else max(ranks)
-        operands = [_Operand(n, i, c, out_rank) for n, i, c in zip(node.input, infos, constants)]
+        operands = [_Operand(n, i, c, out_rank, r) for n, i, c, r in zip(node.input, infos, constants, ranks)]
         features = [op for op in operands if op.info is not None]
         if not features:
             return None, "no feature-map operand"
@@ -362,6 +372,9 @@ class NaryRule(Rule):
                 else:
                     consts.append(np.repeat(op.info.const[:1], channels))
                     values.append(np.repeat(op.info.value[:1], channels))
+            elif op.scalar:
+                consts.append(np.zeros(channels, bool))
+                values.append(np.full(channels, np.nan))
             else:
                 c, v = _per_channel(op.constant, op.constant_axis(axis), channels)
                 consts.append(c)
