@@ -61,7 +61,7 @@ def infer_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
         for _ in range(16):  # each round can reach one more shape-preserving op further down
-            found = _same_shape_outputs(inferred) + _batch_through_reshapes(inferred)
+            found = _same_shape_outputs(inferred) + _batch_through_reshapes(inferred) + _reshapes_to_shape_of(inferred)
             if not found:
                 break
             named = {value.name for value in found}
@@ -93,6 +93,34 @@ def _same_shape_outputs(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
             value.CopyFrom(known[node.input[0]])
             value.name = node.output[0]
             found.append(value)
+    return found
+
+
+def _reshapes_to_shape_of(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """value_info for ``Reshape(x, Shape(t))`` (back to another tensor's shape: the tail of a decomposed
+    GroupNorm, ``x.view(N, G, -1) ... .view(t.shape)``) when onnx's inference left it without a shape:
+    the output has ``t``'s shape (ONNX Reshape-14; skipped when a dim of ``t`` is 0, which Reshape would
+    copy from ``x``) and ``x``'s element type."""
+    graph = inferred.graph
+    known = {v.name: v for v in list(graph.input) + list(graph.value_info) + list(graph.output)
+             if value_shape(v) is not None}
+    full_shape_of = {node.output[0]: node.input[0] for node in graph.node
+                     if node.op_type == "Shape" and node.domain in ("", "ai.onnx")
+                     and not any(a.name in ("start", "end") for a in node.attribute)}
+    outputs = {o.name for o in graph.output}
+    found = []
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or node.output[0] in known \
+                or node.output[0] in outputs or node.input[0] not in known:
+            continue
+        target = known.get(full_shape_of.get(node.input[1], ""))
+        if target is None or 0 in value_shape(target):
+            continue
+        value = onnx.ValueInfoProto()
+        value.CopyFrom(target)
+        value.name = node.output[0]
+        value.type.tensor_type.elem_type = known[node.input[0]].type.tensor_type.elem_type
+        found.append(value)
     return found
 
 
