@@ -138,3 +138,17 @@ def test_prune_quantize_dynamic_model_exact_against_masked(tmp_path):
     shapes = _weight_shapes(pruned)
     assert [s[0] for s in shapes[:3]] == [8, 8, 8], shapes  # half of each conv's 16 filters
     _assert_exact(reference, pruned)
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_int8_weights_beyond_7_bits_get_a_note(reduce_range, tmp_path):
+    """onnxruntime's AVX2 u8s8 kernels saturate pair sums: with full-range int8 weights the slimmed
+    model's outputs can differ (the exact int32 sums agree), and the report says why."""
+    model = _quantized(tmp_path, QuantType.QInt8)
+    if not reduce_range:
+        source = tmp_path / "float.onnx"
+        quantize_dynamic(str(source), str(tmp_path / "full.onnx"), weight_type=QuantType.QInt8)
+        model = onnx.load(str(tmp_path / "full.onnx"))
+    _, report = slim(model)
+    notes = [note for note in report.notes if "saturate" in note]
+    assert len(notes) == (0 if reduce_range else 1), report.notes

@@ -46,6 +46,7 @@ from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
 from onnxslim.graph.rounding import resolve_round_to
 from onnxslim.graph.rules import RuleSet, default_rules
+from onnxslim.graph.rules.dynquant import saturation_notes
 from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import load_onnx, save_model_atomic
@@ -148,6 +149,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size, module_path(node))
                      for name, node in analysis.creators.items()}
     mask_summary = _mask_summary(analysis, plan)
+    notes = saturation_notes(analysis, plan)
 
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
@@ -183,7 +185,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         rounding=rounding.to_dict(),
         macs_complete=before.macs_complete and after.macs_complete,
     )
-    report.notes.extend(_no_layer_notes(analysis))
+    report.notes.extend(_no_layer_notes(analysis) + notes)
     if unlisted:
         report.notes.append(f"{unlisted} weight(s) were also declared as graph inputs (an exporter's "
                             "keep_initializers_as_inputs): no longer, so onnxruntime treats them as constants "

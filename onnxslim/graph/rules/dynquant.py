@@ -190,3 +190,26 @@ class MatMulIntegerRule(Rule):
         matrix = rewriter.weights.read(node, 1)
         rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out], key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
         _slice_weight_zero_point(node, rewriter, keep_out)
+
+
+def saturation_notes(analysis, plan) -> list[str]:
+    """A note naming the integer ops that lose input channels and read int8 weights beyond 7 bits
+    (``|W - w_z| > 64``) with uint8 activations: onnxruntime's AVX2 u8s8 kernels sum pairs of products
+    in int16 with saturation (255 * 65 * 2 > 32767), so their results depend on which channels sit side
+    by side, and the slimmed model can differ from the input in the last bits (onnxruntime's own
+    ``quantize_dynamic(..., reduce_range=True)`` avoids it)."""
+    index, found = analysis.index, []
+    for node in index.nodes:
+        keep = plan.keep(node.input[0]) if node.op_type in _INTEGER_OPS else None
+        weight = index.constant(node.input[1]) if keep is not None and not keep.all() else None
+        if weight is None or weight.dtype != np.int8:
+            continue
+        centred = _centred_weight(node, index, 0 if node.op_type == "ConvInteger" else 1)
+        if centred is not None and np.abs(centred).max() > 64:
+            found.append(index.node_name(node))
+    if not found:
+        return []
+    return [f"{len(found)} integer op(s) ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) read uint8 "
+            "activations with int8 weights beyond 7 bits: onnxruntime's AVX2 kernels saturate pair sums of "
+            "their products, so outputs can differ from the input model's wherever that happens (quantize "
+            "with reduce_range=True, or uint8 weights, to compare bit for bit)"]
