@@ -73,14 +73,15 @@ def _masked_net() -> ResidualNet:
     return net
 
 
-def _quantized(tmp_path, weight_type: QuantType = QuantType.QUInt8) -> onnx.ModelProto:
+def _quantized(tmp_path, weight_type: QuantType = QuantType.QUInt8, per_channel: bool = False) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_masked_net(), (torch.randn(1, 3, 12, 12),), buffer, dynamo=False, opset_version=17)
     source, target = tmp_path / "float.onnx", tmp_path / "dynamic.onnx"
     source.write_bytes(buffer.getvalue())
-    quantize_dynamic(str(source), str(target), weight_type=weight_type, reduce_range=weight_type == QuantType.QInt8)
+    quantize_dynamic(str(source), str(target), weight_type=weight_type, reduce_range=weight_type == QuantType.QInt8,
+                     per_channel=per_channel)
     return onnx.load(str(target))
 
 
@@ -108,9 +109,12 @@ def _weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
             if n.op_type in ("ConvInteger", "MatMulInteger") and n.input[1] in init]
 
 
-@pytest.mark.parametrize("weight_type", [QuantType.QInt8, QuantType.QUInt8], ids=["int8", "uint8"])
-def test_quantize_dynamic_model_slims_exactly(weight_type, tmp_path):
-    model = _quantized(tmp_path, weight_type)
+@pytest.mark.parametrize("weight_type, per_channel", [(QuantType.QInt8, False), (QuantType.QUInt8, False),
+                                                     (QuantType.QUInt8, True)], ids=["int8", "uint8", "uint8-per-channel"])
+def test_quantize_dynamic_model_slims_exactly(weight_type, per_channel, tmp_path):
+    """per_channel: the head's MatMulInteger gets per-column scales and zero points (the convs stay per
+    tensor in onnxruntime's dynamic quantizer)."""
+    model = _quantized(tmp_path, weight_type, per_channel)
     ops = {n.op_type for n in model.graph.node}
     assert {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"} <= ops
     slimmed, report = slim(model)
@@ -122,9 +126,10 @@ def test_quantize_dynamic_model_slims_exactly(weight_type, tmp_path):
     init = {t.name: t for t in slimmed.graph.initializer}
     assert all(init[n.input[1]].data_type == weight_dtype for n in slimmed.graph.node if n.op_type == "ConvInteger")
     # params count the integer weights (convs, head), the float biases and the 4 weight scales
-    assert count_params(model) == 16 * 27 + 16 * 16 * 9 * 2 + 16 * 10 + 16 * 3 + 10 + 4
+    scales = 3 + (10 if per_channel else 1)
+    assert count_params(model) == 16 * 27 + 16 * 16 * 9 * 2 + 16 * 10 + 16 * 3 + 10 + scales
     kept = (16 - r) * 27 + (16 - i) * (16 - r) * 9 * 2 + (16 - r) * 10
-    assert report.params_after == count_params(slimmed) == kept + (16 - r) * 2 + (16 - i) + 10 + 4
+    assert report.params_after == count_params(slimmed) == kept + (16 - r) * 2 + (16 - i) + 10 + scales
     _assert_exact(model, slimmed)
 
 
