@@ -34,6 +34,7 @@ from onnxslim.graph.rules.base import (
     register,
 )
 from onnxslim.graph.rules.conv import ConvRule, _kept_rows_and_columns, conv_channels
+from onnxslim.graph.rules.linear import matrix_output_channels
 
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger")
 
@@ -161,11 +162,7 @@ class MatMulIntegerRule(Rule):
                 or not _reads_quantized(node, analysis):
             analysis.barrier(node, "needs a quantized input with channels last and a constant 2-D B")
             return
-        nonzero = matrix != 0
-        dead = ~np.any(nonzero[~a.zero], axis=0)
-        out = analysis.fresh(node, node.output[0], matrix.shape[1], a.rank - 1, a.rank, const=dead,
-                             value=np.zeros(matrix.shape[1]))
-        analysis.share_weight(node.input[1], a.ids, out.ids)
+        matrix_output_channels(node, analysis, a, matrix)
         block_reduced_channels(analysis, node, node.input[0], a, np.ones(a.size, bool), False, " (no bias)")
 
     def filters(self, node, index):

@@ -256,11 +256,7 @@ class MatMulRule(Rule):
         if matrix.shape[0] != a.size:
             analysis.barrier(node, "weight rows do not match the input features")
             return
-        nonzero = matrix != 0
-        dead = ~np.any(nonzero[~a.zero], axis=0)
-        out = analysis.fresh(node, node.output[0], matrix.shape[1], a.rank - 1, a.rank, const=dead,
-                             value=np.zeros(matrix.shape[1]))
-        analysis.share_weight(node.input[1], a.ids, out.ids)
+        nonzero = matrix_output_channels(node, analysis, a, matrix)
         block_reduced_channels(analysis, node, node.input[0], a, np.any(nonzero, axis=1),
                                _bias_add(node, analysis.index, a.rank) is not None, " (no bias after it)")
 
@@ -310,6 +306,18 @@ class MatMulRule(Rule):
             rewriter.weights.write(add, slot, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
         rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out],
                                key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
+
+
+def matrix_output_channels(node, analysis, a, matrix: np.ndarray) -> np.ndarray:
+    """The N output channels of ``A @ B`` for a constant 2-D ``B`` (K, N) read by ``A``'s last axis: column
+    ``n`` is a constant zero when its non-zero rows read only zero channels of ``A``; ``B``'s rows and
+    columns share ids with ``A``'s and the output's channels. Returns ``B != 0``."""
+    nonzero = matrix != 0
+    dead = ~np.any(nonzero[~a.zero], axis=0)
+    out = analysis.fresh(node, node.output[0], matrix.shape[1], a.rank - 1, a.rank, const=dead,
+                         value=np.zeros(matrix.shape[1]))
+    analysis.share_weight(node.input[1], a.ids, out.ids)
+    return nonzero
 
 
 def _bias_add(node, index, rank: int):
