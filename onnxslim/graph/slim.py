@@ -46,7 +46,6 @@ from onnxslim.graph.report import KeptChannels, LayerChange, SlimReport
 from onnxslim.graph.rewrite import Rewriter
 from onnxslim.graph.rounding import resolve_round_to
 from onnxslim.graph.rules import RuleSet, default_rules
-from onnxslim.graph.rules.dynquant import saturation_notes
 from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
 from onnxslim.graph.stats import model_stats
 from onnxslim.io import load_onnx, save_model_atomic
@@ -149,7 +148,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     layers_before = {name: (index.node_name(node), node.op_type, analysis.info[name].size, module_path(node))
                      for name, node in analysis.creators.items()}
     mask_summary = _mask_summary(analysis, plan)
-    notes = saturation_notes(analysis, plan)
+    notes = _plan_notes(analysis, plan)
 
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
@@ -201,6 +200,12 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 _QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
                             "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
                             "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean"})
+
+
+def _plan_notes(analysis: ChannelAnalysis, plan: RemovalPlan) -> list[str]:
+    """What the rules the graph uses say about the plan (:meth:`Rule.plan_notes`), each rule asked once."""
+    rules = {id(rule): rule for rule in (analysis.rule_for(node) for node in analysis.index.nodes)}
+    return [note for rule in rules.values() for note in rule.plan_notes(analysis, plan)]
 
 
 def _no_layer_notes(analysis: ChannelAnalysis) -> list[str]:

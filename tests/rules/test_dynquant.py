@@ -91,3 +91,18 @@ def test_quantized_tensor_read_by_another_op_is_a_barrier(q_read_elsewhere):
     slimmed, _ = slim(model)
     _assert_exact(model, slimmed)
     assert _integer_weights(slimmed)["ConvInteger"] == ((4, 4, 1, 1) if q_read_elsewhere else (4, 2, 1, 1))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_int8_weights_beyond_7_bits_on_a_thinned_input_get_the_saturation_note(wide):
+    """onnxruntime's AVX2 u8s8 kernels saturate pair sums of uint8 x int8 products: when a ConvInteger
+    loses input channels and its int8 weights use more than 7 bits, the report says the result may differ
+    from the input's in the last bits; 7-bit weights (reduce_range) get no note."""
+    g = GraphBuilder(opset=17, seed=5)
+    x = g.op("Relu", [g.conv(g.input([1, 3, 6, 6]), 3, 8, dead=(1, 5))])
+    weight = g.rng.integers(-100 if wide else -64, 100 if wide else 64, (6, 8, 3, 3)).astype(np.int8)
+    g.output(_dynamic(g, x, weight, np.int8(0), "ConvInteger", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    slimmed, report = slim(g.model())
+    assert _integer_weights(slimmed)["ConvInteger"] == (6, 6, 3, 3)  # inputs 1 and 5 deleted
+    noted = [note for note in report.notes if "saturate pair sums" in note]
+    assert len(noted) == int(wide)

@@ -18,7 +18,8 @@ A rule states, for one op family,
   ``filters`` (scores for the ``l1``/``l2``/``fpgm`` criteria through ``channel_scores``),
   ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``masks_go_before``, ``counts_macs`` /
   ``macs``, ``params``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
-  ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights).
+  ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights),
+  ``plan_notes`` (what the slim report should say about this op family under a removal plan).
 
 A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
 "ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
@@ -114,6 +115,11 @@ class Rule:
     def channel_gains(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
         """Per-channel scale factors the op applies to its input (BN's gamma), for the ``bn`` criterion."""
         return None
+
+    def plan_notes(self, analysis: ChannelAnalysis, plan: RemovalPlan) -> list[str]:
+        """Lines for the slim report about the nodes of this rule's ops under ``plan`` (asked once per
+        rule that some node of the graph uses); none by default."""
+        return []
 
     def reduction(self, node: onnx.NodeProto, slot: int) -> Reduction:
         """How the op combines the channels of input ``slot``: "full" (a sum over all channels, e.g. a

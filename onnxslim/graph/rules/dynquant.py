@@ -29,6 +29,7 @@ from onnxslim.graph.model import set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
+    feature_or_barrier,
     layer_keeps,
     pass_through,
     register,
@@ -90,9 +91,8 @@ class DynamicQuantizeRule(Rule):
     masks_go_before = True  # prune masks its float input: a uint8 0 is not its zero point
 
     def propagate(self, node, analysis):
-        x = analysis.feature(node.input[0])
+        x = feature_or_barrier(node, analysis)
         if x is None:
-            analysis.barrier(node, "input has no known channel axis")
             return
         zero_point = node.output[2] if len(node.output) > 2 else ""
         for use in analysis.index.uses(node.output[0]):
@@ -105,6 +105,9 @@ class DynamicQuantizeRule(Rule):
             analysis.barrier(node, "q is a graph output")
             return
         pass_through(node, analysis, x.with_values(x.zero, np.zeros(x.size)))
+
+    def plan_notes(self, analysis, plan):
+        return saturation_notes(analysis, plan)
 
 
 @register
