@@ -76,8 +76,9 @@ def _following_gains(analysis: ChannelAnalysis, name: str, size: int) -> np.ndar
 
 
 def choose_classes(analysis: ChannelAnalysis, ratio: float, criterion: str = "l1", scope: str = "layer",
-                   min_channels: int = 1, seed: int = 0, cost: Cost = "macs") -> Selection:
-    """The classes to remove and notes for the user (see :mod:`onnxslim.graph.selection`).
+                   min_channels: int = 1, seed: int = 0, cost: Cost = "macs", multiple: int = 1) -> Selection:
+    """The classes to remove and notes for the user (see :mod:`onnxslim.graph.selection`); ``multiple``:
+    the kept-count rounding :func:`prune_selection` applies next (``scope="global"`` sizes its choice for it).
 
     Raises OnnxSlimError for a bad ratio or scope, and for ``criterion="bn"`` on a model without any
     BatchNormalization after its layers (exporters fold BN into the convs in eval mode).
@@ -89,7 +90,8 @@ def choose_classes(analysis: ChannelAnalysis, ratio: float, criterion: str = "l1
     if cost not in ("macs", "params"):
         raise OnnxSlimError(f"cost must be 'macs' or 'params', got {cost!r}")
     notes = _criterion_notes(analysis, criterion)
-    selection = choose(analysis, channel_scores(analysis, criterion, seed), ratio, scope, min_channels, cost)
+    selection = choose(analysis, channel_scores(analysis, criterion, seed), ratio, scope, min_channels, cost,
+                       multiple)
     selection.notes[:0] = notes
     return selection
 
@@ -229,7 +231,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     rounding = resolve_round_to(round_to, target_device)
     masked, size_before = load_model(model)
     analysis = analyse(masked, input_shapes, rules=rules)
-    selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
+    selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost, rounding.multiple)
     slimmed, report = prune_selection(masked, analysis, selection, channel_scores(analysis, criterion, seed),
                                       rounding, placement=placement, input_shapes=input_shapes, rules=rules,
                                       size_before=size_before)
