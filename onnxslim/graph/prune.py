@@ -37,6 +37,7 @@ from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
 from onnxslim.graph.shapes import infer_model
 from onnxslim.graph.slim import analyse, check_model, load_model, slim
+from onnxslim.graph.stats import count_params
 from onnxslim.graph.values import BARRIER
 from onnxslim.io import save_model_atomic
 
@@ -229,12 +230,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     *kept* count to the nearest multiple, as Torch-Pruning does.
     """
     rounding = resolve_round_to(round_to, target_device)
-    masked, size_before = load_model(model)
+    masked, before = load_input(model, rules)
     analysis = analyse(masked, input_shapes, rules=rules)
     selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost, rounding.multiple)
     slimmed, report = prune_selection(masked, analysis, selection, channel_scores(analysis, criterion, seed),
                                       rounding, placement=placement, input_shapes=input_shapes, rules=rules,
-                                      size_before=size_before)
+                                      **before)
     # written only once everything succeeded: a failed command leaves no output file
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
@@ -243,14 +244,25 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     return slimmed, report, masked
 
 
+def load_input(model: onnx.ModelProto | str | os.PathLike, rules: RuleSet | None = None,
+               ) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A private copy of ``model`` (to mask) and what the report says of the input, as stored:
+    ``size_before`` (bytes) and ``params_before`` (:func:`count_params` before normalisation copies
+    constants), the keyword arguments of :func:`prune_selection`."""
+    masked, size_before = load_model(model)
+    return masked, {"size_before": size_before, "params_before": count_params(masked, rules)}
+
+
 def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selection: Selection,
                     scores: dict[str, np.ndarray], rounding: Rounding, *, placement: str = "consumers",
                     input_shapes: dict[str, list[int]] | None = None, rules: RuleSet | None = None,
-                    size_before: int | None = None) -> tuple[onnx.ModelProto, SlimReport]:
+                    size_before: int | None = None, params_before: int | None = None,
+                    ) -> tuple[onnx.ModelProto, SlimReport]:
     """Steps 4-5 of ``prune`` for classes already chosen: round the kept counts (``scores`` rank the
     channels :func:`round_choice` adds or gives back), insert the masks into ``masked`` (in place; it is
     the model ``analysis`` was run on), check it and slim it. Returns (slimmed model, report), whose
-    ``size_before`` is ``size_before`` (the input's bytes) when given, else the masked model's."""
+    ``size_before`` and ``params_before`` are the input's (bytes, :func:`count_params` before
+    normalisation) when given, else the masked model's (which adds the masks)."""
     roots = round_choice(analysis, selection.roots, scores, rounding.multiple, analysis.kept_by(BARRIER))
     rounded = rounding_note(analysis, selection.roots, roots, scores, rounding.multiple)
     insert_masks(masked, analysis, roots, placement)
@@ -261,4 +273,6 @@ def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selectio
     report.notes = selection.notes + rounded + report.notes
     if size_before is not None:  # the input's size, not the masked reference's (which adds the masks)
         report.size_before = size_before
+    if params_before is not None:
+        report.params_before = params_before
     return slimmed, report
