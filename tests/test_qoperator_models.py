@@ -32,6 +32,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from torch import nn
 
 from onnxslim.cli import main
+from onnxslim.graph.inspect import inspect_model
 from onnxslim.graph.slim import slim
 
 #: channels zeroed in the residual stream (conv1 and conv3) and in conv2's (and the depthwise conv's) output
@@ -141,6 +142,9 @@ def test_qoperator_model_slims_exactly(dynamo, per_channel, tmp_path):
     assert list(init[gemm.input[3]].dims) == [10, 32 - 2 * len(RESIDUAL_ZEROS)]  # the head loses c's and a's
     assert report.params_after < report.params_before and not report.notes, report.notes
     assert _inexact_runs(model, slimmed) == 0
+    # inspect counts a channel at its zero point as zero (its value is the zero point, not 0)
+    layers = [layer for layer in inspect_model(model).layers if layer.op_type == "QLinearConv"]
+    assert [len(layer.zero_channels) for layer in layers] == [3, 3, 3, 3]
 
 
 @pytest.mark.parametrize("reduce_range", [False, True])

@@ -211,3 +211,38 @@ def test_contrib_shapes_match_onnxruntime(ceil_mode):
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     for name, value in zip((pooled, relu, both, out), session.run(None, feeds)):
         assert shapes[name] == value.shape, name
+
+
+_ONE_INPUT = {  # op: extra attributes; inputs X, X_scale, X_zp, Y_scale, Y_zp
+    "QLinearGlobalAveragePool": {"channels_last": 0},
+    "QLinearAveragePool": {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+    "QLinearLeakyRelu": {"alpha": 0.1},
+}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul", "QLinearConcat", *_ONE_INPUT])
+def test_zero_point_in_zero_point_out(op, dtype):
+    """The fact the rules stand on, checked against onnxruntime for random scales and zero points: a
+    channel at its input zero point comes out at the output zero point (QLinearMul: whatever the other
+    operand holds; QLinearConcat: that input's channels)."""
+    rng = np.random.default_rng(47)
+    info = np.iinfo(dtype)
+    for _ in range(10):
+        points = rng.integers(info.min, info.max + 1, 3).astype(dtype)
+        scales = np.exp(rng.uniform(-6, 1, 3)).astype(np.float32)
+        zero_input = np.full((1, 4, 5, 5), points[0], dtype)
+        other = rng.integers(info.min, info.max + 1, (1, 4, 5, 5)).astype(dtype)
+        inits = [numpy_helper.from_array(v, n) for n, v in zip(("as", "az", "bs", "bz", "ys", "yz"),
+                                                               (scales[0], points[0], scales[1], points[1], scales[2], points[2]))]
+        names = {"QLinearAdd": ["a", "as", "az", "a", "as", "az", "ys", "yz"],
+                 "QLinearMul": ["a", "as", "az", "b", "bs", "bz", "ys", "yz"],
+                 "QLinearConcat": ["ys", "yz", "a", "as", "az", "b", "bs", "bz"]}.get(op, ["a", "as", "az", "ys", "yz"])
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        node = helper.make_node(op, names, ["y"], domain=MS, **(_ONE_INPUT.get(op) or ({"axis": 1} if op == "QLinearConcat" else {})))
+        inputs = [helper.make_tensor_value_info(n, elem, [1, 4, 5, 5]) for n in ("a", "b") if n in names]
+        graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", elem, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+        feeds = {"a": zero_input, "b": other} if "b" in names else {"a": zero_input}
+        y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        assert np.all(y[:, :4] == points[2]), (scales, points)

@@ -53,7 +53,6 @@ from onnxslim.graph.rules.base import (
     feature_or_barrier,
     keep_all,
     normalize_axis,
-    pass_through,
     register,
     slice_bias,
 )
@@ -116,9 +115,12 @@ def _at_zero_point(x: ChannelInfo, zero_point: int) -> np.ndarray:
     return x.const & (x.value == zero_point)
 
 
-def _requantized(x: ChannelInfo, zero: np.ndarray, y_zero_point: float) -> ChannelInfo:
-    """``x``'s ids; the channels where ``zero`` are the constant ``y_zero_point``, the others unknown."""
-    return x.with_values(zero, np.full(x.size, float(y_zero_point)))
+def _set_requantized(analysis, name: str, x: ChannelInfo, zero: np.ndarray, y_zero_point: float) -> None:
+    """Tensor ``name`` carries ``x``'s ids; the channels where ``zero`` are the constant ``y_zero_point``,
+    the others unknown. The analysis records the zero point (``ChannelAnalysis.zero_points``: what inspect
+    counts as a zero channel of this tensor)."""
+    analysis.set(name, x.with_values(zero, np.full(x.size, float(y_zero_point))))
+    analysis.zero_points[name] = float(y_zero_point)
 
 
 def _mark_output(analysis, name: str, zero: np.ndarray, y_zero_point: float) -> None:
@@ -126,7 +128,7 @@ def _mark_output(analysis, name: str, zero: np.ndarray, y_zero_point: float) -> 
     is 0), unknown elsewhere."""
     out = analysis.info.get(name)
     if out is not None:
-        analysis.set(name, _requantized(out, out.const & zero, y_zero_point))
+        _set_requantized(analysis, name, out, out.const & zero, y_zero_point)
 
 
 def _weight_masks(index, node, zero: np.ndarray, axis: int, weight_slot: int, bias_slot: int | None):
@@ -325,7 +327,7 @@ class QLinearBinaryRule(Rule):
             analysis.couple(full[0].ids, other.ids)
         zero = zeros[0] & zeros[1] if node.op_type == "QLinearAdd" else zeros[0] | zeros[1]
         base = ChannelInfo(full[0].ids, axis, rank, zero, np.zeros(channels))
-        analysis.set(node.output[0], _requantized(base, zero, zero_points[2]))
+        _set_requantized(analysis, node.output[0], base, zero, zero_points[2])
 
     def rewrite(self, node, rewriter):
         keep, out = rewriter.keep(node.output[0]), rewriter.info(node.output[0])
@@ -361,14 +363,14 @@ class QLinearConcatRule(Rule):
         if normalize_axis(get_attr(node, "axis", 0), first.rank) == first.axis:
             out = first.with_values(np.concatenate(zeros), np.zeros(sum(i.size for i in infos)))
             out.ids = np.concatenate([i.ids for i in infos])
-            analysis.set(node.output[0], _requantized(out, out.const, y_zero_point))
+            _set_requantized(analysis, node.output[0], out, out.const, y_zero_point)
             return
         if any(i.size != first.size for i in infos):
             analysis.barrier(node, "inputs have different channel counts")
             return
         for info in infos[1:]:
             analysis.couple(first.ids, info.ids)
-        pass_through(node, analysis, _requantized(first, np.logical_and.reduce(zeros), y_zero_point))
+        _set_requantized(analysis, node.output[0], first, np.logical_and.reduce(zeros), y_zero_point)
 
     def allows_empty_input(self, node, slot, plan):
         return True
@@ -400,4 +402,4 @@ class QLinearUnaryRule(Rule):
             analysis.barrier(node, "needs per-tensor parameters (pools: channels on the axis channels_last names)")
             return
         zero = _at_zero_point(x, zero_points[0]) if node.op_type != "QLinearSigmoid" else np.zeros(x.size, bool)
-        pass_through(node, analysis, _requantized(x, zero, zero_points[1]))
+        _set_requantized(analysis, node.output[0], x, zero, zero_points[1])
