@@ -13,8 +13,10 @@
    the classes with the lowest importance per unit of cost (MACs or params) up to ``ratio`` of the cost.
 4. The choice becomes **masks**: a per-channel ``Mul`` with zeros is inserted where a reducing layer
    reads a chosen channel (``placement="consumers"``), or right after each creating layer and its
-   BatchNormalization (``placement="after_bn"``, where mask training puts them). That masked model is
-   the exact meaning of the pruning; :func:`onnxslim.graph.slim.slim` then deletes the channels.
+   BatchNormalization (``placement="after_bn"``, where mask training puts them); an integer tensor (a
+   QOperator model's) is masked in the weights of its layers instead (``Rule.mask_output_channels``:
+   a channel at its zero point). That masked model is the exact meaning of the pruning;
+   :func:`onnxslim.graph.slim.slim` then deletes the channels.
 """
 
 from __future__ import annotations
@@ -143,8 +145,11 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
     # every output of every node (the second output of a Split ...); graph inputs go first (-1)
     positions = {name: position for position, node in enumerate(graph.node) for name in node.output if name}
     inserted, added = [], []
+    in_weights = _mask_in_weights(model, analysis, chosen[roots], added)
     for name, readers in targets:
         info = analysis.info[name]
+        if mask_dtype(name).kind != "f":
+            continue  # an integer tensor (QOperator models): its layers' weights hold the mask
         values = np.where(chosen[roots[info.ids]], 0.0, 1.0).astype(mask_dtype(name))
         shape = [1] * info.rank
         shape[info.axis] = info.size
@@ -162,7 +167,26 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         graph.node.insert(position + 1, mul)
     if model.ir_version < 4:  # IR 3 lists every initializer as an input
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
-    return len(inserted)
+    return len(inserted) + in_weights
+
+
+def _mask_in_weights(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen: np.ndarray, added: list) -> int:
+    """Masks written into the weights of the layers whose rule can (``Rule.mask_output_channels``: quantized
+    layers, whose integer output reads a channel as zero at its zero point): each chosen output channel
+    (``chosen``: bool per element id) gets new constants that make it that zero. The new initializers are
+    appended to ``added``; returns how many layers were masked so."""
+    index, graph, count = analysis.index, model.graph, 0
+    for name, node in analysis.creators.items():
+        zero = chosen[analysis.info[name].ids]
+        masks = analysis.rule_for(node).mask_output_channels(node, index, zero) if zero.any() else None
+        for slot, value in (masks or {}).items():
+            masked = index.fresh_name(f"{node.input[slot]}_prune_mask")
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), masked))
+            added.append(graph.initializer[-1])
+            index.initializers[masked] = graph.initializer[-1]
+            node.input[slot] = masked
+        count += bool(masks)
+    return count
 
 
 def _float_types(model: onnx.ModelProto):

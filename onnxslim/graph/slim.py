@@ -199,11 +199,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     return model, report
 
 
-# int8 ops of onnxruntime's QOperator format (ONNX QLinearConv / QLinearMatMul and com.microsoft's QLinear* /
-# QGemm); the quantization rules read the QDQ format and quantize_dynamic's ConvInteger / MatMulInteger
-_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
-                            "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
-                            "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean"})
+# int8 ops of onnxruntime's QOperator format that no rule reads (rules/qoperator.py reads QLinearConv,
+# QLinearMatMul, QGemm, QLinearAdd / Mul / Concat / pools / LeakyRelu / Sigmoid): they hold what they touch
+_QOPERATOR_OPS = frozenset({"QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "QAttention", "QEmbedLayerNormalization"})
 
 
 def _plan_notes(analysis: ChannelAnalysis, plan: RemovalPlan) -> list[str]:
@@ -223,7 +221,7 @@ def _no_layer_notes(analysis: ChannelAnalysis) -> list[str]:
     note = "no layer that the rules know was found; ops without a rule: " + ", ".join(
         f"{op} x{count}" for op, count in unknown.most_common(6)) + (", ..." if len(unknown) > 6 else "")
     if unknown.keys() & _QOPERATOR_OPS:
-        note += (" (onnxruntime's QOperator int8 format: quantize with quant_format=QuantFormat.QDQ, whose "
+        note += (" (QOperator int8 ops that slim does not read: quantize with quant_format=QuantFormat.QDQ, whose "
                  "QuantizeLinear/DequantizeLinear pairs slim reads, or slim/prune the float model and quantize after)")
     return [note]
 

@@ -3,7 +3,8 @@
 * params: elements of all floating-point initializers (integer ones are shapes and indices) and
   floating-point ``Constant`` nodes (old exporters keep weights there), of quantized weights (the int8
   data behind a DequantizeLinear) and of the integer weights of ConvInteger / MatMulInteger
-  (dynamically quantized models): each stored tensor once, however many nodes read it. ``slim`` and
+  (dynamically quantized models) and QLinearConv / QLinearMatMul / QGemm (QOperator models; their int32
+  biases are not counted): each stored tensor once, however many nodes read it. ``slim`` and
   ``prune`` count the input as stored, before normalisation folds constants (a bias reshaped for two
   readers is then two initializers).
 * MACs: multiply-accumulates of one sample (batch dimension taken as 1), from static shapes, of every
@@ -38,12 +39,15 @@ class ModelStats:
 def count_params(model: onnx.ModelProto, rules: RuleSet | None = None) -> int:
     """Elements of the floating-point initializers and Constant nodes, of the quantized weights (the integer data of a
     DequantizeLinear of initializers, see :mod:`onnxslim.graph.quantized`) and of the integer weights
-    (input 1) of MAC-counting ops (``Rule.counts_macs`` in ``rules``: ConvInteger, MatMulInteger)."""
+    (input ``Rule.weight_slot``) of MAC-counting ops (``Rule.counts_macs`` in ``rules``: ConvInteger,
+    MatMulInteger, QLinearConv, QLinearMatMul, QGemm)."""
     rules = rules if rules is not None else default_rules()
     names = {t.name for t in model.graph.initializer}
     data = {node.input[0] for node in model.graph.node if quantized.is_quantized_constant(node, names)}
-    data |= {node.input[1] for node in model.graph.node
-             if len(node.input) > 1 and node.input[1] in names and rules.rule_for(node).counts_macs}
+    for node in model.graph.node:
+        rule = rules.rule_for(node)
+        if rule.counts_macs and len(node.input) > rule.weight_slot and node.input[rule.weight_slot] in names:
+            data.add(node.input[rule.weight_slot])
     stored = list(model.graph.initializer)
     stored += [attr.t for node in model.graph.node if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
                for attr in node.attribute if attr.name == "value"]
