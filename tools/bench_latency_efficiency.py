@@ -182,6 +182,19 @@ def given_onnx(path: Path, folder: Path) -> tuple[Path, dict[str, list[int]]]:
     return path, shapes
 
 
+def graph_folder(args, tmp: Path) -> Path:
+    """Where the graphs are written: ``--keep DIR`` (created) or ``tmp``. A folder holding a ``--onnx``
+    file is refused: a file written there could replace the input."""
+    if args.keep is None:
+        return tmp
+    if args.keep.exists() and not args.keep.is_dir():
+        fail(f"--keep {args.keep}: not a folder")
+    if any(path.resolve().parent == args.keep.resolve() for path in args.onnx):
+        fail(f"--keep {args.keep}: holds an --onnx input; give another folder")
+    args.keep.mkdir(parents=True, exist_ok=True)
+    return args.keep
+
+
 def sources(args, folder: Path):
     """(name, path, input shapes) of every graph to measure: the built ones, then ``--onnx`` files."""
     for name in filter(None, args.models.split(",")):
@@ -293,6 +306,8 @@ def main() -> int:
     parser.add_argument("--latency-cache", type=Path, default=None,
                         help="folder of the per-machine latency tables (default: onnxslim's cache folder)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="write the dense and pruned graphs to DIR (e.g. for `onnxslim bench --per-layer`)")
     args = parser.parse_args()
     args.ratios = [float(v) for v in args.ratios.split(",")]
     args.threads = [int(v) for v in args.threads.split(",")]
@@ -305,9 +320,10 @@ def main() -> int:
         return run_targets(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
-        for name, path, shapes in sources(args, Path(tmp)):
+        folder = graph_folder(args, Path(tmp))
+        for name, path, shapes in sources(args, folder):
             try:
-                rows += measure(name, path, shapes, args, Path(tmp))
+                rows += measure(name, path, shapes, args, folder)
             except OnnxSlimError as exc:  # a user's file the engine refuses: say which one, measure the rest
                 print(f"skipped {name}: {exc}", file=sys.stderr, flush=True)
                 continue

@@ -99,11 +99,13 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
     click.echo(report.format_table())
     for note in _initializer_input_notes(models):
         click.echo(note)
-    for profile in profiles[1:] or profiles:
+    layer_macs = _layer_macs(targets if not mobile else [], profiles, options.input_shapes)
+    for index, profile in enumerate(profiles[1:] or profiles, start=1):
         from onnxslim.validate.profile import format_comparison, format_profile
 
         click.echo("")
-        click.echo(format_comparison(profiles[0], profile) if len(profiles) > 1 else format_profile(profile))
+        click.echo(format_comparison(profiles[0], profile, macs=layer_macs and (layer_macs[0], layer_macs[index]))
+                   if len(profiles) > 1 else format_profile(profile))
     if artifacts:
         from onnxslim.validate.mobile import fixed_shape_advice, usability_summary
 
@@ -123,6 +125,7 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
             {**dataclasses.asdict(a), "usability_summary": usability_summary(a.usability_log),
              "ort_path": a.ort_path if mobile_dir else None} for a in artifacts] if artifacts else None
         payload["per_layer"] = [p.to_dict() for p in profiles] or None
+        payload["per_layer_macs"] = layer_macs
         write_json_atomic(json_path, payload)
         click.echo(f"wrote {json_path}")
     if plot_path:
@@ -153,6 +156,19 @@ def _initializer_input_notes(models) -> list[str]:
                          "or fuse them, which slows it; slim and prune write their results without them, so part "
                          "of a speedup against this model comes from that (docs/latency.md)")
     return notes
+
+
+def _layer_macs(targets, profiles, input_shapes) -> list[dict[str, int]] | None:
+    """Per profiled model, executed node -> MACs of the conv / GEMM it runs (for the per-layer MACs
+    columns); None for ORT-format files, a single model, or a model whose MACs cannot be counted."""
+    from onnxslim.validate.profile import layer_macs
+
+    if len(profiles) < 2 or len(targets) != len(profiles):
+        return None
+    try:
+        return [layer_macs(profile, target, input_shapes) for profile, target in zip(profiles, targets)]
+    except OnnxSlimError:
+        return None
 
 
 def _per_layer(targets, options, report) -> list:
