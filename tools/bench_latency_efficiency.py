@@ -216,7 +216,8 @@ def measure(name: str, path: Path, shapes: dict, args, folder: Path) -> list[dic
         rounding = report.rounding["description"] if report.rounding else "round-to 1"
     bench = benchmark(variants, BenchOptions(threads=tuple(args.threads), batch_sizes=tuple(args.batch),
                                              input_shapes=shapes, warmup=args.warmup, repeat=args.rounds,
-                                             session_repeats=3, measure_memory=False),
+                                             session_repeats=3, measure_memory=False,
+                                             round_warmup=args.round_warmup),
                       names=["dense", *(f"r{r}" for r in args.ratios)], progress=False)
     rows = []
     for config in bench.configs:
@@ -299,6 +300,9 @@ def main() -> int:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--round-warmup", type=int, default=1,
+                        help="untimed runs of a model right before its timed run in every round (0: cold, after "
+                             "the other models)")
     parser.add_argument("--round-to", default="auto")
     parser.add_argument("--target-latency", type=float, default=None)
     parser.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
@@ -333,12 +337,14 @@ def main() -> int:
     print(summary(rows))
     sizes = f"built graphs at {args.size}x{args.size}" if args.models else ""
     sizes += ("; " if sizes and args.onnx else "") + ("given files at their own input sizes" if args.onnx else "")
-    print(f"input: {sizes}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
+    print(f"input: {sizes}, {args.rounds} rounds, {args.round_warmup} untimed run(s) of a model before its timed "
+          f"one in every round, rounding: {rows[0]['rounding'] if rows else '-'}")
     if args.json:
         from onnxslim.io import write_json_atomic
 
         write_json_atomic(args.json, {"rows": rows, "size": args.size, "rounds": args.rounds, "cores": cores,
-                                      "round_to": args.round_to, "summary": summary(rows)})
+                                      "round_to": args.round_to, "round_warmup": args.round_warmup,
+                                      "summary": summary(rows)})
     return 0
 
 

@@ -44,6 +44,9 @@ _input_shape_option = click.option(
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               help="Execution provider (cpu, xnnpack, ... or the full onnxruntime name); repeatable.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
+@click.option("--round-warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Untimed runs of a model right before its timed run in every round, so it is timed with its "
+                   "own weights in cache, as in deployment; 0: timed right after the other models' runs.")
 @click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each round runs every model once, in a random (seeded) order.")
 @click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
@@ -67,8 +70,8 @@ _input_shape_option = click.option(
 @click.option("--layer-plot", "layer_plot_path", type=output_path(dir_okay=False), default=None,
               help="With --per-layer: write a PNG bar chart of the slowest layers.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
-def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
-          confidence, seed, order_seed, mobile, mobile_dir, json_path, plot_path, per_layer, layer_plot_path,
+def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, round_warmup, repeat, session_repeats,
+          memory, confidence, seed, order_seed, mobile, mobile_dir, json_path, plot_path, per_layer, layer_plot_path,
           progress):
     """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
     from onnxslim.graph.shapes import parse_input_shapes
@@ -82,7 +85,7 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
     options = BenchOptions(threads=thread_counts, batch_sizes=batch_sizes, input_shapes=parse_input_shapes(input_shapes),
                            opt_level=opt_level, providers=tuple(providers), warmup=warmup, repeat=repeat,
                            session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed,
-                           order_seed=order_seed)
+                           order_seed=order_seed, round_warmup=round_warmup)
     artifacts = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-ort-") as tmp:
         targets = list(models)
