@@ -199,3 +199,55 @@ def test_same_padding_computed_from_shapes_folds_layer_after_layer():
     slimmed, report = slim(exported)
     assert_equivalent(exported, slimmed)
     assert report.masked_channels == report.deleted_masked_channels == 5, report.format_table()
+
+
+class GlobalContext(nn.Module):
+    """GCNet's context block (Cao et al. 2019) on a map of any size: ``view(b, c, h * w)`` of the features,
+    a softmax attention over positions, ``view(b, c, 1, 1)`` of the context, a transform added back; a
+    classifier head reads ``view(b, c, -1).mean(-1)``. Masks on the features and the transform's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), Mask(8, [1, 4, 6]), nn.ReLU())
+        self.att = nn.Conv2d(8, 1, 1)
+        self.transform = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 1), Mask(8, [1, 4, 6]))
+        self.head = nn.Sequential(nn.Conv2d(8, 6, 3), Mask(6, [0, 5]), nn.ReLU())
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        weights = self.att(y).view(b, 1, h * w).softmax(-1)
+        context = torch.matmul(y.view(b, c, h * w), weights.transpose(1, 2)).view(b, c, 1, 1)
+        z = self.head(y + self.transform(context))
+        return self.fc(z.view(b, z.shape[1], -1).mean(-1))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_views_that_keep_batch_and_channels_of_a_dynamic_map_pass_channels(dynamo):
+    """``view(b, c, h * w)`` / ``view(b, c, -1)`` with H and W dynamic: the target keeps (N, C) whatever the
+    rest is at run time (the -1 and ``h * w`` are not known before; dynamo writes C as a constant in a
+    computed Concat). Were a barrier: 0 of 8 masked channels deleted."""
+    torch.manual_seed(0)
+    model = GlobalContext().eval()
+    example = (torch.randn(1, 3, 16, 16),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("h", min=4, max=512),
+                    3: torch.export.Dim("w", min=4, max=512)}
+            exported = torch.onnx.export(model, example, dynamo=True, verbose=False, input_names=["x"],
+                                         dynamic_shapes={"x": dims}).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, example, buffer, dynamo=False, opset_version=17, input_names=["x"],
+                              dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+            exported = onnx.load_from_string(buffer.getvalue())
+    slimmed, report = slim(exported)
+    for batch, height, width in ((1, 16, 16), (2, 12, 20)):
+        feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 3, height, width)).astype(np.float32)}
+        assert_equivalent(exported, slimmed, feeds=feeds)
+    assert report.masked_channels == report.deleted_masked_channels == 8, report.format_table()
+    assert [(layer.channels_before, layer.channels_after) for layer in report.layers
+            if layer.channels_after < layer.channels_before] == \
+        [(8, 5), (8, 5), (6, 4)]

@@ -80,6 +80,9 @@ def test_rounded_kept_is_torch_pruning_nearest_multiple():
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_prune_rounds_kept_counts_and_stays_exact(scope):
+    from onnxslim.graph.prune import analyse, choose_classes
+    from onnxslim.graph.rounding import removed_channels
+
     model = residual_net()
     _, plain, _ = prune(model, ratio=0.4, scope=scope, round_to=1)
     slimmed, report, masked = prune(model, ratio=0.4, scope=scope, round_to=4)
@@ -88,13 +91,20 @@ def test_prune_rounds_kept_counts_and_stays_exact(scope):
     assert counts[-1] == 5  # the graph output keeps its channels
     assert all(c % 4 == 0 for c, d in zip(counts[:-1], dense) if c != d), counts  # unpruned layers stay as they are
     assert counts != dense
-    unrounded = {layer.node: layer.channels_after for layer in plain.layers}
+    # the choice before rounding (--scope global sizes it so that the rounded one meets the ratio; per
+    # layer it is the choice of round-to 1)
+    analysis = analyse(residual_net())  # the analysis normalises the model it reads
+    selection = choose_classes(analysis, 0.4, scope=scope, multiple=4)
+    unrounded = {analysis.index.node_name(node): analysis.info[name].size
+                 - removed_channels(analysis, selection.roots, [name]) for name, node in analysis.creators.items()}
+    if scope == "layer":
+        assert unrounded == {layer.node: layer.channels_after for layer in plain.layers}
     for layer in report.layers:
         if layer.op_type == "Conv" and layer.channels_before != 5:
             assert abs(layer.channels_after - unrounded[layer.node]) <= 2  # the nearest multiple of 4
     assert report.rounding["multiple"] == 4 and report.macs_after < report.macs_before
     # the report says when rounding changed how many channels go (the unrounded choice's own count)
-    chosen = sum(layer.channels_before - layer.channels_after for layer in plain.layers)
+    chosen = sum(layer.channels_before - unrounded[layer.node] for layer in report.layers)
     rounded = sum(layer.channels_before - layer.channels_after for layer in report.layers)
     notes = [note for note in report.notes if note.startswith("round-to 4:")]
     assert not any(note.startswith("round-to") for note in plain.notes)
@@ -164,7 +174,30 @@ def test_prune_rounds_a_stream_widened_by_padded_channels(scope):
     counts = conv_outputs(slimmed)
     assert counts[-1] == 4
     assert all(c % 8 == 0 for c in counts[:-1]), counts
-    assert counts[0] == 8 and report.macs_after < 0.5 * report.macs_before, counts
+    if scope == "layer":
+        assert counts[0] == 8 and report.macs_after < 0.5 * report.macs_before, counts
+    else:  # sized for the rounding: every layer keeping 16 removes 36 % of the MACs, keeping 8 removes 74 %
+        assert counts != conv_outputs(model) and abs(1 - report.macs_after / report.macs_before - 0.5) < 0.15, counts
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_global_scope_removes_the_ratio_of_the_macs_once_rounded(multiple):
+    """BlazeFace's stream (16 widened to 72 by zero-padded skips, a depthwise and a 1x1 conv per block):
+    ``--scope global --ratio r`` removes ``r`` of the MACs, rounded or not. Before, the cost model took a
+    residual class read and written by a 1x1 conv for a depthwise unit (``1 - max(a, b)`` of its MACs
+    left instead of ``(1 - a)(1 - b)``: 0.5 asked removed 0.65 unrounded), and rounding the kept counts
+    of the blocks' layers moved every one the same way (0.70 at round-to 8; the real BlazeFace: 0.76)."""
+    model = widened_stream(pads=(4, 4, 4, 6, 6, 8, 8, 8, 8, 8))
+    for ratio in (0.3, 0.5, 0.7):
+        slimmed, report, masked = prune(model, ratio=ratio, scope="global", round_to=multiple)
+        assert_equivalent(masked, slimmed)
+        removed = 1 - report.macs_after / report.macs_before
+        assert abs(removed - ratio) <= 0.08, (ratio, removed, conv_outputs(slimmed))  # a rounding step or less
+        if multiple > 1:
+            counts = conv_outputs(slimmed)  # pruned layers keep multiples; the others stay as they are
+            assert all(c % multiple == 0 for c, d in zip(counts[:-1], conv_outputs(model)) if c != d), counts
+            assert any(note.startswith("--scope global with rounding: the choice is sized so that the rounded "
+                                       f"kept counts remove {100 * removed:.1f}% of the macs") for note in report.notes)
 
 
 def test_slim_rounds_a_widened_stream_with_the_classes_each_layer_adds():

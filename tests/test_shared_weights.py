@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from builders_groups import export_both, shared_head_levels, slim_exact
-from graphs import GraphBuilder
+from graphs import GraphBuilder, assert_equivalent
 from torch import nn
 
 
@@ -76,3 +76,46 @@ def test_different_scales_after_a_shared_conv_are_not_folded_into_copies():
     slimmed, report = slim_exact(model)
     assert report.params_after <= report.params_before and report.size_after <= report.size_before
     assert _dims(slimmed).count([6, 3, 3, 3]) == 1
+
+
+def _bias_through_reshape_copies(constant_node: bool = False):
+    """conv -> Add(Reshape(b)) -> relu -> conv -> Add(Reshape(b)) -> relu -> conv -> mask (2 of 8) -> relu ->
+    conv: one stored bias ``b`` (8), read through two Reshape nodes (normalisation folds them into two
+    initializers); ``constant_node``: ``b`` is a Constant node, as old exporters wrote weights."""
+    from onnx import helper, numpy_helper
+
+    g = GraphBuilder(seed=1)
+    x = g.input([1, 3, 8, 8])
+    if constant_node:
+        g.nodes.append(helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(
+            np.linspace(-1, 1, 8).astype(np.float32), "b")))
+        b = "b"
+    else:
+        b = g.const(np.linspace(-1, 1, 8).astype(np.float32))
+    shape = g.const(np.array([1, 8, 1, 1], np.int64))
+    y = g.op("Relu", [g.op("Add", [g.conv(x, 3, 8, bias=False), g.op("Reshape", [b, shape])])])
+    z = g.op("Relu", [g.op("Add", [g.conv(y, 8, 8, bias=False), g.op("Reshape", [b, shape])])])
+    g.output(g.conv(g.op("Relu", [g.mask(g.conv(z, 8, 8), 8, zeros=[2, 5])]), 8, 4))
+    return g.model()
+
+
+@pytest.mark.parametrize("constant_node", [False, True])
+def test_params_before_count_a_constant_once_however_many_copies_read_it(constant_node):
+    """``params before`` is what the input stores (the bias once, also from a Constant node), and the two
+    equal Reshape copies normalisation folds are stored once in the result (before: 16 bias params, and the
+    copies counted in ``params before``)."""
+    from onnxslim.graph.prune import prune
+    from onnxslim.graph.slim import slim
+    from onnxslim.graph.stats import count_params
+
+    model = _bias_through_reshape_copies(constant_node)
+    stored = 8 * 3 * 9 + 8 * 8 * 9 + (8 * 8 * 9 + 8) + 8 + 4 * 8 * 9 + 4 + 8  # convs, mask, head, bias b
+    assert count_params(model) == stored
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.params_before == stored
+    assert sum(list(t.dims) == [1, 8, 1, 1] for t in slimmed.graph.initializer) == 1  # one copy of b, unsliced
+    assert report.params_after == count_params(slimmed) == stored - 8 - 2 * (8 * 9 + 1) - 2 * 4 * 9  # mask, 2 channels
+    unmasked = _bias_through_reshape_copies(constant_node)
+    _, pruned, _ = prune(unmasked, ratio=0.25, round_to=1)
+    assert pruned.params_before == count_params(unmasked) == stored  # not the masked reference's, not the copies

@@ -109,10 +109,10 @@ def _batch(shapes: dict[str, list[int]] | None) -> int:
 
 def _prune_cut(model, chosen: set[int], rounding, options: dict[str, Any], notes: list[str]):
     """Prune the classes ``chosen`` (element ids of class roots) from a fresh analysis of ``model``."""
-    from onnxslim.graph.prune import _criterion_notes, channel_scores, prune_selection
-    from onnxslim.graph.slim import analyse, load_model
+    from onnxslim.graph.prune import _criterion_notes, channel_scores, load_input, prune_selection
+    from onnxslim.graph.slim import analyse
 
-    masked, size_before = load_model(model)
+    masked, before = load_input(model, options.get("rules"))
     analysis = analyse(masked, options.get("input_shapes"), rules=options.get("rules"))
     settled = settle_choice(analysis, chosen) if chosen else set()
     criterion = options.get("criterion", "l1")
@@ -121,7 +121,7 @@ def _prune_cut(model, chosen: set[int], rounding, options: dict[str, Any], notes
                                       channel_scores(analysis, criterion, options.get("seed", 0)), rounding,
                                       placement=options.get("placement", "consumers"),
                                       input_shapes=options.get("input_shapes"), rules=options.get("rules"),
-                                      size_before=size_before)
+                                      **before)
     return slimmed, report, masked
 
 

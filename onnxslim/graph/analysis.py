@@ -55,6 +55,8 @@ class ChannelAnalysis:
         self.masks: list[MaskSite] = []
         self.barriers: list[tuple[onnx.NodeProto, str]] = []
         self.creators: dict[str, onnx.NodeProto] = {}  # tensor -> node that made its ids fresh
+        #: tensor -> the value its zero channels hold when it is not 0 (a quantized tensor's zero point)
+        self.zero_points: dict[str, float] = {}
         self._weight_readers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._nonnegative: dict[str, bool] = {}  # tensor -> answer of nonnegative(), memoised
         self._positive: dict[str, bool] = {}  # tensor -> answer of positive(), memoised

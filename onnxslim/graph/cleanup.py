@@ -4,6 +4,8 @@
   disappears into neighbouring weights.
 * :func:`remove_identities` — ``Identity`` nodes are bypassed (Dropout in inference, dropped operands).
 * :func:`remove_dead_code` — nodes no output depends on, and initializers nothing reads, are dropped.
+* :func:`share_equal_constants` — a constant that normalisation folded into several equal copies (a
+  bias through two ``Reshape`` nodes) is stored once, as the input stored it.
 * :func:`refresh_shapes` — stale ``value_info`` is cleared and shapes re-inferred.
 * :func:`sync_initializer_inputs` — initializers stop being graph inputs (IR >= 4; below IR 4 they keep
   their declarations, with their sliced shapes).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxslim.graph.analysis import RuleLookup
 from onnxslim.graph.model import Graph, WeightStore, iter_nodes_with_subgraphs
@@ -273,6 +275,40 @@ def remove_dead_code(model: onnx.ModelProto) -> int:
         del graph.input[:]
         graph.input.extend(inputs)
     return removed
+
+
+def share_equal_constants(model: onnx.ModelProto, original: set[str]) -> int:
+    """Drop every initializer created by normalisation (its name is not in ``original``, the input's
+    initializers) that equals another one (element type, dims and values); its readers, inside
+    control-flow bodies too, read that one. Graph inputs and outputs and external data are left alone.
+    Returns how many initializers went."""
+    graph = model.graph
+    fixed = {value.name for value in [*graph.input, *graph.output]}
+    candidates = [t for t in graph.initializer if t.name not in original and t.name not in fixed
+                  and t.data_location != onnx.TensorProto.EXTERNAL]
+    signatures = {(t.data_type, tuple(t.dims)) for t in candidates}
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    ordered = sorted(graph.initializer, key=lambda t: t.name not in original)  # the input's own names first
+    for tensor in ordered:
+        signature = (tensor.data_type, tuple(tensor.dims))
+        if signature not in signatures or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        key = (*signature, numpy_helper.to_array(tensor).tobytes())
+        if key in first and tensor.name not in original and tensor.name not in fixed:
+            alias[tensor.name] = first[key]
+        else:
+            first.setdefault(key, tensor.name)
+    if not alias:
+        return 0
+    for node in iter_nodes_with_subgraphs(graph):
+        for slot, name in enumerate(node.input):
+            if name in alias:
+                node.input[slot] = alias[name]
+    survivors = [t for t in graph.initializer if t.name not in alias]
+    del graph.initializer[:]
+    graph.initializer.extend(survivors)
+    return len(alias)
 
 
 def sync_initializer_inputs(model: onnx.ModelProto, original_inputs: list[str]) -> int:

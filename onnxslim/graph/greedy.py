@@ -208,15 +208,11 @@ def kept_counts(trace: GreedyTrace, analysis: ChannelAnalysis, chosen: set[int])
 
 def macs_cost(analysis: ChannelAnalysis, layer_macs: dict[str, float]) -> LayerCost:
     """The MACs of a layer keeping a fraction ``(1 - a)`` of its outputs and ``(1 - b)`` of its inputs:
-    ``macs * (1 - a) * (1 - b)``, or ``macs * (1 - max(a, b))`` when its inputs and outputs are one unit
-    (depthwise; the formula of ``Tally.remaining_cost``). ``layer_macs`` is keyed by output tensor."""
+    ``macs * (1 - a) * (1 - b)``, or ``macs * (1 - max(a, b))`` for a depthwise layer
+    (:meth:`Layer.kept_fraction`, the formula of ``Tally.remaining_cost``). ``layer_macs`` is keyed by output tensor."""
 
     def cost(layer: Layer, removed_in: int, removed_out: int) -> float:
-        a = removed_out / layer.size
-        b = removed_in / layer.in_size if layer.in_size else 0.0
-        tied = layer.in_units.keys() & layer.units.keys()
-        keep = (1 - max(a, b)) if tied else (1 - a) * (1 - b)
-        return layer_macs.get(layer.name, 0.0) * keep
+        return layer_macs.get(layer.name, 0.0) * layer.kept_fraction(removed_in, removed_out)
 
     return cost
 

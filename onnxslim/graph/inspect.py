@@ -112,8 +112,9 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
     group_of_root = _layer_groups(analysis, roots)
     _, _, layer_macs = count_macs(model, index.shapes, analysis.rules)
     zero_class = np.zeros(analysis.uf.size, bool)  # zero in at least one tensor (e.g. after its mask)
-    for info in analysis.info.values():
-        zero_class[roots[info.ids[info.zero]]] = True
+    for name, info in analysis.info.items():
+        zero = info.const & (info.value == analysis.zero_points.get(name, 0.0))
+        zero_class[roots[info.ids[zero]]] = True
 
     layers = []
     for name, node in analysis.creators.items():

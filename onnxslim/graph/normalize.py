@@ -410,10 +410,10 @@ def _constant_targets(node, index) -> list[tuple[int, np.ndarray]]:
 
 
 def _known_entries(node, slot: int, index) -> np.ndarray | None:
-    from onnxslim.graph.shape_values import Dim, shape_value
+    from onnxslim.graph.shape_values import UNKNOWN, Dim, shape_value
 
     value = shape_value(index, node.input[slot])
-    if value is None:
+    if value is None or UNKNOWN in value:  # a -1 for it could not be told from an empty batch's 0
         return None
     entries = []
     for position, entry in enumerate(value):

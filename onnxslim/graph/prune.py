@@ -13,8 +13,10 @@
    the classes with the lowest importance per unit of cost (MACs or params) up to ``ratio`` of the cost.
 4. The choice becomes **masks**: a per-channel ``Mul`` with zeros is inserted where a reducing layer
    reads a chosen channel (``placement="consumers"``), or right after each creating layer and its
-   BatchNormalization (``placement="after_bn"``, where mask training puts them). That masked model is
-   the exact meaning of the pruning; :func:`onnxslim.graph.slim.slim` then deletes the channels.
+   BatchNormalization (``placement="after_bn"``, where mask training puts them); an integer tensor (a
+   QOperator model's) is masked in the weights of its layers instead (``Rule.mask_output_channels``:
+   a channel at its zero point). That masked model is the exact meaning of the pruning;
+   :func:`onnxslim.graph.slim.slim` then deletes the channels.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from onnxslim.graph.rules import RuleSet
 from onnxslim.graph.selection import Cost, Selection, choose
 from onnxslim.graph.shapes import infer_model
 from onnxslim.graph.slim import analyse, check_model, load_model, slim
+from onnxslim.graph.stats import count_params
 from onnxslim.graph.values import BARRIER
 from onnxslim.io import save_model_atomic
 
@@ -74,8 +77,9 @@ def _following_gains(analysis: ChannelAnalysis, name: str, size: int) -> np.ndar
 
 
 def choose_classes(analysis: ChannelAnalysis, ratio: float, criterion: str = "l1", scope: str = "layer",
-                   min_channels: int = 1, seed: int = 0, cost: Cost = "macs") -> Selection:
-    """The classes to remove and notes for the user (see :mod:`onnxslim.graph.selection`).
+                   min_channels: int = 1, seed: int = 0, cost: Cost = "macs", multiple: int = 1) -> Selection:
+    """The classes to remove and notes for the user (see :mod:`onnxslim.graph.selection`); ``multiple``:
+    the kept-count rounding :func:`prune_selection` applies next (``scope="global"`` sizes its choice for it).
 
     Raises OnnxSlimError for a bad ratio or scope, and for ``criterion="bn"`` on a model without any
     BatchNormalization after its layers (exporters fold BN into the convs in eval mode).
@@ -87,7 +91,8 @@ def choose_classes(analysis: ChannelAnalysis, ratio: float, criterion: str = "l1
     if cost not in ("macs", "params"):
         raise OnnxSlimError(f"cost must be 'macs' or 'params', got {cost!r}")
     notes = _criterion_notes(analysis, criterion)
-    selection = choose(analysis, channel_scores(analysis, criterion, seed), ratio, scope, min_channels, cost)
+    selection = choose(analysis, channel_scores(analysis, criterion, seed), ratio, scope, min_channels, cost,
+                       multiple)
     selection.notes[:0] = notes
     return selection
 
@@ -140,8 +145,11 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
     # every output of every node (the second output of a Split ...); graph inputs go first (-1)
     positions = {name: position for position, node in enumerate(graph.node) for name in node.output if name}
     inserted, added = [], []
+    in_weights = _mask_in_weights(model, analysis, chosen[roots], added)
     for name, readers in targets:
         info = analysis.info[name]
+        if mask_dtype(name).kind != "f":
+            continue  # an integer tensor (QOperator models): its layers' weights hold the mask
         values = np.where(chosen[roots[info.ids]], 0.0, 1.0).astype(mask_dtype(name))
         shape = [1] * info.rank
         shape[info.axis] = info.size
@@ -159,7 +167,26 @@ def insert_masks(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen_roots
         graph.node.insert(position + 1, mul)
     if model.ir_version < 4:  # IR 3 lists every initializer as an input
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
-    return len(inserted)
+    return len(inserted) + in_weights
+
+
+def _mask_in_weights(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen: np.ndarray, added: list) -> int:
+    """Masks written into the weights of the layers whose rule can (``Rule.mask_output_channels``: quantized
+    layers, whose integer output reads a channel as zero at its zero point): each chosen output channel
+    (``chosen``: bool per element id) gets new constants that make it that zero. The new initializers are
+    appended to ``added``; returns how many layers were masked so."""
+    index, graph, count = analysis.index, model.graph, 0
+    for name, node in analysis.creators.items():
+        zero = chosen[analysis.info[name].ids]
+        masks = analysis.rule_for(node).mask_output_channels(node, index, zero) if zero.any() else None
+        for slot, value in (masks or {}).items():
+            masked = index.fresh_name(f"{node.input[slot]}_prune_mask")
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), masked))
+            added.append(graph.initializer[-1])
+            index.initializers[masked] = graph.initializer[-1]
+            node.input[slot] = masked
+        count += bool(masks)
+    return count
 
 
 def _float_types(model: onnx.ModelProto):
@@ -203,12 +230,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     *kept* count to the nearest multiple, as Torch-Pruning does.
     """
     rounding = resolve_round_to(round_to, target_device)
-    masked, size_before = load_model(model)
+    masked, before = load_input(model, rules)
     analysis = analyse(masked, input_shapes, rules=rules)
-    selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost)
+    selection = choose_classes(analysis, ratio, criterion, scope, min_channels, seed, cost, rounding.multiple)
     slimmed, report = prune_selection(masked, analysis, selection, channel_scores(analysis, criterion, seed),
                                       rounding, placement=placement, input_shapes=input_shapes, rules=rules,
-                                      size_before=size_before)
+                                      **before)
     # written only once everything succeeded: a failed command leaves no output file
     if masked_path is not None:
         save_model_atomic(masked, masked_path)
@@ -217,14 +244,25 @@ def prune(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.Path
     return slimmed, report, masked
 
 
+def load_input(model: onnx.ModelProto | str | os.PathLike, rules: RuleSet | None = None,
+               ) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A private copy of ``model`` (to mask) and what the report says of the input, as stored:
+    ``size_before`` (bytes) and ``params_before`` (:func:`count_params` before normalisation copies
+    constants), the keyword arguments of :func:`prune_selection`."""
+    masked, size_before = load_model(model)
+    return masked, {"size_before": size_before, "params_before": count_params(masked, rules)}
+
+
 def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selection: Selection,
                     scores: dict[str, np.ndarray], rounding: Rounding, *, placement: str = "consumers",
                     input_shapes: dict[str, list[int]] | None = None, rules: RuleSet | None = None,
-                    size_before: int | None = None) -> tuple[onnx.ModelProto, SlimReport]:
+                    size_before: int | None = None, params_before: int | None = None,
+                    ) -> tuple[onnx.ModelProto, SlimReport]:
     """Steps 4-5 of ``prune`` for classes already chosen: round the kept counts (``scores`` rank the
     channels :func:`round_choice` adds or gives back), insert the masks into ``masked`` (in place; it is
     the model ``analysis`` was run on), check it and slim it. Returns (slimmed model, report), whose
-    ``size_before`` is ``size_before`` (the input's bytes) when given, else the masked model's."""
+    ``size_before`` and ``params_before`` are the input's (bytes, :func:`count_params` before
+    normalisation) when given, else the masked model's (which adds the masks)."""
     roots = round_choice(analysis, selection.roots, scores, rounding.multiple, analysis.kept_by(BARRIER))
     rounded = rounding_note(analysis, selection.roots, roots, scores, rounding.multiple)
     insert_masks(masked, analysis, roots, placement)
@@ -235,4 +273,6 @@ def prune_selection(masked: onnx.ModelProto, analysis: ChannelAnalysis, selectio
     report.notes = selection.notes + rounded + report.notes
     if size_before is not None:  # the input's size, not the masked reference's (which adds the masks)
         report.size_before = size_before
+    if params_before is not None:
+        report.params_before = params_before
     return slimmed, report

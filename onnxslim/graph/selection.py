@@ -18,11 +18,15 @@ conv, the group size for a grouped one). Classes held by a barrier are never cho
   rounds.
 * ``scope="global"``: classes are ranked by importance per unit of cost — importance is the sum over
   its layers of the channel scores divided by that layer's mean score; cost is the MACs (or params) that
-  deleting it saves: per layer ``max(u_out * cost/n_out, u_in * cost/n_in)`` (a depthwise unit is both
-  an output and an input of one layer and saves its cost once). The cheapest-to-lose classes go until
-  ``ratio`` of the layers' total cost is removed, counted per layer as ``cost * (1-a)(1-b)`` left for
-  fractions ``a`` of outputs and ``b`` of inputs removed; every layer output and input keeps
-  ``min_channels``.
+  deleting it saves: per layer ``u_out * cost/n_out + u_in * cost/n_in`` (a residual class is both), or
+  the larger of the two for a depthwise layer (its unit is one group's input and outputs: the cost falls
+  once). The cheapest-to-lose classes go until ``ratio`` of the layers' total cost is removed, counted
+  per layer as ``cost * (1-a)(1-b)`` left for fractions ``a`` of outputs and ``b`` of inputs removed
+  (``cost * (1 - max(a, b))`` for a depthwise layer); every layer output and input keeps
+  ``min_channels``. When the kept counts are rounded next (``multiple``), the choice is the prefix of
+  that ranking whose *rounded* result removes the cost closest to ``ratio`` (a bisection over the
+  prefix length; rounding each layer to its nearest multiple alone moves a residual stream's layers
+  all the same way: BlazeFace lost 76 % of its MACs at ratio 0.5 and round-to 8).
 
 Notes (returned with the choice): a layer whose budget a barrier makes unreachable (layers writing a
 graph output are not mentioned), MACs unknown so params were used.
@@ -31,13 +35,14 @@ graph output are not mentioned), MACs unknown so params were used.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import numpy as np
 
 from onnxslim.graph.analysis import ChannelAnalysis
 from onnxslim.graph.plan import RemovalPlan
+from onnxslim.graph.rounding import round_choice
 from onnxslim.graph.stats import count_macs
 from onnxslim.graph.values import BARRIER, STRUCTURAL, Reason
 
@@ -62,6 +67,16 @@ class Layer:
     units: dict[int, int]  # root -> channels of that class in this layer's output
     in_size: int  # channels of its feature input (0 when it reads a constant or shape-less tensor)
     in_units: dict[int, int]  # root -> channels of that class in its feature input
+    depthwise: bool = False  # one input channel per group: an output channel reads its group's input only
+
+    def kept_fraction(self, removed_in: int, removed_out: int) -> float:
+        """The fraction of the layer's cost (MACs, params) left with ``removed_out`` of its output and
+        ``removed_in`` of its input channels removed: ``(1 - a) * (1 - b)`` for fractions ``a`` and ``b``,
+        ``1 - max(a, b)`` for a depthwise layer (a group's input and outputs go together, so its cost
+        falls once; a residual class that is both input and output of a dense conv removes both)."""
+        a = removed_out / self.size
+        b = removed_in / self.in_size if self.in_size else 0.0
+        return 1 - max(a, b) if self.depthwise else (1 - a) * (1 - b)
 
 
 def _units(roots: np.ndarray, ids: np.ndarray) -> dict[int, int]:
@@ -76,8 +91,15 @@ def layers_of(analysis: ChannelAnalysis, roots: np.ndarray, names) -> list[Layer
         x = analysis.feature(node.input[0])
         layers.append(Layer(name, analysis.index.node_name(node), analysis.info[name].size,
                              _units(roots, analysis.info[name].ids), x.size if x is not None else 0,
-                             _units(roots, x.ids) if x is not None else {}))
+                             _units(roots, x.ids) if x is not None else {},
+                             x is not None and _depthwise(analysis, node, x.size)))
     return layers
+
+
+def _depthwise(analysis: ChannelAnalysis, node, in_size: int) -> bool:
+    """A grouped reduction with one input channel per group (a depthwise conv, with or without a multiplier)."""
+    rule = analysis.rule_for(node)
+    return in_size > 1 and rule.reduction(node, 0) == "grouped" and rule.channel_groups(node) == in_size
 
 
 class Tally:
@@ -120,15 +142,10 @@ class Tally:
             all(sizes[name][1] - self.removed_in[name] - n >= self.min_channels for name, n in into.items())
 
     def remaining_cost(self, layer_cost: dict[str, float]) -> float:
-        """The cost left in the layers: ``cost * (1 - a) * (1 - b)`` for a fraction ``a`` of outputs and ``b``
-        of inputs removed, ``cost * (1 - max(a, b))`` when its inputs and outputs are one unit (depthwise)."""
-        left = 0.0
-        for layer in self.layers:
-            a = self.removed[layer.name] / layer.size
-            b = self.removed_in[layer.name] / layer.in_size if layer.in_size else 0.0
-            tied = layer.in_units.keys() & layer.units.keys()
-            left += layer_cost.get(layer.name, 0.0) * ((1 - max(a, b)) if tied else (1 - a) * (1 - b))
-        return left
+        """The cost left in the layers (:meth:`Layer.kept_fraction` of each layer's cost)."""
+        return sum(layer_cost.get(layer.name, 0.0) * layer.kept_fraction(self.removed_in[layer.name],
+                                                                        self.removed[layer.name])
+                   for layer in self.layers)
 
     def add(self, bundle: Iterable[int]) -> None:
         out, into = self.counts(bundle)
@@ -151,16 +168,21 @@ def class_scores(analysis: ChannelAnalysis, roots: np.ndarray, scores: dict[str,
 
 
 def choose(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], ratio: float, scope: Scope = "layer",
-           min_channels: int = 1, cost: Cost = "macs") -> Selection:
+           min_channels: int = 1, cost: Cost = "macs", multiple: int = 1) -> Selection:
     """The classes to remove (see the module docstring); ``scores`` maps a layer's output tensor to one
-    score per output channel (higher = more important)."""
+    score per output channel (higher = more important). ``multiple``: the kept-count rounding that
+    follows (:func:`onnxslim.graph.rounding.round_choice`); ``scope="global"`` sizes its choice so that
+    the rounded one removes ``ratio`` of the cost."""
     roots = analysis.uf.roots()
     locked = analysis.kept_by(BARRIER)
     layers = layers_of(analysis, roots, scores)
     notes: list[str] = []
     if scope == "global":
-        chosen = _choose_global(analysis, roots, layers, class_scores(analysis, roots, scores, True),
-                                locked, ratio, min_channels, cost, notes)
+        def rounded(chosen: set[int]) -> set[int]:
+            return {int(r) for r in round_choice(analysis, np.array(sorted(chosen), np.int64), scores, multiple, locked)}
+
+        chosen = _choose_global(analysis, layers, class_scores(analysis, roots, scores, True), locked, ratio,
+                                min_channels, cost, notes, rounded if multiple > 1 else None)
     else:
         chosen = _choose_per_layer(analysis, layers, class_scores(analysis, roots, scores, False), locked, ratio,
                                    min_channels)
@@ -259,37 +281,77 @@ def settle_choice(analysis: ChannelAnalysis, chosen: set[int]) -> set[int]:
     return {r for r in chosen if plan.removed[r]}
 
 
-def _choose_global(analysis, roots, layers, importance, locked, ratio, min_channels, cost, notes) -> set[int]:
+def _choose_global(analysis, layers, importance, locked, ratio, min_channels, cost, notes,
+                   rounded: Callable[[set[int]], set[int]] | None = None) -> set[int]:
     layer_cost = _layer_costs(analysis, cost, notes)
-    class_cost = _class_costs(analysis, roots, layer_cost)
+    class_cost = _class_costs(layers, layer_cost)
     total = sum(layer_cost.values())
+    ranked = sorted((r for r in importance if not locked[r]),
+                    key=lambda r: importance[r] / max(class_cost.get(r, 0.0), 1e-12))
+    sequence, saved = _global_sequence(layers, ranked, layer_cost, min_channels, total, ratio if rounded is None else 1.0)
+    end = next((k for k, value in enumerate(saved) if value >= ratio * total), len(sequence))
+    if rounded is None:
+        achieved = saved[end]
+    else:
+        end, achieved = _rounded_prefix(sequence, saved, ratio * total, rounded,
+                                        lambda chosen: total - Tally(layers, min_channels, chosen).remaining_cost(layer_cost))
+        notes.append(f"--scope global with rounding: the choice is sized so that the rounded kept counts remove "
+                     f"{100 * achieved / total:.1f}% of the {cost} ({100 * ratio:.1f}% asked)")
+    if total and achieved < ratio * total - 1e-9 and end == len(sequence):
+        notes.append(f"--scope global: {100 * achieved / total:.1f}% of the {cost} removed instead of "
+                     f"{100 * ratio:.1f}% (the rest is held by barriers or min_channels)")
+    return set(sequence[:end])
+
+
+def _global_sequence(layers: list[Layer], ranked: list[int], layer_cost: dict[str, float], min_channels: int,
+                     total: float, up_to: float) -> tuple[list[int], list[float]]:
+    """The classes of ``ranked`` that fit one after the other (``min_channels``), until ``up_to`` of the
+    cost is removed, and the cost removed after each prefix (``saved[k]`` for the first ``k``)."""
     tally = Tally(layers, min_channels)
-    chosen: set[int] = set()
-    free = [r for r in importance if not locked[r]]
-    for root in sorted(free, key=lambda r: importance[r] / max(class_cost.get(r, 0.0), 1e-12)):
-        if total - tally.remaining_cost(layer_cost) >= ratio * total:
+    sequence, saved = [], [0.0]
+    for root in ranked:
+        if saved[-1] >= up_to * total:
             break
         if tally.fits([root], None):
-            chosen.add(root)
+            sequence.append(root)
             tally.add([root])
-    saved = total - tally.remaining_cost(layer_cost)
-    if total and saved < ratio * total - 1e-9:
-        notes.append(f"--scope global: {100 * saved / total:.1f}% of the {cost} removed instead of "
-                     f"{100 * ratio:.1f}% (the rest is held by barriers or min_channels)")
-    return chosen
+            saved.append(total - tally.remaining_cost(layer_cost))
+    return sequence, saved
 
 
-def _class_costs(analysis: ChannelAnalysis, roots: np.ndarray, layer_cost: dict[str, float]) -> dict[int, float]:
-    """Per class: the cost its deletion saves in the layers that create or read it (additive estimate)."""
-    index = analysis.index
+def _rounded_prefix(sequence: list[int], saved: list[float], goal: float, rounded: Callable[[set[int]], set[int]],
+                    saved_by: Callable[[set[int]], float]) -> tuple[int, float]:
+    """The prefix length ``k`` of ``sequence`` whose choice, once ``rounded``, removes the cost closest to
+    ``goal`` (``saved_by``): a bisection for the shortest prefix reaching it (the rounded cost grows with
+    ``k``, though not strictly: every probe is a candidate). Returns ``(k, cost removed)``."""
+    probes: dict[int, float] = {}
+
+    def probe(k: int) -> float:
+        if k not in probes:
+            probes[k] = saved_by(rounded(set(sequence[:k])))
+        return probes[k]
+
+    low, high = 0, len(sequence)
+    if probe(high) >= goal:
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if probe(middle) >= goal else (middle, high)
+        probe(low)
+    best = min(probes, key=lambda k: (abs(probes[k] - goal), k))
+    return best, probes[best]
+
+
+def _class_costs(layers: list[Layer], layer_cost: dict[str, float]) -> dict[int, float]:
+    """Per class: the cost its deletion saves in the layers that create or read it (first-order estimate):
+    per layer ``u_out * cost / n_out + u_in * cost / n_in`` (a residual class is both), the larger of the
+    two for a depthwise layer, whose unit is one group's input and outputs."""
     result: dict[int, float] = {}
-    for name, node in analysis.creators.items():
-        total = layer_cost.get(name, 0.0)
-        out_ids, in_info = analysis.info[name].ids, analysis.feature(node.input[0])
-        saving = {root: count * total / len(out_ids) for root, count in _units(roots, out_ids).items()}
-        if in_info is not None and in_info.size and not index.is_const(node.input[0]):
-            for root, count in _units(roots, in_info.ids).items():
-                saving[root] = max(saving.get(root, 0.0), count * total / in_info.size)
+    for layer in layers:
+        total = layer_cost.get(layer.name, 0.0)
+        saving = {root: count * total / layer.size for root, count in layer.units.items()}
+        for root, count in layer.in_units.items():
+            share = count * total / layer.in_size
+            saving[root] = max(saving.get(root, 0.0), share) if layer.depthwise else saving.get(root, 0.0) + share
         for root, value in saving.items():
             result[root] = result.get(root, 0.0) + value
     return result

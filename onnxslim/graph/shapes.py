@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.contrib_shapes import contrib_outputs
 
 _SMALL = 4096  # elements; constants up to this size keep their data for data propagation
 
@@ -61,7 +62,8 @@ def infer_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
         for _ in range(16):  # each round can reach one more shape-preserving op further down
-            found = _same_shape_outputs(inferred) + _batch_through_reshapes(inferred) + _reshapes_to_shape_of(inferred)
+            found = (_same_shape_outputs(inferred) + _batch_through_reshapes(inferred) + _reshapes_to_shape_of(inferred)
+                     + contrib_outputs(inferred))
             if not found:
                 break
             named = {value.name for value in found}

@@ -30,6 +30,7 @@ from onnxslim.graph.cleanup import (
     refresh_shapes,
     remove_dead_code,
     remove_identities,
+    share_equal_constants,
     sync_initializer_inputs,
 )
 from onnxslim.graph.model import Graph, attach_weights, detach_weights, opset_version, serialized_size
@@ -47,7 +48,7 @@ from onnxslim.graph.rewrite import Rewriter
 from onnxslim.graph.rounding import resolve_round_to
 from onnxslim.graph.rules import RuleSet, default_rules
 from onnxslim.graph.shapes import infer_model, shapes_of, skeleton, symbols_of
-from onnxslim.graph.stats import model_stats
+from onnxslim.graph.stats import count_params, model_stats
 from onnxslim.io import load_onnx, save_model_atomic
 
 # above this size the checker runs on the weight-free skeleton (plus our own tensor-size check),
@@ -141,6 +142,8 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     original_inputs = [i.name for i in model.graph.input]
     writes_value_info = len(model.graph.value_info) > 0  # an input without any stays without (never larger)
 
+    original = {t.name for t in model.graph.initializer}
+    params_before = count_params(model, rules)  # as the input stores them (normalisation may copy some)
     analysis = analyse(model, input_shapes, sources, rules)
     index = analysis.index
     before = model_stats(model, shapes=index.shapes, rules=analysis.rules)
@@ -156,6 +159,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     index.flush_updates()
     removed_nodes += remove_dead_code(model)
     attach_weights(model, index.sources)
+    share_equal_constants(model, original)
     del source, sources
     unlisted = sync_initializer_inputs(model, original_inputs)
     try:
@@ -174,7 +178,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         layers.append(LayerChange(node_name, op_type, channels, int(keep.sum()), module))
     report = SlimReport(
         layers=layers,
-        params_before=before.params, params_after=after.params,
+        params_before=params_before, params_after=after.params,
         macs_before=before.macs, macs_after=after.macs,
         size_before=size_before, size_after=serialized_size(model),
         masked_channels=mask_summary[0], deleted_masked_channels=mask_summary[1], kept=mask_summary[2],
@@ -195,11 +199,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     return model, report
 
 
-# int8 ops of onnxruntime's QOperator format (ONNX QLinearConv / QLinearMatMul and com.microsoft's QLinear* /
-# QGemm); the quantization rules read the QDQ format and quantize_dynamic's ConvInteger / MatMulInteger
-_QOPERATOR_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd",
-                            "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
-                            "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean"})
+# int8 ops of onnxruntime's QOperator format that no rule reads (rules/qoperator.py reads QLinearConv,
+# QLinearMatMul, QGemm, QLinearAdd / Mul / Concat / pools / LeakyRelu / Sigmoid): they hold what they touch
+_QOPERATOR_OPS = frozenset({"QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "QAttention", "QEmbedLayerNormalization"})
 
 
 def _plan_notes(analysis: ChannelAnalysis, plan: RemovalPlan) -> list[str]:
@@ -219,7 +221,7 @@ def _no_layer_notes(analysis: ChannelAnalysis) -> list[str]:
     note = "no layer that the rules know was found; ops without a rule: " + ", ".join(
         f"{op} x{count}" for op, count in unknown.most_common(6)) + (", ..." if len(unknown) > 6 else "")
     if unknown.keys() & _QOPERATOR_OPS:
-        note += (" (onnxruntime's QOperator int8 format: quantize with quant_format=QuantFormat.QDQ, whose "
+        note += (" (QOperator int8 ops that slim does not read: quantize with quant_format=QuantFormat.QDQ, whose "
                  "QuantizeLinear/DequantizeLinear pairs slim reads, or slim/prune the float model and quantize after)")
     return [note]
 

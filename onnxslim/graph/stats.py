@@ -1,8 +1,12 @@
 """Parameter and MAC counts of an ONNX model.
 
-* params: elements of all floating-point initializers (integer ones are shapes and indices), of
-  quantized weights (the int8 data behind a DequantizeLinear) and of the integer weights of
-  ConvInteger / MatMulInteger (dynamically quantized models).
+* params: elements of all floating-point initializers (integer ones are shapes and indices) and
+  floating-point ``Constant`` nodes (old exporters keep weights there), of quantized weights (the int8
+  data behind a DequantizeLinear) and of the integer weights of ConvInteger / MatMulInteger
+  (dynamically quantized models) and QLinearConv / QLinearMatMul / QGemm (QOperator models; their int32
+  biases are not counted): each stored tensor once, however many nodes read it. ``slim`` and
+  ``prune`` count the input as stored, before normalisation folds constants (a bias reshaped for two
+  readers is then two initializers).
 * MACs: multiply-accumulates of one sample (batch dimension taken as 1), from static shapes, of every
   op whose rule counts them (``Rule.counts_macs`` / ``Rule.macs``): Conv, ConvTranspose, Gemm and MatMul
   in the default rules — ``Cout * prod(out spatial) * Cin/g * prod(kernel)`` for Conv,
@@ -33,18 +37,26 @@ class ModelStats:
 
 
 def count_params(model: onnx.ModelProto, rules: RuleSet | None = None) -> int:
-    """Elements of the floating-point initializers, of the quantized weights (the integer data of a
+    """Elements of the floating-point initializers and Constant nodes, of the quantized weights (the integer data of a
     DequantizeLinear of initializers, see :mod:`onnxslim.graph.quantized`) and of the integer weights
-    (input 1) of MAC-counting ops (``Rule.counts_macs`` in ``rules``: ConvInteger, MatMulInteger)."""
+    (input ``Rule.weight_slot``) of MAC-counting ops (``Rule.counts_macs`` in ``rules``: ConvInteger,
+    MatMulInteger, QLinearConv, QLinearMatMul, QGemm)."""
     rules = rules if rules is not None else default_rules()
     names = {t.name for t in model.graph.initializer}
     data = {node.input[0] for node in model.graph.node if quantized.is_quantized_constant(node, names)}
-    data |= {node.input[1] for node in model.graph.node
-             if len(node.input) > 1 and node.input[1] in names and rules.rule_for(node).counts_macs}
+    for node in model.graph.node:
+        rule = rules.rule_for(node)
+        if rule.counts_macs and len(node.input) > rule.weight_slot and node.input[rule.weight_slot] in names:
+            data.add(node.input[rule.weight_slot])
+    stored = list(model.graph.initializer)
+    stored += [attr.t for node in model.graph.node if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+               for attr in node.attribute if attr.name == "value"]
     total = 0
-    for tensor in model.graph.initializer:
+    for tensor in stored:
         if tensor.data_type in _FLOAT_TYPES or tensor.name in data:
             total += int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    total += sum(len(attr.floats) for node in model.graph.node if node.op_type == "Constant"
+                 for attr in node.attribute if attr.name == "value_floats")
     return total
 
 

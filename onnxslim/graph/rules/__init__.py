@@ -10,10 +10,21 @@ import functools
 
 import onnx
 
-from onnxslim.graph.rules import conv, dynquant, elementwise, layout, linear, norm, quant, reduce, spatial
+from onnxslim.graph.rules import (
+    conv,
+    dynquant,
+    elementwise,
+    layout,
+    linear,
+    norm,
+    qoperator,
+    quant,
+    reduce,
+    spatial,
+)
 from onnxslim.graph.rules.base import BarrierRule, Rule, RuleSet, module_rules, op_key, register
 
-RULE_MODULES = (conv, dynquant, elementwise, layout, linear, norm, quant, reduce, spatial)
+RULE_MODULES = (conv, dynquant, elementwise, layout, linear, norm, qoperator, quant, reduce, spatial)
 
 
 @functools.cache

@@ -19,7 +19,9 @@ A rule states, for one op family,
   ``channel_gains`` (``bn``), ``reduction`` (where masks go), ``masks_go_after``, ``masks_go_before``, ``counts_macs`` /
   ``macs``, ``params``, ``multiplies`` / ``is_identity`` / ``commutes_with_positive_scale`` /
   ``fold_output_scale`` / ``scaled_input_weight`` (folding a leftover mask scale into weights),
-  ``plan_notes`` (what the slim report should say about this op family under a removal plan).
+  ``plan_notes`` (what the slim report should say about this op family under a removal plan),
+  ``mask_output_channels`` (prune's mask of an op whose output zero is not the number 0, written into
+  its weights).
 
 A rule serves the ops ``op_types`` of the domain ``domain`` ("" is the default ONNX domain, also spelt
 "ai.onnx"). Ops without a rule are barriers. A rule set is built from rules and passed to the analysis,
@@ -60,6 +62,8 @@ class Rule:
     domain: str = DEFAULT_DOMAIN
     #: the outputs carry the channels of the feature input one-to-one (activations, BN, pooling ...)
     passthrough = False
+    #: the input that holds the weight of a ``counts_macs`` op (``params`` counts it when it is integer)
+    weight_slot = 1
 
     def propagate(self, node: onnx.NodeProto, analysis: ChannelAnalysis) -> None:
         analysis.barrier(node, "no rule for this op")
@@ -100,6 +104,13 @@ class Rule:
     #: prune puts a zero mask meant for this op's output 0 on its input 0 instead: a zero of the output
     #: is not the number 0 (DynamicQuantizeLinear's uint8 output reads 0 as its zero point)
     masks_go_before = False
+
+    def mask_output_channels(self, node: onnx.NodeProto, index: Graph, zero: np.ndarray) -> dict[int, np.ndarray] | None:
+        """Prune's mask for a channel-creating op whose output reads a channel as zero by something other
+        than the number 0 (a quantized output: its zero point): the new constants, by input slot, that make
+        the output channels where ``zero`` (bool, C_out) exactly that zero. None (the default): masks are
+        a per-channel ``Mul`` by 0 on float tensors."""
+        return None
 
     def filters(self, node: onnx.NodeProto, index: Graph) -> np.ndarray | None:
         """Channel-creating ops: the weights that make each output channel, shape (C_out, n), or None."""
@@ -331,6 +342,17 @@ def slice_bias(node: onnx.NodeProto, rewriter: Rewriter, keep_out: np.ndarray, s
         bias = rewriter.weights.read(node, slot)
         rewriter.weights.write(node, slot, np.compress(keep_out, bias, axis=bias.ndim - 1),
                                key=("take", bias.ndim - 1, keep_out.tobytes()))
+
+
+def slice_channel_vectors(node: onnx.NodeProto, rewriter: Rewriter, slots: Iterable[int], keep: np.ndarray) -> None:
+    """Keep the entries of the kept channels in the per-channel vectors at input ``slots`` (per-channel
+    scales and zero points); a per-tensor (one-element) or absent input stays as it is."""
+    if keep.all():
+        return
+    for slot in slots:
+        value = rewriter.index.constant(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+        if value is not None and value.size == len(keep) and value.size > 1:
+            rewriter.weights.write(node, slot, value.reshape(-1)[keep], key=("take", 0, keep.tobytes()))
 
 
 def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:

@@ -56,9 +56,9 @@ def has_padding(node, kernel: tuple[int, ...]) -> bool:
     return any(p != 0 for p in (get_attr(node, "pads") or []))
 
 
-def _static_shapes(node, dims) -> tuple[tuple, tuple, tuple] | None:
-    """(x, W, y) shapes when static past the batch axis (W entirely), else None."""
-    x, w, y = dims(node.input[0]), dims(node.input[1]), dims(node.output[0])
+def _static_shapes(node, dims, weight_slot: int = 1) -> tuple[tuple, tuple, tuple] | None:
+    """(x, W, y) shapes when static past the batch axis (W, input ``weight_slot``, entirely), else None."""
+    x, w, y = dims(node.input[0]), dims(node.input[weight_slot]), dims(node.output[0])
     if x is None or w is None or y is None or any(d is None for d in list(x[1:]) + list(w) + list(y[1:])):
         return None
     return x, w, y
@@ -90,11 +90,12 @@ def _block_per_group(analysis, node, x, out, used: np.ndarray, groups: int, abso
 
 
 def conv_channels(node, analysis, x, nonzero: np.ndarray, bias: np.ndarray, absorbs: bool,
-                  reads_every_input: bool = False) -> None:
-    """The channel facts of a Conv-like node (Conv, ConvInteger) with weight mask ``nonzero`` (Cout,
-    Cin/g, k...): output ``o`` is the constant ``bias[o]`` when it reads no live input through a non-zero
-    weight; input channels are held as :func:`_block_per_group` says (``absorbs``: constants go into the
-    bias; ``reads_every_input``: an input channel no filter reads is held anyway)."""
+                  reads_every_input: bool = False, weight_slot: int = 1) -> None:
+    """The channel facts of a Conv-like node (Conv, ConvInteger, QLinearConv) with weight mask ``nonzero``
+    (Cout, Cin/g, k...) read from input ``weight_slot``: output ``o`` is the constant ``bias[o]`` when it
+    reads no live input through a non-zero weight; input channels are held as :func:`_block_per_group`
+    says (``absorbs``: constants go into the bias; ``reads_every_input``: an input channel no filter reads
+    is held anyway)."""
     groups = get_attr(node, "group", 1)
     cout, per_group = nonzero.shape[0], nonzero.shape[1]
     if per_group * groups != x.size or cout % groups:
@@ -107,7 +108,7 @@ def conv_channels(node, analysis, x, nonzero: np.ndarray, bias: np.ndarray, abso
     live_in = live[(np.arange(cout) // b)[:, None] * per_group + np.arange(per_group)[None, :]]
     dead = ~np.any(nonzero & live_in, axis=1)
     out = analysis.fresh(node, node.output[0], cout, 1, x.rank, const=dead, value=bias)
-    analysis.share_weight(node.input[1], x.ids, out.ids)
+    analysis.share_weight(node.input[weight_slot], x.ids, out.ids)
     used = nonzero.reshape(groups, b, per_group).any(axis=1)  # (g, a)
     if reads_every_input:
         used = np.ones_like(used)
@@ -162,6 +163,17 @@ def _kept_rows_and_columns(keep_rows, keep_cols, groups: int, rows_are_out: bool
     return rows[:, None], cols, len(alive)
 
 
+def slice_conv_weight(node, rewriter, keep_out: np.ndarray, keep_in: np.ndarray, slot: int = 1) -> None:
+    """Write the kept filters and input columns of the Conv-like weight (Cout, Cin/g, k...) at input
+    ``slot``, and the count of groups that stay."""
+    groups = get_attr(node, "group", 1)
+    weight = rewriter.weights.read(node, slot)
+    rows, cols, kept_groups = _kept_rows_and_columns(keep_out, keep_in, groups, rows_are_out=True)
+    rewriter.weights.write(node, slot, weight[rows, cols], key=("conv", groups, keep_out.tobytes(), keep_in.tobytes()))
+    if groups > 1:
+        set_attr(node, "group", kept_groups)
+
+
 class _GroupedLayer(Rule):
     """What Conv and ConvTranspose share: groups stay equal (settle), an empty input goes with the node, and
     the input is reduced fully (group 1) or per group."""
@@ -202,7 +214,7 @@ class ConvRule(_GroupedLayer):
 
     def macs(self, node, dims):
         """``Cout * prod(out spatial) * Cin/g * prod(kernel)``."""
-        shapes = _static_shapes(node, dims)
+        shapes = _static_shapes(node, dims, self.weight_slot)
         return None if shapes is None else int(np.prod(shapes[2][1:], dtype=np.int64) * np.prod(shapes[1][1:], dtype=np.int64))
 
     def fold_output_scale(self, node, index, weights, s):
@@ -229,11 +241,9 @@ class ConvRule(_GroupedLayer):
         if keeps is None:
             return
         keep_out, keep_in = keeps
-        weights = rewriter.weights
-        weight = weights.read(node, 1)
+        weight = rewriter.weights.read(node, 1)
         groups = get_attr(node, "group", 1)
         cout, per_group = weight.shape[0], weight.shape[1]
-        rows, cols, kept_groups = _kept_rows_and_columns(keep_out, keep_in, groups, rows_are_out=True)
         x = rewriter.info(node.input[0])
         absorb = ~keep_in & x.const & (x.value != 0)
         if absorb.any():  # b'[o] = b[o] + sum_j v[j] * sum_k W[o, j, k] over the deleted constant inputs j
@@ -243,9 +253,7 @@ class ConvRule(_GroupedLayer):
             rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
         else:
             slice_bias(node, rewriter, keep_out)
-        weights.write(node, 1, weight[rows, cols], key=("conv", groups, keep_out.tobytes(), keep_in.tobytes()))
-        if groups > 1:
-            set_attr(node, "group", kept_groups)
+        slice_conv_weight(node, rewriter, keep_out, keep_in)
 
 
 @register

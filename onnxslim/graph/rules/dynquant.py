@@ -23,9 +23,10 @@ per-output-channel weight zero points are read; anything else is a barrier.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from onnxslim.graph.model import set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
@@ -33,8 +34,9 @@ from onnxslim.graph.rules.base import (
     layer_keeps,
     pass_through,
     register,
+    slice_channel_vectors,
 )
-from onnxslim.graph.rules.conv import ConvRule, _kept_rows_and_columns, conv_channels
+from onnxslim.graph.rules.conv import ConvRule, conv_channels, slice_conv_weight
 from onnxslim.graph.rules.linear import matrix_output_channels
 
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger")
@@ -52,14 +54,15 @@ def _reads_quantized(node, analysis) -> bool:
     return value is not None and value.size == 1 and bool(np.all(value == 0))
 
 
-def _centred_weight(node, index, out_axis: int) -> np.ndarray | None:
-    """``W - w_z`` in int64, the zero point broadcast per tensor or along ``out_axis`` of W (the output
-    channels); None when W or w_z is computed, or w_z has another shape."""
-    weight = index.constant(node.input[1])
+def centred_weight(node, index, out_axis: int, weight_slot: int = 1, zero_point_slot: int = 3) -> np.ndarray | None:
+    """``W - w_z`` in int64 (W: input ``weight_slot``, w_z: input ``zero_point_slot``, absent: 0), the zero
+    point broadcast per tensor or along ``out_axis`` of W (the output channels); None when W or w_z is
+    computed, or w_z has another shape."""
+    weight = index.constant(node.input[weight_slot])
     if weight is None:
         return None
-    has_zero_point = len(node.input) > 3 and node.input[3]
-    zero_point = index.constant(node.input[3]) if has_zero_point else np.zeros(1, np.int64)
+    has_zero_point = len(node.input) > zero_point_slot and node.input[zero_point_slot]
+    zero_point = index.constant(node.input[zero_point_slot]) if has_zero_point else np.zeros(1, np.int64)
     if zero_point is None:
         return None
     weight = weight.astype(np.int64)
@@ -70,15 +73,6 @@ def _centred_weight(node, index, out_axis: int) -> np.ndarray | None:
     shape = [1] * weight.ndim
     shape[out_axis] = zero_point.size
     return weight - zero_point.astype(np.int64).reshape(shape)
-
-
-def _slice_weight_zero_point(node, rewriter, keep_out: np.ndarray) -> None:
-    """Keep the per-output-channel weight zero point entries of the kept outputs."""
-    if len(node.input) > 3 and node.input[3] and not keep_out.all():
-        zero_point = rewriter.weights.read(node, 3)
-        if zero_point.size == len(keep_out) and zero_point.size > 1:
-            rewriter.weights.write(node, 3, zero_point.reshape(-1)[keep_out].reshape(-1),
-                                   key=("take", 0, keep_out.tobytes()))
 
 
 @register
@@ -107,7 +101,7 @@ class DynamicQuantizeRule(Rule):
         pass_through(node, analysis, x.with_values(x.zero, np.zeros(x.size)))
 
     def plan_notes(self, analysis, plan):
-        return saturation_notes(analysis, plan)
+        return saturation_notes(analysis, plan, lambda rule: type(rule) in (ConvIntegerRule, MatMulIntegerRule))
 
 
 @register
@@ -119,15 +113,22 @@ class ConvIntegerRule(ConvRule):
 
     def propagate(self, node, analysis):
         x = analysis.feature(node.input[0])
-        weight = _centred_weight(node, analysis.index, 0)
+        weight = self.centred(node, analysis.index)
         if x is None or weight is None or x.axis != 1 or not _reads_quantized(node, analysis):
             analysis.barrier(node, "input without channel facts, weights or zero points that are not constant")
             return
         conv_channels(node, analysis, x, weight != 0, np.zeros(weight.shape[0]), absorbs=False,
                       reads_every_input=True)
 
+    #: inputs that hold one entry per output channel (or one per tensor): sliced with the filters
+    channel_vector_slots: tuple[int, ...] = (3,)
+
+    def centred(self, node, index) -> np.ndarray | None:
+        """``W - w_z`` (Cout, Cin/g, k...) in int64."""
+        return centred_weight(node, index, 0, self.weight_slot, self.weight_slot + 2)
+
     def filters(self, node, index):
-        weight = _centred_weight(node, index, 0)
+        weight = self.centred(node, index)
         return weight.reshape(weight.shape[0], -1)
 
     def fold_output_scale(self, node, index, weights, s):
@@ -141,13 +142,8 @@ class ConvIntegerRule(ConvRule):
         if keeps is None:
             return
         keep_out, keep_in = keeps
-        weight = rewriter.weights.read(node, 1)
-        groups = self.channel_groups(node)
-        rows, cols, kept_groups = _kept_rows_and_columns(keep_out, keep_in, groups, rows_are_out=True)
-        rewriter.weights.write(node, 1, weight[rows, cols], key=("conv", groups, keep_out.tobytes(), keep_in.tobytes()))
-        if groups > 1:
-            set_attr(node, "group", kept_groups)
-        _slice_weight_zero_point(node, rewriter, keep_out)
+        slice_conv_weight(node, rewriter, keep_out, keep_in, self.weight_slot)
+        slice_channel_vectors(node, rewriter, self.channel_vector_slots, keep_out)
 
 
 @register
@@ -157,10 +153,12 @@ class MatMulIntegerRule(Rule):
 
     op_types = ("MatMulInteger",)
     counts_macs = True
+    #: inputs with one entry per column of B (or one per tensor)
+    channel_vector_slots = (3,)
 
     def propagate(self, node, analysis):
         a = analysis.feature(node.input[0])
-        matrix = _centred_weight(node, analysis.index, 1)
+        matrix = self.centred(node, analysis.index)
         if a is None or matrix is None or matrix.ndim != 2 or a.axis != a.rank - 1 or matrix.shape[0] != a.size \
                 or not _reads_quantized(node, analysis):
             analysis.barrier(node, "needs a quantized input with channels last and a constant 2-D B")
@@ -168,15 +166,26 @@ class MatMulIntegerRule(Rule):
         matrix_output_channels(node, analysis, a, matrix)
         block_reduced_channels(analysis, node, node.input[0], a, np.ones(a.size, bool), False, " (no bias)")
 
+    def transposed(self, node) -> bool:
+        """B is stored as (N, K) (QGemm's ``transB``)."""
+        return False
+
+    def centred(self, node, index) -> np.ndarray | None:
+        """``B - b_z`` (K, N) in int64 (B stored (N, K) when ``transposed``)."""
+        if self.transposed(node):
+            weight = centred_weight(node, index, 0, self.weight_slot, self.weight_slot + 2)
+            return None if weight is None else weight.T
+        return centred_weight(node, index, 1, self.weight_slot, self.weight_slot + 2)
+
     def filters(self, node, index):
-        return _centred_weight(node, index, 1).T
+        return self.centred(node, index).T
 
     def reduction(self, node, slot):
         return "full" if slot == 0 else "none"
 
     def macs(self, node, dims):
         """``rows * K * N`` per sample."""
-        x, w = dims(node.input[0]), dims(node.input[1])
+        x, w = dims(node.input[0]), dims(node.input[self.weight_slot])
         if x is None or w is None or len(w) != 2 or any(d is None for d in list(x[1:]) + list(w)):
             return None
         rows = int(np.prod(x[1:-1], dtype=np.int64)) if len(x) > 2 else 1
@@ -187,24 +196,33 @@ class MatMulIntegerRule(Rule):
         if keeps is None:
             return
         keep_out, keep_in = keeps
-        matrix = rewriter.weights.read(node, 1)
-        rewriter.weights.write(node, 1, matrix[keep_in][:, keep_out], key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
-        _slice_weight_zero_point(node, rewriter, keep_out)
+        transposed = self.transposed(node)
+        weight = rewriter.weights.read(node, self.weight_slot)
+        kept = (weight.T if transposed else weight)[keep_in][:, keep_out]
+        rewriter.weights.write(node, self.weight_slot, kept.T if transposed else kept,
+                               key=("matmul", transposed, keep_out.tobytes(), keep_in.tobytes()))
+        slice_channel_vectors(node, rewriter, self.channel_vector_slots, keep_out)
 
 
-def saturation_notes(analysis, plan) -> list[str]:
-    """A note naming the integer ops that lose input channels and read int8 weights beyond 7 bits
-    (``|W - w_z| > 64``) with uint8 activations: onnxruntime's AVX2 u8s8 kernels sum pairs of products
-    in int16 with saturation (255 * 65 * 2 > 32767), so their results depend on which channels sit side
-    by side, and the slimmed model can differ from the input in the last bits (onnxruntime's own
-    ``quantize_dynamic(..., reduce_range=True)`` avoids it)."""
+def saturation_notes(analysis, plan, owns: Callable[[Rule], bool]) -> list[str]:
+    """A note naming the integer layers (nodes whose rule ``owns(rule)`` accepts: a ConvInteger- or
+    MatMulInteger-like rule with ``centred``) that lose input channels and read int8 weights beyond 7
+    bits (``|W - w_z| > 64``) with uint8 activations (a computed zero point: DynamicQuantizeLinear's):
+    onnxruntime's AVX2 u8s8 kernels sum pairs of products in int16 with saturation (255 * 65 * 2 >
+    32767), so their results depend on which channels sit side by side, and the slimmed model can
+    differ from the input in the last bits (onnxruntime's ``reduce_range=True`` avoids it; int8
+    activations and uint8 weights do not saturate: measured in ``tests/test_dynamic_quant.py`` and
+    ``tests/test_qoperator_models.py``)."""
     index, found = analysis.index, []
     for node in index.nodes:
-        keep = plan.keep(node.input[0]) if node.op_type in _INTEGER_OPS else None
-        weight = index.constant(node.input[1]) if keep is not None and not keep.all() else None
-        if weight is None or weight.dtype != np.int8:
-            continue
-        centred = _centred_weight(node, index, 0 if node.op_type == "ConvInteger" else 1)
+        rule = analysis.rule_for(node)
+        keep = plan.keep(node.input[0]) if owns(rule) else None
+        weight = index.constant(node.input[rule.weight_slot]) if keep is not None and not keep.all() else None
+        activations = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if weight is None or weight.dtype != np.int8 or (activations is not None and activations.dtype != np.uint8) \
+                or (rule.reduction(node, 0) == "grouped" and weight.shape[1] == 1):
+            continue  # (a depthwise filter sums one channel: deleting others changes none of its pairs)
+        centred = rule.centred(node, index)
         if centred is not None and np.abs(centred).max() > 64:
             found.append(index.node_name(node))
     if not found:
@@ -212,4 +230,4 @@ def saturation_notes(analysis, plan) -> list[str]:
     return [f"{len(found)} integer op(s) ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) read uint8 "
             "activations with int8 weights beyond 7 bits: onnxruntime's AVX2 kernels saturate pair sums of "
             "their products, so outputs can differ from the input model's wherever that happens (quantize "
-            "with reduce_range=True, or uint8 weights, to compare bit for bit)"]
+            "with reduce_range=True, int8 activations or uint8 weights to compare bit for bit)"]

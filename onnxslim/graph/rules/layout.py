@@ -15,7 +15,8 @@
   channel ``c``, so a channel becomes a block of H*W features that a Gemm / MatMul reads; the Reshape
   target is rewritten to ``[-1, C'*H*W]``. When H or W is unknown before run time the op is a barrier
   whose reason names ``--input-shape``. A Reshape that keeps (N, C) and regroups the rest
-  passes channels through, as does one that leaves the channel axis and the axes after it as they were
+  passes channels through, whatever the rest is at run time (``view(b, c, -1)`` or ``view(b, c, h * w)``
+  of a map with a dynamic size; a constant C inside a computed target is rewritten), as does one that leaves the channel axis and the axes after it as they were
   (channels last: Swin's windows, tokens merged with the batch before a Linear). A Reshape that regroups
   channels (a channel shuffle, GroupNorm's groups; with a batch of 1 baked into the target, the whole
   tensor) maps them through :mod:`regroup`; any other Reshape is a barrier, as is Transpose when a
@@ -48,7 +49,7 @@ from onnxslim.graph.rules.base import (
     write_int_operand,
 )
 from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
-from onnxslim.graph.shape_values import Dim, is_dim_of, reshape_target, shape_value, static_values
+from onnxslim.graph.shape_values import UNKNOWN, Dim, is_dim_of, reshape_target, shape_value, static_values
 
 
 def _new_positions(keep: np.ndarray) -> np.ndarray:
@@ -619,7 +620,7 @@ class ReshapeRule(_MovesElements):
         if len(dims) >= 2 and same(dims[0], 0) and same(dims[1], 1):
             entry = shape_value(index, node.input[1])[1]
             adapts = is_dim_of(entry, node.input[0], 1) or (not isinstance(entry, Dim) and entry in (0, -1))
-            if adapts or index.is_const(node.input[1]):
+            if adapts or index.is_const(node.input[1]) or _channel_constant(index, node) is not None:
                 return "same", dims
         return "barrier", None
 
@@ -637,7 +638,8 @@ class ReshapeRule(_MovesElements):
         if kind == "barrier" and _map_reshape(node, analysis, x):
             return
         if kind == "barrier":
-            if reshape_target(analysis.index, node) is not None:
+            dims = reshape_target(analysis.index, node)
+            if dims is not None and UNKNOWN not in dims[:2]:
                 analysis.barrier(node, "regroups the channel axis")
             else:
                 unknown = _unknown_dims(analysis, [node.input[0], node.output[0]])
@@ -666,10 +668,34 @@ class ReshapeRule(_MovesElements):
             node.input[1] = rewriter.weights.add(f"{node.output[0]}_shape", np.array([-1, int(keep.sum())], np.int64))
             return
         target = rewriter.index.constant(node.input[1])
-        if target is not None and target[1] == x.size:
-            target = target.copy()
-            target[1] = int(keep.sum())
-            rewriter.weights.write(node, 1, target, key=("shape", target.tobytes()))
+        found = (node, 1, 1) if target is not None else _channel_constant(rewriter.index, node)
+        if found is None:
+            return  # the channel entry follows the input at run time
+        owner, slot, offset = found
+        target = rewriter.index.constant(owner.input[slot]).copy()
+        if target[offset] == x.size:
+            target[offset] = int(keep.sum())
+            rewriter.weights.write(owner, slot, target, key=("shape", target.tobytes()))
+
+
+def _channel_constant(index, node) -> tuple | None:
+    """(Concat, input slot, offset) of the constant that gives a computed Reshape target its channel
+    entry: dynamo spells ``view(b, C, -1)`` of a map with a dynamic size as ``Concat(Shape(x)[0:1], [C],
+    [-1])``. None when entry 1 is not such a constant, or when the Concat feeds anything but this Reshape
+    (its rewrite must change nothing else)."""
+    concat = index.producer.get(node.input[1])
+    if concat is None or concat.op_type != "Concat" or len(index.uses(node.input[1])) != 1 \
+            or node.input[1] in index.outputs:
+        return None
+    start = 0
+    for slot, name in enumerate(concat.input):
+        value = shape_value(index, name)
+        if value is None:
+            return None
+        if start <= 1 < start + len(value):
+            return (concat, slot, 1 - start) if index.is_const(name) else None
+        start += len(value)
+    return None
 
 
 @register

@@ -308,15 +308,15 @@ class MatMulRule(Rule):
                                key=("matmul", keep_out.tobytes(), keep_in.tobytes()))
 
 
-def matrix_output_channels(node, analysis, a, matrix: np.ndarray) -> np.ndarray:
-    """The N output channels of ``A @ B`` for a constant 2-D ``B`` (K, N) read by ``A``'s last axis: column
-    ``n`` is a constant zero when its non-zero rows read only zero channels of ``A``; ``B``'s rows and
-    columns share ids with ``A``'s and the output's channels. Returns ``B != 0``."""
+def matrix_output_channels(node, analysis, a, matrix: np.ndarray, weight_slot: int = 1) -> np.ndarray:
+    """The N output channels of ``A @ B`` for a constant 2-D ``B`` (K, N, input ``weight_slot``) read by
+    ``A``'s last axis: column ``n`` is a constant zero when its non-zero rows read only zero channels of
+    ``A``; ``B``'s rows and columns share ids with ``A``'s and the output's channels. Returns ``B != 0``."""
     nonzero = matrix != 0
     dead = ~np.any(nonzero[~a.zero], axis=0)
     out = analysis.fresh(node, node.output[0], matrix.shape[1], a.rank - 1, a.rank, const=dead,
                          value=np.zeros(matrix.shape[1]))
-    analysis.share_weight(node.input[1], a.ids, out.ids)
+    analysis.share_weight(node.input[weight_slot], a.ids, out.ids)
     return nonzero
 
 

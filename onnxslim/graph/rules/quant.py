@@ -26,7 +26,14 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxslim.graph.model import get_attr
-from onnxslim.graph.rules.base import Rule, inputs_nonnegative, normalize_axis, pass_through, register
+from onnxslim.graph.rules.base import (
+    Rule,
+    inputs_nonnegative,
+    normalize_axis,
+    pass_through,
+    register,
+    slice_channel_vectors,
+)
 from onnxslim.graph.values import ChannelInfo
 
 
@@ -137,9 +144,5 @@ class QuantizeRule(Rule):
 
     def rewrite(self, node, rewriter):
         keep = rewriter.keep(node.output[0])
-        if keep is None or keep.all():
-            return
-        for slot in (1, 2):
-            value = rewriter.index.constant(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
-            if value is not None and value.size == len(keep) and value.size > 1:
-                rewriter.weights.write(node, slot, value[keep], key=("take", 0, keep.tobytes()))
+        if keep is not None:
+            slice_channel_vectors(node, rewriter, (1, 2), keep)
