@@ -251,6 +251,7 @@ class Run:
     device: str | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.perf_counter)  # perf_counter() at start_run
+    created: Path | None = None  # the topmost folder start_run created for ``out`` (None: ``out`` existed)
 
     @property
     def example(self) -> torch.Tensor:
@@ -286,8 +287,34 @@ def start_run(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, over
 
     # data first: a bad data spec must not leave an empty output folder behind
     train_data, test_data = load_data(recipe)
+    created = _first_missing(out)
     DistContext.current().on_main(prepare)  # under torchrun: rank 0 decides, every rank raises its error
-    return Run(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device)
+    return Run(recipe, out, train_data, test_data, resume=resume, progress=progress, device=device,
+               created=created)
+
+
+def _first_missing(out: Path) -> Path | None:
+    """The topmost folder of ``out`` (itself or an ancestor) that does not exist yet; None when it exists."""
+    missing = None
+    for folder in [out, *out.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def discard_unused_run_dir(run: Run) -> None:
+    """Remove the folders :func:`start_run` created for ``run`` while they are still empty (a run that
+    failed before writing anything leaves nothing behind); on the main rank only. Never raises."""
+    if run.created is None or not DistContext.current().is_main:
+        return
+    for folder in [run.out, *run.out.parents]:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if folder == run.created:
+            return
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -375,9 +402,16 @@ class TrainedModels:
 
 
 def train(run: Run, *, baseline: bool = True) -> TrainedModels:
-    """Stage 1-3: dense (``dense.pt``), baseline (``baseline.pt``), masked (``masked.pt``) in ``run.out``."""
-    trained = train_models(run.recipe, run.out, run.train_data, run.test_data, resume=run.resume,
-                           progress=run.progress, device=run.device, baseline=baseline)
+    """Stage 1-3: dense (``dense.pt``), baseline (``baseline.pt``), masked (``masked.pt``) in ``run.out``.
+
+    A failure before the first checkpoint (a model that does not fit the data, a method that does not
+    apply) removes the folders :func:`start_run` created (:func:`discard_unused_run_dir`) and re-raises."""
+    try:
+        trained = train_models(run.recipe, run.out, run.train_data, run.test_data, resume=run.resume,
+                               progress=run.progress, device=run.device, baseline=baseline)
+    except BaseException:
+        discard_unused_run_dir(run)
+        raise
     run.seconds.update(trained.seconds)
     return trained
 

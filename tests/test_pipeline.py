@@ -311,6 +311,21 @@ def test_resume_from_checkpoints_with_missing_keys_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, command):
+    """A model that does not fit the data fails in the training stage before any checkpoint: the folders
+    the run created (``runs/a/b``, both new) are removed, and a folder that was there stays."""
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(MICRO.replace("params = { width = 0.5 }", "params = { width = 0.5, in_channels = 3 }"))
+    out = tmp_path / "runs" / "a" / "b"
+    result = CliRunner().invoke(main, [command, str(recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2 and result.output.startswith("error: model lenet5 expects inputs (3, 28, 28)")
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+    out.mkdir(parents=True)  # an empty folder of the user's: kept
+    again = CliRunner().invoke(main, [command, str(recipe), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 2 and out.is_dir() and not any(out.iterdir())
+
+
 def test_a_run_folder_that_is_not_empty_needs_resume_or_overwrite(tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"

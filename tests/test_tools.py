@@ -76,11 +76,12 @@ def test_latency_efficiency_tool_measures_given_onnx_files(tmp_path):
     g.output(g.conv(g.op("Relu", [g.conv(y, 32, 32)]), 32, 8))
     path = tmp_path / "user_net.onnx"
     onnx.save(g.model(), path)
-    out = tmp_path / "eff.json"
+    out, kept = tmp_path / "eff.json", tmp_path / "graphs"
     run_tool("bench_latency_efficiency.py", "--models", "", "--onnx", path, "--rounds", "2", "--warmup", "0",
-             "--threads", "1", "--batch", "1", "--ratios", "0.5", "--round-to", "1", "--json", out)
+             "--threads", "1", "--batch", "1", "--ratios", "0.5", "--round-to", "1", "--json", out, "--keep", kept)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["model"] == "user_net" and row["macs_ratio"] > 2  # half of both sides of the middle conv
+    assert sorted(p.name for p in kept.iterdir()) == ["user_net_r0.5.onnx"]  # the pruned graph, for bench --per-layer
 
     dynamic = onnx.load(path)
     dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
@@ -90,6 +91,12 @@ def test_latency_efficiency_tool_measures_given_onnx_files(tmp_path):
                                timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert completed.returncode == 2 and completed.stderr.strip().startswith("error:")
     assert "dynamic dims besides the batch" in completed.stderr
+    before = path.read_bytes()
+    completed = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_latency_efficiency.py"), "--models", "",
+                                "--onnx", str(path), "--keep", str(tmp_path)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 2 and "holds an --onnx input" in completed.stderr  # never written over
+    assert path.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -182,6 +182,19 @@ def given_onnx(path: Path, folder: Path) -> tuple[Path, dict[str, list[int]]]:
     return path, shapes
 
 
+def graph_folder(args, tmp: Path) -> Path:
+    """Where the graphs are written: ``--keep DIR`` (created) or ``tmp``. A folder holding a ``--onnx``
+    file is refused: a file written there could replace the input."""
+    if args.keep is None:
+        return tmp
+    if args.keep.exists() and not args.keep.is_dir():
+        fail(f"--keep {args.keep}: not a folder")
+    if any(path.resolve().parent == args.keep.resolve() for path in args.onnx):
+        fail(f"--keep {args.keep}: holds an --onnx input; give another folder")
+    args.keep.mkdir(parents=True, exist_ok=True)
+    return args.keep
+
+
 def sources(args, folder: Path):
     """(name, path, input shapes) of every graph to measure: the built ones, then ``--onnx`` files."""
     for name in filter(None, args.models.split(",")):
@@ -203,7 +216,8 @@ def measure(name: str, path: Path, shapes: dict, args, folder: Path) -> list[dic
         rounding = report.rounding["description"] if report.rounding else "round-to 1"
     bench = benchmark(variants, BenchOptions(threads=tuple(args.threads), batch_sizes=tuple(args.batch),
                                              input_shapes=shapes, warmup=args.warmup, repeat=args.rounds,
-                                             session_repeats=3, measure_memory=False),
+                                             session_repeats=3, measure_memory=False,
+                                             round_warmup=args.round_warmup),
                       names=["dense", *(f"r{r}" for r in args.ratios)], progress=False)
     rows = []
     for config in bench.configs:
@@ -286,6 +300,9 @@ def main() -> int:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--round-warmup", type=int, default=1,
+                        help="untimed runs of a model right before its timed run in every round (0: cold, after "
+                             "the other models)")
     parser.add_argument("--round-to", default="auto")
     parser.add_argument("--target-latency", type=float, default=None)
     parser.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
@@ -293,6 +310,8 @@ def main() -> int:
     parser.add_argument("--latency-cache", type=Path, default=None,
                         help="folder of the per-machine latency tables (default: onnxslim's cache folder)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="write the dense and pruned graphs to DIR (e.g. for `onnxslim bench --per-layer`)")
     args = parser.parse_args()
     args.ratios = [float(v) for v in args.ratios.split(",")]
     args.threads = [int(v) for v in args.threads.split(",")]
@@ -305,9 +324,10 @@ def main() -> int:
         return run_targets(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
-        for name, path, shapes in sources(args, Path(tmp)):
+        folder = graph_folder(args, Path(tmp))
+        for name, path, shapes in sources(args, folder):
             try:
-                rows += measure(name, path, shapes, args, Path(tmp))
+                rows += measure(name, path, shapes, args, folder)
             except OnnxSlimError as exc:  # a user's file the engine refuses: say which one, measure the rest
                 print(f"skipped {name}: {exc}", file=sys.stderr, flush=True)
                 continue
@@ -317,12 +337,14 @@ def main() -> int:
     print(summary(rows))
     sizes = f"built graphs at {args.size}x{args.size}" if args.models else ""
     sizes += ("; " if sizes and args.onnx else "") + ("given files at their own input sizes" if args.onnx else "")
-    print(f"input: {sizes}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
+    print(f"input: {sizes}, {args.rounds} rounds, {args.round_warmup} untimed run(s) of a model before its timed "
+          f"one in every round, rounding: {rows[0]['rounding'] if rows else '-'}")
     if args.json:
         from onnxslim.io import write_json_atomic
 
         write_json_atomic(args.json, {"rows": rows, "size": args.size, "rounds": args.rounds, "cores": cores,
-                                      "round_to": args.round_to, "summary": summary(rows)})
+                                      "round_to": args.round_to, "round_warmup": args.round_warmup,
+                                      "summary": summary(rows)})
     return 0
 
 
