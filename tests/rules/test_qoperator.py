@@ -281,3 +281,21 @@ def test_shapes_reach_through_a_long_chain_of_contrib_ops():
     model = _model(g, g.op("DequantizeLinear", [y, *params]), [1, 4, 6, 6])
     shapes = infer_shapes(model)
     assert shapes[y] == (1, 4, 6, 6)
+
+
+def test_qgemm_with_float_output():
+    """QGemm without y_scale writes float (``alpha * (A - a_zp)(B - b_zp) * a_s * b_s``, plus C): B not
+    transposed here; the dead conv filter's row of B goes."""
+    g = GraphBuilder(seed=50)
+    x_params = _params(g, 0.05, 3)
+    q = g.op("QuantizeLinear", [g.input([1, 4, 6, 6]), *x_params])
+    y, y_params = _qconv(g, q, x_params, 4, 6, -5, dead=(2,))
+    pooled_params = _params(g, 0.02, -2)
+    y = g.op("Flatten", [g.op("QLinearGlobalAveragePool", [y, *y_params, *pooled_params], domain=MS, channels_last=0)])
+    out = g.op("QGemm", [y, *pooled_params, g.const(g.rng.integers(-60, 61, (6, 3)).astype(np.int8), "B"),
+                         g.const(np.float32(0.01), "bs"), g.const(np.int8(0), "bz"),
+                         g.const(g.rng.integers(-50, 50, 3).astype(np.int32), "C")], domain=MS, alpha=0.5)
+    model = _model(g, out, [1, 3])
+    slimmed, report = slim(model)
+    _assert_exact(model, slimmed)
+    assert _weight_dims(slimmed, "QGemm") == [(5, 3)], report.format_table()
