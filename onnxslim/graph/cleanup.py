@@ -95,7 +95,8 @@ def _folds_that_keep_sharing(index: Graph, plan: RemovalPlan) -> set[int]:
     mask folds with the same factors. A dry run records every fold's writes; a fold that would split
     shared initializers by more elements than the Mul's own constant frees is dropped (an exporter that
     merged equal biases of two layers still lets a mask fold: the copy replaces the mask), until the
-    remaining folds agree. The model never grows."""
+    remaining folds agree; a weight that is also a graph output is never replaced, so a fold into it is a
+    copy too. The model never grows."""
     rules = plan.analysis.rules
     writes: dict[int, tuple[list[tuple[str, int, object]], int]] = {}
     for node in index.nodes:
@@ -117,8 +118,8 @@ def _folds_that_keep_sharing(index: Graph, plan: RemovalPlan) -> set[int]:
             for name, reader, key in entries:
                 written.setdefault((name, key), set()).add(reader)
         for mul, (entries, freed) in list(writes.items()):
-            split = sum(_elements(index, name) for name, _, key in entries
-                        if {id(u.node) for u in index.uses(name)} - written[(name, key)])
+            split = sum(_elements(index, name) for name, _, key in entries  # a graph output is a reader too
+                        if name in index.outputs or {id(u.node) for u in index.uses(name)} - written[(name, key)])
             if split > freed:
                 del writes[mul]
                 changed = True
