@@ -78,6 +78,31 @@ def test_round_order_is_random_seeded_and_recorded():
     assert other.configs[0].orders != orders
 
 
+@pytest.mark.parametrize("round_warmup", [0, 1, 3])
+def test_each_timed_run_follows_untimed_runs_of_the_same_model(round_warmup):
+    """Every round, a model runs ``round_warmup`` times untimed, then once timed: its timed run finds its
+    own weights in cache (a slimmed model is not timed right after the dense model evicted them)."""
+    from onnxslim.validate.bench import _time_rounds
+
+    calls = []
+
+    class Session:
+        def __init__(self, label):
+            self.label = label
+
+        def run(self, outputs, feed):
+            calls.append(self.label)
+
+    orders = [(0, 1), (1, 0), (1, 0)]
+    out = np.zeros((2, len(orders)))
+    _time_rounds([Session("a"), Session("b")], [{}, {}], orders, out, round_warmup)
+    per_model = round_warmup + 1
+    expected = [label for order in orders for i in order for label in ["ab"[i]] * per_model]
+    assert calls == expected and (out >= 0).all()
+    with pytest.raises(OnnxSlimError, match="round_warmup >= 0"):
+        BenchOptions(round_warmup=-1).validate()
+
+
 def test_identical_copies_come_out_even():
     """Two byte-identical copies: the ratio's confidence interval contains 1.0 (no order bias).
 

@@ -378,3 +378,44 @@ def test_resnest_gate_reshape_to_n_c_1_1_maps_channels_in_both_exports():
         assert not [k for k in report.kept if k.kind == "barrier"], report.format_table()
         deleted.append(report.deleted_masked_channels)
     assert deleted[0] == deleted[1] > 0
+
+
+class LPRNetStage(nn.Module):
+    """LPRNet (Zherzdev & Gruzdev 2018) keeps every other channel with a pooling window of one channel,
+    ``MaxPool3d((1, 3, 3), (2, 1, 2))`` on a 4-D map (dynamo: Unsqueeze -> 5-D MaxPool; TorchScript 2.x
+    writes an invalid 4-D MaxPool with a 3-D kernel, TorchScript 1.x wrote Transpose -> MaxPool((1, 1),
+    strides (1, 2)) -> Transpose: ``transposed`` spells that with max_pool2d / permute). ``context``: a
+    global-context branch reads every stem channel (LPRNet's keep_features)."""
+
+    def __init__(self, spelling: str, context: bool):
+        super().__init__()
+        self.spelling, self.context = spelling, context
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), Mask(16, [1, 2, 4, 7]), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), Mask(6, [0, 3]), nn.ReLU())
+        self.fc = nn.Linear(22 if context else 6, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if self.spelling == "pool3d":
+            pooled = F.max_pool3d(y, (1, 3, 3), (2, 1, 2))
+        else:
+            pooled = F.max_pool2d(F.max_pool2d(y, 3, (1, 2)).permute(0, 2, 3, 1), 1, (1, 2)).permute(0, 3, 1, 2)
+        z = self.conv(pooled).mean((2, 3))
+        return self.fc(torch.cat([y.mean((2, 3)), z], 1) if self.context else z)
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["stage", "with-context"])
+@pytest.mark.parametrize(("spelling", "exporter"), [("pool3d", "dynamo"), ("transposed", "dynamo"),
+                                                    ("transposed", "legacy")])
+def test_lprnet_channel_subsampling_pool_keeps_only_the_channels_it_reads(spelling, exporter, context):
+    """The stem's odd channels are never read without the context branch (16 -> 6: 8 dead, 2 masked even
+    ones); with it they are, and the pool reads the kept channels through a Gather (16 -> 12). Before: a
+    barrier ("channel axis is not axis 1") held the stem's 16 channels."""
+    torch.manual_seed(0)
+    module = _randomized(LPRNetStage(spelling, context))
+    model = export(module, 12, dynamo=exporter == "dynamo")
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.masked_channels == report.deleted_masked_channels == 6, report.format_table()
+    assert [(layer.channels_before, layer.channels_after) for layer in report.layers][:2] == \
+        [(16, 12 if context else 6), (6, 4)]

@@ -17,6 +17,7 @@ from onnxslim.validate.profile import (
     compare_profiles,
     dense_rate_kernels_ms,
     format_comparison,
+    layer_macs,
     parse_trace,
     profile_layers,
 )
@@ -86,6 +87,23 @@ def test_dense_rate_kernel_time_scales_each_layer_by_its_own_work():
     assert estimate == pytest.approx(1.0 * 0.5 + 0.2 * 0.5 + 0.1 * 0.5 + 0.01 + 0.02)
 
 
+def test_layer_macs_pair_fused_nodes_with_their_macs_and_explain_the_shortfall():
+    """With onnxruntime's optimisations on, the conv runs fused with its Relu under another name; its MACs
+    are still found, and halving the channels halves the conv's and the Gemm's MACs."""
+    dense, pruned = conv_net(16, size=16), conv_net(8, size=16)
+    shapes = {"x": [1, 1, 16, 16]}
+    profiles = [profile_layers(m, SessionOptions(), runs=5, warmup=1, input_shapes=shapes) for m in (dense, pruned)]
+    macs = tuple(layer_macs(p, m, shapes) for p, m in zip(profiles, (dense, pruned)))
+    assert sorted(macs[0].values()) == [16 * 10, 16 * 9 * 16 * 16]  # Gemm 16x10, conv 16 filters of 1x3x3 per pixel
+    assert sorted(macs[1].values()) == [8 * 10, 8 * 9 * 16 * 16]
+    rows = compare_profiles(*profiles, macs=macs)
+    assert sorted(r.macs_ratio for r in rows if r.macs_ratio) == [2.0, 2.0]
+    assert all(r.macs_ratio is None for r in rows if r.op_type not in ("Conv", "FusedConv", "Gemm", "FusedGemm"))
+    text = format_comparison(*profiles, macs=macs)
+    assert "speedup / MACs" in text and "for a MACs ratio of 2.00x; other nodes:" in text
+    assert "MACs ratio" not in format_comparison(*profiles)
+
+
 def test_bench_per_layer_cli_writes_table_json_and_plot(tmp_path):
     mask = np.ones(16)
     mask[:6] = 0
@@ -103,3 +121,6 @@ def test_bench_per_layer_cli_writes_table_json_and_plot(tmp_path):
     assert [p["name"] for p in data["per_layer"]] == ["masked.onnx", "slim.onnx"]
     assert all(p["layers"] and p["run_ms"] > 0 for p in data["per_layer"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speedup / MACs" in result.output and "conv/GEMM nodes:" in result.output
+    dense_macs, slim_macs = (sorted(macs.values()) for macs in data["per_layer_macs"])
+    assert dense_macs == [16 * 10, 16 * 9 * 16 * 16] and slim_macs == [10 * 10, 10 * 9 * 16 * 16]  # 6 of 16 deleted

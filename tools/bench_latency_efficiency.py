@@ -157,7 +157,7 @@ def given_onnx(path: Path, folder: Path) -> tuple[Path, dict[str, list[int]]]:
     import onnx
 
     if not path.is_file():
-        fail(f"{path}: no such file")
+        fail(f"{path}: {'a folder, not an ONNX file' if path.is_dir() else 'no such file'}")
     model = onnx.load(str(path))
     graph = model.graph
     weights = {init.name for init in graph.initializer}
@@ -182,6 +182,19 @@ def given_onnx(path: Path, folder: Path) -> tuple[Path, dict[str, list[int]]]:
     return path, shapes
 
 
+def graph_folder(args, tmp: Path) -> Path:
+    """Where the graphs are written: ``--keep DIR`` (created) or ``tmp``. A folder holding a ``--onnx``
+    file is refused: a file written there could replace the input."""
+    if args.keep is None:
+        return tmp
+    if args.keep.exists() and not args.keep.is_dir():
+        fail(f"--keep {args.keep}: not a folder")
+    if any(path.resolve().parent == args.keep.resolve() for path in args.onnx):
+        fail(f"--keep {args.keep}: holds an --onnx input; give another folder")
+    args.keep.mkdir(parents=True, exist_ok=True)
+    return args.keep
+
+
 def sources(args, folder: Path):
     """(name, path, input shapes) of every graph to measure: the built ones, then ``--onnx`` files."""
     for name in filter(None, args.models.split(",")):
@@ -203,7 +216,8 @@ def measure(name: str, path: Path, shapes: dict, args, folder: Path) -> list[dic
         rounding = report.rounding["description"] if report.rounding else "round-to 1"
     bench = benchmark(variants, BenchOptions(threads=tuple(args.threads), batch_sizes=tuple(args.batch),
                                              input_shapes=shapes, warmup=args.warmup, repeat=args.rounds,
-                                             session_repeats=3, measure_memory=False),
+                                             session_repeats=3, measure_memory=False,
+                                             round_warmup=args.round_warmup),
                       names=["dense", *(f"r{r}" for r in args.ratios)], progress=False)
     rows = []
     for config in bench.configs:
@@ -275,6 +289,41 @@ def summary(rows: list[dict]) -> str:
             f"median {statistics.median(at_dense_rate):.2f}, minimum {min(at_dense_rate):.2f}")
 
 
+def _numbers(option: str, text: str, kind: type) -> list:
+    """The comma-separated values of ``option`` as ``kind``; :class:`OnnxSlimError` for a malformed one."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise OnnxSlimError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def check_options(args):
+    """``args`` with the lists parsed and every value checked before anything is built or measured
+    (:class:`OnnxSlimError`: one ``error:`` line, exit 2): ratios finite in [0, 1), thread counts >= 0,
+    batch sizes, rounds and size >= 1, warm-ups >= 0, ``--round-to`` auto or >= 1, ``--target-latency`` in
+    (0, 1], something to measure, and a ``--json`` that is no ``--onnx`` input (it would be replaced)."""
+    from onnxslim.graph.rounding import parse_round_to
+    from onnxslim.io import check_distinct_paths, pairs
+
+    args.ratios = _numbers("--ratios", args.ratios, float)
+    args.threads = _numbers("--threads", args.threads, int)
+    args.batch = _numbers("--batch", args.batch, int)
+    if not all(0.0 <= r < 1.0 for r in args.ratios):  # NaN fails this too
+        raise OnnxSlimError(f"--ratios must be in [0, 1), got {args.ratios}")
+    if min(args.threads) < 0 or min(args.batch) < 1:
+        raise OnnxSlimError(f"--threads must be >= 0 and --batch >= 1, got {args.threads} and {args.batch}")
+    if args.rounds < 1 or args.size < 1 or args.warmup < 0 or args.round_warmup < 0:
+        raise OnnxSlimError(f"--rounds and --size must be >= 1, --warmup and --round-warmup >= 0, got "
+                            f"{args.rounds}, {args.size}, {args.warmup}, {args.round_warmup}")
+    args.round_to = parse_round_to(args.round_to)
+    if args.target_latency is not None and not 0.0 < args.target_latency <= 1.0:
+        raise OnnxSlimError(f"--target-latency must be in (0, 1], got {args.target_latency}")
+    if not args.models.strip(",") and not args.onnx:
+        raise OnnxSlimError("nothing to measure: give --models or --onnx")
+    check_distinct_paths(pairs("--onnx", args.onnx), pairs("--json", [args.json]))
+    return args
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="built graphs (empty: none)")
@@ -286,6 +335,9 @@ def main() -> int:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--round-warmup", type=int, default=1,
+                        help="untimed runs of a model right before its timed run in every round (0: cold, after "
+                             "the other models)")
     parser.add_argument("--round-to", default="auto")
     parser.add_argument("--target-latency", type=float, default=None)
     parser.add_argument("--allocation", choices=("greedy", "uniform"), default="greedy",
@@ -293,10 +345,10 @@ def main() -> int:
     parser.add_argument("--latency-cache", type=Path, default=None,
                         help="folder of the per-machine latency tables (default: onnxslim's cache folder)")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    args.ratios = [float(v) for v in args.ratios.split(",")]
-    args.threads = [int(v) for v in args.threads.split(",")]
-    args.batch = [int(v) for v in args.batch.split(",")]
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="write the graphs to DIR (e.g. for `onnxslim bench --per-layer`): the built dense ones and every "
+                             "pruned one (an --onnx file is its own dense graph)")
+    args = check_options(parser.parse_args())
     torch.set_num_threads(1)
     cores = os.cpu_count() or 1
     if max(args.threads) > cores:
@@ -305,9 +357,10 @@ def main() -> int:
         return run_targets(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-eff-") as tmp:
-        for name, path, shapes in sources(args, Path(tmp)):
+        folder = graph_folder(args, Path(tmp))
+        for name, path, shapes in sources(args, folder):
             try:
-                rows += measure(name, path, shapes, args, Path(tmp))
+                rows += measure(name, path, shapes, args, folder)
             except OnnxSlimError as exc:  # a user's file the engine refuses: say which one, measure the rest
                 print(f"skipped {name}: {exc}", file=sys.stderr, flush=True)
                 continue
@@ -317,12 +370,14 @@ def main() -> int:
     print(summary(rows))
     sizes = f"built graphs at {args.size}x{args.size}" if args.models else ""
     sizes += ("; " if sizes and args.onnx else "") + ("given files at their own input sizes" if args.onnx else "")
-    print(f"input: {sizes}, {args.rounds} rounds, rounding: {rows[0]['rounding'] if rows else '-'}")
+    print(f"input: {sizes}, {args.rounds} rounds, {args.round_warmup} untimed run(s) of a model before its timed "
+          f"one in every round, rounding: {rows[0]['rounding'] if rows else '-'}")
     if args.json:
         from onnxslim.io import write_json_atomic
 
         write_json_atomic(args.json, {"rows": rows, "size": args.size, "rounds": args.rounds, "cores": cores,
-                                      "round_to": args.round_to, "summary": summary(rows)})
+                                      "round_to": args.round_to, "round_warmup": args.round_warmup,
+                                      "summary": summary(rows)})
     return 0
 
 

@@ -44,6 +44,9 @@ _input_shape_option = click.option(
 @click.option("--provider", "providers", multiple=True, default=("cpu",), show_default=True,
               help="Execution provider (cpu, xnnpack, ... or the full onnxruntime name); repeatable.")
 @click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0), help="Warm-up runs per model.")
+@click.option("--round-warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Untimed runs of a model right before its timed run in every round, so it is timed with its "
+                   "own weights in cache, as in deployment; 0: timed right after the other models' runs.")
 @click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each round runs every model once, in a random (seeded) order.")
 @click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
@@ -67,8 +70,8 @@ _input_shape_option = click.option(
 @click.option("--layer-plot", "layer_plot_path", type=output_path(dir_okay=False), default=None,
               help="With --per-layer: write a PNG bar chart of the slowest layers.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
-def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, repeat, session_repeats, memory,
-          confidence, seed, order_seed, mobile, mobile_dir, json_path, plot_path, per_layer, layer_plot_path,
+def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, round_warmup, repeat, session_repeats,
+          memory, confidence, seed, order_seed, mobile, mobile_dir, json_path, plot_path, per_layer, layer_plot_path,
           progress):
     """Measure onnxruntime latency of MODELS; with several, interleaved A/B rounds against the first."""
     from onnxslim.graph.shapes import parse_input_shapes
@@ -82,7 +85,7 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
     options = BenchOptions(threads=thread_counts, batch_sizes=batch_sizes, input_shapes=parse_input_shapes(input_shapes),
                            opt_level=opt_level, providers=tuple(providers), warmup=warmup, repeat=repeat,
                            session_repeats=session_repeats, measure_memory=memory, confidence=confidence, seed=seed,
-                           order_seed=order_seed)
+                           order_seed=order_seed, round_warmup=round_warmup)
     artifacts = []
     with tempfile.TemporaryDirectory(prefix="onnxslim-ort-") as tmp:
         targets = list(models)
@@ -99,11 +102,13 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
     click.echo(report.format_table())
     for note in _initializer_input_notes(models):
         click.echo(note)
-    for profile in profiles[1:] or profiles:
+    layer_macs = _layer_macs(targets if not mobile else [], profiles, options.input_shapes)
+    for index, profile in enumerate(profiles[1:] or profiles, start=1):
         from onnxslim.validate.profile import format_comparison, format_profile
 
         click.echo("")
-        click.echo(format_comparison(profiles[0], profile) if len(profiles) > 1 else format_profile(profile))
+        click.echo(format_comparison(profiles[0], profile, macs=layer_macs and (layer_macs[0], layer_macs[index]))
+                   if len(profiles) > 1 else format_profile(profile))
     if artifacts:
         from onnxslim.validate.mobile import fixed_shape_advice, usability_summary
 
@@ -123,6 +128,7 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, re
             {**dataclasses.asdict(a), "usability_summary": usability_summary(a.usability_log),
              "ort_path": a.ort_path if mobile_dir else None} for a in artifacts] if artifacts else None
         payload["per_layer"] = [p.to_dict() for p in profiles] or None
+        payload["per_layer_macs"] = layer_macs
         write_json_atomic(json_path, payload)
         click.echo(f"wrote {json_path}")
     if plot_path:
@@ -153,6 +159,19 @@ def _initializer_input_notes(models) -> list[str]:
                          "or fuse them, which slows it; slim and prune write their results without them, so part "
                          "of a speedup against this model comes from that (docs/latency.md)")
     return notes
+
+
+def _layer_macs(targets, profiles, input_shapes) -> list[dict[str, int]] | None:
+    """Per profiled model, executed node -> MACs of the conv / GEMM it runs (for the per-layer MACs
+    columns); None for ORT-format files, a single model, or a model whose MACs cannot be counted."""
+    from onnxslim.validate.profile import layer_macs
+
+    if len(profiles) < 2 or len(targets) != len(profiles):
+        return None
+    try:
+        return [layer_macs(profile, target, input_shapes) for profile, target in zip(profiles, targets)]
+    except OnnxSlimError:
+        return None
 
 
 def _per_layer(targets, options, report) -> list:

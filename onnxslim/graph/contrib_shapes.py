@@ -2,65 +2,57 @@
 
 onnx knows nothing of the com.microsoft domain, so it leaves the outputs of ``QLinearAdd`` and the like
 without a shape, and every op after them too (a Flatten after ``QLinearGlobalAveragePool`` would then
-hide its channels). :func:`contrib_outputs` gives those outputs their shape and element type from the
-operator definitions of onnxruntime's contrib ops (docs/ContribOperators.md, onnxruntime 1.16-1.32):
+hide its channels). :func:`with_proxies` replaces each such op, in the weight-free skeleton that shape
+inference runs on, by default-domain ops whose output has the same shape and element type, so that one
+inference pass reaches through a whole chain of them. After onnxruntime's contrib op definitions
+(docs/ContribOperators.md, onnxruntime 1.16-1.32):
 
-* ``QLinearAdd`` / ``QLinearMul`` (A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp): numpy broadcast of
-  A and B, A's type;
-* ``QLinearLeakyRelu`` / ``QLinearSigmoid`` (X, X_scale, X_zp, Y_scale, Y_zp): X's shape and type;
-* ``QLinearGlobalAveragePool``: X's shape with every spatial dim 1 (axes 2.. or, ``channels_last=1``,
-  axes 1..r-2);
-* ``QLinearAveragePool``: the AveragePool output size per spatial axis (``kernel_shape``, ``strides``,
-  ``pads``, ``dilations``, ``ceil_mode``, ``auto_pad``; ONNX AveragePool-19);
-* ``QLinearConcat`` (Y_scale, Y_zp, then (X, X_scale, X_zp) triples, ``axis``): the inputs' dims with
-  the sizes along ``axis`` added, Y_zp's type;
-* ``QGemm`` (A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp, ``transA``, ``transB``): (M, N),
-  y_zp's type, float32 without y_scale.
+* ``QLinearAdd`` / ``QLinearMul`` (A, A_scale, A_zp, B, B_scale, B_zp, C_scale, C_zp): numpy broadcast
+  of A and B, A's type — ``Where(true, A, B)``;
+* ``QLinearLeakyRelu`` / ``QLinearSigmoid`` / ``QLinearSoftmax`` (X, ...): X's shape and type — ``Identity``;
+* ``QLinearGlobalAveragePool`` / ``QLinearAveragePool`` (X, X_scale, X_zp, Y_scale, Y_zp; channels
+  first): ``GlobalAveragePool`` / ``AveragePool`` (same pooling attributes) of X cast to float, cast to
+  Y_zp's type;
+* ``QLinearConcat`` (Y_scale, Y_zp, then (X, X_scale, X_zp) triples, ``axis``): ``Concat`` of the X;
+* ``QGemm`` (A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp, ``transA``, ``transB``): ``Gemm`` of
+  A and B cast to float, cast to y_zp's type (float without y_scale).
 
-Dims are ``int`` (static), ``str`` (a symbol, carried from the inputs) or None (unknown). Each call
-answers the outputs whose inputs already have shapes; :func:`onnxslim.graph.shapes.infer_model` calls
-it once per inference round, so a chain of such ops is reached one op per round.
+The skeleton is only ever inferred, never run nor written: the proxies' outputs keep the original names,
+their helper tensors get names of their own (``<output>__proxy...``). An op whose proxy needs a type that
+the skeleton does not state (an absent zero point), a channels-last pool, or a ``QLinearAveragePool`` with
+``ceil_mode`` (onnxruntime drops a last window that would start in the end padding; onnx's AveragePool
+inference counts it) keeps no shape.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
-Dim = int | str | None
-Shape = list[Dim]
-_CONTRIB = "com.microsoft"
+CONTRIB = "com.microsoft"
+_POOL_ATTRIBUTES = ("kernel_shape", "strides", "pads", "auto_pad", "count_include_pad")
 
 
-def contrib_outputs(inferred: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """value_info for the outputs of com.microsoft quantized ops whose shapes ``inferred`` lacks and whose
-    inputs have one."""
-    graph = inferred.graph
-    values = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)
-              if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-    shapes: dict[str, Shape] = {t.name: list(t.dims) for t in graph.initializer}
-    shapes.update({name: _dims(value) for name, value in values.items()})
+def with_proxies(skel: onnx.ModelProto) -> onnx.ModelProto:
+    """``skel`` (a skeleton of :func:`onnxslim.graph.shapes.skeleton`) with the com.microsoft quantized ops
+    replaced by their proxies, in place; returns it."""
+    graph = skel.graph
     types = {t.name: t.data_type for t in graph.initializer}
-    types.update({name: v.type.tensor_type.elem_type for name, v in values.items()})
-    outputs = {o.name for o in graph.output}
-    found = []
+    types.update({v.name: v.type.tensor_type.elem_type for v in graph.input})
+    nodes, added, replaced = [], [], False
     for node in graph.node:
-        rule = _SHAPES.get(node.op_type) if node.domain == _CONTRIB else None
-        if rule is None or not node.output or node.output[0] in values or node.output[0] in outputs:
-            continue
-        result = rule(node, shapes.get, types.get)
-        if result is not None:
-            shape, elem_type = result
-            found.append(helper.make_tensor_value_info(node.output[0], elem_type, shape))
-    return found
-
-
-def _dims(value: onnx.ValueInfoProto) -> Shape:
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
-            for d in value.type.tensor_type.shape.dim]
+        proxy = _PROXIES.get(node.op_type) if node.domain == CONTRIB else None
+        made = proxy(node, types, added) if proxy is not None else None
+        nodes.extend(made if made is not None else [node])
+        replaced |= made is not None
+    if replaced:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(added)
+    return skel
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -70,104 +62,62 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _broadcast(node, dims, types):
-    a, b = dims(node.input[0]), dims(node.input[3]) if len(node.input) > 3 else None
-    if a is None or b is None or types(node.input[0]) is None:
+def _present(node: onnx.NodeProto, slot: int) -> bool:
+    return len(node.input) > slot and bool(node.input[slot])
+
+
+def _binary(node, types, added):
+    """``Where(true, A, B)``: the broadcast shape, A's type."""
+    condition = f"{node.output[0]}__proxy_true"
+    added.append(numpy_helper.from_array(np.array(True), condition))
+    return [helper.make_node("Where", [condition, node.input[0], node.input[3]], [node.output[0]])]
+
+
+def _same(node, types, added):
+    return [helper.make_node("Identity", [node.input[0]], [node.output[0]])]
+
+
+def _through_float(node, types, added, inputs: list[str], op: str, zero_point_slot: int, **attrs):
+    """Cast ``inputs`` to float, ``op`` them, cast the result to the type of the zero point at
+    ``zero_point_slot`` (float when the node has no scale before it, as QGemm without y_scale)."""
+    scale_present = _present(node, zero_point_slot - 1)
+    elem_type = types.get(node.input[zero_point_slot]) if _present(node, zero_point_slot) else None
+    if scale_present and elem_type is None:
         return None
-    rank = max(len(a), len(b))
-    a, b = [1] * (rank - len(a)) + a, [1] * (rank - len(b)) + b
-    shape = []
-    for x, y in zip(a, b):
-        if x == 1 or x == y:
-            shape.append(y)
-        elif y == 1:
-            shape.append(x)
-        else:  # unknown against a size other than 1: the size it must have, when one is static
-            shape.append(x if isinstance(x, int) else y if isinstance(y, int) else None)
-    return shape, types(node.input[0])
+    out = node.output[0]
+    floats = [f"{out}__proxy_in{i}" for i in range(len(inputs))]
+    made = [helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT) for name, cast in zip(inputs, floats)]
+    if not scale_present:
+        return [*made, helper.make_node(op, floats, [out], **attrs)]
+    result = f"{out}__proxy_float"
+    return [*made, helper.make_node(op, floats, [result], **attrs), helper.make_node("Cast", [result], [out], to=elem_type)]
 
 
-def _same(node, dims, types):
-    x = dims(node.input[0])
-    return None if x is None or types(node.input[0]) is None else (x, types(node.input[0]))
-
-
-def _spatial_axes(node, rank: int) -> range:
-    return range(1, rank - 1) if _attr(node, "channels_last", 0) else range(2, rank)
-
-
-def _global_pool(node, dims, types):
-    found = _same(node, dims, types)
-    if found is None:
+def _global_pool(node, types, added):
+    if _attr(node, "channels_last", 0):
         return None
-    x, elem_type = found
-    return [1 if axis in _spatial_axes(node, len(x)) else d for axis, d in enumerate(x)], elem_type
+    return _through_float(node, types, added, [node.input[0]], "GlobalAveragePool", 4)
 
 
-def _pooled(size: Dim, kernel: int, stride: int, begin: int, end: int, dilation: int, ceil: bool, auto: str) -> Dim:
-    if not isinstance(size, int):
-        return None
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        return -(-size // stride)
-    span = (kernel - 1) * dilation + 1
-    if auto == "VALID":
-        return -(-(size - span + 1) // stride)
-    rounding = math.ceil if ceil else math.floor
-    out = rounding((size + begin + end - span) / stride) + 1
-    if ceil and (out - 1) * stride >= size + begin:  # the last window must start inside the input or its begin pad
-        out -= 1
-    return out
+def _average_pool(node, types, added):
+    if _attr(node, "channels_last", 0) or _attr(node, "ceil_mode", 0):
+        return None  # ceil_mode: onnxruntime drops a last window that starts in the end padding, onnx's inference does not
+    attrs = {name: _attr(node, name, None) for name in _POOL_ATTRIBUTES}
+    return _through_float(node, types, added, [node.input[0]], "AveragePool",
+                          4, **{k: v for k, v in attrs.items() if v is not None})
 
 
-def _average_pool(node, dims, types):
-    found = _same(node, dims, types)
-    kernel = _attr(node, "kernel_shape", None)
-    if found is None or kernel is None:
-        return None
-    x, elem_type = found
-    axes = list(_spatial_axes(node, len(x)))
-    n = len(axes)
-    strides = _attr(node, "strides", None) or [1] * n
-    pads = _attr(node, "pads", None) or [0] * (2 * n)
-    dilations = _attr(node, "dilations", None) or [1] * n
-    auto = _attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    ceil = bool(_attr(node, "ceil_mode", 0))
-    shape = list(x)
-    for i, axis in enumerate(axes):
-        shape[axis] = _pooled(x[axis], kernel[i], strides[i], pads[i], pads[i + n], dilations[i], ceil, auto)
-    return shape, elem_type
+def _concat(node, types, added):
+    return [helper.make_node("Concat", list(node.input[2::3]), [node.output[0]], axis=_attr(node, "axis", 0))]
 
 
-def _concat(node, dims, types):
-    inputs = [dims(name) for name in node.input[2::3]]
-    if not inputs or any(x is None for x in inputs) or types(node.input[1]) is None:
-        return None
-    rank = len(inputs[0])
-    axis = _attr(node, "axis", 0)
-    axis = axis + rank if axis < 0 else axis
-    if any(len(x) != rank for x in inputs) or not 0 <= axis < rank:
-        return None
-    sizes = [x[axis] for x in inputs]
-    shape = list(inputs[0])
-    shape[axis] = sum(sizes) if all(isinstance(s, int) for s in sizes) else None
-    return shape, types(node.input[1])
+def _qgemm(node, types, added):
+    attrs = {"transA": _attr(node, "transA", 0), "transB": _attr(node, "transB", 0)}
+    return _through_float(node, types, added, [node.input[0], node.input[3]], "Gemm", 8, **attrs)
 
 
-def _qgemm(node, dims, types):
-    a, b = dims(node.input[0]), dims(node.input[3])
-    if a is None or b is None or len(a) != 2 or len(b) != 2:
-        return None
-    rows = a[1] if _attr(node, "transA", 0) else a[0]
-    columns = b[0] if _attr(node, "transB", 0) else b[1]
-    has_scale = len(node.input) > 7 and node.input[7]
-    zero_point = node.input[8] if len(node.input) > 8 and node.input[8] else None
-    elem_type = (types(zero_point) if zero_point else onnx.TensorProto.UINT8) if has_scale else onnx.TensorProto.FLOAT
-    return None if elem_type is None else ([rows, columns], elem_type)
-
-
-_SHAPES: dict[str, Callable] = {
-    "QLinearAdd": _broadcast, "QLinearMul": _broadcast,
+_PROXIES: dict[str, Callable] = {
+    "QLinearAdd": _binary, "QLinearMul": _binary,
     "QLinearLeakyRelu": _same, "QLinearSigmoid": _same, "QLinearSoftmax": _same,
     "QLinearGlobalAveragePool": _global_pool, "QLinearAveragePool": _average_pool,
     "QLinearConcat": _concat, "QGemm": _qgemm,

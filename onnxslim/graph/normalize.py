@@ -34,7 +34,8 @@ Left alone: ``QuantizeLinear`` / ``DequantizeLinear`` (int8 weights stay int8; t
 except in index arithmetic (:func:`index_only_quantizers`: a static quantizer quantizes every float
 tensor, including TF "same" pads computed in float and a Pad's fill value, whose Q/DQ then feed only
 ``Cast`` / ``Concat`` / ... into parameter inputs such as a Pad's ``pads``; those fold like the float
-graph's), larger ``ConstantOfShape`` fills, random generators, control flow, and results much larger than the constants they
+graph's) and the QuantizeLinear of a QOperator layer's constant weight (:func:`weight_quantizers`),
+larger ``ConstantOfShape`` fills, random generators, control flow, and results much larger than the constants they
 replace — except where the results only compute a layer's weights (:func:`weight_only_nodes`: timm's
 ``StdConv2d`` in BiT and NFNet standardises each filter at run time, ``Sub`` / ``Mul`` / ``ReduceMean`` /
 ``BatchNormalization`` on the weight, whose intermediate results are as large as the weight; once folded
@@ -120,6 +121,7 @@ def constants_to_initializers(model: onnx.ModelProto, sources: dict[str, onnx.Te
             changed |= _fold_by_reference(view, multi_output)
             # every Q/DQ is kept from onnxscript's folder (weights stay int8); those of index arithmetic fold
             changed |= _fold_by_reference(view, index_only_quantizers(graph))
+            changed |= _fold_by_reference(view, weight_quantizers(graph))
             # a weight computed from weights (weight standardization) folds whatever its size
             changed |= _fold_by_reference(view, weight_only_nodes(graph))
             modified |= changed
@@ -182,6 +184,27 @@ def index_only_quantizers(graph: ir.Graph) -> list[ir.Node]:
 
     return [node for node in graph if node.op_type in ("QuantizeLinear", "DequantizeLinear")
             and node.domain in ("", "ai.onnx") and all(index_only(out) for out in node.outputs)]
+
+
+#: the integer weight and bias inputs of QOperator layers (ONNX QLinearConv / QLinearMatMul, com.microsoft
+#: QGemm) and the operands of QLinearAdd / QLinearMul (a constant one: HardSwish's ``x + 3``)
+_QUANTIZED_WEIGHT_INPUTS = {"QLinearConv": {3, 8}, "QLinearMatMul": {3}, "QGemm": {3, 6}, "QLinearAdd": {0, 3},
+                            "QLinearMul": {0, 3}}
+
+
+def weight_quantizers(graph: ir.Graph) -> list[ir.Node]:
+    """The QuantizeLinear nodes of ``graph`` whose outputs reach only the integer weights of QOperator
+    layers (or the operands of QLinearAdd / QLinearMul): onnxruntime's quantizer quantizes a weight it
+    cannot read as an initializer (a ``Constant`` node, as Paddle2ONNX writes them) at run time; folded
+    (ONNX QuantizeLinear, which onnxruntime's constant folding computes too) when its inputs are
+    constants, the layer reads int8 data, which its rule slices."""
+    def weight_only(value: ir.Value) -> bool:
+        uses = list(value.uses())
+        return bool(uses) and not value.is_graph_output() and all(
+            slot in _QUANTIZED_WEIGHT_INPUTS.get(use.op_type, ()) for use, slot in uses)
+
+    return [node for node in graph if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx")
+            and all(weight_only(out) for out in node.outputs)]
 
 
 #: inputs that hold a layer's weights or per-channel parameters (ONNX operator specs)

@@ -150,7 +150,44 @@ class RemovalPlan:
                 if len(candidates) < target - kept:
                     continue  # only restoring classes of earlier layers would reach it: they stay rounded
                 candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
-                self.restore(info.ids[candidates[: target - kept]], f"kept to round '{name}' to a multiple of {multiple}")
-                changed = True
+                changed |= self._round_layer(name, candidates, target, multiple)
             if not changed:
                 return
+
+    def _round_layer(self, name: str, candidates: np.ndarray, target: int, multiple: int) -> bool:
+        """Restore ``candidates`` (best first) of layer ``name`` until it keeps ``target`` channels, with
+        the rules' constraints settled. Restoring the first ``target - kept`` at once is the usual case;
+        where settling then keeps more than ``target`` (a grouped conv's groups stay equal: a channel
+        restored in a group whose others are gone brings one back in every group), candidates are tried
+        one at a time and those that overshoot are skipped. Kept only when the layer then keeps a
+        multiple of ``multiple`` (or all), so a second slim finds nothing more to round or delete;
+        otherwise the layer stays as it was, unrounded."""
+        ids = self.analysis.info[name].ids
+        why = f"kept to round '{name}' to a multiple of {multiple}"
+        before = self._state()
+        self.restore(ids[candidates[: target - int((~self.removed[ids]).sum())]], why)
+        self.settle()
+        if self._rounded(ids, multiple):
+            return True
+        self._set_state(before)
+        for candidate in candidates:
+            step = self._state()
+            self.restore(ids[[candidate]], why)
+            self.settle()
+            kept = int((~self.removed[ids]).sum())
+            if kept > target:
+                self._set_state(step)
+            elif kept == target:
+                return True
+        self._set_state(before)
+        return False
+
+    def _rounded(self, ids: np.ndarray, multiple: int) -> bool:
+        kept = int((~self.removed[ids]).sum())
+        return kept % multiple == 0 or kept == len(ids)
+
+    def _state(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.removed.copy(), self.reason.copy()
+
+    def _set_state(self, state: tuple[np.ndarray, np.ndarray]) -> None:
+        self.removed[:], self.reason[:] = state

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from onnxslim.errors import OnnxSlimError
-from onnxslim.graph.contrib_shapes import contrib_outputs
+from onnxslim.graph.contrib_shapes import with_proxies
 
 _SMALL = 4096  # elements; constants up to this size keep their data for data propagation
 
@@ -58,12 +58,11 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None =
 
 def infer_model(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """The weight-free skeleton of ``model`` with inferred value_info."""
-    skel = skeleton(model, input_shapes)
+    skel = with_proxies(skeleton(model, input_shapes))  # com.microsoft quantized ops: their shapes too
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
         for _ in range(16):  # each round can reach one more shape-preserving op further down
-            found = (_same_shape_outputs(inferred) + _batch_through_reshapes(inferred) + _reshapes_to_shape_of(inferred)
-                     + contrib_outputs(inferred))
+            found = _same_shape_outputs(inferred) + _batch_through_reshapes(inferred) + _reshapes_to_shape_of(inferred)
             if not found:
                 break
             named = {value.name for value in found}

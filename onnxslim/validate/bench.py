@@ -13,8 +13,13 @@ Procedure, for every configuration (thread count x batch size):
    drawn at random for every round (seeded by ``order_seed``; the orders are recorded in the JSON), so
    slow drift (thermal, other processes) hits every model alike and no model holds a fixed position.
    A fixed A B C / C B A alternation is biased: the model at the turn runs twice in a row with warm
-   caches and "wins" by a few per cent even against a byte-identical copy of itself. Garbage
-   collection is paused while timing.
+   caches and "wins" by a few per cent even against a byte-identical copy of itself. Right before its
+   timed run, each model runs ``round_warmup`` times untimed (default 1), so every timed run finds the
+   model's own weights and buffers in the caches, as when a deployed model runs frame after frame. With
+   ``round_warmup=0`` every timed run follows the other models' runs instead, which is biased against
+   the smaller model: a slimmed model whose weights would stay in cache is timed after the dense model
+   has evicted them (measured: docs/latency.md, "Warm rounds"). Garbage collection is paused while
+   timing.
 4. Per model: median, p90, p99, mean and standard deviation of the per-run latency (wall clock,
    ``time.perf_counter_ns``, including onnxruntime's output allocation).
 5. A/B: for every model i > 0 and every round r, the ratio ``t_0[r] / t_i[r]`` (> 1: model i is
@@ -85,15 +90,16 @@ class BenchOptions:
     confidence: float = 0.95
     seed: int = 0
     order_seed: int = 0
+    round_warmup: int = 1
 
     def validate(self) -> None:
         if not self.threads or any(t < 0 for t in self.threads):
             raise OnnxSlimError(f"thread counts must be >= 0 (0 = onnxruntime's default), got {self.threads}")
         if not self.batch_sizes or any(b is not None and b < 1 for b in self.batch_sizes):
             raise OnnxSlimError(f"batch sizes must be >= 1, got {self.batch_sizes}")
-        if self.warmup < 0 or self.repeat < 1 or self.session_repeats < 1:
-            raise OnnxSlimError(f"need warmup >= 0, repeat >= 1 and session_repeats >= 1, "
-                                f"got {self.warmup}, {self.repeat}, {self.session_repeats}")
+        if self.warmup < 0 or self.repeat < 1 or self.session_repeats < 1 or self.round_warmup < 0:
+            raise OnnxSlimError(f"need warmup >= 0, repeat >= 1, session_repeats >= 1 and round_warmup >= 0, "
+                                f"got {self.warmup}, {self.repeat}, {self.session_repeats}, {self.round_warmup}")
         if not 0.0 < self.confidence < 1.0:
             raise OnnxSlimError(f"confidence must be in (0, 1), got {self.confidence}")
 
@@ -303,7 +309,8 @@ def _measure_config(models, labels, sizes, session_options: SessionOptions, batc
                 session.run(None, feeds[i])
             if block_index == 0:
                 bar.update(count)
-        _time_rounds(sessions, feeds, [orders[r] for r in block], samples[:, block[0]:block[-1] + 1])  # a view: blocks are contiguous
+        _time_rounds(sessions, feeds, [orders[r] for r in block], samples[:, block[0]:block[-1] + 1],  # a view
+                     options.round_warmup)
         bar.update(count * len(block))
         del sessions
     for _ in range(options.session_repeats - len(blocks)):  # more creations asked for than rounds
@@ -354,14 +361,17 @@ def _feeds(sessions, labels, batch_size: int | None, options: BenchOptions):
     return feeds, shapes, all_specs
 
 
-def _time_rounds(sessions, feeds, orders, out: np.ndarray) -> None:
-    """One ``session.run`` per model per round, in that round's order; ms into ``out[model, round]``."""
+def _time_rounds(sessions, feeds, orders, out: np.ndarray, round_warmup: int) -> None:
+    """One timed ``session.run`` per model per round, in that round's order, each right after
+    ``round_warmup`` untimed ones of the same model; ms into ``out[model, round]``."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for round_index, order in enumerate(orders):
             for i in order:
                 session, feed = sessions[i], feeds[i]
+                for _ in range(round_warmup):
+                    session.run(None, feed)
                 start = time.perf_counter_ns()
                 session.run(None, feed)
                 out[i, round_index] = (time.perf_counter_ns() - start) / 1e6

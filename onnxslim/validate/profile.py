@@ -168,12 +168,15 @@ def _output_shape(event: dict) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class LayerComparison:
-    """One node before and after (None where the node exists on one side only); times in ms."""
+    """One node before and after (None where the node exists on one side only); times in ms. For a
+    conv / GEMM / MatMul node (:func:`layer_macs`), its MACs before and after (None otherwise)."""
 
     node: str
     op_type: str
     before_ms: float | None
     after_ms: float | None
+    macs_before: int | None = None
+    macs_after: int | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -181,17 +184,44 @@ class LayerComparison:
             return None
         return self.before_ms / self.after_ms
 
+    @property
+    def macs_ratio(self) -> float | None:
+        """MACs before / after: the speedup the MACs promise for this layer."""
+        if not self.macs_before or not self.macs_after:
+            return None
+        return self.macs_before / self.macs_after
 
-def compare_profiles(before: LayerProfile, after: LayerProfile) -> list[LayerComparison]:
-    """Nodes of both models paired (:func:`pair_layers`), in ``before``'s execution order, then ``after``-only nodes."""
+
+def compare_profiles(before: LayerProfile, after: LayerProfile,
+                     macs: tuple[dict[str, int], dict[str, int]] | None = None) -> list[LayerComparison]:
+    """Nodes of both models paired (:func:`pair_layers`), in ``before``'s execution order, then ``after``-only
+    nodes. ``macs``: (:func:`layer_macs` of ``before``, of ``after``), to give the MAC nodes their MACs."""
+    before_macs, after_macs = macs or ({}, {})
     partners = pair_layers(before, after)
-    rows = [LayerComparison(layer.node, layer.op_type, layer.median_ms,
-                            partners[layer.node].median_ms if layer.node in partners else None)
-            for layer in before.layers]
+    rows = []
+    for layer in before.layers:
+        partner = partners.get(layer.node)
+        rows.append(LayerComparison(layer.node, layer.op_type, layer.median_ms,
+                                    partner.median_ms if partner else None, before_macs.get(layer.node),
+                                    after_macs.get(partner.node) if partner else None))
     paired = {partner.node for partner in partners.values()}
-    rows.extend(LayerComparison(layer.node, layer.op_type, None, layer.median_ms)
+    rows.extend(LayerComparison(layer.node, layer.op_type, None, layer.median_ms, None, after_macs.get(layer.node))
                 for layer in after.layers if layer.node not in paired)
     return rows
+
+
+def layer_macs(profile: LayerProfile, model, input_shapes: dict[str, list[int]] | None = None) -> dict[str, int]:
+    """Executed node name in ``profile`` -> the MACs of the conv / GEMM / MatMul node of ``model`` it runs
+    (fused and NCHWc forms resolved, :func:`_mac_node_resolver`; MACs per
+    :func:`onnxslim.graph.stats.model_stats`). Nodes whose MACs cannot be counted (dynamic shapes not
+    fixed by ``input_shapes``) are left out."""
+    from onnxslim.graph.stats import model_stats
+
+    model = _loaded_named(model)
+    counted = model_stats(model, input_shapes).layer_macs
+    resolve = _mac_node_resolver(model)
+    found = {layer.node: resolve(layer.node) for layer in profile.layers if layer.op_type in _MAC_OPS}
+    return {node: counted[name] for node, name in found.items() if counted.get(name)}
 
 
 def pair_layers(before: LayerProfile, after: LayerProfile, by_op_type: bool = True) -> dict[str, LayerTime]:
@@ -213,11 +243,15 @@ def pair_layers(before: LayerProfile, after: LayerProfile, by_op_type: bool = Tr
     return partners
 
 
-def format_comparison(before: LayerProfile, after: LayerProfile, max_rows: int | None = 30) -> str:
-    """Terminal table: the slowest nodes of ``before`` (all with ``max_rows=None``), then totals."""
+def format_comparison(before: LayerProfile, after: LayerProfile, max_rows: int | None = 30,
+                      macs: tuple[dict[str, int], dict[str, int]] | None = None) -> str:
+    """Terminal table: the slowest nodes of ``before`` (all with ``max_rows=None``), then totals. With
+    ``macs`` (see :func:`compare_profiles`) the MAC nodes also get their MACs ratio and speedup / MACs
+    ratio, and a line compares the MAC nodes' time with the rest's (where a shortfall against the MACs
+    ratio comes from)."""
     from onnxslim.validate.bench import _text_table
 
-    rows = compare_profiles(before, after)
+    rows = compare_profiles(before, after, macs)
     ordered = sorted(rows, key=lambda r: -max(r.before_ms or 0.0, r.after_ms or 0.0))
     shown = ordered if max_rows is None else ordered[:max_rows]
     total = before.run_ms or 1.0
@@ -225,19 +259,43 @@ def format_comparison(before: LayerProfile, after: LayerProfile, max_rows: int |
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    table = [(r.node[:48], r.op_type, ms(r.before_ms), ms(r.after_ms),
-              f"{r.speedup:.2f}x" if r.speedup else "-", f"{100 * (r.before_ms or 0.0) / total:.1f} %")
+    def ratio(value: float | None, unit: str = "x") -> str:
+        return f"{value:.2f}{unit}" if value else "-"
+
+    table = [(r.node[:48], r.op_type, ms(r.before_ms), ms(r.after_ms), ratio(r.speedup),
+              f"{100 * (r.before_ms or 0.0) / total:.1f} %", ratio(r.macs_ratio),
+              ratio(r.speedup / r.macs_ratio if r.speedup and r.macs_ratio else None, ""))
              for r in shown]
+    columns = ("node", "op", "before ms", "after ms", "speedup", "share before", "MACs ratio", "speedup / MACs")
+    if macs is None:
+        columns, table = columns[:6], [row[:6] for row in table]
     lines = [f"per-layer latency (onnxruntime profiler, median of {before.runs} runs, {before.threads} thread(s)): "
              f"{before.name} -> {after.name}"]
-    lines += _text_table(("node", "op", "before ms", "after ms", "speedup", "share before"), table)
+    lines += _text_table(columns, table)
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} faster nodes not shown")
     lines.append(f"kernels {before.kernels_ms:.3f} -> {after.kernels_ms:.3f} ms; overhead {before.overhead_ms:.3f} -> "
                  f"{after.overhead_ms:.3f} ms; run {before.run_ms:.3f} -> {after.run_ms:.3f} ms")
+    if macs is not None:
+        lines.append(_mac_share_line(rows))
     by_op = [(op, f"{t:.3f}", f"{after.by_op().get(op, 0.0):.3f}") for op, t in before.by_op().items()]
     lines += ["", *_text_table(("op", "before ms", "after ms"), by_op)]
     return "\n".join(lines)
+
+
+def _mac_share_line(rows: Sequence[LayerComparison]) -> str:
+    """One line: the conv / GEMM nodes' kernel time before -> after against their MACs ratio, and the other
+    nodes' (element-wise, pooling, layout), whose time shrinks at most with their output size."""
+    counted = [r for r in rows if r.macs_ratio and r.before_ms and r.after_ms]
+    mac_before, mac_after = sum(r.before_ms for r in counted), sum(r.after_ms for r in counted)
+    macs_before, macs_after = sum(r.macs_before for r in counted), sum(r.macs_after for r in counted)
+    rest_before = sum(r.before_ms or 0.0 for r in rows) - mac_before
+    rest_after = sum(r.after_ms or 0.0 for r in rows) - mac_after
+    if not counted or not rest_after:
+        return "MACs per layer: none could be paired and counted"
+    return (f"conv/GEMM nodes: {mac_before:.3f} -> {mac_after:.3f} ms ({mac_before / mac_after:.2f}x) for a MACs "
+            f"ratio of {macs_before / macs_after:.2f}x; other nodes: {rest_before:.3f} -> {rest_after:.3f} ms "
+            f"({rest_before / rest_after:.2f}x)")
 
 
 def format_profile(profile: LayerProfile, max_rows: int | None = 30) -> str:

@@ -54,3 +54,27 @@ def test_rounding_restores_the_largest_l1_filters():
     kept = np.flatnonzero(plan.keep(y)).tolist()
     assert len(kept) == 4 and {5, 6, 7} < set(kept)
     assert kept[0] == int(np.argmax(l1[:5]))
+
+
+def test_rounding_a_grouped_conv_restores_whole_groups_and_slim_is_a_fixed_point():
+    """A grouped conv of two channels per group (a face-quality net's 7x7 GDC, 100 channels in 50 groups)
+    after a 1x1 conv, masks that leave one channel in 9 groups and none in 15: 9 kept, rounded to 16 by
+    bringing back 7 dead groups (one channel each). Restoring 7 channels at once put a second channel in
+    some group, and keeping the groups equal then gave back most (before: 34 kept of 48, not a multiple)."""
+    from graphs import assert_equivalent
+
+    from onnxslim.graph.slim import slim
+
+    g = GraphBuilder()
+    x = g.input([1, 3, 7, 7])
+    zeros = [c for c in range(48) if c < 30 or c % 2]  # groups 0-14 dead, 15-23 keep their even channel
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 48, k=1, pad=0), 48, zeros=zeros)])
+    z = g.op("Relu", [g.mask(g.conv(y, 48, 48, k=7, pad=0, groups=24), 48, zeros=zeros)])
+    g.output(g.conv(z, 48, 4, k=1, pad=0))
+    model = g.model()
+    slimmed, report = slim(model, round_to=8)
+    assert_equivalent(model, slimmed)
+    assert [layer.channels_after for layer in report.layers] == [16, 16, 4], report.format_table()
+    again, second = slim(slimmed, round_to=8)
+    assert [layer.channels_after for layer in second.layers] == [16, 16, 4]
+    assert again.SerializeToString() == slimmed.SerializeToString()

@@ -175,3 +175,25 @@ def test_pad_of_the_channel_axis_with_a_fill_or_copies(fill, mode, deleted):
     absorb: that channel stays (2 of 3 deleted). Edge mode copies the last channel: a barrier (0)."""
     _, report = slim_checked(_blaze_block(13, fill, mode))
     assert report.deleted_masked_channels == deleted, report.format_table()
+
+
+@pytest.mark.parametrize("op,kernel,stride,ceil,kept", [
+    ("MaxPool", 1, 2, 0, [3, 4]),      # channels 0, 2, 4, 6 of 8 read; 2 is masked: the rest of the 8 go
+    ("AveragePool", 1, 3, 0, [2, 4]),  # 0, 3, 6 read, 3 masked
+    ("MaxPool", 1, 7, 1, [2, 4]),      # ceil_mode, no window past the last channel: 0 and 7 read
+    ("MaxPool", 3, 1, 0, [8, 4]),      # a window of 3 channels mixes them: a barrier
+])
+def test_pooling_with_the_channel_axis_among_pooled_axes(op, kernel, stride, ceil, kept):
+    """TorchScript 1.x spelled LPRNet's ``MaxPool3d((1, 3, 3), (2, 1, 2))`` on a 4-D map as Transpose to
+    channels last, ``MaxPool(kernel (1, 1), strides (1, 2))``, Transpose back: a window of one channel
+    with stride s reads channels 0, s, 2s, ... each alone, so the others are dead and the read ones pass.
+    Before: a barrier ("channel axis is not axis 1") held all 8."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 8])
+    y = g.op("Relu", [g.mask(g.conv(x, 3, 8), 8, zeros=[2, 3])])
+    pooled = g.op(op, [g.op("Transpose", [y], perm=[0, 2, 3, 1])], kernel_shape=[1, kernel], strides=[1, stride],
+                  ceil_mode=ceil)
+    back = g.op("Transpose", [pooled], perm=[0, 3, 1, 2])
+    head(g, back, (8 - kernel) // stride + 1)
+    slimmed, _ = slim_checked(g.model())
+    assert conv_channels(slimmed) == kept

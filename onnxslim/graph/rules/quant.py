@@ -146,3 +146,27 @@ class QuantizeRule(Rule):
         keep = rewriter.keep(node.output[0])
         if keep is not None:
             slice_channel_vectors(node, rewriter, (1, 2), keep)
+
+    def plan_notes(self, analysis, plan):
+        """A note naming the float layers (MAC-counting ops with a float weight initializer) that read a
+        DequantizeLinear and lose channels: onnxruntime 1.20+ (graph optimizations basic and up, its
+        ``WeightBiasQuantization`` pass) quantizes such a layer's weight at load time with one scale from
+        its largest entry, which deleting channels can change, so outputs can differ by a quantization
+        step (measured on a QOperator U-Net's float ConvTranspose, ``tests/test_qoperator_models.py``);
+        ``disabled_optimizers=["WeightBiasQuantization"]`` compares bit for bit."""
+        index, found = analysis.index, []
+        for node in index.nodes:
+            rule, producer = analysis.rule_for(node), index.producer.get(node.input[0]) if node.input else None
+            if not rule.counts_macs or producer is None or producer.op_type != "DequantizeLinear" \
+                    or len(node.input) <= rule.weight_slot or node.input[rule.weight_slot] not in index.initializers:
+                continue
+            weight = index.constant(node.input[rule.weight_slot])
+            keeps = [plan.keep(node.input[0]), plan.keep(node.output[0])]
+            if weight is not None and weight.dtype.kind == "f" and any(k is not None and not k.all() for k in keeps):
+                found.append(index.node_name(node))
+        if not found:
+            return []
+        return [f"{len(found)} float layer(s) between quantized ones lose channels ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}): onnxruntime quantizes their weights when it loads the model "
+                "(graph optimizations basic and up), with a scale that deleting channels can change, so outputs can "
+                "differ by a quantization step (disabled_optimizers=['WeightBiasQuantization'] compares bit for bit)"]

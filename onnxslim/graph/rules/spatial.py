@@ -8,6 +8,12 @@ Upsample interpolate between equal values and keep constants; cubic keeps only z
 constant ``v`` when it pads with ``v`` (or replicates edges); constant-mode padding of the channel axis adds
 channels holding the fill (a Concat of constants), which may go like any other.
 
+A pool whose channel axis is one of its pooled axes (channels last after a Transpose) with a window of
+one channel there and stride s reads channels 0, s, 2s, ... each alone: those pass, the others are dead
+(LPRNet's channel subsampling ``MaxPool3d((1, 3, 3), (2, 1, 2))``). The rewrite sets the stride that
+picks the kept read channels, or reads them through a Gather with stride 1 where they are no longer
+evenly spaced; a window of more than one channel is a barrier.
+
 Softmax and the like over a spatial axis pass channels through; over the channel axis they are barriers.
 CumSum along a spatial axis keeps only zero.
 """
@@ -17,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from onnx import helper
 
-from onnxslim.graph.model import get_attr
+from onnxslim.graph.model import Use, get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     feature_or_barrier,
@@ -45,9 +52,12 @@ class PoolRule(Rule):
         x = feature_or_barrier(node, analysis)
         if x is None:
             return
+        stride = 1
         if x.axis != 1:
-            analysis.barrier(node, "channel axis is not axis 1")
-            return
+            stride = _channel_stride(node, analysis, x)
+            if stride is None:
+                analysis.barrier(node, "pools across channels (the channel axis is a pooled axis, kernel > 1)")
+                return
         if keep_extra_outputs(node, analysis, 1, "its indices output is read"):
             return
         keeps_constants = node.op_type in ("MaxPool", "GlobalAveragePool", "GlobalMaxPool")
@@ -55,7 +65,27 @@ class PoolRule(Rule):
             padded = any(get_attr(node, "pads") or []) or _string(get_attr(node, "auto_pad", b"NOTSET")).startswith("SAME")
             keeps_constants = not (padded and get_attr(node, "count_include_pad", 0))
         const = x.const if keeps_constants else x.zero
-        pass_through(node, analysis, x.with_values(const, x.value))
+        info = x.with_values(const, x.value)
+        pass_through(node, analysis, info if stride == 1 else info.take(np.arange(0, x.size, stride)))
+
+    def rewrite(self, node, rewriter):
+        x = rewriter.info(node.input[0])
+        keep = rewriter.keep(node.input[0])
+        if x is None or x.axis == 1 or keep is None or keep.all():
+            return
+        stride = _channel_stride(node, rewriter.analysis, x)
+        read = np.arange(0, x.size, stride)
+        new = (np.cumsum(keep) - 1)[read[keep[read]]]
+        count, slot = int(keep.sum()), x.axis - 2
+        step = int(new[1] - new[0]) if len(new) > 1 else max(count, 1)
+        strides = list(get_attr(node, "strides") or [1] * (x.rank - 2))
+        exact = not get_attr(node, "ceil_mode", 0) or (count - 1) % step == 0
+        if len(new) and (new == np.arange(len(new)) * step).all() and (count - 1) // step + 1 == len(new) and exact:
+            strides[slot] = step  # the kept channels that are read are still every step-th one
+        else:
+            _gather_before(node, rewriter, x.axis, new)
+            strides[slot] = 1
+        set_attr(node, "strides", [int(v) for v in strides])
 
     def commutes_with_positive_scale(self, node):
         return node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
@@ -65,6 +95,41 @@ class PoolRule(Rule):
         max and average pools take a max or a mean of input elements (padding is ignored by MaxPool and
         is 0 for AveragePool; MaxPool's indices are >= 0): >= 0 when the input is."""
         return node.op_type in ("LpPool", "GlobalLpPool") or inputs_nonnegative(node, analysis)
+
+
+def _channel_stride(node, analysis, x) -> int | None:
+    """The stride along the channel axis of a MaxPool / AveragePool / LpPool whose channel axis is one of
+    its pooled axes, when its window there is one channel without padding: output channel ``j`` is the
+    pool of input channel ``j * stride`` alone (TorchScript's ``MaxPool3d((1, 3, 3), (2, 1, 2))`` on a
+    4-D map, LPRNet, is ``Transpose -> MaxPool((1, 1), strides (1, 2)) -> Transpose``). None when the
+    window mixes channels, pads them, or ``ceil_mode`` could add a window past the last channel."""
+    if node.op_type.startswith("Global") or x.axis < 2:
+        return None
+    slot, spatial = x.axis - 2, x.rank - 2
+    kernel = get_attr(node, "kernel_shape") or []
+    pads = get_attr(node, "pads") or [0] * (2 * spatial)
+    stride = int((get_attr(node, "strides") or [1] * spatial)[slot])
+    if len(kernel) != spatial or kernel[slot] != 1 or pads[slot] or pads[slot + spatial]:
+        return None
+    if get_attr(node, "ceil_mode", 0) and (x.size - 1) % stride:
+        return None
+    return stride
+
+
+def _gather_before(node, rewriter, axis: int, positions: np.ndarray) -> None:
+    """Feed ``node`` a ``Gather`` of ``positions`` of its input along ``axis`` (ONNX Gather-1+)."""
+    index = rewriter.index
+    source = node.input[0]
+    name = index.fresh_name(f"{source}_read")
+    indices = rewriter.weights.add(f"{name}_channels", np.asarray(positions, np.int64))
+    gather = helper.make_node("Gather", [source, indices], [name], name=name, axis=int(axis))
+    index.producer[name] = gather
+    index.consumers[source] = [Use(gather, 0) if use.node is node and use.slot == 0 else use
+                               for use in index.uses(source)]
+    index.consumers[name] = [Use(node, 0)]
+    node.input[0] = name
+    graph = index.graph
+    graph.node.insert(next(i for i, n in enumerate(graph.node) if n is node), gather)
 
 
 @register
