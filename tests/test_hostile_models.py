@@ -247,3 +247,32 @@ def test_model_inconsistent_once_its_pads_are_folded_is_bad_input(tmp_path):
     result = CliRunner().invoke(main, ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5"])
     assert result.exit_code == 2 and "error: invalid input model" in result.output, result.output
     assert not (tmp_path / "p.onnx").exists()
+
+
+def _weight_as_graph_output(which: str) -> onnx.ModelProto:
+    """conv 3 -> 8, mask (channels 1, 2 zero), conv 8 -> 4; the weight of the conv ``which`` (producer or
+    consumer of the masked channels) is also a graph output."""
+    g = GraphBuilder(seed=5)
+    y = g.conv(g.input([1, 3, 8, 8]), 3, 8)
+    producer = g.nodes[-1].input[1]
+    g.output(g.conv(g.mask(y, 8, zeros=[1, 2]), 8, 4))
+    model = g.model()
+    weight = producer if which == "producer" else model.graph.node[-1].input[1]
+    shape = [8, 3, 3, 3] if which == "producer" else [4, 8, 3, 3]
+    model.graph.output.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, shape))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("which", ["producer", "consumer"])
+def test_a_weight_that_is_a_graph_output_is_not_copied(which):
+    """A conv weight that the model also returns stays in the model as it is: slicing it (consumer: 524 ->
+    676 params) or folding the mask into it (producer: 524 -> 604, then 732 once the channels were held)
+    added a second, sliced or scaled copy. Now its readers keep their channels and the mask folds only where
+    no copy is made: exact, and never larger."""
+    model = _weight_as_graph_output(which)
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.params_after <= report.params_before, (report.params_before, report.params_after)
+    assert report.size_after <= report.size_before
+    assert any("is a graph output" in reason for reason in report.format_table().splitlines()), report.format_table()

@@ -121,6 +121,31 @@ def test_ir7_initializers_listed_as_inputs_stop_being_inputs():
     assert any(note.startswith(f"{len(kept)} weight(s) were also declared as graph inputs") for note in report.notes)
 
 
+def test_slim_cli_on_weights_declared_as_inputs_does_not_import_torch(tmp_path):
+    """The slim command stays torch-free (README): dropping the weights from the inputs once went through
+    onnxruntime.tools, whose import pulls in torch (seconds per call)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    g = GraphBuilder()
+    y = g.op("Relu", [g.mask(g.conv(g.input([1, 3, 8, 8]), 3, 6), 6, zeros=[0, 3])])
+    head(g, y, 6)
+    model = g.model(ir_version=7)
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    script = ("import sys\nfrom onnxslim.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    assert not e.code, e.code\nprint('torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, "slim", str(source), str(out), "--no-verify-speed"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert [i.name for i in onnx.load(out).graph.input] == ["x"]
+
+
 def test_shared_weight_is_split_when_readers_need_different_slices():
     g = GraphBuilder()
     x = g.input([1, 3, 8, 8])

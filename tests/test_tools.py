@@ -97,6 +97,12 @@ def test_latency_efficiency_tool_measures_given_onnx_files(tmp_path):
                                text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert completed.returncode == 2 and "holds an --onnx input" in completed.stderr  # never written over
     assert path.read_bytes() == before
+    # --json naming an --onnx input: refused before anything runs (before: the input was replaced by the JSON)
+    completed = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_latency_efficiency.py"), "--models", "",
+                                "--onnx", str(path), "--json", str(path)], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 2 and "is the input --onnx" in completed.stderr, completed.stderr
+    assert path.read_bytes() == before
 
 
 @pytest.mark.slow
@@ -176,7 +182,18 @@ def test_run_main_turns_onnxslim_errors_into_one_line_and_exit_2(capsys):
     (("bench_mask_overhead.py", "--model", "nosuch"), "error: unknown model 'nosuch'"),
     (("fuzz_slim.py", "--prune", "1.5"), "error: --prune is prune's ratio, in [0, 1)"),
     (("bench_slim.py", "--repeat", "0"), "error: --repeat and every --depths value must be >= 1"),
-], ids=["unknown-model", "prune-ratio", "zero-repeat"])
+    # bench_latency_efficiency: before, a bad value was a traceback (--ratios a) or a "skipped" line for
+    # every model and exit 0 (--ratios nan, --rounds 0, --batch 0, --round-to 0)
+    (("bench_latency_efficiency.py", "--ratios", "a"), "error: --ratios takes comma-separated floats, got 'a'"),
+    (("bench_latency_efficiency.py", "--ratios", "0.5,nan"), "error: --ratios must be in [0, 1), got [0.5, nan]"),
+    (("bench_latency_efficiency.py", "--rounds", "0"), "error: --rounds and --size must be >= 1"),
+    (("bench_latency_efficiency.py", "--batch", "0"), "error: --threads must be >= 0 and --batch >= 1"),
+    (("bench_latency_efficiency.py", "--round-to", "0"), "error: round_to must be 'auto' or an integer >= 1"),
+    (("bench_latency_efficiency.py", "--target-latency", "1.5"), "error: --target-latency must be in (0, 1]"),
+    (("bench_latency_efficiency.py", "--models", ""), "error: nothing to measure: give --models or --onnx"),
+    (("bench_latency_efficiency.py", "--models", "", "--onnx", "tools"), "error: tools: a folder, not an ONNX file"),
+], ids=["unknown-model", "prune-ratio", "zero-repeat", "eff-ratio-text", "eff-ratio-nan", "eff-rounds",
+        "eff-batch", "eff-round-to", "eff-target", "eff-nothing", "eff-folder"])
 def test_tools_refuse_bad_input_with_an_error_line(args, message):
     """Every tool runs its main through onnxslim.errors.run_main: bad input is `error: ...`, exit 2, no
     traceback (before: an OnnxSlimError or CalledProcessError traceback, exit 1)."""

@@ -157,7 +157,7 @@ def given_onnx(path: Path, folder: Path) -> tuple[Path, dict[str, list[int]]]:
     import onnx
 
     if not path.is_file():
-        fail(f"{path}: no such file")
+        fail(f"{path}: {'a folder, not an ONNX file' if path.is_dir() else 'no such file'}")
     model = onnx.load(str(path))
     graph = model.graph
     weights = {init.name for init in graph.initializer}
@@ -289,6 +289,41 @@ def summary(rows: list[dict]) -> str:
             f"median {statistics.median(at_dense_rate):.2f}, minimum {min(at_dense_rate):.2f}")
 
 
+def _numbers(option: str, text: str, kind: type) -> list:
+    """The comma-separated values of ``option`` as ``kind``; :class:`OnnxSlimError` for a malformed one."""
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise OnnxSlimError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def check_options(args):
+    """``args`` with the lists parsed and every value checked before anything is built or measured
+    (:class:`OnnxSlimError`: one ``error:`` line, exit 2): ratios finite in [0, 1), thread counts >= 0,
+    batch sizes, rounds and size >= 1, warm-ups >= 0, ``--round-to`` auto or >= 1, ``--target-latency`` in
+    (0, 1], something to measure, and a ``--json`` that is no ``--onnx`` input (it would be replaced)."""
+    from onnxslim.graph.rounding import parse_round_to
+    from onnxslim.io import check_distinct_paths, pairs
+
+    args.ratios = _numbers("--ratios", args.ratios, float)
+    args.threads = _numbers("--threads", args.threads, int)
+    args.batch = _numbers("--batch", args.batch, int)
+    if not all(0.0 <= r < 1.0 for r in args.ratios):  # NaN fails this too
+        raise OnnxSlimError(f"--ratios must be in [0, 1), got {args.ratios}")
+    if min(args.threads) < 0 or min(args.batch) < 1:
+        raise OnnxSlimError(f"--threads must be >= 0 and --batch >= 1, got {args.threads} and {args.batch}")
+    if args.rounds < 1 or args.size < 1 or args.warmup < 0 or args.round_warmup < 0:
+        raise OnnxSlimError(f"--rounds and --size must be >= 1, --warmup and --round-warmup >= 0, got "
+                            f"{args.rounds}, {args.size}, {args.warmup}, {args.round_warmup}")
+    args.round_to = parse_round_to(args.round_to)
+    if args.target_latency is not None and not 0.0 < args.target_latency <= 1.0:
+        raise OnnxSlimError(f"--target-latency must be in (0, 1], got {args.target_latency}")
+    if not args.models.strip(",") and not args.onnx:
+        raise OnnxSlimError("nothing to measure: give --models or --onnx")
+    check_distinct_paths(pairs("--onnx", args.onnx), pairs("--json", [args.json]))
+    return args
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="built graphs (empty: none)")
@@ -311,11 +346,9 @@ def main() -> int:
                         help="folder of the per-machine latency tables (default: onnxslim's cache folder)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
-                        help="write the dense and pruned graphs to DIR (e.g. for `onnxslim bench --per-layer`)")
-    args = parser.parse_args()
-    args.ratios = [float(v) for v in args.ratios.split(",")]
-    args.threads = [int(v) for v in args.threads.split(",")]
-    args.batch = [int(v) for v in args.batch.split(",")]
+                        help="write the graphs to DIR (e.g. for `onnxslim bench --per-layer`): the built dense ones and every "
+                             "pruned one (an --onnx file is its own dense graph)")
+    args = check_options(parser.parse_args())
     torch.set_num_threads(1)
     cores = os.cpu_count() or 1
     if max(args.threads) > cores:

@@ -95,8 +95,13 @@ class ChannelAnalysis:
     def share_weight(self, weight: str, in_ids: np.ndarray, out_ids: np.ndarray) -> None:
         """Layers reading one weight initializer must slice it alike: couple their channels.
 
-        (Slicing it differently would need one copy per reader and make the model larger.)
+        (Slicing it differently would need one copy per reader and make the model larger.) A weight that
+        is also a graph output is read as it is by the model's user: slicing it would add a sliced copy
+        beside it (up to twice the weight), so its readers keep every channel.
         """
+        if weight in self.index.outputs:
+            for ids in (in_ids, out_ids):
+                self.keep(ids, BARRIER, f"weight '{weight}' is a graph output")
         first = self._weight_readers.setdefault(weight, (in_ids, out_ids))
         if first[0] is not in_ids:
             self.couple(first[0], in_ids)

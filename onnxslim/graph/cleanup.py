@@ -95,7 +95,8 @@ def _folds_that_keep_sharing(index: Graph, plan: RemovalPlan) -> set[int]:
     mask folds with the same factors. A dry run records every fold's writes; a fold that would split
     shared initializers by more elements than the Mul's own constant frees is dropped (an exporter that
     merged equal biases of two layers still lets a mask fold: the copy replaces the mask), until the
-    remaining folds agree. The model never grows."""
+    remaining folds agree; a weight that is also a graph output is never replaced, so a fold into it is a
+    copy too. The model never grows."""
     rules = plan.analysis.rules
     writes: dict[int, tuple[list[tuple[str, int, object]], int]] = {}
     for node in index.nodes:
@@ -117,8 +118,8 @@ def _folds_that_keep_sharing(index: Graph, plan: RemovalPlan) -> set[int]:
             for name, reader, key in entries:
                 written.setdefault((name, key), set()).add(reader)
         for mul, (entries, freed) in list(writes.items()):
-            split = sum(_elements(index, name) for name, _, key in entries
-                        if {id(u.node) for u in index.uses(name)} - written[(name, key)])
+            split = sum(_elements(index, name) for name, _, key in entries  # a graph output is a reader too
+                        if name in index.outputs or {id(u.node) for u in index.uses(name)} - written[(name, key)])
             if split > freed:
                 del writes[mul]
                 changed = True
@@ -320,16 +321,17 @@ def sync_initializer_inputs(model: onnx.ModelProto, original_inputs: list[str]) 
     defaults a caller could override; onnxruntime then does not treat them as constants, so it skips
     constant folding and fusions such as Conv+BatchNormalization (a legacy face detector ran 2.4x faster
     with only this change, docs/latency.md). A slimmed weight has another shape, so overriding it with the
-    original's value could not work anyway: they are dropped from the inputs
-    (``onnxruntime.tools.remove_initializer_from_input``).
+    original's value could not work anyway: they are dropped from the inputs (what
+    ``onnxruntime.tools.remove_initializer_from_input`` does; not imported, since ``onnxruntime.tools``
+    imports torch, seconds on every slim).
     """
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     if model.ir_version >= 4:
-        from onnxruntime.tools.remove_initializer_from_input import remove_initializer_from_input
-
-        listed = sum(value.name in initializers for value in graph.input)
-        remove_initializer_from_input(model)
+        real = [value for value in graph.input if value.name not in initializers]
+        listed = len(graph.input) - len(real)
+        del graph.input[:]
+        graph.input.extend(real)
         return listed
     real = [i for i in graph.input if i.name not in initializers]
     order = {name: position for position, name in enumerate(original_inputs)}

@@ -186,6 +186,9 @@ def test_qlinear_matmul_per_column_zero_points():
     init = {t.name: numpy_helper.to_array(t) for t in slimmed.graph.initializer}
     first = next(n for n in slimmed.graph.node if n.op_type == "QLinearMatMul")
     assert init[first.input[5]].tolist() == [0, 5, 1, 2, -1]
+    pruned, report, masked = prune(model, ratio=0.5)  # masks: B's columns set to their zero points
+    _assert_exact(masked, pruned)
+    assert _weight_dims(pruned, "QLinearMatMul") == [(8, 3), (3, 3)], report.format_table()
 
 
 @pytest.mark.parametrize("ceil_mode", [0, 1])
