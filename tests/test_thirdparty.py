@@ -43,3 +43,34 @@ def test_third_party_graph(name):
     assert report.params_after < report.params_before
     if name in ("googlenet_opset9", "shufflenet_opset11", "squeezenet_opset9"):
         assert report.masked_behind_barriers > 0  # LRN, channel shuffle, Softmax output
+
+
+def _frozen_bn_net(masked: bool) -> onnx.ModelProto:
+    from graphs import GraphBuilder
+
+    g = GraphBuilder(opset=12, seed=4)
+    x = g.input([1, 3, 8, 8])
+
+    def frozen_bn(y, c):
+        y = g.op("Div", [g.op("Sub", [y, g.const(g.weights(c, 1, 1, scale=0.1))]), g.const(np.full((c, 1, 1), 1.5, np.float32))])
+        return g.op("Add", [g.op("Mul", [y, g.const(g.weights(c, 1, 1) + 1.0)]), g.const(g.weights(c, 1, 1, scale=0.1))])
+
+    y = g.op("Relu", [frozen_bn(g.conv(x, 3, 8, bias=False), 8)])
+    y = frozen_bn(g.conv(y, 8, 8, bias=False), 8)
+    y = g.op("Relu", [g.mask(y, 8, zeros=[2, 5]) if masked else y])
+    g.output(g.conv(y, 8, 4))
+    return g.model()
+
+
+def test_an_unfused_frozen_bn_scale_is_not_reported_as_a_mask():
+    """A PyTorch 1.6 DBNet export (MobileNetV3, PaddleOCR's torch port) spells its frozen BN as
+    ``(conv - mean) / std * w + b``: 49 per-channel ``Mul`` nodes that zero nothing. The report said
+    "mask Mul nodes folded into weights: 0; kept: 49" for the dense model; masks are those with a zero."""
+    model = _frozen_bn_net(masked=True)
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed)
+    assert report.deleted_masked_channels == report.masked_channels == 2
+    assert report.folded_masks + len(report.remaining_masks) == 1, report.format_table()  # the mask, not the BNs
+    _, dense = slim(_frozen_bn_net(masked=False))
+    assert (dense.folded_masks, dense.remaining_masks) == (0, [])
+    assert "mask Mul nodes" not in dense.format_table()

@@ -227,14 +227,15 @@ def _no_layer_notes(analysis: ChannelAnalysis) -> list[str]:
 
 
 def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
-    """(masked channels, deleted ones, KeptChannels list, names of mask nodes)."""
+    """(masked channels, deleted ones, KeptChannels list, names of the mask nodes: per-channel constant
+    ``Mul`` nodes with a zero entry)."""
     total = deleted = 0
     kept: list[KeptChannels] = []
     names = set()
     for site in analysis.masks:
-        names.add(analysis.index.node_name(site.node))
         if not len(site.zero_channels):
-            continue
+            continue  # a per-channel scale that zeroes nothing (an unfused BN's gamma) is no mask
+        names.add(analysis.index.node_name(site.node))
         ids = analysis.info[site.tensor].ids[site.zero_channels]
         removed = plan.removed[ids]
         total += len(ids)
