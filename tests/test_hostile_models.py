@@ -313,3 +313,25 @@ def test_prune_global_with_nothing_to_prune(tmp_path, how):
                                        "--no-verify-speed"])
     assert result.exit_code == 0, result.output
     assert_equivalent(onnx.load(path), onnx.load(out))
+
+
+def test_duplicate_node_names_are_refused(tmp_path):
+    """Two nodes with one name: onnx.checker passes the model, onnxruntime refuses to load it. slim wrote a
+    result with the same two names (its speed check: `not a loadable ONNX model`); now every command says
+    `invalid input model` (exit 2). Empty names, which onnxruntime accepts, stay accepted."""
+    model = _masked_conv_model()
+    for node in model.graph.node:
+        node.name = "n" if node.op_type == "Conv" else ""
+    onnx.checker.check_model(model)
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    for command in (["slim", path, out], ["prune", path, out], ["inspect", path]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0] == ("error: invalid input model: two nodes are named 'n' (onnxruntime "
+                                                "refuses to load the model); give them unique names"), lines
+    assert not out.exists()
+    model.graph.node[0].name = ""
+    slimmed, _ = slim(model)
+    assert_equivalent(model, slimmed)

@@ -255,7 +255,8 @@ def check_input(model: onnx.ModelProto) -> None:
     ops broadcast by the legacy ``broadcast``/``axis`` attributes, which the rules do not read;
     onnxruntime runs opset 7 and later) or newer than the installed onnx defines, a negative dim in a
     declared shape other than -1 (Paddle2ONNX's spelling of a dynamic dim), an IR 3 initializer not listed as
-    a graph input (the skeleton lists them), constant quantization parameters that do not fit their data
+    a graph input (the skeleton lists them), two nodes with one name (onnxruntime refuses the model),
+    constant quantization parameters that do not fit their data
     (:func:`quantized.check_parameters`): it is the user's invalid model, not a failure of slim.
 
     Raises OnnxSlimError("invalid input model: ...").
@@ -264,8 +265,8 @@ def check_input(model: onnx.ModelProto) -> None:
         _checker(skeleton(model), full=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
-    problem = _opset_problem(model) or _unlisted_initializer(model) or _negative_dim(model.graph) \
-        or quantized.check_parameters(model.graph)
+    problem = _opset_problem(model) or _unlisted_initializer(model) or _duplicate_node_name(model.graph) \
+        or _negative_dim(model.graph) or quantized.check_parameters(model.graph)
     if problem is not None:
         raise OnnxSlimError(f"invalid input model: {problem}")
 
@@ -293,6 +294,17 @@ def _unlisted_initializer(model: onnx.ModelProto) -> str | None:
     return (f"IR version {model.ir_version} requires every initializer to be a graph input, and {len(missing)} "
             f"are not ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); list them, or set ir_version "
             f"to 4 or later")
+
+
+def _duplicate_node_name(graph: onnx.GraphProto) -> str | None:
+    """Two nodes of the main graph with one non-empty name: onnxruntime refuses to load the model, and so
+    would it the result (which keeps the names)."""
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.name and node.name in seen:
+            return f"two nodes are named {node.name!r} (onnxruntime refuses to load the model); give them unique names"
+        seen.add(node.name)
+    return None
 
 
 def _negative_dim(graph: onnx.GraphProto) -> str | None:
