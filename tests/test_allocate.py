@@ -61,6 +61,12 @@ def test_prune_cli_target_macs(tmp_path):
     assert "target macs: keep 0.500" in result.output
     both = CliRunner().invoke(main, ["prune", str(source), str(out), "--target-macs", "0.5", "--target-latency", "0.5"])
     assert both.exit_code == 2 and "one of --target-macs and --target-latency" in both.output
+    for target in ("--target-macs", "--target-latency"):  # before: --ratio was ignored without a word
+        with_ratio = CliRunner().invoke(main, ["prune", str(source), str(tmp_path / "r.onnx"), target, "0.5",
+                                               "--ratio", "0.3"])
+        assert with_ratio.exit_code == 2 and with_ratio.output == \
+            "error: --ratio and --target-macs / --target-latency exclude each other: give one\n"
+        assert not (tmp_path / "r.onnx").exists()
 
 
 def test_target_macs_of_a_model_with_dynamic_spatial_dims_needs_input_shapes(tmp_path):

@@ -1,6 +1,6 @@
 """Regression: small stand-ins of architecture families that users export, slimmed exactly.
 
-GhostNet (Concat of a conv and its cheap depthwise, then ``[:, :oup]``), Res2Net (chunk, hierarchical
+GhostNet (Concat of a conv and its cheap depthwise, then ``[:, :oup]``; masks on cheap channels alone), Res2Net (chunk, hierarchical
 adds, Concat), HRNet fusion (strided convs, nearest and bilinear Resize, Add), YOLOv5 (Focus slices on
 H/W, C3, SPPF, the Detect reshape), DeepLabV3 ASPP (dilated convs, a global-pool branch resized back),
 RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), MobileViT (unfold /
@@ -44,6 +44,15 @@ class Ghost(nn.Module):
         y = self.dw(torch.cat([a, self.cheap(a)], 1)[:, :11])
         b = self.primary2(y)
         return self.fc(torch.cat([b, self.cheap2(b)], 1).mean((2, 3)))
+
+
+class GhostCheapMasks(Ghost):
+    """A Ghost module whose cheap (depthwise) channels 1 and 4 are masked after their BN while their
+    primary channels stay live: the depthwise conv reads a Gather of the primary channels it keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.cheap = ConvBN(6, 6, 3, groups=6, mask=_mask(6, [1, 4]))
 
 
 class Res2Net(nn.Module):
@@ -298,6 +307,7 @@ class ChannelIndexing(nn.Module):
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["legacy"]),
+    "ghostnet_cheap_masks": (GhostCheapMasks, 8, "masks", ["dynamo", "legacy"]),
     "res2net": (Res2Net, 8, "prune", ["legacy"]),
     "hrnet_fuse": (HRNetFuse, 8, "masks", ["legacy"]),
     "yolov5_focus_c3_sppf": (YoloV5, 8, "masks", ["legacy"]),

@@ -276,3 +276,40 @@ def test_a_weight_that_is_a_graph_output_is_not_copied(which):
     assert report.params_after <= report.params_before, (report.params_before, report.params_after)
     assert report.size_after <= report.size_before
     assert any("is a graph output" in reason for reason in report.format_table().splitlines()), report.format_table()
+
+
+def test_ir3_model_with_unlisted_initializers_is_refused(tmp_path):
+    """IR 3 requires every initializer to be a graph input; onnx.checker rejects the model, but the check ran
+    on the skeleton (which lists them): slim wrote a result and prune failed with `internal error: the masked
+    model fails onnx.checker`. Now every command says `invalid input model` (exit 2)."""
+    model = _masked_conv_model()
+    model.ir_version, model.opset_import[0].version = 3, 8
+    with pytest.raises(onnx.checker.ValidationError, match="in initializer but not in graph input"):
+        onnx.checker.check_model(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    for command in (["slim", path, tmp_path / "out.onnx"], ["prune", path, tmp_path / "out.onnx"], ["inspect", path]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: invalid input model: IR version 3 requires every "
+                                                       "initializer to be a graph input, and 5 are not"), lines
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("how", ["no-layer", "no-input"])
+def test_prune_global_with_nothing_to_prune(tmp_path, how):
+    """A model without prunable layers (only a Relu; a conv of a constant, no graph input): `prune --scope
+    global` with rounding divided by a zero total cost (ZeroDivisionError traceback). Now it writes the model
+    unchanged in channels, like --scope layer."""
+    g = GraphBuilder()
+    if how == "no-layer":
+        g.output(g.op("Relu", [g.input([1, 3, 8, 8])]))
+    else:
+        g.output(g.conv(g.const(np.ones((1, 3, 8, 8), np.float32)), 3, 4))
+    path, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(g.model(), path)
+    result = CliRunner().invoke(main, ["prune", str(path), str(out), "--scope", "global", "--round-to", "8",
+                                       "--no-verify-speed"])
+    assert result.exit_code == 0, result.output
+    assert_equivalent(onnx.load(path), onnx.load(out))

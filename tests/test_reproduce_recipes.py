@@ -109,6 +109,11 @@ def test_shared_dense_checkpoint_is_restamped_for_the_next_method(tmp_path):
     (["--methods", "gal", "--set", "gal.no_such_knob=1"], "unknown parameter(s) no_such_knob"),
     (["--methods", "l1_mask", "--set", "gal.lam_channel=0.1"], "--set names gal, which --methods does not run"),
     (["--set", "nosuch.lam=1"], "unknown: nosuch"),
+    # before: a TypeError traceback (the epoch budget's arithmetic), or 2.5 epochs accepted by --quick
+    (["--methods", "l1_mask", "--set", "l1_mask.sparse_epochs=x"], "sparse_epochs must be an integer, got 'x'"),
+    (["--quick", "--methods", "l1_mask", "--set", "l1_mask.sparse_epochs=2.5"], "must be an integer, got 2.5"),
+    (["--methods", "l1_mask", "--set", "l1_mask.sparse_epochs=null"], "must be an integer, got None"),
+    (["--methods", "l1_mask", "--set", 'l1_mask.sparse_lr="a"'], "[training.sparse] lr must be float, got 'a'"),
 ])
 def test_bad_set_is_a_one_line_error_before_training(monkeypatch, capsys, tmp_path, argv, message):
     """Every row's recipe, --set values applied, is checked before the first row trains."""

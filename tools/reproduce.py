@@ -117,6 +117,9 @@ def build_recipe(model: str, method: str, quick: bool, overrides: dict | None = 
     spec = MODELS[model]
     params, sparse, finetune, source = method_settings(model, method)
     for key, value in (overrides or {}).get(method, {}).items():
+        if key == "sparse_epochs" and (not isinstance(value, int) or isinstance(value, bool)):
+            # checked here: the budget arithmetic and --quick's clamp to 1 epoch would hide it from the recipe's check
+            fail(f"--set {method}.sparse_epochs must be an integer, got {value!r}")
         if key in ("sparse_epochs", "sparse_lr"):
             sparse[key.split("_")[1]] = value
         else:

@@ -143,6 +143,9 @@ def prune(model, output_arg, output, ratio, criterion, scope, cost, min_channels
 
     if target_macs is not None and target_latency is not None:
         raise OnnxSlimError("give one of --target-macs and --target-latency")
+    given = click.get_current_context().get_parameter_source("ratio") == click.core.ParameterSource.COMMANDLINE
+    if given and (target_macs is not None or target_latency is not None):  # a target replaces --ratio (was ignored)
+        raise OnnxSlimError("--ratio and --target-macs / --target-latency exclude each other: give one")
     options = dict(criterion=criterion, scope=scope, cost=cost, min_channels=min_channels, input_shapes=shapes,
                    target_device=target_device, seed=seed, placement=placement)
 

@@ -190,15 +190,23 @@ def _mask_in_weights(model: onnx.ModelProto, analysis: ChannelAnalysis, chosen: 
 
 
 def _float_types(model: onnx.ModelProto):
-    """A function giving the numpy dtype of a tensor of ``model`` (by shape inference; float32 when onnx
-    cannot tell): a mask multiplies a float16 model's tensors (YOLOv5 exported with ``--half``) in float16."""
+    """A function giving the numpy dtype of a tensor of ``model`` (by shape inference): a mask multiplies a
+    float16 model's tensors (YOLOv5 exported with ``--half``) in float16. A tensor onnx cannot type (after a
+    com.microsoft op it has no shape for, such as a channels-last QLinearAveragePool) has the type of the
+    nearest typed tensor up the chain of first inputs (a Transpose of that pool's int8 output is int8, and
+    gets no float mask); float32 when none is typed."""
     inferred = infer_model(model)
-    types = {value.name: value.type.tensor_type.elem_type
-             for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    types.update({value.name: value.type.tensor_type.elem_type
+                  for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]})
+    producers = {name: node for node in model.graph.node for name in node.output if name}
 
     def dtype(name: str) -> np.dtype:
-        elem_type = types.get(name, onnx.TensorProto.FLOAT)
-        return helper.tensor_dtype_to_np_dtype(elem_type if elem_type else onnx.TensorProto.FLOAT)
+        seen = set()
+        while not types.get(name) and name in producers and name not in seen and producers[name].input:
+            seen.add(name)
+            name = producers[name].input[0]
+        return helper.tensor_dtype_to_np_dtype(types.get(name) or onnx.TensorProto.FLOAT)
     return dtype
 
 

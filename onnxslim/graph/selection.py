@@ -290,7 +290,7 @@ def _choose_global(analysis, layers, importance, locked, ratio, min_channels, co
                     key=lambda r: importance[r] / max(class_cost.get(r, 0.0), 1e-12))
     sequence, saved = _global_sequence(layers, ranked, layer_cost, min_channels, total, ratio if rounded is None else 1.0)
     end = next((k for k, value in enumerate(saved) if value >= ratio * total), len(sequence))
-    if rounded is None:
+    if rounded is None or not total:  # no cost to remove (no prunable layer): nothing to size
         achieved = saved[end]
     else:
         end, achieved = _rounded_prefix(sequence, saved, ratio * total, rounded,

@@ -254,7 +254,8 @@ def check_input(model: onnx.ModelProto) -> None:
     weight-free skeleton), or what the checker lets through: a default-domain opset before 7 (elementwise
     ops broadcast by the legacy ``broadcast``/``axis`` attributes, which the rules do not read;
     onnxruntime runs opset 7 and later) or newer than the installed onnx defines, a negative dim in a
-    declared shape other than -1 (Paddle2ONNX's spelling of a dynamic dim), constant quantization parameters that do not fit their data
+    declared shape other than -1 (Paddle2ONNX's spelling of a dynamic dim), an IR 3 initializer not listed as
+    a graph input (the skeleton lists them), constant quantization parameters that do not fit their data
     (:func:`quantized.check_parameters`): it is the user's invalid model, not a failure of slim.
 
     Raises OnnxSlimError("invalid input model: ...").
@@ -263,7 +264,8 @@ def check_input(model: onnx.ModelProto) -> None:
         _checker(skeleton(model), full=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise OnnxSlimError(f"invalid input model: it fails onnx.checker: {_first_line(exc)}") from None
-    problem = _opset_problem(model) or _negative_dim(model.graph) or quantized.check_parameters(model.graph)
+    problem = _opset_problem(model) or _unlisted_initializer(model) or _negative_dim(model.graph) \
+        or quantized.check_parameters(model.graph)
     if problem is not None:
         raise OnnxSlimError(f"invalid input model: {problem}")
 
@@ -277,6 +279,20 @@ def _opset_problem(model: onnx.ModelProto) -> str | None:
     if version > newest:
         return f"default-domain opset {version} is newer than this onnx package defines ({newest})"
     return None
+
+
+def _unlisted_initializer(model: onnx.ModelProto) -> str | None:
+    """IR 3 requires every initializer to be a graph input too; onnx.checker says so, but it runs on the
+    skeleton, which lists them itself."""
+    if model.ir_version >= 4:
+        return None
+    listed = {value.name for value in model.graph.input}
+    missing = [t.name for t in model.graph.initializer if t.name not in listed]
+    if not missing:
+        return None
+    return (f"IR version {model.ir_version} requires every initializer to be a graph input, and {len(missing)} "
+            f"are not ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); list them, or set ir_version "
+            f"to 4 or later")
 
 
 def _negative_dim(graph: onnx.GraphProto) -> str | None:

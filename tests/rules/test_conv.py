@@ -133,6 +133,41 @@ def test_mask_after_depthwise_deletes_its_input_channel_too():
     assert conv_channels(slimmed) == [6, 6, 4]
 
 
+def _ghost_module(cheap_zeros, multiplier: int = 1, primary_zeros=()):
+    """GhostNet's Ghost module: a = relu(bn(conv1x1(x))), c = mask(relu(bn(dwconv(a)))), then
+    conv1x1(Concat(a, c)[:, :oup]) (a: 6 channels, c: 6 * ``multiplier``, oup: all but the last)."""
+    g = GraphBuilder(seed=1)
+    x = g.input([1, 3, 8, 8])
+    stem = g.op("Relu", [g.conv(x, 3, 8)])
+    a = g.op("Relu", [g.mask(g.bn(g.conv(stem, 8, 6, k=1, pad=0, bias=False), 6), 6, zeros=primary_zeros)])
+    cheap = 6 * multiplier
+    c = g.mask(g.op("Relu", [g.bn(g.conv(a, 6, cheap, groups=6, bias=False), cheap)]), cheap, zeros=cheap_zeros)
+    cat = g.op("Concat", [a, c], axis=1)
+    oup = 6 + cheap - 1
+    bounds = [g.const(np.array([v], np.int64)) for v in (0, oup, 1)]
+    g.output(g.conv(g.op("Slice", [cat, *bounds]), oup, 4, k=1, pad=0))
+    return g.model()
+
+
+@pytest.mark.parametrize("multiplier, cheap_zeros, primary_zeros, kept", [
+    (1, [1, 4], (), [8, 6, 3, 4]),  # the depthwise conv reads a Gather of primary channels 0, 2, 3
+    (2, [2, 3, 8, 9], (), [8, 6, 8, 4]),  # groups 1 and 4 go whole (group 5 keeps its unread channel 11)
+    (1, [1, 4], [1], [8, 5, 3, 4]),  # primary channel 1 (zero) goes too
+])
+def test_ghost_cheap_channel_goes_while_its_primary_channel_stays(multiplier, cheap_zeros, primary_zeros, kept):
+    """A masked channel of the cheap (depthwise) branch is deleted although its primary channel, which
+    the Concat reads, stays: the depthwise conv reads a Gather of the primary channels it still uses
+    (before, the depthwise conv tied its output to its live input and no cheap channel went). The last
+    cheap channel, which ``[:, :oup]`` drops, goes the same way."""
+    model = _ghost_module(cheap_zeros, multiplier, primary_zeros)
+    slimmed, report = slim_checked(model)
+    assert report.deleted_masked_channels == report.masked_channels, report.format_table()
+    assert conv_channels(slimmed) == kept
+    gathered = {n.output[0] for n in slimmed.graph.node if n.op_type == "Gather"}
+    dw = next(n for n in slimmed.graph.node if n.op_type == "Conv" and n.input[0] in gathered)
+    assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == kept[2] // multiplier
+
+
 def test_grouped_conv_deletes_a_dead_group_and_balances_the_others():
     g = GraphBuilder()
     x = g.input([1, 4, 8, 8])

@@ -302,3 +302,24 @@ def test_qgemm_with_float_output():
     slimmed, report = slim(model)
     _assert_exact(model, slimmed)
     assert _weight_dims(slimmed, "QGemm") == [(5, 3)], report.format_table()
+
+
+def test_prune_masks_no_int8_tensor_onnx_cannot_type():
+    """QLinearConv -> Transpose -> channels-last QLinearAveragePool -> Transpose -> QLinearConv: onnx types
+    nothing after the pool (no proxy for a channels-last pool), and prune put a float Mul mask on the int8
+    Transpose output (an invalid masked reference: onnxruntime refused Mul(int8, float)). Now an untyped
+    tensor takes the type of its first input's chain, the int8 layers are masked in their weights, and the
+    pruned model reproduces the masked one bit for bit."""
+    g = GraphBuilder(seed=4)
+    x_params = _params(g, 0.05, 3)
+    q = g.op("QuantizeLinear", [g.input([1, 4, 8, 8]), *x_params])
+    y, y_params = _qconv(g, q, x_params, 4, 8, -5, dead=(1, 5))
+    pool_params = _params(g, 0.04, 1)
+    pooled = g.op("QLinearAveragePool", [g.op("Transpose", [y], perm=[0, 2, 3, 1]), *y_params, *pool_params],
+                  domain=MS, kernel_shape=[2, 2], strides=[2, 2], channels_last=1)
+    y, y_params = _qconv(g, g.op("Transpose", [pooled], perm=[0, 3, 1, 2]), pool_params, 8, 6, 7, dead=(2,))
+    model = _model(g, g.op("DequantizeLinear", [y, *y_params]), [1, 6, 4, 4])
+    pruned, report, masked = prune(model, ratio=0.5, round_to=1)
+    assert not any(n.op_type == "Mul" for n in masked.graph.node)
+    _assert_exact(masked, pruned)
+    assert [dims[0] for dims in _weight_dims(pruned, "QLinearConv")] == [4, 6], report.format_table()  # half; the output stays

@@ -17,6 +17,11 @@ Conv, weight W (Cout, Cin/g, k...), g groups of a = Cin/g inputs and b = Cout/g 
   columns), and a group goes only with all its inputs and outputs. The plan is settled to that
   condition by restoring deleted channels (always exact); the group count becomes the groups that stay.
   Plain depthwise convs (a = b = 1) couple input ``i`` with output ``i``: the same plan in one unit.
+* A depthwise Conv (a = 1) whose input a Concat reads too (GhostNet's ``Concat(x, DWConv(x))``) does
+  not couple: a group whose outputs all go while its input stays in the Concat leaves the conv through a
+  ``Gather`` of the input channels of the groups that stay (``y[o] = W[o] * x[g(o)]`` reads nothing
+  else, so the result is exact). Other shared inputs (a residual stream feeding a depthwise branch,
+  BlazeFace) stay coupled: there the stream's classes go whole, with no Gather in every block.
 
 ConvTranspose, W (Cin, Cout/g, k...): the same with the roles of the weight axes swapped; its outputs
 overlap, so constants cannot be absorbed.
@@ -25,6 +30,7 @@ overlap, so constants cannot be absorbed.
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
@@ -73,6 +79,14 @@ def _groups(node, x_ids: np.ndarray, y_ids: np.ndarray) -> tuple[int, int, int] 
     return groups, len(x_ids) // groups, len(y_ids) // groups
 
 
+def gathers_input(node, index, groups: int, per_group: int) -> bool:
+    """Whether the Conv ``node`` drops a group whose outputs all go by a Gather of its input (see the
+    module docstring): a depthwise Conv (``per_group`` = 1 input per group, ``groups`` > 1) whose input
+    a Concat reads too (GhostNet's Ghost module)."""
+    return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and groups > 1 and per_group == 1 \
+        and any(use.node.op_type == "Concat" for use in index.uses(node.input[0]))
+
+
 def _block_per_group(analysis, node, x, out, used: np.ndarray, groups: int, absorbs: bool, why: str) -> None:
     """Keep the live inputs that group ``k``'s weights use, while an output of group ``k`` is kept.
 
@@ -82,7 +96,8 @@ def _block_per_group(analysis, node, x, out, used: np.ndarray, groups: int, abso
     if groups == 1:
         block_reduced_channels(analysis, node, node.input[0], x, used[0], absorbs, why)
         return
-    if a == 1 and b == 1:  # plain depthwise: input i and output i go together, one unit (same plan)
+    if a == 1 and b == 1 and not gathers_input(node, analysis.index, groups, a):
+        # plain depthwise: input i and output i go together, one unit (same plan)
         analysis.couple(x.ids, out.ids)
         return
     for k in range(groups):
@@ -128,7 +143,8 @@ def _balance_groups(plan, node, x_ids: np.ndarray, y_ids: np.ndarray) -> bool:
     keep_in = ~plan.removed[x_ids].reshape(groups, a)
     keep_out = ~plan.removed[y_ids].reshape(groups, b)
     kin, kout = keep_in.sum(axis=1), keep_out.sum(axis=1)
-    alive = (kin > 0) | (kout > 0)
+    # a group stays with an output; or, unless a Gather can drop its input, with an input
+    alive = (kout > 0) if gathers_input(node, plan.analysis.index, groups, a) else (kin > 0) | (kout > 0)
     if not alive.any():
         return False
     target_in, target_out = max(int(kin[alive].max()), 1), max(int(kout[alive].max()), 1)
@@ -263,6 +279,8 @@ class ConvRule(_GroupedLayer):
             rewriter.set_bias(node, 2, bias[keep_out].astype(weight.dtype))
         else:
             slice_bias(node, rewriter, keep_out)
+        if gathers_input(node, rewriter.index, groups, per_group):
+            keep_in = _gather_live_groups(node, rewriter, keep_out, keep_in, groups)
         slice_conv_weight(node, rewriter, keep_out, keep_in)
 
 
@@ -285,6 +303,26 @@ def _saturates(node, index, plan) -> bool:
     if axis is not None and zero_point.size > 1:
         zero_point = zero_point.reshape([-1 if a == axis else 1 for a in range(q.ndim)])
     return bool(np.abs(q.astype(np.int32) - zero_point).max() > 64)
+
+
+def _gather_live_groups(node, rewriter, keep_out: np.ndarray, keep_in: np.ndarray, groups: int) -> np.ndarray:
+    """A depthwise Conv whose input stays for other readers: when groups whose outputs all go keep their
+    input channel, the conv reads ``Gather(x, kept channels of the groups that stay, axis=1)`` instead
+    (a new node before it). Returns the input channels the conv then reads (per original channel)."""
+    live = keep_out.reshape(groups, -1).any(axis=1)  # one input channel per group
+    if not (keep_in & ~live).any():
+        return keep_in
+    index = rewriter.index
+    positions = np.flatnonzero(live[keep_in]).astype(np.int64)  # in the input as sliced
+    name = node.input[0]
+    indices = rewriter.weights.add(f"{index.node_name(node)}_groups", positions)
+    gathered = index.fresh_name(f"{name}_groups")
+    gather = helper.make_node("Gather", [name, indices], [gathered], axis=1, name=gathered)
+    index.producer[gathered] = gather
+    graph = index.graph
+    graph.node.insert(next(i for i, n in enumerate(graph.node) if n is node), gather)
+    node.input[0] = gathered
+    return keep_in & live
 
 
 @register
