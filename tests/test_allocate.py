@@ -44,6 +44,13 @@ def test_target_macs_lands_near_the_target_and_stays_exact():
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_a_macs_target_out_of_reach_says_so(allocation):
+    slimmed, report, masked, result = prune_to_target(wide_net(), "macs", 1e-5, round_to=1, allocation=allocation)
+    assert_equivalent(masked, slimmed)
+    assert result.achieved > 1e-3 and "out of reach, the model cannot lose more MACs" in report.notes[-1]
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
 def test_target_latency_measures_candidates(allocation):
     model = wide_net()
     slimmed, report, masked, result = prune_to_target(model, "latency", 0.6, rounds=3, max_steps=2, round_to=1,

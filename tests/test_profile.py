@@ -104,6 +104,22 @@ def test_layer_macs_pair_fused_nodes_with_their_macs_and_explain_the_shortfall()
     assert "MACs ratio" not in format_comparison(*profiles)
 
 
+def test_layer_macs_of_quantized_layers():
+    """QLinearConv and QGemm count MACs (slim's report counts them) and onnxruntime runs QLinearConv under
+    ``<node>_token_<n>`` after its layout pass: `bench --per-layer` gave them no MACs ratio ("-"). Each of
+    the QOperator chain's layers now has its MACs, those of onnxslim.graph.stats."""
+    from rules.test_qoperator import _conv_chain
+
+    from onnxslim.graph.stats import model_stats
+
+    model = _conv_chain(1)
+    profile = profile_layers(model, SessionOptions(), runs=3, warmup=1)
+    macs = layer_macs(profile, model)
+    ops = {layer.node: layer.op_type for layer in profile.layers}
+    assert sorted(ops[node] for node in macs) == ["QGemm", "QLinearConv", "QLinearConv"], ops
+    assert sorted(macs.values()) == sorted(v for v in model_stats(model).layer_macs.values() if v)
+
+
 def test_bench_per_layer_cli_writes_table_json_and_plot(tmp_path):
     mask = np.ones(16)
     mask[:6] = 0

@@ -61,8 +61,14 @@ class TargetResult:
         error = (self.achieved - self.target) / self.target
         how = (f"at ratio {self.ratio:.3f}" if self.allocation == "uniform"
                else f"by the greedy per-layer allocation (estimate cut at {self.ratio:.3f})")
-        return (f"target {self.metric}: keep {self.target:.3f} of the input's {what}; achieved {self.achieved:.3f} "
+        note = (f"target {self.metric}: keep {self.target:.3f} of the input's {what}; achieved {self.achieved:.3f} "
                 f"({error:+.1%}) {how} after {len(self.steps)} prune(s)")
+        if error > 0.1 and self.metric == "macs":
+            note += (": out of reach, the model cannot lose more MACs than this (layers at --min-channels or "
+                     "--max-layer-ratio, channels held by barriers, layers no ratio prunes such as the stem's input)")
+        elif abs(error) > 0.1:
+            note += ": not within 10 % (each step is a noisy quick A/B; the steps are in the JSON's target field)"
+        return note
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -341,7 +342,10 @@ def plot_layer_latency(profiles: Sequence[LayerProfile], path, max_layers: int =
 
 
 # onnxruntime ops that run a layer counted in MACs (its own op, or its fused / NCHWc form)
-_MAC_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+_MAC_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
+            # quantized layers (QOperator, dynamic int8) and what onnxruntime fuses them into
+            "QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+            "DynamicQuantizeMatMul")
 
 
 def dense_rate_kernels_ms(before: LayerProfile, after: LayerProfile, before_model, after_model,
@@ -402,7 +406,8 @@ def _loaded_named(model):
 def _mac_node_resolver(model):
     """A function: onnxruntime's name for an executed node -> the name of the model's MAC-counting node
     it runs, or None. onnxruntime names a fused node (Conv + Relu, Conv + Add) after the last op it
-    absorbed and an NCHWc node after its output tensor plus ``_nchwc``; so the name is looked up as a node
+    absorbed, an NCHWc node after its output tensor plus ``_nchwc``, a node its layout pass rewrote (an
+    int8 QLinearConv) after the node plus ``_token_<n>``; so the name is looked up as a node
     name, then as a tensor name (its producer), and followed back to a MAC-counting producer (3 steps)."""
     from onnxslim.graph.rules import default_rules
 
@@ -411,7 +416,7 @@ def _mac_node_resolver(model):
     producers = {output: node for node in model.graph.node for output in node.output}
 
     def resolve(name: str):
-        name = name.removesuffix("_nchwc")
+        name = re.sub(r"_token_\d+$", "", name.removesuffix("_nchwc"))  # layout passes' copies (QLinearConv)
         node = nodes.get(name) or producers.get(name)
         for _ in range(3):
             if node is None or rules.rule_for(node).counts_macs:
