@@ -394,6 +394,18 @@ def scale_vector(index: Graph, weights: WeightStore, node: onnx.NodeProto, slot:
         write_scaled(weights, node, slot, value, s.reshape(value.shape) if value.size == len(s) else s)
 
 
+def saturation_note(names: list[str], what: str) -> list[str]:
+    """The report line for integer layers ``names`` that lose input channels and read uint8 activations
+    with int8 weights beyond 7 bits (:func:`onnxslim.graph.rules.dynquant.saturation_notes`); none when
+    ``names`` is empty."""
+    if not names:
+        return []
+    return [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) read uint8 "
+            "activations with int8 weights beyond 7 bits: onnxruntime's AVX2 kernels saturate pair sums of "
+            "their products, so outputs can differ from the input model's wherever that happens (quantize "
+            "with reduce_range=True, int8 activations or uint8 weights to compare bit for bit)"]
+
+
 def aligned_axis(axis: int, rank: int, out_rank: int) -> int:
     """Index in a broadcast output of an input's axis (numpy-style right alignment)."""
     return axis + (out_rank - rank)

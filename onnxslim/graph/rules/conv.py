@@ -39,6 +39,7 @@ from onnxslim.graph.rules.base import (
     keep_all,
     layer_keeps,
     register,
+    saturation_note,
     scale_vector,
     slice_bias,
     write_scaled,
@@ -233,6 +234,15 @@ class ConvRule(_GroupedLayer):
         shapes = _static_shapes(node, dims, self.weight_slot)
         return None if shapes is None else int(np.prod(shapes[2][1:], dtype=np.int64) * np.prod(shapes[1][1:], dtype=np.int64))
 
+    def plan_notes(self, analysis, plan):
+        """QDQ convs (onnxruntime fuses DQ -> Conv -> Q into a QLinearConv, whose u8s8 kernels saturate
+        like ConvInteger's) that lose input channels: a YOLOv8-lite face detector from ``quantize_static``
+        with int8 weights differed from its prune reference by up to 0.95; with ``reduce_range=True``,
+        bit for bit."""
+        index = analysis.index
+        return saturation_note([index.node_name(node) for node in index.nodes
+                                if analysis.rule_for(node) is self and _saturates(node, index, plan)], "QDQ conv(s)")
+
     def fold_output_scale(self, node, index, weights, s):
         """``W[o] *= s[o], b[o] *= s[o]``."""
         weight = index.constant(node.input[1])
@@ -272,6 +282,27 @@ class ConvRule(_GroupedLayer):
         if gathers_input(node, rewriter.index, groups, per_group):
             keep_in = _gather_live_groups(node, rewriter, keep_out, keep_in, groups)
         slice_conv_weight(node, rewriter, keep_out, keep_in)
+
+
+def _saturates(node, index, plan) -> bool:
+    """A Conv of ``DequantizeLinear``'d uint8 activations (perhaps through a mask ``Mul``) and int8
+    weights beyond 7 bits (``|q - zp| > 64``) that loses input channels, not depthwise (one channel per
+    filter: no pairs change)."""
+    keep = plan.keep(node.input[0])
+    source = index.producer.get(node.input[0])
+    while source is not None and source.op_type == "Mul" and index.is_const(source.input[1]):
+        source = index.producer.get(source.input[0])  # a mask between the DequantizeLinear and the conv
+    if keep is None or keep.all() or source is None or source.op_type != "DequantizeLinear" \
+            or len(node.input) < 2 or node.input[1] not in index.quantized:
+        return False
+    activations = index.constant(source.input[2]) if len(source.input) > 2 and source.input[2] else None
+    q, _, zero_point, axis = index.quantization(node.input[1])
+    if activations is None or activations.dtype != np.uint8 or q.dtype != np.int8 or q.shape[1] == 1:
+        return False
+    zero_point = np.zeros(1) if zero_point is None else np.asarray(zero_point, np.int32)
+    if axis is not None and zero_point.size > 1:
+        zero_point = zero_point.reshape([-1 if a == axis else 1 for a in range(q.ndim)])
+    return bool(np.abs(q.astype(np.int32) - zero_point).max() > 64)
 
 
 def _gather_live_groups(node, rewriter, keep_out: np.ndarray, keep_in: np.ndarray, groups: int) -> np.ndarray:

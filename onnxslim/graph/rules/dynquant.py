@@ -34,6 +34,7 @@ from onnxslim.graph.rules.base import (
     layer_keeps,
     pass_through,
     register,
+    saturation_note,
     slice_channel_vectors,
 )
 from onnxslim.graph.rules.conv import ConvRule, conv_channels, slice_conv_weight
@@ -225,9 +226,4 @@ def saturation_notes(analysis, plan, owns: Callable[[Rule], bool]) -> list[str]:
         centred = rule.centred(node, index)
         if centred is not None and np.abs(centred).max() > 64:
             found.append(index.node_name(node))
-    if not found:
-        return []
-    return [f"{len(found)} integer op(s) ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) read uint8 "
-            "activations with int8 weights beyond 7 bits: onnxruntime's AVX2 kernels saturate pair sums of "
-            "their products, so outputs can differ from the input model's wherever that happens (quantize "
-            "with reduce_range=True, int8 activations or uint8 weights to compare bit for bit)"]
+    return saturation_note(found, "integer op(s)")
