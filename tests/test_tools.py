@@ -192,8 +192,10 @@ def test_run_main_turns_onnxslim_errors_into_one_line_and_exit_2(capsys):
     (("bench_latency_efficiency.py", "--target-latency", "1.5"), "error: --target-latency must be in (0, 1]"),
     (("bench_latency_efficiency.py", "--models", ""), "error: nothing to measure: give --models or --onnx"),
     (("bench_latency_efficiency.py", "--models", "", "--onnx", "tools"), "error: tools: a folder, not an ONNX file"),
+    (("bench_latency_efficiency.py", "--models", "", "--onnx", "a/net.onnx", "--onnx", "b/net.onnx"),
+     "error: two graphs share the name 'net'"),
 ], ids=["unknown-model", "prune-ratio", "zero-repeat", "eff-ratio-text", "eff-ratio-nan", "eff-rounds",
-        "eff-batch", "eff-round-to", "eff-target", "eff-nothing", "eff-folder"])
+        "eff-batch", "eff-round-to", "eff-target", "eff-nothing", "eff-folder", "eff-same-stem"])
 def test_tools_refuse_bad_input_with_an_error_line(args, message):
     """Every tool runs its main through onnxslim.errors.run_main: bad input is `error: ...`, exit 2, no
     traceback (before: an OnnxSlimError or CalledProcessError traceback, exit 1)."""

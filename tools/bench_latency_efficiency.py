@@ -301,7 +301,8 @@ def check_options(args):
     """``args`` with the lists parsed and every value checked before anything is built or measured
     (:class:`OnnxSlimError`: one ``error:`` line, exit 2): ratios finite in [0, 1), thread counts >= 0,
     batch sizes, rounds and size >= 1, warm-ups >= 0, ``--round-to`` auto or >= 1, ``--target-latency`` in
-    (0, 1], something to measure, and a ``--json`` that is no ``--onnx`` input (it would be replaced)."""
+    (0, 1], something to measure, a ``--json`` that is no ``--onnx`` input (it would be replaced), and no two
+    graphs of one name (a.onnx and b/a.onnx: their rows and ``--keep`` files would be confused)."""
     from onnxslim.graph.rounding import parse_round_to
     from onnxslim.io import check_distinct_paths, pairs
 
@@ -321,6 +322,10 @@ def check_options(args):
     if not args.models.strip(",") and not args.onnx:
         raise OnnxSlimError("nothing to measure: give --models or --onnx")
     check_distinct_paths(pairs("--onnx", args.onnx), pairs("--json", [args.json]))
+    names = [name for name in args.models.split(",") if name] + [path.stem for path in args.onnx]
+    if len(set(names)) < len(names):  # rows and the graphs written to --keep are named by it
+        raise OnnxSlimError(f"two graphs share the name {next(n for n in names if names.count(n) > 1)!r}: rename "
+                            f"one --onnx file (rows and --keep files are named by the file's stem)")
     return args
 
 
