@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import onnx
 
-from onnxslim.graph.model import get_attr, set_attr
+from onnxslim.graph.model import Use, get_attr, set_attr
 from onnxslim.graph.values import BARRIER, CONSTANT, LIVE, ChannelInfo
 
 if TYPE_CHECKING:
@@ -353,6 +353,23 @@ def slice_channel_vectors(node: onnx.NodeProto, rewriter: Rewriter, slots: Itera
         value = rewriter.index.constant(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
         if value is not None and value.size == len(keep) and value.size > 1:
             rewriter.weights.write(node, slot, value.reshape(-1)[keep], key=("take", 0, keep.tobytes()))
+
+
+def gather_input(node: onnx.NodeProto, rewriter: Rewriter, axis: int, positions: np.ndarray) -> None:
+    """Feed ``node`` a new ``Gather`` of ``positions`` of its first input along ``axis`` (ONNX Gather-1+),
+    for a node that reads only some channels of an input whose other readers keep them all."""
+    index = rewriter.index
+    source = node.input[0]
+    name = index.fresh_name(f"{source}_read")
+    indices = rewriter.weights.add(f"{name}_channels", np.asarray(positions, np.int64))
+    gather = onnx.helper.make_node("Gather", [source, indices], [name], name=name, axis=int(axis))
+    index.producer[name] = gather
+    index.consumers[source] = [Use(gather, 0) if use.node is node and use.slot == 0 else use
+                               for use in index.uses(source)]
+    index.consumers[name] = [Use(node, 0)]
+    node.input[0] = name
+    graph = index.graph
+    graph.node.insert(next(i for i, n in enumerate(graph.node) if n is node), gather)
 
 
 def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:

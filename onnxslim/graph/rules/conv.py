@@ -30,12 +30,12 @@ overlap, so constants cannot be absorbed.
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
 
 from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
+    gather_input,
     keep_all,
     layer_keeps,
     register,
@@ -312,16 +312,7 @@ def _gather_live_groups(node, rewriter, keep_out: np.ndarray, keep_in: np.ndarra
     live = keep_out.reshape(groups, -1).any(axis=1)  # one input channel per group
     if not (keep_in & ~live).any():
         return keep_in
-    index = rewriter.index
-    positions = np.flatnonzero(live[keep_in]).astype(np.int64)  # in the input as sliced
-    name = node.input[0]
-    indices = rewriter.weights.add(f"{index.node_name(node)}_groups", positions)
-    gathered = index.fresh_name(f"{name}_groups")
-    gather = helper.make_node("Gather", [name, indices], [gathered], axis=1, name=gathered)
-    index.producer[gathered] = gather
-    graph = index.graph
-    graph.node.insert(next(i for i, n in enumerate(graph.node) if n is node), gather)
-    node.input[0] = gathered
+    gather_input(node, rewriter, 1, np.flatnonzero(live[keep_in]))  # positions in the input as sliced
     return keep_in & live
 
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from onnx import helper
 
-from onnxslim.graph.model import Use, get_attr, set_attr
+from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     feature_or_barrier,
+    gather_input,
     inputs_nonnegative,
     keep_extra_outputs,
     normalize_axis,
@@ -83,7 +83,7 @@ class PoolRule(Rule):
         if len(new) and (new == np.arange(len(new)) * step).all() and (count - 1) // step + 1 == len(new) and exact:
             strides[slot] = step  # the kept channels that are read are still every step-th one
         else:
-            _gather_before(node, rewriter, x.axis, new)
+            gather_input(node, rewriter, x.axis, new)
             strides[slot] = 1
         set_attr(node, "strides", [int(v) for v in strides])
 
@@ -114,22 +114,6 @@ def _channel_stride(node, analysis, x) -> int | None:
     if get_attr(node, "ceil_mode", 0) and (x.size - 1) % stride:
         return None
     return stride
-
-
-def _gather_before(node, rewriter, axis: int, positions: np.ndarray) -> None:
-    """Feed ``node`` a ``Gather`` of ``positions`` of its input along ``axis`` (ONNX Gather-1+)."""
-    index = rewriter.index
-    source = node.input[0]
-    name = index.fresh_name(f"{source}_read")
-    indices = rewriter.weights.add(f"{name}_channels", np.asarray(positions, np.int64))
-    gather = helper.make_node("Gather", [source, indices], [name], name=name, axis=int(axis))
-    index.producer[name] = gather
-    index.consumers[source] = [Use(gather, 0) if use.node is node and use.slot == 0 else use
-                               for use in index.uses(source)]
-    index.consumers[name] = [Use(node, 0)]
-    node.input[0] = name
-    graph = index.graph
-    graph.node.insert(next(i for i, n in enumerate(graph.node) if n is node), gather)
 
 
 @register
