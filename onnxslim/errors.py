@@ -25,3 +25,18 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(code)
+
+
+def parse_numbers(option: str, text: str, kind: type = float, sep: str = ",", count: int | None = None) -> list:
+    """The ``sep``-separated values of a script's ``option`` as ``kind`` (int or float), ``count`` of them
+    when given. Raises :class:`OnnxSlimError` (one ``error:`` line, exit 2 through :func:`run_main`) for a
+    malformed value or a wrong count, instead of a ValueError traceback."""
+    try:
+        values = [kind(v) for v in text.split(sep)]
+    except ValueError:
+        values = None
+    if values is None or (count is not None and len(values) != count):
+        many = f"{count} " if count is not None else ""
+        raise OnnxSlimError(f"{option} takes {many}{sep!r}-separated {kind.__name__}s, got {text!r}")
+    return values
+

@@ -184,7 +184,7 @@ def test_run_main_turns_onnxslim_errors_into_one_line_and_exit_2(capsys):
     (("bench_slim.py", "--repeat", "0"), "error: --repeat and every --depths value must be >= 1"),
     # bench_latency_efficiency: before, a bad value was a traceback (--ratios a) or a "skipped" line for
     # every model and exit 0 (--ratios nan, --rounds 0, --batch 0, --round-to 0)
-    (("bench_latency_efficiency.py", "--ratios", "a"), "error: --ratios takes comma-separated floats, got 'a'"),
+    (("bench_latency_efficiency.py", "--ratios", "a"), "error: --ratios takes ','-separated floats, got 'a'"),
     (("bench_latency_efficiency.py", "--ratios", "0.5,nan"), "error: --ratios must be in [0, 1), got [0.5, nan]"),
     (("bench_latency_efficiency.py", "--rounds", "0"), "error: --rounds and --size must be >= 1"),
     (("bench_latency_efficiency.py", "--batch", "0"), "error: --threads must be >= 0 and --batch >= 1"),
@@ -194,8 +194,14 @@ def test_run_main_turns_onnxslim_errors_into_one_line_and_exit_2(capsys):
     (("bench_latency_efficiency.py", "--models", "", "--onnx", "tools"), "error: tools: a folder, not an ONNX file"),
     (("bench_latency_efficiency.py", "--models", "", "--onnx", "a/net.onnx", "--onnx", "b/net.onnx"),
      "error: two graphs share the name 'net'"),
+    # malformed number lists in the other tools: before, ValueError tracebacks (onnxslim.errors.parse_numbers)
+    (("bench_round_to_models.py", "--ratios", "x"), "error: --ratios takes ','-separated floats, got 'x'"),
+    (("bench_channel_sweep.py", "--channels", "1:2:3"), "error: --channels takes 2 ':'-separated ints, got '1:2:3'"),
+    (("bench_round_to.py", "--keep-range", "0.3"), "error: --keep-range takes 2 ','-separated floats, got '0.3'"),
+    (("bench_side_by_side.py", "--epochs", "2"), "error: --epochs takes 2 ','-separated ints, got '2'"),
 ], ids=["unknown-model", "prune-ratio", "zero-repeat", "eff-ratio-text", "eff-ratio-nan", "eff-rounds",
-        "eff-batch", "eff-round-to", "eff-target", "eff-nothing", "eff-folder", "eff-same-stem"])
+        "eff-batch", "eff-round-to", "eff-target", "eff-nothing", "eff-folder", "eff-same-stem", "round-to-models-ratios",
+        "channel-sweep-range", "round-to-keep-range", "side-by-side-epochs"])
 def test_tools_refuse_bad_input_with_an_error_line(args, message):
     """Every tool runs its main through onnxslim.errors.run_main: bad input is `error: ...`, exit 2, no
     traceback (before: an OnnxSlimError or CalledProcessError traceback, exit 1)."""

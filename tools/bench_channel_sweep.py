@@ -78,15 +78,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    from onnxslim.errors import parse_numbers
     from onnxslim.graph.rounding import detect_target
     from onnxslim.io import write_json_atomic
     from onnxslim.validate.bench import BenchOptions, benchmark
 
     if ":" in args.channels:
-        low, high = (int(v) for v in args.channels.split(":"))
+        low, high = parse_numbers("--channels", args.channels, int, ":", 2)
         counts = list(range(low, high + 1))
     else:
-        counts = [int(v) for v in args.channels.split(",")]
+        counts = parse_numbers("--channels", args.channels, int)
     built = [conv_pair(args.base, c, args.size, args.depthwise) for c in counts]
     report = benchmark([m for m, _ in built], BenchOptions(threads=(args.threads,), warmup=args.warmup,
                                                            repeat=args.rounds, session_repeats=2,

@@ -289,26 +289,19 @@ def summary(rows: list[dict]) -> str:
             f"median {statistics.median(at_dense_rate):.2f}, minimum {min(at_dense_rate):.2f}")
 
 
-def _numbers(option: str, text: str, kind: type) -> list:
-    """The comma-separated values of ``option`` as ``kind``; :class:`OnnxSlimError` for a malformed one."""
-    try:
-        return [kind(v) for v in text.split(",")]
-    except ValueError:
-        raise OnnxSlimError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
-
-
 def check_options(args):
     """``args`` with the lists parsed and every value checked before anything is built or measured
     (:class:`OnnxSlimError`: one ``error:`` line, exit 2): ratios finite in [0, 1), thread counts >= 0,
     batch sizes, rounds and size >= 1, warm-ups >= 0, ``--round-to`` auto or >= 1, ``--target-latency`` in
     (0, 1], something to measure, a ``--json`` that is no ``--onnx`` input (it would be replaced), and no two
     graphs of one name (a.onnx and b/a.onnx: their rows and ``--keep`` files would be confused)."""
+    from onnxslim.errors import parse_numbers
     from onnxslim.graph.rounding import parse_round_to
     from onnxslim.io import check_distinct_paths, pairs
 
-    args.ratios = _numbers("--ratios", args.ratios, float)
-    args.threads = _numbers("--threads", args.threads, int)
-    args.batch = _numbers("--batch", args.batch, int)
+    args.ratios = parse_numbers("--ratios", args.ratios, float)
+    args.threads = parse_numbers("--threads", args.threads, int)
+    args.batch = parse_numbers("--batch", args.batch, int)
     if not all(0.0 <= r < 1.0 for r in args.ratios):  # NaN fails this too
         raise OnnxSlimError(f"--ratios must be in [0, 1), got {args.ratios}")
     if min(args.threads) < 0 or min(args.batch) < 1:

@@ -61,11 +61,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    from onnxslim.errors import parse_numbers
     from onnxslim.io import write_json_atomic
     from onnxslim.validate.bench import BenchOptions, benchmark, median_ci
 
-    multiples = [int(v) for v in args.round_to.split(",")]
-    low, high = (float(v) for v in args.keep_range.split(","))
+    multiples = parse_numbers("--round-to", args.round_to, int)
+    low, high = parse_numbers("--keep-range", args.keep_range, float, count=2)
     weights, full = resnet50_weights(args.seed)
     kept = random_kept_fractions(full, low, high, args.seed)
     masked = ResNetBuilder("masked", weights, kept, full, args.size).build()

@@ -83,8 +83,10 @@ def main() -> int:
     parser.add_argument("--masked", nargs="+", type=Path, default=None,
                         help="folders with dense.onnx and masked.onnx: time slim's rounding instead of prune's")
     args = parser.parse_args()
-    args.ratios = [float(v) for v in args.ratios.split(",")]
-    args.multiples = [int(v) for v in args.multiples.split(",")]
+    from onnxslim.errors import parse_numbers
+
+    args.ratios = parse_numbers("--ratios", args.ratios, float)
+    args.multiples = parse_numbers("--multiples", args.multiples, int)
     import torch
 
     torch.set_num_threads(1)

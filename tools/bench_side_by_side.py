@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tune_demo import variant  # noqa: E402
 
 from onnxslim import pipeline  # noqa: E402
+from onnxslim.errors import parse_numbers  # noqa: E402
 from onnxslim.recipes import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sparse, finetune = (int(e) for e in args.epochs.split(","))
+    sparse, finetune = parse_numbers("--epochs", args.epochs, int, count=2)
     recipe = variant(load_recipe(args.recipe), (0, sparse, finetune), {}, 1.0)
     train, test = pipeline.load_data(recipe)
     for index in range(args.rounds):
