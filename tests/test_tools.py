@@ -199,9 +199,12 @@ def test_run_main_turns_onnxslim_errors_into_one_line_and_exit_2(capsys):
     (("bench_channel_sweep.py", "--channels", "1:2:3"), "error: --channels takes 2 ':'-separated ints, got '1:2:3'"),
     (("bench_round_to.py", "--keep-range", "0.3"), "error: --keep-range takes 2 ','-separated floats, got '0.3'"),
     (("bench_side_by_side.py", "--epochs", "2"), "error: --epochs takes 2 ','-separated ints, got '2'"),
+    # before: every test ran (minutes), then a FileNotFoundError traceback
+    (("channel_counts.py", "compare", "/nonexistent/counts.json"),
+     "error: cannot read the fixture /nonexistent/counts.json: No such file or directory"),
 ], ids=["unknown-model", "prune-ratio", "zero-repeat", "eff-ratio-text", "eff-ratio-nan", "eff-rounds",
         "eff-batch", "eff-round-to", "eff-target", "eff-nothing", "eff-folder", "eff-same-stem", "round-to-models-ratios",
-        "channel-sweep-range", "round-to-keep-range", "side-by-side-epochs"])
+        "channel-sweep-range", "round-to-keep-range", "side-by-side-epochs", "channel-counts-no-fixture"])
 def test_tools_refuse_bad_input_with_an_error_line(args, message):
     """Every tool runs its main through onnxslim.errors.run_main: bad input is `error: ...`, exit 2, no
     traceback (before: an OnnxSlimError or CalledProcessError traceback, exit 1)."""

@@ -82,12 +82,27 @@ def compare(reference: dict[str, list], current: dict[str, list], tests: list[st
     return problems
 
 
+def _fixture(path: Path) -> dict:
+    """The recorded calls of ``path``; :class:`OnnxSlimError` when it is missing or not a JSON object
+    (before: a traceback, after every test had run)."""
+    from onnxslim.errors import OnnxSlimError
+
+    try:
+        reference = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise OnnxSlimError(f"cannot read the fixture {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    if not isinstance(reference, dict):
+        raise OnnxSlimError(f"the fixture {path} is not a recording of this tool (a JSON object)")
+    return reference
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("record", "compare"))
     parser.add_argument("fixture", type=Path)
     parser.add_argument("tests", nargs="*", default=list(DEFAULT_TESTS))
     args = parser.parse_args(argv)
+    reference = _fixture(args.fixture) if args.action == "compare" else None  # before the tests run (minutes)
     calls = record(args.tests)
     if args.action == "record":
         args.fixture.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(handle.name, args.fixture)
         print(f"recorded {len(calls)} slim calls into {args.fixture}")
         return 0
-    reference = json.loads(args.fixture.read_text())
     problems = compare(reference, calls, args.tests)
     for line in problems:
         print(line)
