@@ -181,3 +181,19 @@ def test_correction_converges_when_the_table_misses_a_fixed_share():
     result, payload = correct_target(estimate_of, evaluate, 0.5, tolerance=0.02, max_steps=6)
     assert abs(result.achieved - 0.5) <= 0.02 * 0.5 + 1e-9 and payload == result.ratio and 2 <= len(result.steps) <= 6
     assert result.steps[0].ratio == 0.5 and result.steps[0].value == pytest.approx(0.65)
+
+
+def test_target_latency_of_a_model_without_timed_layers_is_refused(tmp_path):
+    """A QOperator int8 model (QLinearConv, QGemm): the latency table times none of its layers, so the
+    greedy allocation removed nothing and said `not within 10 %`, and every layer was noted as lacking static
+    shapes (the wrong reason). Now `--target-latency` says which layers it times, exit 2, nothing written."""
+    from rules.test_qoperator import _conv_chain
+
+    source, out = tmp_path / "q.onnx", tmp_path / "out.onnx"
+    onnx.save(_conv_chain(1), source)
+    result = CliRunner().invoke(main, ["prune", str(source), str(out), "--target-latency", "0.7", "--latency-cache",
+                                       str(tmp_path / "cache"), "--no-verify-speed"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == ("error: --target-latency times Conv, ConvTranspose, Gemm, MatMul layers alone; "
+                                     "this model's layers are QGemm, QLinearConv: give --target-macs or --ratio instead")
+    assert not out.exists()

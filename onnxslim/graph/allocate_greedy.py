@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.greedy import GreedyTrace, LayerCost, greedy_trace, kept_counts, macs_cost
 from onnxslim.graph.selection import Layer, Selection, settle_choice
 
@@ -77,15 +78,24 @@ def _cost_model(analysis, request: GreedyRequest, multiple: int, shapes) -> tupl
     layer_macs = {name: float(per_node.get(index.node_name(node), 0)) for name, node in analysis.creators.items()}
     if request.metric == "macs":
         return macs_cost(analysis, layer_macs), float(total) - sum(layer_macs.values()), {}, []
-    from onnxslim.validate.latency_table import LatencyTable, layer_signature
+    from onnxslim.validate.latency_table import LAYER_OPS, LatencyTable, layer_signature
 
     batch = _batch(shapes)
-    table = LatencyTable(request.threads, batch, multiple, request.cache_dir, request.measure)
     signatures = {name: layer_signature(node, index, batch) for name, node in analysis.creators.items()}
+    untimed = sorted({analysis.creators[name].op_type for name in signatures} - set(LAYER_OPS))
+    if signatures and all(sig is None for sig in signatures.values()) and untimed:
+        raise OnnxSlimError(f"--target-latency times {', '.join(LAYER_OPS)} layers alone; this model's layers are "
+                            f"{', '.join(untimed)}: give --target-macs or --ratio instead")
+    table = LatencyTable(request.threads, batch, multiple, request.cache_dir, request.measure)
     table.ensure((sig for sig in signatures.values() if sig is not None), progress=request.progress)
-    missing = sorted(index.node_name(analysis.creators[name]) for name, sig in signatures.items() if sig is None)
-    notes = [f"latency table: {len(missing)} layer(s) without static shapes are not in it (give --input-shape): "
-             + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")] if missing else []
+    missing = [node for name, node in analysis.creators.items() if signatures[name] is None]
+    notes = []
+    for timed, why in ((True, "without static shapes are not in it (give --input-shape)"),
+                       (False, "of an op it cannot time alone are not in it (they count as no time)")):
+        names = sorted(index.node_name(node) for node in missing if (node.op_type in LAYER_OPS) == timed)
+        if names:
+            notes.append(f"latency table: {len(names)} layer(s) {why}: " + ", ".join(names[:5])
+                         + (" ..." if len(names) > 5 else ""))
 
     curves = {name: (sig, table.curve(sig)) for name, sig in signatures.items() if sig is not None}
 
