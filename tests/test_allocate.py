@@ -94,3 +94,17 @@ def test_target_macs_of_a_model_with_dynamic_spatial_dims_needs_input_shapes(tmp
     refused = CliRunner().invoke(main, ["prune", str(source), str(tmp_path / "p.onnx"), "--target-macs", "0.5"])
     assert refused.exit_code == 2 and refused.output.startswith("error: --target-macs needs every layer's MACs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dyn.onnx"]
+
+
+@pytest.mark.parametrize("metric, achieved, reason", [
+    ("macs", 0.516, "more MACs removed than asked, the channels go in coarse steps"),
+    ("macs", 0.75, "out of reach, the model cannot lose more MACs"),
+    ("latency", 0.516, "not within 10 % (each step is a noisy quick A/B"),
+])
+def test_a_missed_target_is_explained_by_its_metric(metric, achieved, reason):
+    """A MACs target overshot (a QOperator model at round-to 8: 0.516 for 0.6) was explained as `each step is
+    a noisy quick A/B`, which MACs, counted exactly, never are."""
+    from onnxslim.graph.allocate import TargetResult, TargetStep
+
+    note = TargetResult(metric, 0.6, achieved, 0.6, (TargetStep(0.6, achieved),), "greedy").note()
+    assert reason in note and ("noisy quick A/B" in note) == (metric == "latency"), note

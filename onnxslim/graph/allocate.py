@@ -66,6 +66,9 @@ class TargetResult:
         if error > 0.1 and self.metric == "macs":
             note += (": out of reach, the model cannot lose more MACs than this (layers at --min-channels or "
                      "--max-layer-ratio, channels held by barriers, layers no ratio prunes such as the stem's input)")
+        elif error < -0.1 and self.metric == "macs":  # MACs are exact: the steps between cuts are too coarse
+            note += (": more MACs removed than asked, the channels go in coarse steps (kept counts rounded to "
+                     "multiples, coupled groups); --round-to 1 gives finer ones")
         elif abs(error) > 0.1:
             note += ": not within 10 % (each step is a noisy quick A/B; the steps are in the JSON's target field)"
         return note
