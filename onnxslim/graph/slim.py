@@ -140,7 +140,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
     original_inputs = [i.name for i in model.graph.input]
-    writes_value_info = len(model.graph.value_info) > 0  # an input without any stays without (never larger)
+    described = {value.name for value in model.graph.value_info}  # only these get one back (never larger)
 
     original = {t.name for t in model.graph.initializer}
     params_before = count_params(model, rules)  # as the input stores them (normalisation may copy some)
@@ -166,8 +166,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
         refresh_shapes(model)
     except OnnxSlimError as exc:
         raise OnnxSlimError(f"internal error: the slimmed model fails {exc}") from None
-    if not writes_value_info:
-        del model.graph.value_info[:]
+    kept_info = [value for value in model.graph.value_info if value.name in described]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept_info)
     check_model(model, full=check)
     assert model.ir_version == ir_version and [(o.domain, o.version) for o in model.opset_import] == opset_imports
 
