@@ -168,24 +168,6 @@ def test_ghost_cheap_channel_goes_while_its_primary_channel_stays(multiplier, ch
     assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == kept[2] // multiplier
 
 
-def test_ghost_depthwise_conv_reading_a_masked_copy_of_the_concat_input_is_a_fixed_point():
-    """prune puts a mask between the tensor the Concat reads and the depthwise conv (Yolo-FastestV2's
-    shuffle blocks): the conv reads Mul(a, mask), the Concat reads a. The cheap channel whose input is
-    live goes in the first slim (the conv looks through the mask to the Concat), so a second slim, which
-    sees the mask folded away, finds nothing more (before: 1 more channel, a Gather added)."""
-    g = GraphBuilder(seed=1)
-    stem = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 8)])
-    a = g.op("Relu", [g.bn(g.conv(stem, 8, 6, k=1, pad=0, bias=False), 6)])
-    read = g.mask(a, 6, zeros=[1])  # the conv's input mask; channel 1 stays in the Concat
-    c = g.mask(g.op("Relu", [g.bn(g.conv(read, 6, 6, groups=6, bias=False), 6)]), 6, zeros=[1, 4])
-    g.output(g.conv(g.op("Concat", [a, c], axis=1), 12, 4, k=1, pad=0))
-    slimmed, report = slim_checked(g.model())
-    assert report.deleted_masked_channels == 2, report.format_table()  # the input mask's channel 1: live in a
-    assert conv_channels(slimmed) == [8, 6, 4, 4]  # cheap channels 1 (input masked) and 4 (input live) gone
-    again, _ = slim(slimmed)
-    assert again.SerializeToString() == slimmed.SerializeToString()
-
-
 def test_grouped_conv_deletes_a_dead_group_and_balances_the_others():
     g = GraphBuilder()
     x = g.input([1, 4, 8, 8])

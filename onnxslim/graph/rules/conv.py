@@ -84,24 +84,7 @@ def gathers_input(node, index, groups: int, per_group: int) -> bool:
     module docstring): a depthwise Conv (``per_group`` = 1 input per group, ``groups`` > 1) whose input
     a Concat reads too (GhostNet's Ghost module)."""
     return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and groups > 1 and per_group == 1 \
-        and _concat_reads(index, node.input[0])
-
-
-def _concat_reads(index, name: str, steps: int = 4) -> bool:
-    """Whether a Concat reads ``name``, or the tensor a per-channel scale (a mask ``Mul`` by a constant)
-    made it from: the masks slim folds away must not change the answer, or a second slim would find
-    what the first did not (a fixed point)."""
-    for _ in range(steps):
-        if any(use.node.op_type == "Concat" for use in index.uses(name)):
-            return True
-        producer = index.producer.get(name)
-        if producer is None or producer.op_type != "Mul" or len(producer.input) != 2:
-            return False
-        scaled = [i for i in producer.input if not index.is_const(i)]
-        if len(scaled) != 1:
-            return False
-        name = scaled[0]
-    return False
+        and any(use.node.op_type == "Concat" for use in index.uses(node.input[0]))
 
 
 def _block_per_group(analysis, node, x, out, used: np.ndarray, groups: int, absorbs: bool, why: str) -> None:
