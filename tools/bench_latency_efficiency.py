@@ -171,10 +171,10 @@ def given_onnx(path: Path, folder: Path) -> tuple[Path, dict[str, list[int]]]:
         shapes[value.name] = [1, *dims[1:]]
     if model.ir_version >= 4 and any(value.name in weights for value in graph.input):
         # slim drops weights from the graph inputs (onnxruntime then folds and fuses them): the dense side
-        # gets the same, so that the speedup is the pruning's alone
-        from onnxruntime.tools.remove_initializer_from_input import remove_initializer_from_input
+        # gets the same (slim's own step), so that the speedup is the pruning's alone
+        from onnxslim.graph.cleanup import sync_initializer_inputs
 
-        remove_initializer_from_input(model)
+        sync_initializer_inputs(model, [])
         path = folder / path.name
         onnx.save(model, str(path))
         print(f"note: {path.name} lists weights as graph inputs; measured without them, as slim writes it",

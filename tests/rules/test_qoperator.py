@@ -62,6 +62,13 @@ def _assert_exact(model, slimmed) -> None:
             assert np.array_equal(expected, actual), float(np.abs(expected - actual).max())
 
 
+def _slim_exact(model: onnx.ModelProto):
+    """slim(model), after checking onnxruntime gives the result bit for bit the outputs of ``model``."""
+    slimmed, report = slim(model)
+    _assert_exact(model, slimmed)
+    return slimmed, report
+
+
 def _conv_chain(groups: int) -> onnx.ModelProto:
     """x -> Q -> QLinearConv 4 -> 8 (filters 1, 5 dead) -> QLinearConv 8 -> 6 (``groups``; filter 2 dead;
     input 3 read by no filter when groups = 1) -> QLinearGlobalAveragePool -> Flatten -> QGemm 6 -> 4 (transB)
@@ -83,8 +90,7 @@ def _conv_chain(groups: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("groups", [1, 2])
 def test_qlinear_conv_deletes_zero_point_channels(groups):
     model = _conv_chain(groups)
-    slimmed, report = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, report = _slim_exact(model)
     # groups = 1: dead filters 1, 5 and the unread input 3 go; the dead filter 2 of the second conv goes
     # with its QGemm column. groups = 2: one dead filter per group goes (1 and 5), the groups stay equal
     # (3 + 3 inputs), so the second conv's dead filter 2 stays to keep 3 + 3 filters
@@ -129,8 +135,7 @@ def test_add_mul_sigmoid_concat():
     cat = g.op("QLinearConcat", [*cat_params, swish, *mul_params, a, *a_params], domain=MS, axis=1)
     y, y_params = _qconv(g, cat, cat_params, 12, 5, 0)
     model = _model(g, g.op("DequantizeLinear", [y, *y_params]), [1, 5, 6, 6])
-    slimmed, report = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, report = _slim_exact(model)
     assert _weight_dims(slimmed, "QLinearConv") == [(5, 4, 3, 3), (5, 4, 3, 3), (5, 10, 3, 3)], report.format_table()
 
 
@@ -143,8 +148,7 @@ def test_sigmoid_of_a_zero_point_channel_is_not_zero():
     sig_params = _params(g, 1 / 256, -128)
     y, y_params = _qconv(g, g.op("QLinearSigmoid", [a, *a_params, *sig_params], domain=MS), sig_params, 6, 3, 0)
     model = _model(g, g.op("DequantizeLinear", [y, *y_params]), [1, 3, 6, 6])
-    slimmed, report = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, report = _slim_exact(model)
     assert _weight_dims(slimmed, "QLinearConv") == [(6, 4, 3, 3), (3, 6, 3, 3)], report.format_table()
 
 
@@ -158,8 +162,7 @@ def test_concat_drops_an_input_that_loses_every_channel():
     cat = g.op("QLinearConcat", [*cat_params, live, *live_params, dead, *dead_params], domain=MS, axis=1)
     y, y_params = _qconv(g, cat, cat_params, 6, 3, 0)
     model = _model(g, g.op("DequantizeLinear", [y, *y_params]), [1, 3, 6, 6])
-    slimmed, _ = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, _ = _slim_exact(model)
     concat = next(n for n in slimmed.graph.node if n.op_type == "QLinearConcat")
     assert len(concat.input) == 5 and _weight_dims(slimmed, "QLinearConv")[-1] == (3, 4, 3, 3)
 
@@ -180,8 +183,7 @@ def test_qlinear_matmul_per_column_zero_points():
     y = g.op("QLinearMatMul", [h, *h_params, g.const(g.rng.integers(-60, 61, (6, 3)).astype(np.int8), "B2"),
                                g.const(np.float32(0.01), "bs2"), g.const(np.int8(0), "bz2"), *out_params])
     model = _model(g, g.op("DequantizeLinear", [y, *out_params]), [5, 3])
-    slimmed, _ = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, _ = _slim_exact(model)
     assert _weight_dims(slimmed, "QLinearMatMul") == [(8, 5), (5, 3)]
     init = {t.name: numpy_helper.to_array(t) for t in slimmed.graph.initializer}
     first = next(n for n in slimmed.graph.node if n.op_type == "QLinearMatMul")
@@ -267,8 +269,7 @@ def test_weight_quantized_at_run_time_folds():
     y = g.op("QLinearConv", [q, *x_params, quantized_weight, *w_params, *y_params], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     z, z_params = _qconv(g, y, y_params, 6, 3, 0)
     model = _model(g, g.op("DequantizeLinear", [z, *z_params]), [1, 3, 6, 6])
-    slimmed, report = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, report = _slim_exact(model)
     assert _weight_dims(slimmed, "QLinearConv") == [(4, 4, 3, 3), (3, 4, 3, 3)], report.format_table()
     assert not any(n.op_type == "QuantizeLinear" and n.input[0].startswith("wf") for n in slimmed.graph.node)
 
@@ -299,8 +300,7 @@ def test_qgemm_with_float_output():
                          g.const(np.float32(0.01), "bs"), g.const(np.int8(0), "bz"),
                          g.const(g.rng.integers(-50, 50, 3).astype(np.int32), "C")], domain=MS, alpha=0.5)
     model = _model(g, out, [1, 3])
-    slimmed, report = slim(model)
-    _assert_exact(model, slimmed)
+    slimmed, report = _slim_exact(model)
     assert _weight_dims(slimmed, "QGemm") == [(5, 3)], report.format_table()
 
 
