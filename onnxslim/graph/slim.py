@@ -136,16 +136,17 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     for ops of other domains).
     The output is written atomically when ``output_path`` is given.
 
-    Passes repeat (at most :data:`_PASSES`) while a pass folded mask scales and the next deletes more:
-    a folded mask changes the graph the rules see (a depthwise conv that read a masked copy of a tensor
-    now reads the tensor a Concat reads: a Ghost conv), so slimming the output again finds nothing.
+    Passes repeat (at most :data:`_PASSES`) while a pass folded a mask scale into the readers of a tensor
+    that others read too and the next pass deletes more: such a fold changes the graph the rules see (a
+    depthwise conv that read a masked copy of a tensor now reads the tensor a Concat reads: a Ghost
+    conv), so slimming the output again finds nothing.
     """
     rounding = resolve_round_to(round_to, target_device)
-    slimmed, report = _slim_pass(model, input_shapes, fold_masks, rounding, check, rules)
+    slimmed, report, uncovered = _slim_pass(model, input_shapes, fold_masks, rounding, check, rules)
     for _ in range(_PASSES - 1):
-        if not report.folded_masks:
+        if not uncovered:
             break
-        again, more = _slim_pass(slimmed, input_shapes, fold_masks, rounding, check, rules)
+        again, more, uncovered = _slim_pass(slimmed, input_shapes, fold_masks, rounding, check, rules)
         if not more.deleted_any:
             break
         slimmed, report = again, report.followed_by(more)
@@ -154,8 +155,9 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     return slimmed, report
 
 
-def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rules) -> tuple[onnx.ModelProto, SlimReport]:
-    """One analysis, rewrite and clean-up of ``model`` (never modified), as :func:`slim` describes."""
+def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rules):
+    """One analysis, rewrite and clean-up of ``model`` (never modified), as :func:`slim` describes:
+    (slimmed model, report, whether a mask folded into readers of a shared tensor)."""
     source, size_before = load_model(model, copy=False)
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
@@ -174,7 +176,7 @@ def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rul
     notes = _plan_notes(analysis, plan)
 
     removed_nodes = Rewriter(analysis, plan).run()
-    folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
+    folded, kept_masks, joined = fold_channel_scales(index, plan) if fold_masks else (0, [], 0)
     removed_nodes += remove_identities(index, analysis.rules)
     index.flush_updates()
     removed_nodes += remove_dead_code(model)
@@ -215,7 +217,7 @@ def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rul
                             "keep_initializers_as_inputs): no longer, so onnxruntime treats them as constants "
                             "(constant folding, Conv+BatchNormalization fusion); part of a speedup over the "
                             "input can come from that alone (docs/latency.md)")
-    return model, report
+    return model, report, joined > 0
 
 
 # int8 ops of onnxruntime's QOperator format that no rule reads (rules/qoperator.py reads QLinearConv,
