@@ -306,15 +306,15 @@ class ChannelIndexing(nn.Module):
 
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
-    "ghostnet": (Ghost, 8, "prune", ["legacy"]),
+    "ghostnet": (Ghost, 8, "prune", ["dynamo", "legacy"]),
     "ghostnet_cheap_masks": (GhostCheapMasks, 8, "masks", ["dynamo", "legacy"]),
-    "res2net": (Res2Net, 8, "prune", ["legacy"]),
-    "hrnet_fuse": (HRNetFuse, 8, "masks", ["legacy"]),
-    "yolov5_focus_c3_sppf": (YoloV5, 8, "masks", ["legacy"]),
-    "deeplab_aspp": (ASPP, 8, "masks", ["legacy"]),
-    "regnet": (RegNet, 8, "masks", ["legacy"]),
-    "repvgg": (RepVGG, 8, "prune", ["legacy"]),
-    "mobilevit": (MobileViT, 8, "masks", ["legacy"]),
+    "res2net": (Res2Net, 8, "prune", ["dynamo", "legacy"]),
+    "hrnet_fuse": (HRNetFuse, 8, "masks", ["dynamo", "legacy"]),
+    "yolov5_focus_c3_sppf": (YoloV5, 8, "masks", ["dynamo", "legacy"]),
+    "deeplab_aspp": (ASPP, 8, "masks", ["dynamo", "legacy"]),
+    "regnet": (RegNet, 8, "masks", ["dynamo", "legacy"]),
+    "repvgg": (RepVGG, 8, "prune", ["dynamo", "legacy"]),
+    "mobilevit": (MobileViT, 8, "masks", ["dynamo", "legacy"]),
     "nonlocal": (NonLocal, 8, "masks", ["dynamo", "legacy"]),
     "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
     "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
