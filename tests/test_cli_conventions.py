@@ -149,3 +149,20 @@ def test_bench_mobile_prints_the_advice(tmp_path):
                     "--no-memory", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "advice: dynamic input shapes" in result.stdout and "--input_shape 1,1,28,28" in result.stdout
+
+
+def test_ctrl_c_exits_130_and_leaves_no_output(masked, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt mid-command) ends with the shell's SIGINT status 128 + 2, one line on
+    stderr, and no output file (a CI script tells an interrupted run from a refused model, exit 2)."""
+    import onnxslim.graph.slim as slim_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slim_module, "_slim_pass", interrupted)
+    out = tmp_path / "slim.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(args=["slim", str(masked), str(out), "--no-verify-speed"], prog_name="onnxslim")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "Aborted!"
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["masked.onnx"]

@@ -171,3 +171,46 @@ def test_export_reports_the_opset_it_wrote(tmp_path):
         assert result.opset == next(o.version for o in written if o.domain in ("", "ai.onnx"))
         assert result.requested_opset == 17
         assert result.opset == (18 if dynamo else 17)
+
+
+class _NestedBlock(torch.nn.Module):
+    """A RegNet/ResNet-style block whose convs sit in Sequentials inside the block (``proj.0``, ``deep.0.1.0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, bias=False), torch.nn.BatchNorm2d(8))
+        self.deep = torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1))))
+
+    def forward(self, x):
+        return torch.relu(self.proj(x) + self.deep(x))
+
+
+def test_torchscript_names_nested_sequentials_like_dynamo(tmp_path):
+    """The TorchScript exporter scopes ``s1.0.proj.0`` as ``/s1/s1.0/proj/proj.0/Conv``: both exporters give the
+    conv's own path (the legacy one used to give the Sequential's, ``s1.0.proj``), and the slimmed models,
+    named alike, compute what the masked ones compute (onnxruntime)."""
+    import onnxruntime as ort
+
+    import onnxslim
+    from onnxslim.graph.names import module_path
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("s1", torch.nn.Sequential(_NestedBlock()))
+    example = torch.randn(2, 4, 8, 8)
+    for mask in attach_masks(model, example):
+        with torch.no_grad():
+            mask.weight[::2] = 0.0
+    model.eval()
+    expected = ["s1.0.proj.0", "s1.0.deep.0.0", "s1.0.deep.0.2.0"]
+    for dynamo in (True, False):
+        path = tmp_path / f"masked_{dynamo}.onnx"
+        export(model, example, path, dynamo=dynamo)
+        slimmed, report = onnxslim.slim(str(path), str(tmp_path / f"slim_{dynamo}.onnx"))
+        assert sorted(layer.module for layer in report.layers) == sorted(expected), dynamo
+        assert report.deleted_masked_channels == report.masked_channels > 0
+        assert sorted(module_path(n) for n in slimmed.graph.node if n.op_type == "Conv") == sorted(expected)
+        outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": example.numpy()})[0]
+                   for p in (path, tmp_path / f"slim_{dynamo}.onnx")]
+        assert abs(outputs[0] - outputs[1]).max() < 1e-5

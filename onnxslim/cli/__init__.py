@@ -102,9 +102,9 @@ class _LazyGroup(click.Group):
             except click.ClickException as exc:
                 click.echo(f"error: {_one_line(exc.format_message())}", err=True)
                 code = 2
-            except click.exceptions.Abort:
+            except click.exceptions.Abort:  # Ctrl-C: the shell's convention for SIGINT, 128 + 2
                 click.echo("Aborted!", err=True)
-                code = 1
+                code = 130
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -37,21 +37,22 @@ def fold_channel_scales(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]
     analysis. Passes repeat while one folds something: a Mul whose consumer was a Mul folded in the
     same pass (LDC's ``0.5 * (a + b)`` before a mask that prune put in front of a conv) folds in the
     next, so a second ``slim`` finds nothing left. Returns (number of Mul nodes removed, names of
-    per-channel Mul nodes kept).
+    per-channel Mul nodes kept, number of folds after which ``x``'s other readers and ``y``'s read one tensor:
+    a structure the analysis did not see, where another slim pass may find more).
     """
-    total = 0
+    total = joined = 0
     while True:
-        folded, kept = _fold_pass(index, plan)
-        total += folded
+        folded, kept, shared = _fold_pass(index, plan)
+        total, joined = total + folded, joined + shared
         if not folded:
-            return total, kept
+            return total, kept, joined
 
 
-def _fold_pass(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]]:
+def _fold_pass(index: Graph, plan: RemovalPlan) -> tuple[int, list[str], int]:
     """One pass of :func:`fold_channel_scales` over the nodes in graph order."""
     rules = plan.analysis.rules
     weights = WeightStore(index)
-    folded, kept, removed = 0, [], set()
+    folded, kept, removed, joined = 0, [], set(), 0
     foldable = _folds_that_keep_sharing(index, plan)
     for node in list(index.nodes):
         scale = _channel_scale(node, index, plan)
@@ -67,13 +68,14 @@ def _fold_pass(index: Graph, plan: RemovalPlan) -> tuple[int, list[str]]:
             continue
         if np.all(factors == 1) or _scale_producer(index, rules, weights, x, factors) \
                 or _scale_consumers(index, rules, weights, y, factors):
+            joined += len(index.uses(x)) > 1  # before the bypass: readers other than this Mul
             _bypass(index, node, x, y)
             removed.add(id(node))
             folded += 1
         else:
             kept.append(index.node_name(node))
     _drop_nodes(index, removed)
-    return folded, kept
+    return folded, kept, joined
 
 
 class _RecordingStore(WeightStore):

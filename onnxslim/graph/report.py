@@ -64,6 +64,32 @@ class SlimReport:
         reachable = self.masked_channels - self.masked_behind_barriers
         return self.deleted_masked_channels / reachable if reachable else 1.0
 
+    @property
+    def deleted_any(self) -> bool:
+        """Whether the run deleted a channel or a parameter."""
+        return self.params_after < self.params_before or any(
+            layer.channels_after < layer.channels_before for layer in self.layers)
+
+    def followed_by(self, later: SlimReport) -> SlimReport:
+        """This report with a later pass over its output: the totals after it, each layer's channels after it
+        (matched by node name), and a note of what it deleted. The masked-channel counts stay this pass's:
+        the later pass saw no masks (folded), only channels they left without a reader."""
+        after = {layer.node: layer.channels_after for layer in later.layers}
+        changed = [layer for layer in later.layers if layer.channels_after < layer.channels_before]
+        extra = sum(layer.channels_before - layer.channels_after for layer in changed)
+        shown = ", ".join(f"{layer.label} {layer.channels_before} -> {layer.channels_after}" for layer in changed[:4])
+        merged = dataclasses.replace(
+            self, layers=[dataclasses.replace(layer, channels_after=after.get(layer.node, layer.channels_after))
+                          for layer in self.layers],
+            params_after=later.params_after, macs_after=later.macs_after, size_after=later.size_after,
+            removed_nodes=self.removed_nodes + later.removed_nodes, macs_complete=later.macs_complete,
+            notes=[*self.notes, *(note for note in later.notes if note not in self.notes)])
+        if extra:
+            merged.notes.append(f"a second slim pass, after the masks folded into weights, deleted {extra} more "
+                                f"channel(s) that they had hidden ({shown}{', ...' if len(changed) > 4 else ''}; "
+                                "slimming the output again finds nothing)")
+        return merged
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

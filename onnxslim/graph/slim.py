@@ -55,6 +55,7 @@ from onnxslim.io import load_onnx, save_model_atomic
 # so that checking never holds a second serialised copy of a large model
 _FULL_CHECK_LIMIT = 16 << 20
 _OLDEST_OPSET = 7  # onnxruntime's oldest; numpy-style broadcasting from here on
+_PASSES = 3  # slim passes at most: a second finds what folded masks uncovered, a third is a safety margin
 _STATIC_DIM_ROUNDS = 64  # fold_static_dims rounds: a legacy ShuffleNet block, or a TF "same" pad, needs one per layer
 
 
@@ -134,8 +135,29 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     :func:`onnxslim.graph.rules.default_rules`; extend it with ``default_rules().with_rules(MyRule())``
     for ops of other domains).
     The output is written atomically when ``output_path`` is given.
+
+    Passes repeat (at most :data:`_PASSES`) while a pass folded a mask scale into the readers of a tensor
+    that others read too and the next pass deletes more: such a fold changes the graph the rules see (a
+    depthwise conv that read a masked copy of a tensor now reads the tensor a Concat reads: a Ghost
+    conv), so slimming the output again finds nothing.
     """
     rounding = resolve_round_to(round_to, target_device)
+    slimmed, report, uncovered = _slim_pass(model, input_shapes, fold_masks, rounding, check, rules)
+    for _ in range(_PASSES - 1):
+        if not uncovered:
+            break
+        again, more, uncovered = _slim_pass(slimmed, input_shapes, fold_masks, rounding, check, rules)
+        if not more.deleted_any:
+            break
+        slimmed, report = again, report.followed_by(more)
+    if output_path is not None:
+        report.size_after = save_model_atomic(slimmed, output_path)
+    return slimmed, report
+
+
+def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rules):
+    """One analysis, rewrite and clean-up of ``model`` (never modified), as :func:`slim` describes:
+    (slimmed model, report, whether a mask folded into readers of a shared tensor)."""
     source, size_before = load_model(model, copy=False)
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
@@ -154,7 +176,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     notes = _plan_notes(analysis, plan)
 
     removed_nodes = Rewriter(analysis, plan).run()
-    folded, kept_masks = fold_channel_scales(index, plan) if fold_masks else (0, [])
+    folded, kept_masks, joined = fold_channel_scales(index, plan) if fold_masks else (0, [], 0)
     removed_nodes += remove_identities(index, analysis.rules)
     index.flush_updates()
     removed_nodes += remove_dead_code(model)
@@ -195,9 +217,7 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
                             "keep_initializers_as_inputs): no longer, so onnxruntime treats them as constants "
                             "(constant folding, Conv+BatchNormalization fusion); part of a speedup over the "
                             "input can come from that alone (docs/latency.md)")
-    if output_path is not None:
-        report.size_after = save_model_atomic(model, output_path)
-    return model, report
+    return model, report, joined > 0
 
 
 # int8 ops of onnxruntime's QOperator format that no rule reads (rules/qoperator.py reads QLinearConv,

@@ -200,9 +200,19 @@ def _exporter_scopes(node: onnx.NodeProto) -> list[str]:
             except (ValueError, SyntaxError):
                 return []
             return [str(scope) for scope in scopes] if isinstance(scopes, list) else []
+    # TorchScript: "/layer1/layer1.0/conv1/Conv", "/s1/s1.0/proj/proj.0/Conv": each part is named relative to
+    # the module whose forward called it, so a part that extends the previous *part* (a container's child,
+    # "proj" -> "proj.0") extends the previous scope, and any other part is an attribute of it
     scopes: list[str] = []
-    for part in node.name.split("/")[1:-1]:  # TorchScript: "/layer1/layer1.0/conv1/Conv"
-        scopes.append(part if not scopes or part.startswith(scopes[-1] + ".") else f"{scopes[-1]}.{part}")
+    previous = ""
+    for part in node.name.split("/")[1:-1]:
+        if not scopes:
+            scopes.append(part)
+        elif part.startswith(previous + "."):
+            scopes.append(scopes[-1] + part[len(previous):])
+        else:
+            scopes.append(f"{scopes[-1]}.{part}")
+        previous = part
     return scopes
 
 

@@ -201,3 +201,24 @@ def test_grouped_conv_transpose():
     head(g, g.op("Relu", [up]), 4)
     slimmed, _ = slim_checked(g.model())
     assert conv_channels(slimmed)[0] == 3
+
+
+def test_a_mask_that_hid_a_ghost_conv_is_slimmed_in_a_second_pass():
+    """prune puts a mask between the tensor a Concat reads and a depthwise conv (Yolo-FastestV2's
+    shuffle blocks): the conv reads Mul(a, mask), the Concat reads a. Until the mask folds into the
+    conv's weights the conv is not a Ghost conv (it does not read what the Concat reads), so its cheap
+    channels stay coupled to their inputs, which the Concat keeps: channel 4 (masked at the output) and
+    channel 1 (masked at the input). slim's second pass, after the fold, gathers the conv's input and
+    deletes both, so slimming the output again finds nothing (before: 2 more channels, a Gather added)."""
+    g = GraphBuilder(seed=1)
+    stem = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 8)])
+    a = g.op("Relu", [g.bn(g.conv(stem, 8, 6, k=1, pad=0, bias=False), 6)])
+    read = g.mask(a, 6, zeros=[1])  # the conv's input mask; channel 1 stays in the Concat
+    c = g.mask(g.op("Relu", [g.bn(g.conv(read, 6, 6, groups=6, bias=False), 6)]), 6, zeros=[1, 4])
+    g.output(g.conv(g.op("Concat", [a, c], axis=1), 12, 4, k=1, pad=0))
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [8, 6, 4, 4]  # cheap channels 1 (input masked) and 4 (input live) gone
+    assert [n.op_type for n in slimmed.graph.node].count("Gather") == 1
+    assert any("second slim pass" in note and "2 more channel" in note for note in report.notes), report.notes
+    again, more = slim(slimmed)
+    assert again.SerializeToString() == slimmed.SerializeToString() and not more.deleted_any
