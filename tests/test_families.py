@@ -7,7 +7,9 @@ RegNet (group convs of group width 4), RepVGG (3x3 + 1x1 + identity BN added), M
 fold by Reshape and Transpose around attention), a non-local block (theta^T phi sums two convs' channels), ShuffleNetV2 (chunk, branch, concat,
 channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated),
 ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate),
-ReXNet's partial residual (ScatterND), channels picked by a tensor index, flipped or strided. ``masks``: hand-placed masks whose zeros are all
+ReXNet's partial residual (ScatterND), channels picked by a tensor index, flipped or strided, coordinate attention
+(pools concatenated on a spatial axis), SKNet's selective kernel (softmax over the branch axis); ECA-Net's Conv1d
+along the channel axis holds what it reads. ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -304,17 +306,54 @@ class ChannelIndexing(nn.Module):
         return self.picked(x[:, self.idx]) + self.flipped(x.flip(1)) + self.odd(x[:, 1::2])
 
 
+class CoordAtt(nn.Module):
+    """Coordinate attention (Hou et al. CVPR 2021): pools along H and along W, concatenates the two on a
+    spatial axis, one shared 1x1 conv, splits them back: the channel axis passes every step."""
+
+    def __init__(self, c: int = 16, mid: int = 8):
+        super().__init__()
+        self.stem, self.mask = ConvBN(3, c), _mask(c, [0, 3, 7])
+        self.conv1, self.bn1, self.mask1 = nn.Conv2d(c, mid, 1), nn.BatchNorm2d(mid), _mask(mid, [2])
+        self.conv_h, self.conv_w, self.head = nn.Conv2d(mid, c, 1), nn.Conv2d(mid, c, 1), nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.mask(F.relu(self.stem(x)))
+        h, w = x.shape[2], x.shape[3]
+        pooled = torch.cat([F.adaptive_avg_pool2d(x, (h, 1)), F.adaptive_avg_pool2d(x, (1, w)).permute(0, 1, 3, 2)], dim=2)
+        y = self.mask1(F.hardswish(self.bn1(self.conv1(pooled))))
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        return self.head(x * torch.sigmoid(self.conv_w(y_w.permute(0, 1, 3, 2))) * torch.sigmoid(self.conv_h(y_h)))
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet's selective kernel (Li et al. CVPR 2019): two branches (3x3, dilated 3x3) summed, pooled, a
+    bottleneck to 2C logits viewed as (N, 2, C, 1, 1) with a softmax over the branch axis; one mask shared
+    by both branches (their channels are added)."""
+
+    def __init__(self, c: int = 16, d: int = 8):
+        super().__init__()
+        self.stem, self.b1 = ConvBN(3, c), ConvBN(c, c)
+        self.b2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(c))
+        self.mask, self.fc, self.fcs, self.head = _mask(c, [2, 6]), nn.Conv2d(c, d, 1), nn.Conv2d(d, 2 * c, 1), nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        u1, u2 = self.mask(F.relu(self.b1(x))), self.mask(F.relu(self.b2(x)))
+        a = self.fcs(F.relu(self.fc((u1 + u2).mean((2, 3), keepdim=True)))).view(x.shape[0], 2, -1, 1, 1).softmax(dim=1)
+        return self.head(u1 * a[:, 0] + u2 * a[:, 1])
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
-    "ghostnet": (Ghost, 8, "prune", ["legacy"]),
+    "ghostnet": (Ghost, 8, "prune", ["dynamo", "legacy"]),
     "ghostnet_cheap_masks": (GhostCheapMasks, 8, "masks", ["dynamo", "legacy"]),
-    "res2net": (Res2Net, 8, "prune", ["legacy"]),
-    "hrnet_fuse": (HRNetFuse, 8, "masks", ["legacy"]),
-    "yolov5_focus_c3_sppf": (YoloV5, 8, "masks", ["legacy"]),
-    "deeplab_aspp": (ASPP, 8, "masks", ["legacy"]),
-    "regnet": (RegNet, 8, "masks", ["legacy"]),
-    "repvgg": (RepVGG, 8, "prune", ["legacy"]),
-    "mobilevit": (MobileViT, 8, "masks", ["legacy"]),
+    "res2net": (Res2Net, 8, "prune", ["dynamo", "legacy"]),
+    "hrnet_fuse": (HRNetFuse, 8, "masks", ["dynamo", "legacy"]),
+    "yolov5_focus_c3_sppf": (YoloV5, 8, "masks", ["dynamo", "legacy"]),
+    "deeplab_aspp": (ASPP, 8, "masks", ["dynamo", "legacy"]),
+    "regnet": (RegNet, 8, "masks", ["dynamo", "legacy"]),
+    "repvgg": (RepVGG, 8, "prune", ["dynamo", "legacy"]),
+    "mobilevit": (MobileViT, 8, "masks", ["dynamo", "legacy"]),
     "nonlocal": (NonLocal, 8, "masks", ["dynamo", "legacy"]),
     "shufflenetv2": (ShuffleNetV2, 8, "masks", ["dynamo", "legacy"]),
     "resnet_cifar_option_a": (CifarResNetOptionA, 8, "masks", ["dynamo", "legacy"]),
@@ -322,6 +361,9 @@ FAMILIES = {
     "resnest": (ResNeSt, 8, "prune", ["dynamo", "legacy"]),
     "rexnet_partial_residual": (ReXNet, 8, "masks", ["dynamo", "legacy"]),
     "channel_indexing": (ChannelIndexing, 8, "masks", ["dynamo", "legacy"]),
+    "coordinate_attention": (CoordAtt, 8, "masks", ["dynamo", "legacy"]),
+    "coordinate_attention_prune": (CoordAtt, 8, "prune", ["dynamo", "legacy"]),
+    "selective_kernel": (SelectiveKernel, 8, "masks", ["dynamo", "legacy"]),
 }
 
 
@@ -419,3 +461,33 @@ def test_lprnet_channel_subsampling_pool_keeps_only_the_channels_it_reads(spelli
     assert report.masked_channels == report.deleted_masked_channels == 6, report.format_table()
     assert [(layer.channels_before, layer.channels_after) for layer in report.layers][:2] == \
         [(16, 12 if context else 6), (6, 4)]
+
+
+class ECA(nn.Module):
+    """ECA-Net's gate (Wang et al. CVPR 2020): the pooled channels (N, 1, C) go through a Conv1d (k = 3)
+    along the channel axis; a block conv before it has a mask of its own."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem, self.inner, self.inner_mask = ConvBN(3, 8), ConvBN(8, c), _mask(c, [4])
+        self.conv, self.mask = ConvBN(c, c), _mask(c, [1, 5, 9])
+        self.conv1d, self.head = nn.Conv1d(1, 1, 3, padding=1, bias=False), nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.mask(F.relu(self.conv(self.inner_mask(F.relu(self.inner(F.relu(self.stem(x))))))))
+        gate = self.conv1d(x.mean((2, 3), keepdim=True).squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        return self.head(x * torch.sigmoid(gate))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_eca_conv_along_the_channel_axis_holds_only_the_channels_it_reads(exporter):
+    """Deleting a channel of the tensor the ECA Conv1d runs along would shift its neighbours into the
+    kernel window, so that tensor's masked channels stay (named as such); the block conv's masked channel
+    before it goes."""
+    torch.manual_seed(0)
+    module = _randomized(ECA())
+    model = export(module, 8, dynamo=exporter == "dynamo")
+    slimmed, report = slim(model)
+    assert_equivalent(model, slimmed, feeds={model.graph.input[0].name: np.ones((1, 3, 8, 8), np.float32)})
+    assert (report.masked_channels, report.deleted_masked_channels) == (4, 1), report.format_table()
+    assert [k.channels for k in report.kept] == [(1, 5, 9)] and "convolves along the channel axis" in report.kept[0].reason

@@ -63,6 +63,18 @@ def has_padding(node, kernel: tuple[int, ...]) -> bool:
     return any(p != 0 for p in (get_attr(node, "pads") or []))
 
 
+def _unreadable(x, weight) -> str | None:
+    """Why a Conv / ConvTranspose cannot follow channels through its input ``x`` and ``weight``, or None."""
+    if x is None:
+        return "input without channel facts"
+    if weight is None:
+        return "weights that are not constant (computed at run time)"
+    if x.axis != 1:  # ECA-Net's Conv1d over the pooled channels (Wang et al. CVPR 2020)
+        return (f"convolves along the channel axis (its input's axis {x.axis} holds the channels, ECA-Net style): "
+                "deleting a channel would shift its neighbours in the kernel window")
+    return None
+
+
 def _static_shapes(node, dims, weight_slot: int = 1) -> tuple[tuple, tuple, tuple] | None:
     """(x, W, y) shapes when static past the batch axis (W, input ``weight_slot``, entirely), else None."""
     x, w, y = dims(node.input[0]), dims(node.input[weight_slot]), dims(node.output[0])
@@ -217,8 +229,9 @@ class ConvRule(_GroupedLayer):
         index = analysis.index
         x = analysis.feature(node.input[0])
         weight = index.constant(node.input[1])
-        if x is None or weight is None or x.axis != 1:
-            analysis.barrier(node, "input without channel facts or weights that are not constant")
+        why = _unreadable(x, weight)
+        if why:
+            analysis.barrier(node, why)
             return
         conv_channels(node, analysis, x, weight != 0, _bias(analysis, node, weight.shape[0]),
                       absorbs=not has_padding(node, weight.shape[2:]))
@@ -324,8 +337,9 @@ class ConvTransposeRule(_GroupedLayer):
         index = analysis.index
         x = analysis.feature(node.input[0])
         weight = index.constant(node.input[1])
-        if x is None or weight is None or x.axis != 1 or weight.shape[0] != x.size:
-            analysis.barrier(node, "input without channel facts or weights that are not constant")
+        why = _unreadable(x, weight) or (weight.shape[0] != x.size and "weight shape does not match the input channels")
+        if why:
+            analysis.barrier(node, why)
             return
         groups = get_attr(node, "group", 1)
         cin, per_group = weight.shape[0], weight.shape[1]
