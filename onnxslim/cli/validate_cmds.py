@@ -47,7 +47,7 @@ _input_shape_option = click.option(
 @click.option("--round-warmup", default=1, show_default=True, type=click.IntRange(min=0),
               help="Untimed runs of a model right before its timed run in every round, so it is timed with its "
                    "own weights in cache, as in deployment; 0: timed right after the other models' runs.")
-@click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeat", "--rounds", "repeat", default=100, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each round runs every model once, in a random (seeded) order.")
 @click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
               help="Session creations per model for the session-time median.")
