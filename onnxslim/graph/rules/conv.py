@@ -22,6 +22,12 @@ Conv, weight W (Cout, Cin/g, k...), g groups of a = Cin/g inputs and b = Cout/g 
   ``Gather`` of the input channels of the groups that stay (``y[o] = W[o] * x[g(o)]`` reads nothing
   else, so the result is exact). Other shared inputs (a residual stream feeding a depthwise branch,
   BlazeFace) stay coupled: there the stream's classes go whole, with no Gather in every block.
+* A Conv whose input holds the channels on a spatial axis (ECA-Net's ``Conv1d`` over the pooled channels,
+  Wang et al. CVPR 2020), stride 1, output as long as its input: output position ``c`` reads the window
+  around input position ``c``. Its outputs are new channels that go by a ``Gather`` after it; an input
+  channel may go when it is a constant (a mask's zero): a ``Gather`` / ``Mul`` / ``Add`` before the conv
+  puts its value back at its position, so no neighbour shifts into another's window. Strided or
+  length-changing ones are barriers.
 
 ConvTranspose, W (Cin, Cout/g, k...): the same with the roles of the weight axes swapped; its outputs
 overlap, so constants cannot be absorbed.
