@@ -124,7 +124,9 @@ class RemovalPlan:
 
         The extra channels are the removed ones whose producing filters have the largest L1 norm, among the
         classes that no layer visited before has (in graph order): restoring them leaves the earlier layers
-        as rounded. A layer that only classes of earlier layers could round stays as it is: a residual
+        as rounded. A layer narrower than ``multiple`` stays as masked (prune's ``rounded_kept`` leaves it
+        so; rounding it up meant giving back every mask: SCI's 3-channel convs, 0 of 2 deleted). A layer
+        that only classes of earlier layers could round stays as it is: a residual
         stream widened block by block with zero-padded channels (BlazeFace: 24, 28, 32 ... 96) would
         otherwise give back every channel, one layer after the other.
         """
@@ -138,8 +140,8 @@ class RemovalPlan:
                 seen[self.roots[info.ids]] = True
                 keep = ~self.removed[info.ids]
                 kept, total = int(keep.sum()), info.size
-                if kept == 0 or kept % multiple == 0:
-                    continue
+                if kept == 0 or kept % multiple == 0 or total < multiple:
+                    continue  # a layer narrower than one block stays as masked, as prune leaves it
                 target = min(total, -(-kept // multiple) * multiple)
                 if target == kept:
                     continue
