@@ -530,14 +530,22 @@ class ExportedModels:
 
 
 def export(run: Run, trained: TrainedModels) -> ExportedModels:
-    """Stage 4: ``dense.onnx`` and ``masked.onnx``, each checked against PyTorch with onnxruntime."""
+    """Stage 4: ``dense.onnx`` and ``masked.onnx``, each checked against PyTorch with onnxruntime (a progress
+    bar names the model being exported: a dynamo export of a large model takes minutes)."""
+    from tqdm import tqdm
+
     started = time.perf_counter()
     spec = run.recipe.export
     results = {}
-    for name, model in (("dense", trained.baseline or trained.dense), ("masked", trained.masked)):
-        model.cpu().eval()
-        results[name] = export_onnx(model, run.example, run.path(f"{name}.onnx"), dynamo=spec.dynamo,
-                                    opset=spec.opset)
+    models = (("dense", trained.baseline or trained.dense), ("masked", trained.masked))
+    with tqdm(total=len(models), desc=f"export ({'dynamo' if spec.dynamo else 'torchscript'})", unit="model",
+              disable=not run.progress, leave=False) as bar:
+        for name, model in models:
+            bar.set_postfix_str(f"{name}.onnx")
+            model.cpu().eval()
+            results[name] = export_onnx(model, run.example, run.path(f"{name}.onnx"), dynamo=spec.dynamo,
+                                        opset=spec.opset)
+            bar.update()
     run.seconds["export"] = time.perf_counter() - started
     return ExportedModels(results["dense"].path, results["masked"].path, results)
 

@@ -228,3 +228,26 @@ def test_bench_cli_bad_model_exits_2(two_models, tmp_path):
     assert missing.exit_code == 2 and "model not found" in missing.stderr
     garbage = CliRunner().invoke(main, ["bench", str(two_models[0]), str(text), "--no-progress"])
     assert garbage.exit_code == 2 and "not a loadable ONNX model" in garbage.stderr
+
+
+def test_bench_takes_rounds_like_check_and_the_tools(tmp_path):
+    """``bench --rounds N`` is ``--repeat N`` (``check`` and every tool spell it --rounds; bench refused it):
+    a masked model slimmed by the CLI, equal in onnxruntime, then timed for exactly N rounds."""
+    import onnxruntime as ort
+
+    masked, slimmed = tmp_path / "masked.onnx", tmp_path / "slim.onnx"
+    onnx.save(conv_net(8, mask=np.array([1, 0, 1, 0, 0, 1, 1, 0])), masked)
+    runner = CliRunner()
+    result = runner.invoke(main, ["slim", str(masked), "-o", str(slimmed), "--round-to", "1", "--no-verify-speed"])
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(slimmed)).graph
+    conv = next(node for node in graph.node if node.op_type == "Conv")
+    assert next(i for i in graph.initializer if i.name == conv.input[1]).dims[0] == 4  # its 4 live filters
+    x = {"x": np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)}
+    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0] for p in (masked, slimmed)]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    out = tmp_path / "bench.json"
+    result = runner.invoke(main, ["bench", str(masked), str(slimmed), "--rounds", "6", "--warmup", "1",
+                                  "--session-repeats", "1", "--no-memory", "--json", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["configs"][0]["comparisons"][0]["rounds"] == 6

@@ -81,3 +81,50 @@ def test_controller_refuses_what_it_cannot_do(data):
         MaskController(lenet(), "joint", example_input=x)
     with pytest.raises(OnnxSlimError, match="call begin_phase"):
         MaskController(lenet(), "l1_mask", example_input=x).after_step()
+
+
+class _SENet(torch.nn.Module):
+    """conv -> BN -> ReLU -> squeeze-excitation (fc1 -> ReLU -> fc2 -> sigmoid) -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.fc1, self.fc2 = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 8, 1)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(x, 1)))))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(x * gate, 1).flatten(1))
+
+
+def test_controller_warns_when_a_whole_mask_died_and_exports_with_its_example(data, tmp_path):
+    """A method that zeroes every channel of a mask (here the SE's hidden layer) silently turned the layer
+    into a constant: finalize now warns naming the mask, and the table shows it. ``ctl.export(path)`` needs
+    no example (the controller's, as its docstring shows); slim deletes the dead layer's channels and
+    onnxruntime computes the same outputs before and after."""
+    import onnxruntime as ort
+
+    import onnxslim
+
+    torch.manual_seed(0)
+    x, y = torch.from_numpy(data.images[:32]), torch.from_numpy(data.labels[:32])
+    ctl = MaskController(_SENet(), "l1_mask", {"lam": 1e-3, "proximal": True}, example_input=x[:2])
+    optimizer = torch.optim.SGD(ctl.begin_phase("sparse", lr=0.01), lr=0.01)
+    ctl.step(x, y, optimizer)
+    masks = dict(ctl.model.named_modules())
+    with torch.no_grad():
+        masks["fc1.mask"].weight.zero_()  # what a too strong lam does to a small layer
+    with pytest.warns(UserWarning, match=r"zeroed every channel of 1 mask\(s\): fc1\.mask"):
+        ctl.begin_phase("finetune", lr=0.01)
+    assert ctl.finalize_report.dead_masks == ["fc1.mask"]
+    assert "fc1.mask     0 / 4 live" in ctl.finalize_report.format_table().splitlines()
+    ctl.model.eval()
+    ctl.export(tmp_path / "masked.onnx", dynamo=False)
+    _, report = onnxslim.slim(str(tmp_path / "masked.onnx"), str(tmp_path / "slim.onnx"))
+    fc1 = next(layer for layer in report.layers if layer.module == "fc1")
+    assert (fc1.channels_before, fc1.channels_after) == (4, 1)  # one zero channel kept: the tensor stays non-empty
+    feed = {"input": data.images[:8]}
+    outputs = [ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+               for name in ("masked.onnx", "slim.onnx")]
+    assert abs(outputs[0] - outputs[1]).max() < 1e-5

@@ -145,6 +145,9 @@ def test_module_paths_travel_into_onnx_and_the_slim_reports(tmp_path, dynamo):
     assert [module_path(n) for n in slimmed.graph.node if n.op_type in ("Conv", "Gemm")] == paths
     text = onnxslim.inspect_model(str(path)).format_text()
     assert "layer2.0.conv1 (" in text
+    # the coupled groups name their layers as the table does (the residual Add ties the two convs)
+    assert any(f"layers: {a}, {b}\n" in text for a, b in [("layer2.0.conv1", "layer2.0.shortcut"),
+                                                           ("layer2.0.shortcut", "layer2.0.conv1")]), text
     session = ort.InferenceSession(str(tmp_path / "slim.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": example.numpy()})[0]
     with torch.no_grad():

@@ -48,6 +48,8 @@ def test_slim_command_writes_model_table_and_json(masked_model, tmp_path):
     (["slim", "{model}", "-o", "{model}"], "refusing to overwrite"),
     (["slim", "{model}", "-o", "out.onnx", "--input-shape", "x:1,3"], "has rank"),
     (["slim", "{model}", "-o", "out.onnx", "--input-shape", "nope:1,3,8,8"], "unknown input"),
+    (["slim", "{model}", "-o", "out.onnx", "--input-shape", "x:1,4,8,8"],
+     "dim 1 is 3, --input-shape gives 4 (it has no dynamic dims: drop --input-shape)"),
     (["slim", "{model}", "-o", "out.onnx", "--input-shape", "x=1"], "bad --input-shape"),
 ])
 def test_bad_input_is_one_line_and_exit_2(masked_model, tmp_path, args, message):

@@ -195,3 +195,38 @@ def test_custom_module_handler_extends_the_tracer():
     blocked = analyze_coupling(Net(), example, blocking)
     group = blocked.groups[blocked.group_of["conv"]]
     assert not group.maskable and group.reason == "used by gate"
+
+
+def test_an_example_the_model_rejects_is_one_line_then_the_right_one_slims(tmp_path, capfd):
+    """attach_masks with an example of the wrong shape used to print ShapeProp's traceback and raise a
+    RuntimeError with a page of fx node metadata: now one OnnxSlimError line with the model's own message and
+    nothing on stderr. With the right example the masks slim away exactly (onnxruntime)."""
+    import onnxruntime as ort
+
+    import onnxslim
+    from onnxslim.training.export import export
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    capfd.readouterr()
+    with pytest.raises(OnnxSlimError) as info:
+        attach_masks(model, torch.randn(2, 3, 28, 28))
+    message = str(info.value)
+    assert message.startswith("example_input (2, 3, 28, 28) does not run through Sequential: ") and "\n" not in message
+    assert "expected input[2, 3, 28, 28] to have 1 channels" in message
+    assert capfd.readouterr().err == ""
+    assert channel_masks(model) == []  # nothing attached
+    example = torch.randn(2, 1, 28, 28)
+    (mask,) = attach_masks(model, example)
+    with torch.no_grad():
+        mask.weight[[1, 4, 6]] = 0.0
+    model.eval()
+    export(model, example, tmp_path / "masked.onnx", dynamo=False)
+    _, report = onnxslim.slim(str(tmp_path / "masked.onnx"), str(tmp_path / "slim.onnx"))
+    assert report.deleted_masked_channels == 3 and [(layer.channels_before, layer.channels_after)
+                                                    for layer in report.layers][0] == (8, 5)
+    feed = {"input": example.numpy()}
+    before, after = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                     for name in ("masked.onnx", "slim.onnx"))
+    assert abs(before - after).max() < 1e-5

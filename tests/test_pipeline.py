@@ -240,8 +240,9 @@ def test_report_advises_round_to_when_slimmed_model_is_slower():
     assert "--ensure-faster" in hint and "--per-layer" in hint
 
 
-def test_stage_functions_one_by_one(tmp_path):
-    """The stages `run` chains can be called from Python one at a time, each leaving its files."""
+def test_stage_functions_one_by_one(tmp_path, capsys):
+    """The stages `run` chains can be called from Python one at a time, each leaving its files; the export
+    stage shows a progress bar (it was silent for the tens of seconds a dynamo export takes)."""
     from onnxslim import pipeline
 
     text = TINY_RECIPE.replace("train_samples = 1500", "train_samples = 400").replace(
@@ -250,7 +251,11 @@ def test_stage_functions_one_by_one(tmp_path):
     run = pipeline.start_run(recipe, tmp_path / "run", progress=False)
     trained = pipeline.train(run, baseline=False)
     assert trained.baseline is None and (tmp_path / "run" / "masked.pt").exists()
+    capsys.readouterr()
+    run.progress = True
     exported = pipeline.export(run, trained)
+    run.progress = False
+    assert "export (" in capsys.readouterr().err
     assert exported.masked.exists() and exported.results["masked"].mask_nodes > 0
     slimmed = pipeline.slim(run, exported)
     assert slimmed.report.params_after < slimmed.dense_stats.params

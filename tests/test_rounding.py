@@ -232,3 +232,22 @@ def test_round_choice_reaches_a_multiple_with_the_classes_a_block_adds():
     rounded = {int(r) for r in round_choice(analysis, chosen, scores, 8, analysis.kept_by(BARRIER))}
     kept = [sum(int(r) not in rounded for r in roots[analysis.info[name].ids]) for name in scores]
     assert all(k % 8 == 0 for k in kept[:-1]) and kept[0] == 8, kept
+
+
+def test_layers_narrower_than_the_multiple_keep_what_prune_chose():
+    """SCI (low-light enhancement, three 3-channel convs then ``x / clip(sigmoid(.) + x)``): prune leaves a
+    layer narrower than the multiple unrounded (``rounded_kept``), but slim's rounding took it up to the
+    whole layer and gave every mask back: 0 of 2 masked channels deleted at round-to 8. Now slim leaves
+    it as masked too."""
+    g = GraphBuilder(seed=5)
+    x = g.input([1, 3, 12, 12])
+    y = g.op("Relu", [g.conv(x, 3, 3)])
+    y = g.op("Relu", [g.conv(y, 3, 3)])
+    y = g.op("Add", [g.op("Sigmoid", [g.conv(y, 3, 3)]), x])
+    g.output(g.op("Div", [x, g.op("Clip", [y, g.const(np.array(1e-4, np.float32)), g.const(np.array(1, np.float32))])]))
+    slimmed, report, masked = prune(g.model(), ratio=0.5, round_to=8)
+    assert_equivalent(masked, slimmed)
+    assert report.masked_channels == report.deleted_masked_channels == 2
+    assert conv_outputs(slimmed) == [2, 2, 3]
+    again, second = slim(slimmed, round_to=8)
+    assert second.deleted_masked_channels == 0 and conv_outputs(again) == [2, 2, 3]

@@ -47,7 +47,7 @@ _input_shape_option = click.option(
 @click.option("--round-warmup", default=1, show_default=True, type=click.IntRange(min=0),
               help="Untimed runs of a model right before its timed run in every round, so it is timed with its "
                    "own weights in cache, as in deployment; 0: timed right after the other models' runs.")
-@click.option("--repeat", default=100, show_default=True, type=click.IntRange(min=1),
+@click.option("--repeat", "--rounds", "repeat", default=100, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each round runs every model once, in a random (seeded) order.")
 @click.option("--session-repeats", default=3, show_default=True, type=click.IntRange(min=1),
               help="Session creations per model for the session-time median.")
@@ -109,6 +109,12 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, ro
         click.echo("")
         click.echo(format_comparison(profiles[0], profile, macs=layer_macs and (layer_macs[0], layer_macs[index]))
                    if len(profiles) > 1 else format_profile(profile))
+    if profiles:
+        from onnxslim.validate.profile import profiler_overhead_note
+
+        note = profiler_overhead_note(profiles, [timing.median_ms for timing in report.models])
+        if note:
+            click.echo(note)
     if artifacts:
         from onnxslim.validate.mobile import fixed_shape_advice, usability_summary
 

@@ -35,7 +35,8 @@ from typing import Protocol
 import numpy as np
 
 from onnxslim.graph.analysis import ChannelAnalysis
-from onnxslim.graph.selection import GroupStructures, Layer, Tally, class_scores, layers_of
+from onnxslim.graph.bundles import GroupStructures
+from onnxslim.graph.selection import Layer, Tally, class_scores, layers_of
 from onnxslim.graph.values import BARRIER
 
 

@@ -85,8 +85,10 @@ class InspectReport:
         coupled = [g for g in self.groups if len(g.layers) > 1 or g.held_by]
         if coupled:
             lines += ["", "coupled groups (deleted together) and what holds them:"]
+            modules = {layer.node: layer.module for layer in self.layers if layer.module}  # named as in the table
             for group in coupled:
-                layers = ", ".join(group.layers[:6]) + (f", ... ({len(group.layers)} layers)" if len(group.layers) > 6 else "")
+                names = [modules.get(node, node) for node in group.layers[:6]]
+                layers = ", ".join(names) + (f", ... ({len(group.layers)} layers)" if len(group.layers) > 6 else "")
                 lines.append(f"  group {group.group}: {group.channels} channels, {group.deletable} deletable; layers: {layers}")
                 for why in group.held_by[:4]:
                     lines.append(f"      held: {why}")

@@ -124,7 +124,9 @@ class RemovalPlan:
 
         The extra channels are the removed ones whose producing filters have the largest L1 norm, among the
         classes that no layer visited before has (in graph order): restoring them leaves the earlier layers
-        as rounded. A layer that only classes of earlier layers could round stays as it is: a residual
+        as rounded. A layer narrower than ``multiple`` stays as masked (prune's ``rounded_kept`` leaves it
+        so; rounding it up meant giving back every mask: SCI's 3-channel convs, 0 of 2 deleted). A layer
+        that only classes of earlier layers could round stays as it is: a residual
         stream widened block by block with zero-padded channels (BlazeFace: 24, 28, 32 ... 96) would
         otherwise give back every channel, one layer after the other.
         """
@@ -138,8 +140,8 @@ class RemovalPlan:
                 seen[self.roots[info.ids]] = True
                 keep = ~self.removed[info.ids]
                 kept, total = int(keep.sum()), info.size
-                if kept == 0 or kept % multiple == 0:
-                    continue
+                if kept == 0 or kept % multiple == 0 or total < multiple:
+                    continue  # a layer narrower than one block stays as masked, as prune leaves it
                 target = min(total, -(-kept // multiple) * multiple)
                 if target == kept:
                     continue
@@ -159,32 +161,37 @@ class RemovalPlan:
         the rules' constraints settled. Restoring the first ``target - kept`` at once is the usual case;
         where settling then keeps more than ``target`` (a grouped conv's groups stay equal: a channel
         restored in a group whose others are gone brings one back in every group), candidates are tried
-        one at a time and those that overshoot are skipped. Kept only when the layer then keeps a
-        multiple of ``multiple`` (or all), so a second slim finds nothing more to round or delete;
-        otherwise the layer stays as it was, unrounded."""
+        one at a time and those that overshoot are skipped (until the channels still wanted are fewer than
+        any single restore has brought back: settling is the costly step). Kept only when the layer then keeps exactly
+        ``target`` (the next multiple, or all), so a second slim finds nothing more to round or delete;
+        otherwise the layer stays as it was, unrounded (before, a restore that settling carried past the
+        target was kept when it landed on any multiple: a ShuffleNet v1 unit whose grouped convs, 3 groups
+        around a channel shuffle, kept 12 of 24 went back to all 24 at round-to 8)."""
         ids = self.analysis.info[name].ids
         why = f"kept to round '{name}' to a multiple of {multiple}"
         before = self._state()
         self.restore(ids[candidates[: target - int((~self.removed[ids]).sum())]], why)
         self.settle()
-        if self._rounded(ids, multiple):
+        if int((~self.removed[ids]).sum()) == target:
             return True
         self._set_state(before)
+        kept, smallest = int((~self.removed[ids]).sum()), target
         for candidate in candidates:
             step = self._state()
             self.restore(ids[[candidate]], why)
             self.settle()
-            kept = int((~self.removed[ids]).sum())
-            if kept > target:
+            now = int((~self.removed[ids]).sum())
+            smallest = min(smallest, now - kept)
+            if now > target:
                 self._set_state(step)
-            elif kept == target:
+                if target - kept < smallest:
+                    break  # no restore brought back fewer channels than this one needs: none will fit
+            elif now == target:
                 return True
+            else:
+                kept = now
         self._set_state(before)
         return False
-
-    def _rounded(self, ids: np.ndarray, multiple: int) -> bool:
-        kept = int((~self.removed[ids]).sum())
-        return kept % multiple == 0 or kept == len(ids)
 
     def _state(self) -> tuple[np.ndarray, np.ndarray]:
         return self.removed.copy(), self.reason.copy()

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxslim.errors import OnnxSlimError
+from onnxslim.graph.bundles import GroupStructures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,13 +244,20 @@ def round_choice(analysis, chosen: np.ndarray, scores: Mapping[str, np.ndarray],
     has (in graph order) go first, and the goal is the nearest multiple that changing only those reaches
     when there is one (:func:`_own_goal`): the earlier layers stay as rounded, so a residual stream that
     each block widens with zero-padded channels (BlazeFace: 24, 28, 32 ... 96) settles instead of giving
-    everything back. Coupled layers share classes, so a few passes settle them (a layer may end off the
-    multiple when its coupled layers disagree; ``slim``'s rounding then keeps extra channels). Returns the
-    new sorted root ids.
+    everything back. Around grouped convs classes are taken and given back in bundles that keep the groups
+    equal (:class:`onnxslim.graph.bundles.GroupStructures`; one class at a time unbalanced them, and
+    slim gave back 2856 of ShuffleNet v1's 6776 masked channels). Coupled layers share classes, so a few
+    passes settle them (a layer may end off the multiple when its coupled layers disagree; ``slim``'s
+    rounding then keeps extra channels). Returns the new sorted root ids.
     """
     if multiple <= 1:
         return chosen
     roots = analysis.uf.roots()
+    groups = GroupStructures(analysis)
+    score: dict[int, float] = {}
+    for name, layer_scores in scores.items():
+        for root, value in zip(roots[analysis.info[name].ids].tolist(), np.asarray(layer_scores).tolist()):
+            score[root] = score.get(root, 0.0) + float(value)
     chosen_set = {int(r) for r in chosen}
     for _ in range(passes):
         changed = False
@@ -265,17 +273,39 @@ def round_choice(analysis, chosen: np.ndarray, scores: Mapping[str, np.ndarray],
                              int((~removed | ~shared).sum()))
             if goal == kept:
                 continue
-            if goal < kept:
-                order = np.lexsort((layer_scores, shared))  # own classes first, lowest score first
-                free = [int(layer_roots[i]) for i in order if not removed[i] and not locked[layer_roots[i]]]
-                picked = list(dict.fromkeys(free))[: kept - goal]
+            if goal < kept:  # own classes first, lowest score first
+                order = np.lexsort((layer_scores, shared))
+                picked = _bundled([int(layer_roots[i]) for i in order if not removed[i] and not locked[layer_roots[i]]],
+                                  kept - goal, layer_roots, groups, lambda r: not locked[r] and r not in chosen_set,
+                                  score)
                 chosen_set.update(picked)
-            else:
-                order = np.lexsort((-np.asarray(layer_scores, np.float64), shared))  # own first, highest first
-                back = [int(layer_roots[i]) for i in order if removed[i]]
-                picked = list(dict.fromkeys(back))[: goal - kept]
+            else:  # own classes first, highest score first
+                order = np.lexsort((-np.asarray(layer_scores, np.float64), shared))
+                negated = {r: -v for r, v in score.items()}
+                picked = _bundled([int(layer_roots[i]) for i in order if removed[i]], goal - kept, layer_roots,
+                                  groups, lambda r: r in chosen_set, negated)
                 chosen_set.difference_update(picked)
             changed |= bool(picked)
         if not changed:
             break
     return np.array(sorted(chosen_set), np.int64)
+
+
+def _bundled(candidates: list[int], count: int, layer_roots: np.ndarray, groups, free, score) -> list[int]:
+    """Classes from ``candidates`` (in order), each with its bundle, covering exactly ``count`` channels
+    of the layer (``layer_roots``: its channels' classes); a bundle that would overshoot is skipped, and
+    none are returned when ``count`` is not reached (the layer then stays unrounded, as slim leaves it)."""
+    width = dict(zip(*np.unique(layer_roots, return_counts=True)))
+    picked: dict[int, None] = {}
+    covered = 0
+    for root in dict.fromkeys(candidates):
+        if covered >= count:
+            break
+        if root in picked:
+            continue
+        bundle = groups.bundle(root, lambda r: free(r) and r not in picked, score)
+        n = sum(int(width.get(r, 0)) for r in bundle)
+        if bundle and covered + n <= count:
+            picked.update(dict.fromkeys(bundle))
+            covered += n
+    return list(picked) if covered == count else []

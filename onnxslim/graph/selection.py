@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 
 from onnxslim.graph.analysis import ChannelAnalysis
+from onnxslim.graph.bundles import GroupStructures
 from onnxslim.graph.plan import RemovalPlan
 from onnxslim.graph.rounding import round_choice
 from onnxslim.graph.stats import count_macs
@@ -220,51 +221,6 @@ def _choose_per_layer(analysis: ChannelAnalysis, layers: list[Layer], score: dic
         if not added:
             break
     return chosen
-
-
-class GroupStructures:
-    """The groups of every grouped reduction (a grouped conv: g groups of ``a`` inputs and ``b`` outputs).
-
-    Deleting keeps groups equal: a side with several channels per group loses the same number in every
-    group, so a class there goes in a **bundle** with the lowest-scoring free class of each other group; a
-    side with one channel per group (a depthwise input) loses only whole groups, so a class there goes
-    with every class of its group, inputs and outputs."""
-
-    def __init__(self, analysis: ChannelAnalysis):
-        roots = analysis.uf.roots()
-        self.balanced: dict[int, list[list[int]]] = {}  # root -> the groups of its side
-        self.whole: dict[int, list[int]] = {}  # root -> every class of its group
-        for node in analysis.index.nodes:
-            rule = analysis.rule_for(node)
-            g = rule.channel_groups(node) if rule.reduction(node, 0) == "grouped" else 1
-            x, y = analysis.feature(node.input[0]), analysis.info.get(node.output[0])
-            if g < 2 or x is None or y is None or x.size % g or y.size % g:
-                continue
-            sides = [roots[x.ids].reshape(g, -1).tolist(), roots[y.ids].reshape(g, -1).tolist()]
-            for side in sides:
-                for k, members in enumerate(side):
-                    for root in members:
-                        if len(members) > 1:
-                            self.balanced.setdefault(root, side)
-                        else:
-                            self.whole.setdefault(root, sides[0][k] + sides[1][k])
-
-    def bundle(self, root: int, free, score: dict[int, float]) -> list[int]:
-        """The classes that go with ``root`` (empty when some of them are not free)."""
-        if root in self.balanced:
-            bundle = [root]
-            for members in self.balanced[root]:
-                if root in members:
-                    continue
-                candidates = [r for r in members if free(r) and r not in bundle]
-                if not candidates:
-                    return []
-                bundle.append(min(candidates, key=lambda r: score.get(r, 0.0)))
-            return bundle
-        if root in self.whole:
-            bundle = list(dict.fromkeys(self.whole[root]))
-            return bundle if all(r == root or free(r) for r in bundle) else []
-        return [root]
 
 
 def settle_choice(analysis: ChannelAnalysis, chosen: set[int]) -> set[int]:

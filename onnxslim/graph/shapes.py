@@ -228,10 +228,12 @@ def _with_shape(value: onnx.ValueInfoProto, dims: list[int]) -> onnx.ValueInfoPr
     declared = value_shape(value)
     if declared is not None and len(declared) != len(dims):
         raise OnnxSlimError(f"input {value.name!r} has rank {len(declared)}, but --input-shape gives {len(dims)} dims")
-    for declared_dim, dim in zip(declared or (), dims):
+    for axis, (declared_dim, dim) in enumerate(zip(declared or (), dims)):
         if declared_dim is not None and declared_dim != dim:
             shown = ",".join("?" if d is None else str(d) for d in declared)
-            raise OnnxSlimError(f"input {value.name!r} has fixed shape [{shown}]; cannot use {dims}")
+            free = "only its ? dims can be given" if None in declared else "it has no dynamic dims: drop --input-shape"
+            raise OnnxSlimError(f"input {value.name!r} is declared [{shown}]: dim {axis} is {declared_dim}, --input-shape "
+                                f"gives {dim} ({free})")
     return helper.make_tensor_value_info(value.name, tensor_type.elem_type, dims)
 
 

@@ -4,7 +4,8 @@
   ``freeze_masks``, ``masked_summary`` (size of the model after slimming).
 * :mod:`~onnxslim.training.coupling` — which channels must share one mask, from the fx-traced graph.
 * :mod:`~onnxslim.training.methods` — the sparsity-method interface and registry (``get_method``):
-  ``l1_mask`` (Yang et al. 2019), ``bn_slimming`` (Liu et al. 2017), ``l1_norm`` (Li et al. 2017).
+  ``l1_mask`` (Yang et al. 2019), ``bn_slimming`` (Liu et al. 2017), ``l1_norm`` (Li et al. 2017),
+  ``ssr_l21`` / ``ssr_l20`` (Lin et al. 2020), ``gal`` (Lin et al. 2019), ``joint`` (Khan et al. 2022).
 * :mod:`~onnxslim.training.controller` — ``MaskController``: mask training inside your own loop
   (``docs/own-loop.md``).
 * :mod:`~onnxslim.training.trainer` — ``Trainer(model, train_data, ...).fit(phases, resume=...)`` with

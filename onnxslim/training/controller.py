@@ -33,6 +33,7 @@ per-rank batch ``B / world_size``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class MaskController:
                 raise OnnxSlimError("attaching masks needs example_input (one batch the model accepts)")
             attach_masks(model.cpu(), example_input.cpu())
         self.model = model.to(self.device)
+        self.example_input = example_input  # the default of export()
         self.phase = None  # the PhaseConfig of the current phase
         self.epoch = self.step_in_phase = self.global_step = 0
         self.finalized = False
@@ -189,14 +191,22 @@ class MaskController:
         self.dist.broadcast_(mask.weight for mask in channel_masks(self.model))
         freeze_masks(self.model, True)
         self.finalized = True
+        dead = self.finalize_report.dead_masks
+        if dead and self.dist.is_main:
+            warnings.warn(f"{self.method.name} zeroed every channel of {len(dead)} mask(s): {', '.join(dead)}; "
+                          f"slim removes those layers whole (a residual branch becomes its bias, an SE gate a "
+                          f"constant). If that is not intended, weaken the method (lam, ratio, percent ...)",
+                          UserWarning, stacklevel=2)
         return self.finalize_report
 
     def export(self, path: str | Path, example_input: torch.Tensor | None = None, **options: Any):
         """Rank 0: :func:`onnxslim.training.export.export` of the masked model (eval mode, CPU example) to
-        ``path``; other ranks wait and get None. ``options`` are that function's keywords."""
+        ``path``; other ranks wait and get None. ``example_input`` defaults to the controller's (the one the
+        masks were attached from); ``options`` are that function's keywords (``dynamo=False`` ...)."""
         from onnxslim.training.export import export
 
         result = None
+        example_input = example_input if example_input is not None else self.example_input
         if self.dist.is_main:
             if example_input is None:
                 raise OnnxSlimError("export needs example_input (one batch the model accepts)")

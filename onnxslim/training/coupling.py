@@ -35,8 +35,11 @@ traced as one call. A target without a handler blocks what it reads (:meth:`Trac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import operator
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -299,11 +302,27 @@ def trace(model: nn.Module, example_input: torch.Tensor, handlers: CouplingHandl
                                 f"{exc}") from None
         module = fx.GraphModule(model, graph)
         module.eval()
-        with torch.no_grad():
-            ShapeProp(module).propagate(example_input)
+        _propagate_shapes(module, model, example_input)
     finally:
         model.train(was_training)
     return module
+
+
+def _propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: torch.Tensor) -> None:
+    """ShapeProp on ``example_input``; a model that fails on it raises one OnnxSlimError line (the model's own
+    error) instead of ShapeProp's printed traceback and page of fx node metadata."""
+    printed = io.StringIO()  # ShapeProp prints the traceback of a failing node itself: shown on success only
+    error = None
+    with torch.no_grad(), contextlib.redirect_stderr(printed):
+        try:
+            ShapeProp(module).propagate(example_input)
+        except Exception as exc:  # the model's own error, wrapped by ShapeProp
+            error = exc
+    if error is not None:
+        root = str(error.__cause__ or error).strip().splitlines() or [type(error).__name__]
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+        raise OnnxSlimError(f"example_input {shape} does not run through {type(model).__name__}: {root[0]}")
+    sys.stderr.write(printed.getvalue())
 
 
 def analyze_coupling(model: nn.Module, example_input: torch.Tensor,

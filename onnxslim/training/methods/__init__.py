@@ -123,6 +123,17 @@ class MaskReport:
     zero_total: int  # zero entries after the call
     channels: int
 
+    @property
+    def dead_masks(self) -> list[str]:
+        """Masks with every channel zero: their layers' outputs (and what only they feed) go from the graph."""
+        return [name for name, (live, channels) in self.per_mask.items() if live == 0 and channels > 0]
+
+    def format_table(self) -> str:
+        """One line per mask, ``name  live / channels``, then the totals."""
+        width = max((len(name) for name in self.per_mask), default=4)
+        lines = [f"{name:<{width}}  {live} / {channels} live" for name, (live, channels) in self.per_mask.items()]
+        return "\n".join([*lines, f"zero channels: {self.zero_total} of {self.channels}"])
+
     def to_dict(self) -> dict:
         return {"per_mask": {k: list(v) for k, v in self.per_mask.items()}, "zeroed": self.zeroed,
                 "zero_total": self.zero_total, "channels": self.channels}
