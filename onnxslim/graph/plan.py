@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from onnxslim.graph.names import layer_label, module_path
 from onnxslim.graph.values import STRUCTURAL, Reason
 
 if TYPE_CHECKING:
@@ -156,6 +157,11 @@ class RemovalPlan:
             if not changed:
                 return
 
+    def _layer_label(self, tensor: str) -> str:
+        """The layer writing ``tensor`` as the report's table names it (``features.conv1 (node_conv2d)``)."""
+        node = self.analysis.index.producer.get(tensor)
+        return f"'{tensor}'" if node is None else layer_label(self.analysis.index.node_name(node), module_path(node))
+
     def _round_layer(self, name: str, candidates: np.ndarray, target: int, multiple: int) -> bool:
         """Restore ``candidates`` (best first) of layer ``name`` until it keeps ``target`` channels, with
         the rules' constraints settled. Restoring the first ``target - kept`` at once is the usual case;
@@ -168,7 +174,7 @@ class RemovalPlan:
         target was kept when it landed on any multiple: a ShuffleNet v1 unit whose grouped convs, 3 groups
         around a channel shuffle, kept 12 of 24 went back to all 24 at round-to 8)."""
         ids = self.analysis.info[name].ids
-        why = f"kept to round '{name}' to a multiple of {multiple}"
+        why = f"kept to round {self._layer_label(name)} to a multiple of {multiple}"
         before = self._state()
         self.restore(ids[candidates[: target - int((~self.removed[ids]).sum())]], why)
         self.settle()
