@@ -9,7 +9,7 @@ channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels
 ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate),
 ReXNet's partial residual (ScatterND), channels picked by a tensor index, flipped or strided, coordinate attention
 (pools concatenated on a spatial axis), SKNet's selective kernel (softmax over the branch axis), ECA-Net's Conv1d
-along the channel axis. ``masks``: hand-placed masks whose zeros are all
+and triplet attention's 7x7 convs along the channel axis. ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -343,6 +343,35 @@ class SelectiveKernel(nn.Module):
         return self.head(u1 * a[:, 0] + u2 * a[:, 1])
 
 
+class _TripletGate(nn.Module):
+    """Z-pool (max and mean over axis 1), a 7x7 conv to one map, a sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 1, 7, padding=3, bias=False), nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        pooled = torch.cat([x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class TripletAttention(nn.Module):
+    """Triplet attention (Misra et al. WACV 2021): two branches rotate the channels onto H or W, Z-pool over
+    the axis that took their place and gate with a 7x7 conv that slides along the channels; a third gates
+    H x W. Before: the rotated branches' convs were barriers holding every channel."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem, self.mask, self.head = ConvBN(3, c), _mask(c, [1, 6, 11]), nn.Conv2d(c, 4, 1)
+        self.cw, self.hc, self.hw = _TripletGate(), _TripletGate(), _TripletGate()
+
+    def forward(self, x):
+        x = self.mask(F.relu(self.stem(x)))
+        a = self.cw(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        b = self.hc(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
+        return self.head((a + b + self.hw(x)) / 3)
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["dynamo", "legacy"]),
@@ -364,6 +393,8 @@ FAMILIES = {
     "coordinate_attention": (CoordAtt, 8, "masks", ["dynamo", "legacy"]),
     "coordinate_attention_prune": (CoordAtt, 8, "prune", ["dynamo", "legacy"]),
     "selective_kernel": (SelectiveKernel, 8, "masks", ["dynamo", "legacy"]),
+    "triplet_attention": (TripletAttention, 8, "masks", ["dynamo", "legacy"]),
+    "triplet_attention_prune": (TripletAttention, 8, "prune", ["dynamo", "legacy"]),
 }
 
 
