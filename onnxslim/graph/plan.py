@@ -21,6 +21,8 @@ import numpy as np
 from onnxslim.graph.names import layer_label, module_path
 from onnxslim.graph.values import STRUCTURAL, Reason
 
+_EMPTY_FILLER = "does not become empty"  # the reason of the one channel kept in a tensor that must not be empty
+
 if TYPE_CHECKING:
     from onnxslim.graph.analysis import ChannelAnalysis
 
@@ -116,7 +118,7 @@ class RemovalPlan:
                         or self.deletes(use.node) for use in index.uses(name)
                     ) and name not in index.outputs
                     if not allowed:
-                        self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' does not become empty")
+                        self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' {_EMPTY_FILLER}")
                         changed = restored = True
         return restored
 
@@ -143,6 +145,8 @@ class RemovalPlan:
                 kept, total = int(keep.sum()), info.size
                 if kept == 0 or kept % multiple == 0 or total < multiple:
                     continue  # a layer narrower than one block stays as masked, as prune leaves it
+                if self._only_fillers(info.ids[keep]):
+                    continue  # a dead layer keeps its one placeholder channel: 8 zero channels ran slower
                 target = min(total, -(-kept // multiple) * multiple)
                 if target == kept:
                     continue
@@ -156,6 +160,12 @@ class RemovalPlan:
                 changed |= self._round_layer(name, candidates, target, multiple)
             if not changed:
                 return
+
+    def _only_fillers(self, ids: np.ndarray) -> bool:
+        """Whether every class of ``ids`` is kept only so that a tensor does not become empty (a layer whose
+        masks are all zero: rounding it up would add zero channels and nothing else)."""
+        reasons = self.analysis.reasons
+        return all(reasons[int(r)].text.endswith(_EMPTY_FILLER) for r in np.unique(self.reason[ids]))
 
     def _layer_label(self, tensor: str) -> str:
         """The layer writing ``tensor`` as the report's table names it (``features.conv1 (node_conv2d)``)."""
