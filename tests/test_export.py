@@ -217,3 +217,44 @@ def test_torchscript_names_nested_sequentials_like_dynamo(tmp_path):
         outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": example.numpy()})[0]
                    for p in (path, tmp_path / f"slim_{dynamo}.onnx")]
         assert abs(outputs[0] - outputs[1]).max() < 1e-5
+
+
+class _Stem16(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.stem(x), 1), 1))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_kept_masked_channels_name_the_mask_and_the_layer(tmp_path, dynamo):
+    """slim's "kept ... masked channel(s)" lines named the dynamo export's tensors only (``of mul_2: kept to round
+    'conv2d'``): now the mask's module and the layer as the table names it. Rounding to 8 keeps 3 of the stem's 11
+    zero channels; the rest go, and onnxruntime computes the same before and after."""
+    import onnxruntime as ort
+
+    import onnxslim
+
+    torch.manual_seed(0)
+    model, example = _Stem16().eval(), torch.randn(2, 3, 8, 8)
+    (mask,) = attach_masks(model, example)
+    with torch.no_grad():
+        mask.weight[5:] = 0.0
+    path = tmp_path / "masked.onnx"
+    export(model, example, path, dynamo=dynamo)
+    _, report = onnxslim.slim(str(path), str(tmp_path / "slim.onnx"), round_to=8)
+    changed = [(layer.module, layer.channels_before, layer.channels_after) for layer in report.layers
+               if layer.channels_before != layer.channels_after]
+    assert changed == [("stem.0", 16, 8)]
+    (kept,) = report.kept
+    assert kept.module == "stem.1.mask" and len(kept.channels) == 3 and set(kept.channels) <= set(range(5, 16))
+    shown = ",".join(map(str, kept.channels))
+    line = next(line for line in report.format_table().splitlines() if line.startswith("kept 3"))
+    assert line.startswith(f"kept 3 masked channel(s) [{shown}] of stem.1.mask ({kept.tensor}): kept to round stem.0 (")
+    feed = {"input": example.numpy()}
+    before, after = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                     for name in ("masked.onnx", "slim.onnx"))
+    assert abs(before - after).max() < 1e-5

@@ -8,8 +8,8 @@ fold by Reshape and Transpose around attention), a non-local block (theta^T phi 
 channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels padded on), PyramidNet (zero channels concatenated),
 ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate),
 ReXNet's partial residual (ScatterND), channels picked by a tensor index, flipped or strided, coordinate attention
-(pools concatenated on a spatial axis), SKNet's selective kernel (softmax over the branch axis); ECA-Net's Conv1d
-along the channel axis holds what it reads. ``masks``: hand-placed masks whose zeros are all
+(pools concatenated on a spatial axis), SKNet's selective kernel (softmax over the branch axis), ECA-Net's Conv1d
+and triplet attention's 7x7 convs along the channel axis. ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -343,6 +343,35 @@ class SelectiveKernel(nn.Module):
         return self.head(u1 * a[:, 0] + u2 * a[:, 1])
 
 
+class _TripletGate(nn.Module):
+    """Z-pool (max and mean over axis 1), a 7x7 conv to one map, a sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 1, 7, padding=3, bias=False), nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        pooled = torch.cat([x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class TripletAttention(nn.Module):
+    """Triplet attention (Misra et al. WACV 2021): two branches rotate the channels onto H or W, Z-pool over
+    the axis that took their place and gate with a 7x7 conv that slides along the channels; a third gates
+    H x W. Before: the rotated branches' convs were barriers holding every channel."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem, self.mask, self.head = ConvBN(3, c), _mask(c, [1, 6, 11]), nn.Conv2d(c, 4, 1)
+        self.cw, self.hc, self.hw = _TripletGate(), _TripletGate(), _TripletGate()
+
+    def forward(self, x):
+        x = self.mask(F.relu(self.stem(x)))
+        a = self.cw(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        b = self.hc(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
+        return self.head((a + b + self.hw(x)) / 3)
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["dynamo", "legacy"]),
@@ -364,6 +393,8 @@ FAMILIES = {
     "coordinate_attention": (CoordAtt, 8, "masks", ["dynamo", "legacy"]),
     "coordinate_attention_prune": (CoordAtt, 8, "prune", ["dynamo", "legacy"]),
     "selective_kernel": (SelectiveKernel, 8, "masks", ["dynamo", "legacy"]),
+    "triplet_attention": (TripletAttention, 8, "masks", ["dynamo", "legacy"]),
+    "triplet_attention_prune": (TripletAttention, 8, "prune", ["dynamo", "legacy"]),
 }
 
 
@@ -475,19 +506,57 @@ class ECA(nn.Module):
 
     def forward(self, x):
         x = self.mask(F.relu(self.conv(self.inner_mask(F.relu(self.inner(F.relu(self.stem(x))))))))
-        gate = self.conv1d(x.mean((2, 3), keepdim=True).squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
-        return self.head(x * torch.sigmoid(gate))
+        return self.head(x * torch.sigmoid(_eca_gate(self.conv1d, x)))
+
+
+def _eca_gate(conv1d: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """ECA's gate logits (N, C, 1, 1): global average pool, then ``conv1d`` along the channels."""
+    return conv1d(x.mean((2, 3), keepdim=True).squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+
+
+class ECAConstantChannels(nn.Module):
+    """A masked channel that its BN turns into a constant ``beta``: a 1x1 head absorbs it into its bias, and
+    an ECA Conv1d (k = 5) reads its pooled value among its neighbours' (the gate feeds a head of its own)."""
+
+    def __init__(self, c: int = 12):
+        super().__init__()
+        self.conv, self.mask = nn.Conv2d(3, c, 3, padding=1, bias=False), _mask(c, [2, 7])
+        self.bn, self.head = nn.BatchNorm2d(c), nn.Conv2d(c, 4, 1)
+        self.conv1d, self.gate_head = nn.Conv1d(1, 1, 5, padding=2), nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        x = self.bn(self.mask(self.conv(x)))
+        return self.head(x), self.gate_head(torch.sigmoid(_eca_gate(self.conv1d, x)))
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
-def test_eca_conv_along_the_channel_axis_holds_only_the_channels_it_reads(exporter):
-    """Deleting a channel of the tensor the ECA Conv1d runs along would shift its neighbours into the
-    kernel window, so that tensor's masked channels stay (named as such); the block conv's masked channel
-    before it goes."""
+@pytest.mark.parametrize("check", ["masks", "prune"])
+def test_eca_conv_along_the_channel_axis_lets_channels_go(exporter, check):
+    """The ECA Conv1d slides along the channel axis, so deleting a channel would shift its neighbours into
+    the window: the slimmed model puts the deleted (zero) channels back before it (Gather, Mul by 1/0) and
+    gathers the kept positions after it; every mask, and every channel prune masks, goes, exactly."""
     torch.manual_seed(0)
     module = _randomized(ECA())
     model = export(module, 8, dynamo=exporter == "dynamo")
+    if check == "prune":
+        slimmed, report, reference = prune(model, ratio=0.5)
+    else:
+        (slimmed, report), reference = slim(model), model
+        assert report.masked_channels == 4
+    assert_equivalent(reference, slimmed, feeds={model.graph.input[0].name: np.ones((1, 3, 8, 8), np.float32)})
+    assert report.deleted_masked_channels == report.masked_channels > 0, report.format_table()
+    gathers = [n for n in slimmed.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 2  # one restores the conv's input positions, one takes the kept outputs
+    assert slim(slimmed)[0].SerializeToString() == slimmed.SerializeToString()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_eca_conv_gets_a_deleted_constant_channel_back_with_its_value(exporter):
+    torch.manual_seed(0)
+    module = _randomized(ECAConstantChannels())
+    model = export(module, 8, dynamo=exporter == "dynamo")
     slimmed, report = slim(model)
-    assert_equivalent(model, slimmed, feeds={model.graph.input[0].name: np.ones((1, 3, 8, 8), np.float32)})
-    assert (report.masked_channels, report.deleted_masked_channels) == (4, 1), report.format_table()
-    assert [k.channels for k in report.kept] == [(1, 5, 9)] and "convolves along the channel axis" in report.kept[0].reason
+    feeds = {model.graph.input[0].name: np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert_equivalent(model, slimmed, feeds=feeds)
+    assert (report.masked_channels, report.deleted_masked_channels) == (2, 2), report.format_table()
+    assert "Add" in [n.op_type for n in slimmed.graph.node]  # the constants' values, back at their positions

@@ -140,3 +140,22 @@ def test_bench_per_layer_cli_writes_table_json_and_plot(tmp_path):
     assert "speedup / MACs" in result.output and "conv/GEMM nodes:" in result.output
     dense_macs, slim_macs = (sorted(macs.values()) for macs in data["per_layer_macs"])
     assert dense_macs == [16 * 10, 16 * 9 * 16 * 16] and slim_macs == [10 * 10, 10 * 9 * 16 * 16]  # 6 of 16 deleted
+
+
+def test_profiler_overhead_note_when_profiling_inflates_a_fast_model():
+    """bench --per-layer on a 0.2 ms RegNet-style model said 0.815 -> 0.821 ms (no gain) beside an A/B speedup
+    of 1.14x: the profiler's own per-node cost dominated. The note says so when a profiled run exceeds 1.5x the
+    timed median, and stays silent otherwise. Profiles of a real masked / slimmed pair (6 of 16 filters gone)."""
+    from onnxslim.validate.profile import profiler_overhead_note
+
+    mask = np.ones(16)
+    mask[:6] = 0
+    masked = conv_net(16, size=16, mask=mask)
+    slimmed, report = slim(masked)
+    assert report.deleted_masked_channels == 6
+    before = profile_layers(masked, runs=5, warmup=1, name="masked.onnx")
+    after = profile_layers(slimmed, runs=5, warmup=1, name="slim.onnx")
+    assert profiler_overhead_note([before, after], [before.run_ms, after.run_ms]) is None
+    note = profiler_overhead_note([before, after], [before.run_ms, after.run_ms / 4])
+    assert note.startswith("note: profiling inflates these runs (slim.onnx: ") and "4.0x" in note
+    assert profiler_overhead_note([before], [0.0]) is None  # no timing: nothing to compare

@@ -128,6 +128,23 @@ def test_slim_auto_keeps_extra_masked_channels_up_to_the_block():
     assert "round-to auto = 8" in report.format_table()
 
 
+def test_a_dead_layer_keeps_one_placeholder_channel_unrounded():
+    """A ConvNeXt-style block whose 4x expansion layer lost every mask (x + pw2(gelu(pw1 x)), pw1 all zero): slim
+    keeps one zero channel so the tensor is not empty; --round-to 8 used to round it up to 8 zero channels (a
+    trained ConvNeXt-lite ran 1.27x against 1.34x unrounded)."""
+    g = GraphBuilder(seed=2)
+    x = g.input([1, 8, 10, 10])
+    stem = g.op("Relu", [g.conv(x, 8, 24)])
+    hidden = g.op("Relu", [g.mask(g.conv(stem, 24, 32, k=1), 32, zeros=range(32))])  # every channel masked
+    g.output(g.conv(g.op("Add", [stem, g.conv(hidden, 32, 24, k=1)]), 24, 4))
+    model = g.model()
+    slimmed, report = slim(model, round_to=8)
+    assert_equivalent(model, slimmed)
+    assert conv_outputs(slimmed) == [24, 1, 24, 4]  # the dead layer: 32 -> 1, not 8
+    assert report.deleted_masked_channels == 31
+    assert [k.reason for k in report.kept] == [f"kept so that '{hidden}' does not become empty"]
+
+
 def test_cli_prune_and_slim_default_to_auto_and_name_the_choice(tmp_path):
     source = tmp_path / "net.onnx"
     onnx.save(residual_net(), str(source))

@@ -35,7 +35,7 @@ _COMMANDS = {
 
 _SUMMARIES = {
     "run": "Run a recipe end to end: train, mask-train, export, slim, validate, report.",
-    "train": "Train a zoo model with channel masks and a sparsity method.",
+    "train": "Train a zoo model (or your own factory) with channel masks and a sparsity method.",
     "export": "Export a trained checkpoint to ONNX with masks as per-channel Mul nodes.",
     "slim": "Delete provably-zero channels from an ONNX model (exactly equivalent output).",
     "prune": "Choose channels to remove by a criterion on any ONNX model, then slim.",

@@ -109,6 +109,12 @@ def bench(models, threads, batch, input_shapes, opt_level, providers, warmup, ro
         click.echo("")
         click.echo(format_comparison(profiles[0], profile, macs=layer_macs and (layer_macs[0], layer_macs[index]))
                    if len(profiles) > 1 else format_profile(profile))
+    if profiles:
+        from onnxslim.validate.profile import profiler_overhead_note
+
+        note = profiler_overhead_note(profiles, [timing.median_ms for timing in report.models])
+        if note:
+            click.echo(note)
     if artifacts:
         from onnxslim.validate.mobile import fixed_shape_advice, usability_summary
 

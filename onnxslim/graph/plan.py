@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from onnxslim.graph.names import layer_label, module_path
 from onnxslim.graph.values import STRUCTURAL, Reason
+
+_EMPTY_FILLER = "does not become empty"  # the reason of the one channel kept in a tensor that must not be empty
 
 if TYPE_CHECKING:
     from onnxslim.graph.analysis import ChannelAnalysis
@@ -127,7 +130,7 @@ class RemovalPlan:
                         or self.deletes(use.node) for use in index.uses(name)
                     ) and name not in index.outputs
                     if not allowed:
-                        self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' does not become empty")
+                        self.restore(analysis.info[name].ids[:1], f"kept so that '{name}' {_EMPTY_FILLER}")
                         changed = restored = True
         return restored
 
@@ -154,6 +157,8 @@ class RemovalPlan:
                 kept, total = int(keep.sum()), info.size
                 if kept == 0 or kept % multiple == 0 or total < multiple:
                     continue  # a layer narrower than one block stays as masked, as prune leaves it
+                if self._only_fillers(info.ids[keep]):
+                    continue  # a dead layer keeps its one placeholder channel: 8 zero channels ran slower
                 target = min(total, -(-kept // multiple) * multiple)
                 if target == kept:
                     continue
@@ -168,6 +173,17 @@ class RemovalPlan:
             if not changed:
                 return
 
+    def _only_fillers(self, ids: np.ndarray) -> bool:
+        """Whether every class of ``ids`` is kept only so that a tensor does not become empty (a layer whose
+        masks are all zero: rounding it up would add zero channels and nothing else)."""
+        reasons = self.analysis.reasons
+        return all(reasons[int(r)].text.endswith(_EMPTY_FILLER) for r in np.unique(self.reason[ids]))
+
+    def _layer_label(self, tensor: str) -> str:
+        """The layer writing ``tensor`` as the report's table names it (``features.conv1 (node_conv2d)``)."""
+        node = self.analysis.index.producer.get(tensor)
+        return f"'{tensor}'" if node is None else layer_label(self.analysis.index.node_name(node), module_path(node))
+
     def _round_layer(self, name: str, candidates: np.ndarray, target: int, multiple: int) -> bool:
         """Restore ``candidates`` (best first) of layer ``name`` until it keeps ``target`` channels, with
         the rules' constraints settled. Restoring the first ``target - kept`` at once is the usual case;
@@ -180,7 +196,7 @@ class RemovalPlan:
         target was kept when it landed on any multiple: a ShuffleNet v1 unit whose grouped convs, 3 groups
         around a channel shuffle, kept 12 of 24 went back to all 24 at round-to 8)."""
         ids = self.analysis.info[name].ids
-        why = f"kept to round '{name}' to a multiple of {multiple}"
+        why = f"kept to round {self._layer_label(name)} to a multiple of {multiple}"
         before = self._state()
         self.restore(ids[candidates[: target - int((~self.removed[ids]).sum())]], why)
         self.settle()

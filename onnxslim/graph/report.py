@@ -31,6 +31,7 @@ class KeptChannels:
     channels: tuple[int, ...]
     reason: str
     kind: str = "live"  # barrier | live | constant | structural (see onnxslim.graph.channels)
+    module: str = ""  # the mask's PyTorch module path (onnxslim export), "" for graphs from elsewhere
 
 
 @dataclasses.dataclass
@@ -125,7 +126,8 @@ class SlimReport:
             lines.append(f"mask Mul nodes folded into weights: {self.folded_masks}; kept: {len(self.remaining_masks)}")
         for kept in self.kept:
             shown = ",".join(str(c) for c in kept.channels[:8]) + (",..." if len(kept.channels) > 8 else "")
-            lines.append(f"kept {len(kept.channels)} masked channel(s) [{shown}] of {kept.tensor}: {kept.reason}")
+            of = f"{kept.module} ({kept.tensor})" if kept.module else kept.tensor
+            lines.append(f"kept {len(kept.channels)} masked channel(s) [{shown}] of {of}: {kept.reason}")
         lines.extend(f"note: {note}" for note in self.notes)
         if self.rounding and self.rounding["multiple"] > 1:
             lines.append(f"note: {self.rounding['description']}")

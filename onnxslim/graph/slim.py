@@ -266,7 +266,7 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
         for rid in np.unique(reasons):
             reason = analysis.reasons[rid]
             kept.append(KeptChannels(site.tensor, tuple(int(c) for c in channels[reasons == rid]), reason.text,
-                                     reason.kind))
+                                     reason.kind, module_path(site.node)))
     return total, deleted, kept, names
 
 

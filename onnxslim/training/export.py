@@ -31,6 +31,7 @@ from torch import nn
 from onnxslim.errors import OnnxSlimError
 from onnxslim.graph.names import MODULE_KEY
 from onnxslim.io import save_model_atomic
+from onnxslim.training.channel_mask import ChannelMask
 from onnxslim.training.coupling import analyze_coupling
 from onnxslim.training.masks import MaskedSite
 
@@ -140,7 +141,8 @@ def _export_proto(model, example_input, dynamo, opset, dynamic_batch, input_name
 
 
 def annotate_module_paths(proto: onnx.ModelProto, model: nn.Module, example_input: torch.Tensor) -> int:
-    """Record the PyTorch module path of every Conv/ConvTranspose/Gemm/MatMul node; returns how many.
+    """Record the PyTorch module path of every Conv/ConvTranspose/Gemm/MatMul node and of every mask's ``Mul``
+    (its ``ChannelMask``, e.g. ``layer1.0.bn1.mask``); returns how many.
 
     The path goes into the node's ``metadata_props`` under :data:`onnxslim.graph.names.MODULE_KEY`,
     read from what the exporter left: the dynamo exporter's ``pkg.torch.onnx.name_scopes`` property,
@@ -149,11 +151,14 @@ def annotate_module_paths(proto: onnx.ModelProto, model: nn.Module, example_inpu
     the ``.module`` of a masked site's wrapper is dropped: ``features.conv1``, ``layer2.0.conv1``.
     """
     names = _user_module_names(model, example_input)
+    masks = {names[name] for name, module in model.named_modules() if isinstance(module, ChannelMask) and name in names}
     count = 0
     for node in proto.graph.node:
-        if node.op_type not in _PRODUCER_OPS:
+        if node.op_type not in _PRODUCER_OPS and node.op_type != "Mul":
             continue
         path = next(filter(None, (_lookup(names, scope) for scope in reversed(_exporter_scopes(node)))), None)
+        if node.op_type == "Mul" and path not in masks:
+            continue  # a mask's Mul is named by its ChannelMask (slim's kept-channel lines), other Muls are not
         if path:
             for index in [i for i, prop in enumerate(node.metadata_props) if prop.key == MODULE_KEY][::-1]:
                 del node.metadata_props[index]

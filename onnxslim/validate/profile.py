@@ -111,6 +111,21 @@ def profile_layers(model: ModelSource, session_options: SessionOptions | None = 
     return LayerProfile(label, layers, run_ms, runs, session_options.threads)
 
 
+def profiler_overhead_note(profiles: Sequence[LayerProfile], timed_medians_ms: Sequence[float],
+                           limit: float = 1.5) -> str | None:
+    """A caveat when profiling inflates a run: some model's profiled median run (``run_ms``) exceeds ``limit``
+    times its timed median (``timed_medians_ms``, ms, the A/B benchmark's, same order), as on models of a
+    fraction of a millisecond where the profiler's per-node events cost as much as the kernels. None otherwise."""
+    worst = max(((p.run_ms / t, p, t) for p, t in zip(profiles, timed_medians_ms) if t > 0),
+                default=None, key=lambda item: item[0])
+    if worst is None or worst[0] <= limit:
+        return None
+    ratio, profile, timed = worst
+    return (f"note: profiling inflates these runs ({profile.name}: {profile.run_ms:.3f} ms profiled against "
+            f"{timed:.3f} ms timed, {ratio:.1f}x); per-node times of a model this fast are mostly the profiler's "
+            f"own cost: trust the A/B speedup above")
+
+
 def _named_nodes(model: ModelSource) -> ModelSource:
     """``model`` with every unnamed node named after its first output (a copy; files stay untouched)."""
     import onnx

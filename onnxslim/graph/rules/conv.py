@@ -22,6 +22,12 @@ Conv, weight W (Cout, Cin/g, k...), g groups of a = Cin/g inputs and b = Cout/g 
   ``Gather`` of the input channels of the groups that stay (``y[o] = W[o] * x[g(o)]`` reads nothing
   else, so the result is exact). Other shared inputs (a residual stream feeding a depthwise branch,
   BlazeFace) stay coupled: there the stream's classes go whole, with no Gather in every block.
+* A Conv whose input holds the channels on a spatial axis (ECA-Net's ``Conv1d`` over the pooled channels,
+  Wang et al. CVPR 2020), stride 1, output as long as its input: output position ``c`` reads the window
+  around input position ``c``. Its outputs are new channels that go by a ``Gather`` after it; an input
+  channel may go when it is a constant (a mask's zero): a ``Gather`` / ``Mul`` / ``Add`` before the conv
+  puts its value back at its position, so no neighbour shifts into another's window. Strided or
+  length-changing ones are barriers.
 
 ConvTranspose, W (Cin, Cout/g, k...): the same with the roles of the weight axes swapped; its outputs
 overlap, so constants cannot be absorbed.
@@ -30,20 +36,23 @@ overlap, so constants cannot be absorbed.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
-from onnxslim.graph.model import get_attr, set_attr
+from onnxslim.graph.model import Use, get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
     gather_input,
     keep_all,
     layer_keeps,
+    normalize_axis,
     register,
     saturation_note,
     scale_vector,
     slice_bias,
     write_scaled,
 )
+from onnxslim.graph.values import STRUCTURAL
 
 
 def _bias(analysis_or_index, node, channels: int) -> np.ndarray:
@@ -63,15 +72,91 @@ def has_padding(node, kernel: tuple[int, ...]) -> bool:
     return any(p != 0 for p in (get_attr(node, "pads") or []))
 
 
+def _slides_along_channels(node, x, weight) -> bool:
+    """A Conv whose input holds the channels on a spatial axis ``d`` (ECA-Net's Conv1d over the pooled
+    channels, Wang et al. CVPR 2020), with stride 1 and an output as long as its input along ``d``
+    (``pads = dilation * (k - 1)``): output position ``c`` is a window centred on input position ``c``."""
+    if node.op_type != "Conv" or x is None or weight is None or x.axis < 2 or x.axis - 2 >= weight.ndim - 2:
+        return False
+    d, kernels = x.axis - 2, weight.ndim - 2
+    auto_pad = get_attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    stride = (get_attr(node, "strides") or [1] * kernels)[d]
+    window = (get_attr(node, "dilations") or [1] * kernels)[d] * (weight.shape[2 + d] - 1)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return stride == 1
+    pads = [0] * (2 * kernels) if auto_pad == "VALID" else get_attr(node, "pads") or [0] * (2 * kernels)
+    return stride == 1 and pads[d] + pads[d + kernels] == window
+
+
+def _along_channels(node, analysis, x) -> None:
+    """Channel facts of a Conv sliding along the channel axis (:func:`_slides_along_channels`). Every
+    output position mixes its neighbours, so the output gets new ids (not a layer: prune chooses nothing
+    there) and loses positions by a ``Gather`` after the conv. An input channel may go when it is a
+    constant (a mask's zero): the rewrite puts its value back at its position before the conv, so no
+    neighbour shifts into another's window; a live one stays."""
+    block_reduced_channels(analysis, node, node.input[0], x, np.ones(x.size, bool), absorbs_constants=True)
+    out = analysis.fresh(None, node.output[0], x.size, x.axis, x.rank)
+    readers = analysis.index.uses(node.output[0])
+    if len(readers) == 1 and readers[0].node.op_type == "Gather" and readers[0].slot == 0 \
+            and normalize_axis(get_attr(readers[0].node, "axis", 0), x.rank) == x.axis:
+        # a slimmed ECA conv already: its Gather takes the positions it needs (a second slim changes nothing)
+        analysis.keep(out.ids, STRUCTURAL, "a Gather after it takes the positions its readers need")
+
+
+def _rewrite_along_channels(node, rewriter) -> None:
+    """``y = conv(restore(x'))[kept]``: ``restore`` = ``Gather`` of each position's slot in the sliced
+    input, ``Mul`` by 1 at kept positions (0 where a channel went), ``Add`` of the deleted constants'
+    values; then a ``Gather`` of the kept output positions. Both on the pooled vector: a few C elements."""
+    x = rewriter.info(node.input[0])
+    keep_in, keep_out = rewriter.keep(node.input[0]), rewriter.keep(node.output[0])
+    dtype = rewriter.index.constant(node.input[1]).dtype
+    if keep_in is not None and not keep_in.all():
+        broadcast = (-1, *[1] * (x.rank - 1 - x.axis))
+        gather_input(node, rewriter, x.axis, np.where(keep_in, np.cumsum(keep_in) - 1, 0))
+        _insert_before(node, rewriter, "Mul", keep_in.astype(dtype).reshape(broadcast))
+        fill = np.where(keep_in, 0.0, x.value).astype(dtype)
+        if fill.any():
+            _insert_before(node, rewriter, "Add", fill.reshape(broadcast))
+    if keep_out is not None and not keep_out.all():
+        _gather_output(node, rewriter, x.axis, np.flatnonzero(keep_out))
+
+
+def _insert_before(node, rewriter, op_type: str, constant: np.ndarray) -> None:
+    """Feed ``node`` ``op_type(its input 0, constant)`` from a new node inserted before it."""
+    index, source = rewriter.index, node.input[0]
+    name = index.fresh_name(f"{source}_{op_type.lower()}")
+    operand = rewriter.weights.add(f"{name}_operand", constant)
+    new = onnx.helper.make_node(op_type, [source, operand], [name], name=name)
+    index.producer[name] = new
+    index.consumers[source] = [Use(new, 0) if use.node is node and use.slot == 0 else use for use in index.uses(source)]
+    index.consumers[name] = [Use(node, 0)]
+    node.input[0] = name
+    index.graph.node.insert(next(i for i, n in enumerate(index.graph.node) if n is node), new)
+
+
+def _gather_output(node, rewriter, axis: int, positions: np.ndarray) -> None:
+    """``node`` writes a new name; a ``Gather`` of ``positions`` along ``axis`` after it writes the old one."""
+    index, original = rewriter.index, node.output[0]
+    node.output[0] = index.fresh_name(f"{original}_all")
+    index.producer[node.output[0]] = node
+    indices = rewriter.weights.add(f"{original}_kept", positions.astype(np.int64))
+    gather = onnx.helper.make_node("Gather", [node.output[0], indices], [original], name=index.fresh_name(original),
+                                   axis=int(axis))
+    index.producer[original] = gather
+    index.consumers[node.output[0]] = [Use(gather, 0)]
+    index.graph.node.insert(next(i for i, n in enumerate(index.graph.node) if n is node) + 1, gather)
+
+
 def _unreadable(x, weight) -> str | None:
     """Why a Conv / ConvTranspose cannot follow channels through its input ``x`` and ``weight``, or None."""
     if x is None:
         return "input without channel facts"
     if weight is None:
         return "weights that are not constant (computed at run time)"
-    if x.axis != 1:  # ECA-Net's Conv1d over the pooled channels (Wang et al. CVPR 2020)
-        return (f"convolves along the channel axis (its input's axis {x.axis} holds the channels, ECA-Net style): "
-                "deleting a channel would shift its neighbours in the kernel window")
+    if x.axis != 1:  # a Conv along the channel axis that is strided or changes its length
+        return (f"convolves along the channel axis (its input's axis {x.axis} holds the channels) with a stride "
+                "or a window that changes its length")
     return None
 
 
@@ -229,6 +314,9 @@ class ConvRule(_GroupedLayer):
         index = analysis.index
         x = analysis.feature(node.input[0])
         weight = index.constant(node.input[1])
+        if _slides_along_channels(node, x, weight):
+            _along_channels(node, analysis, x)
+            return
         why = _unreadable(x, weight)
         if why:
             analysis.barrier(node, why)
@@ -275,7 +363,14 @@ class ConvRule(_GroupedLayer):
         grouped = weight.astype(np.float64).reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
         return (grouped * factor).reshape(weight.shape)
 
+    def settle(self, node, plan):
+        return not _slides_along_channels(node, plan.analysis.info.get(node.input[0]), plan.analysis.index.constant(
+            node.input[1])) and super().settle(node, plan)
+
     def rewrite(self, node, rewriter):
+        if _slides_along_channels(node, rewriter.info(node.input[0]), rewriter.index.constant(node.input[1])):
+            _rewrite_along_channels(node, rewriter)
+            return
         keeps = layer_keeps(node, rewriter)
         if keeps is None:
             return
