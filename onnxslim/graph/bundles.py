@@ -63,10 +63,12 @@ class GroupStructures:
                 groups[k] = groups.get(k, 0) + 1  # a class can have channels in several groups
                 self.pairs.setdefault(root, []).append((index, k))
 
-    def bundle(self, root: int, free, score: dict[int, float]) -> list[int]:
+    def bundle(self, root: int, free, score: dict[int, float], whole: bool = True) -> list[int]:
         """The classes that go with ``root`` (empty when some of them are not free or the closure does
-        not balance within ``_LIMIT`` classes)."""
-        if root not in self.side_of and root not in self.whole:
+        not balance within ``_LIMIT`` classes); ``whole=False`` leaves out the whole groups of depthwise
+        inputs (the plan's settle brings those back consistently; rounding keeps to the balanced sides)."""
+        wholes = self.whole if whole else {}
+        if root not in self.side_of and root not in wholes:
             return [root]
         bundle: dict[int, None] = {}
         counts: dict[int, dict[int, int]] = {}  # side -> group -> the bundle's channels in it
@@ -82,7 +84,7 @@ class GroupStructures:
         changed = True
         while changed:
             changed = False
-            for w in [w for r in list(bundle) for w in self.whole.get(r, ()) if w not in bundle]:
+            for w in [w for r in list(bundle) for w in wholes.get(r, ()) if w not in bundle]:
                 if w in bundle:
                     continue
                 if not free(w):

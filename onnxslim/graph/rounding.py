@@ -303,7 +303,7 @@ def _bundled(candidates: list[int], count: int, layer_roots: np.ndarray, groups,
             break
         if root in picked:
             continue
-        bundle = groups.bundle(root, lambda r: free(r) and r not in picked, score)
+        bundle = groups.bundle(root, lambda r: free(r) and r not in picked, score, whole=False)
         n = sum(int(width.get(r, 0)) for r in bundle)
         if bundle and covered + n <= count:
             picked.update(dict.fromkeys(bundle))
