@@ -75,18 +75,30 @@ class RemovalPlan:
         return True
 
     def settle(self) -> None:
-        """Restore channels until every constraint holds: conditional keeps, tensors that must not
-        become empty, and the rules' own constraints (``Rule.settle``)."""
-        analysis = self.analysis
-        changed = True
-        while changed:
-            changed = False
-            for trigger, ids, rid in analysis.conditional:
-                if not self.removed[trigger].all():
-                    changed |= self.restore(ids, rid)
-            changed |= self.fill_empty_tensors()
-            for node in analysis.index.nodes:
-                changed |= bool(analysis.rule_for(node).settle(node, self))
+        """Restore channels until every constraint holds, each kind only once the ones before it hold:
+        conditional keeps, the rules' own constraints (``Rule.settle``: a grouped conv's groups stay
+        equal), tensors that must not become empty. A chain of conditional keeps (AlexNet's grouped
+        convs in a row, each input kept while its group's outputs are) reaches a tensor only after the
+        keeps downstream of it; balanced or filled before that, its groups kept a masked channel back
+        (and, balanced, 7 more: 9080 of 9088 masked channels deleted)."""
+        rules = [(node, self.analysis.rule_for(node)) for node in self.analysis.index.nodes]
+        while True:
+            while True:
+                while self._conditional_keeps():
+                    pass
+                if not any([bool(rule.settle(node, self)) for node, rule in rules]):
+                    break
+            if not self.fill_empty_tensors():
+                return
+
+    def _conditional_keeps(self) -> bool:
+        """One pass over the conditional keeps whose trigger is kept, the last recorded first (a trigger is
+        downstream of what it keeps: a chain settles in one pass); True when one restored anything."""
+        changed = False
+        for trigger, ids, rid in reversed(self.analysis.conditional):
+            if not self.removed[trigger].all():
+                changed |= self.restore(ids, rid)
+        return changed
 
     def deletes(self, node) -> bool:
         """The rewrite deletes ``node`` outright: every output it has loses every channel."""
