@@ -9,7 +9,8 @@ channel shuffle: a permutation), CIFAR ResNet's option-A shortcut (zero channels
 ResNeSt split attention (rSoftMax: Reshape / Transpose / Softmax / Reshape to an (N, C, 1, 1) gate),
 ReXNet's partial residual (ScatterND), channels picked by a tensor index, flipped or strided, coordinate attention
 (pools concatenated on a spatial axis), SKNet's selective kernel (softmax over the branch axis), ECA-Net's Conv1d
-and triplet attention's 7x7 convs along the channel axis. ``masks``: hand-placed masks whose zeros are all
+and triplet attention's 7x7 convs along the channel axis, SA-Net's shuffle attention (groups of
+channels moved into the batch and back). ``masks``: hand-placed masks whose zeros are all
 deletable (shared where channels are coupled): every one is deleted. ``prune``: ``prune(ratio=0.5)``
 on the mask-free model: every channel it masks is deleted. Both: onnxruntime matches the reference.
 """
@@ -372,6 +373,31 @@ class TripletAttention(nn.Module):
         return self.head((a + b + self.hw(x)) / 3)
 
 
+class ShuffleAttention(nn.Module):
+    """SA-Net's shuffle attention (Zhang & Yang ICASSP 2021): ``view(b * G, -1, h, w)`` puts G groups of
+    channels into the batch, each group halves into a channel gate and a GroupNorm gate with parameters
+    shared by the groups, then ``view(b, -1, h, w)`` and a channel shuffle. Channel j of every group goes
+    together (the mask zeroes 2 and 2 + C/G). Before: the TorchScript export's way back, ``(G, C/G, H, W)
+    -> (1, C, H, W)``, was a barrier (0 channels of 13 prune masked deleted; the dynamo export: 12)."""
+
+    def __init__(self, c: int = 16, groups: int = 2, masked: bool = True):
+        super().__init__()
+        self.groups, per_half = groups, c // (2 * groups)
+        zeros = [2, 2 + c // groups] if masked else []
+        self.stem, self.mask, self.head = ConvBN(3, c), _mask(c, zeros), nn.Conv2d(c, 4, 1)
+        self.gn = nn.GroupNorm(per_half, per_half)
+        self.gates = nn.Parameter(torch.rand(4, 1, per_half, 1, 1))  # channel weight, bias; spatial weight, bias
+
+    def forward(self, x):
+        x = self.mask(F.relu(self.stem(x)))
+        b, c, h, w = x.shape
+        x_0, x_1 = x.view(b * self.groups, -1, h, w).chunk(2, dim=1)
+        channel = x_0 * torch.sigmoid(self.gates[0] * x_0.mean((2, 3), keepdim=True) + self.gates[1])
+        spatial = x_1 * torch.sigmoid(self.gates[2] * self.gn(x_1) + self.gates[3])
+        out = torch.cat([channel, spatial], dim=1).view(b, -1, h, w)
+        return self.head(out.reshape(b, 2, -1, h, w).permute(0, 2, 1, 3, 4).reshape(b, -1, h, w))
+
+
 # name -> (module, input size, how it is checked, exporters)
 FAMILIES = {
     "ghostnet": (Ghost, 8, "prune", ["dynamo", "legacy"]),
@@ -395,6 +421,8 @@ FAMILIES = {
     "selective_kernel": (SelectiveKernel, 8, "masks", ["dynamo", "legacy"]),
     "triplet_attention": (TripletAttention, 8, "masks", ["dynamo", "legacy"]),
     "triplet_attention_prune": (TripletAttention, 8, "prune", ["dynamo", "legacy"]),
+    "shuffle_attention": (ShuffleAttention, 8, "masks", ["dynamo", "legacy"]),
+    "shuffle_attention_prune": (lambda: ShuffleAttention(masked=False), 8, "prune", ["dynamo", "legacy"]),
 }
 
 

@@ -537,9 +537,14 @@ def _whole_map(in_shape: list, out_shape: list, x):
     """A Reshape of a whole static tensor that is one sample (a batch of 1 baked into the target, or no
     batch axis left) maps every element, batch included: megvii's ShuffleNetV2 ``channel_shuffle``
     (YOLO-FastestV2) reshapes ``(1, C, H, W) -> (C/2, 2, H*W)``, transposes to ``(2, C/2, H*W)`` and
-    takes ``x[0]``, ``x[1]`` of ``(2, -1, C/2, H, W)``. (output axis, IndexMap) or None."""
-    if any(not isinstance(d, int) for d in [*in_shape, *out_shape]) or (x.axis > 0 and in_shape[0] != 1):
+    takes ``x[0]``, ``x[1]`` of ``(2, -1, C/2, H, W)``; SA-Net's shuffle attention merges groups of channels
+    into the batch, ``(1, C, H, W) -> (G, C/G, H, W)``, and the TorchScript export spells the way back as
+    ``(G, C/G, H, W) -> (1, C, H, W)``: one sample on either side. (output axis, IndexMap) or None."""
+    if any(not isinstance(d, int) for d in [*in_shape, *out_shape]) or (x.axis > 0 and 1 not in (in_shape[0], out_shape[0])):
         return None
+    if x.axis > 0 and in_shape[0] != 1:  # the output's batch of 1 holds no channel: map into the sample's dims
+        found = reshape_map(in_shape, x.axis, out_shape[1:])
+        return None if found is None else (found[0] + 1, found[1])
     return reshape_map(in_shape, x.axis, out_shape)
 
 
