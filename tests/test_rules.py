@@ -60,6 +60,33 @@ def test_a_tensor_never_becomes_empty_before_a_conv():
     assert "does not become empty" in report.kept[0].reason
 
 
+def test_a_layer_whose_outputs_all_die_frees_its_inputs_in_one_slim():
+    """A Gemm whose outputs a mask all zeroes keeps one placeholder (the head needs a channel); its filter
+    held every channel of the conv before it until its mask folded in, so a second slim took that conv
+    5 -> 1. slim repeats the pass: one slim is a fixed point."""
+    g = GraphBuilder()
+    y = g.op("Relu", [g.conv(g.input([1, 3, 6, 6]), 3, 5, k=1, pad=0)])
+    hidden = g.gemm(g.op("Flatten", [g.op("GlobalAveragePool", [y])]), 5, 4)
+    dead = g.op("Relu", [g.op("Mul", [hidden, g.const(np.zeros((1, 4), np.float32))])])
+    g.output(g.gemm(dead, 4, 3))
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [1], report.format_table()
+    assert slim(slimmed)[0].SerializeToString() == slimmed.SerializeToString()
+
+
+def test_a_node_nothing_reads_holds_no_channel():
+    """A Mul whose output nothing reads (valid ONNX) broadcasts masked channel 1 over the input's channels,
+    which held it for the pass that then dropped the Mul as dead code: a second slim deleted it."""
+    g = GraphBuilder()
+    x = g.input([1, 3, 6, 6])
+    y = g.mask(g.op("Relu", [g.conv(x, 3, 4)]), 4, zeros=[1, 2])
+    g.op("Mul", [g.op("Slice", [y, *(g.const(np.array([v], np.int64)) for v in (1, 2, 1))]), x])  # unread
+    head(g, y, 4)
+    slimmed, report = slim_checked(g.model())
+    assert conv_channels(slimmed) == [2, 4] and report.deleted_masked_channels == 2, report.format_table()
+    assert slim(slimmed)[0].SerializeToString() == slimmed.SerializeToString()
+
+
 # -- barriers -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("barrier", ["LRN", "Softmax", "DepthToSpace", "output"])

@@ -157,7 +157,7 @@ class RemovalPlan:
                 kept, total = int(keep.sum()), info.size
                 if kept == 0 or kept % multiple == 0 or total < multiple:
                     continue  # a layer narrower than one block stays as masked, as prune leaves it
-                if self._only_fillers(info.ids[keep]):
+                if self.only_fillers(info.ids[keep]):
                     continue  # a dead layer keeps its one placeholder channel: 8 zero channels ran slower
                 target = min(total, -(-kept // multiple) * multiple)
                 if target == kept:
@@ -173,7 +173,7 @@ class RemovalPlan:
             if not changed:
                 return
 
-    def _only_fillers(self, ids: np.ndarray) -> bool:
+    def only_fillers(self, ids: np.ndarray) -> bool:
         """Whether every class of ``ids`` is kept only so that a tensor does not become empty (a layer whose
         masks are all zero: rounding it up would add zero channels and nothing else)."""
         reasons = self.analysis.reasons

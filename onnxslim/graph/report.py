@@ -71,10 +71,14 @@ class SlimReport:
         return self.params_after < self.params_before or any(
             layer.channels_after < layer.channels_before for layer in self.layers)
 
-    def followed_by(self, later: SlimReport) -> SlimReport:
+    def followed_by(self, later: SlimReport, masks: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> SlimReport:
         """This report with a later pass over its output: the totals after it, each layer's channels after it
-        (matched by node name), and a note of what it deleted. The masked-channel counts stay this pass's:
-        the later pass saw no masks (folded), only channels they left without a reader."""
+        (matched by node name), and a note of what it deleted. ``masks`` (tensor -> (mask node, zero channels
+        in the later pass's numbering)) are the masks the later pass saw: those this pass kept unfolded.
+        Their channels that it deleted count as deleted, its kept lines replace this pass's for them (in
+        this pass's numbering), and its folds count too; masks it did not see (folded here) stay as this
+        pass said."""
+        kept, deleted, remaining = self._kept_after(later, masks or {})
         after = {layer.node: layer.channels_after for layer in later.layers}
         changed = [layer for layer in later.layers if layer.channels_after < layer.channels_before]
         extra = sum(layer.channels_before - layer.channels_after for layer in changed)
@@ -84,12 +88,32 @@ class SlimReport:
                           for layer in self.layers],
             params_after=later.params_after, macs_after=later.macs_after, size_after=later.size_after,
             removed_nodes=self.removed_nodes + later.removed_nodes, macs_complete=later.macs_complete,
+            kept=kept, deleted_masked_channels=self.deleted_masked_channels + deleted, remaining_masks=remaining,
+            folded_masks=self.folded_masks + later.folded_masks,
             notes=[*self.notes, *(note for note in later.notes if note not in self.notes)])
         if extra:
             merged.notes.append(f"a second slim pass, after the masks folded into weights, deleted {extra} more "
                                 f"channel(s) that they had hidden ({shown}{', ...' if len(changed) > 4 else ''}; "
                                 "slimming the output again finds nothing)")
         return merged
+
+    def _kept_after(self, later: SlimReport, masks: dict[str, tuple[str, tuple[int, ...]]]):
+        """(kept lines, masked channels the later pass deleted, mask nodes still in its output) where
+        ``masks`` (see :meth:`followed_by`) are the later pass's. A tensor's zeros there are the channels
+        kept here, in order (this pass sliced the others out of its mask); where the counts differ, this
+        pass's lines stay."""
+        ours: dict[str, list[int]] = {}
+        for entry in self.kept:
+            ours.setdefault(entry.tensor, []).extend(entry.channels)
+        mapped = {tensor: dict(zip(zeros, sorted(ours[tensor]))) for tensor, (_, zeros) in masks.items()
+                  if tensor in ours and len(zeros) == len(ours[tensor])}
+        theirs = [dataclasses.replace(entry, channels=tuple(mapped[entry.tensor][c] for c in entry.channels))
+                  for entry in later.kept if entry.tensor in mapped]
+        kept = [entry for entry in self.kept if entry.tensor not in mapped] + theirs
+        deleted = sum(len(ours[tensor]) for tensor in mapped) - sum(len(entry.channels) for entry in theirs)
+        seen = {node for node, _ in masks.values()}
+        remaining = [m for m in self.remaining_masks if m not in seen or m in later.remaining_masks]
+        return kept, deleted, remaining
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -92,6 +92,7 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         # fold the arithmetic on the new constants (TF "same" pads computed from a size): the Pad's
         # amounts become constants, and shape inference then reaches the layers after it
         constants_to_initializers(model, sources)
+    remove_dead_code(model)  # a node nothing reads would hold the channels it reads for this pass only
     check_folded(model, input_shapes)
     inferred = infer_model(model, input_shapes)
     shapes = shapes_of(inferred)
@@ -139,17 +140,19 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
     Passes repeat (at most :data:`_PASSES`) while a pass folded a mask scale into the readers of a tensor
     that others read too and the next pass deletes more: such a fold changes the graph the rules see (a
     depthwise conv that read a masked copy of a tensor now reads the tensor a Concat reads: a Ghost
-    conv), so slimming the output again finds nothing.
+    conv), or a layer died whose reduction held its inputs (its folded mask zeroes the placeholder
+    filter it keeps), and the next pass deletes more, so slimming the output again finds nothing. The
+    report is merged (:meth:`SlimReport.followed_by`).
     """
     rounding = resolve_round_to(round_to, target_device)
-    slimmed, report, uncovered = _slim_pass(model, input_shapes, fold_masks, rounding, check, rules)
+    slimmed, report, uncovered, _ = _slim_pass(model, input_shapes, fold_masks, rounding, check, rules)
     for _ in range(_PASSES - 1):
         if not uncovered:
             break
-        again, more, uncovered = _slim_pass(slimmed, input_shapes, fold_masks, rounding, check, rules)
+        again, more, uncovered, masks = _slim_pass(slimmed, input_shapes, fold_masks, rounding, check, rules)
         if not more.deleted_any:
             break
-        slimmed, report = again, report.followed_by(more)
+        slimmed, report = again, report.followed_by(more, masks)
     if output_path is not None:
         report.size_after = save_model_atomic(slimmed, output_path)
     return slimmed, report
@@ -157,7 +160,8 @@ def slim(model: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathL
 
 def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rules):
     """One analysis, rewrite and clean-up of ``model`` (never modified), as :func:`slim` describes:
-    (slimmed model, report, whether a mask folded into readers of a shared tensor)."""
+    (slimmed model, report, whether another pass may delete more: a mask folded into readers of a shared
+    tensor, or a layer died; the masks it saw, tensor -> (mask node, zero channels))."""
     source, size_before = load_model(model, copy=False)
     model, sources = detach_weights(source)
     ir_version, opset_imports = model.ir_version, [(o.domain, o.version) for o in model.opset_import]
@@ -175,6 +179,7 @@ def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rul
     mask_summary = _mask_summary(analysis, plan)
     notes = _plan_notes(analysis, plan)
 
+    died = _layers_died(analysis, plan)
     removed_nodes = Rewriter(analysis, plan).run()
     folded, kept_masks, joined = fold_channel_scales(index, plan) if fold_masks else (0, [], 0)
     removed_nodes += remove_identities(index, analysis.rules)
@@ -217,7 +222,21 @@ def _slim_pass(model, input_shapes, fold_masks: bool, rounding, check: bool, rul
                             "keep_initializers_as_inputs): no longer, so onnxruntime treats them as constants "
                             "(constant folding, Conv+BatchNormalization fusion); part of a speedup over the "
                             "input can come from that alone (docs/latency.md)")
-    return model, report, joined > 0
+    return model, report, joined > 0 or died, mask_summary[4]
+
+
+def _layers_died(analysis: ChannelAnalysis, plan: RemovalPlan) -> bool:
+    """Whether a layer that keeps no channel, or only the placeholder of a tensor that must not be empty,
+    reads a channel kept: its reduction held its inputs in this pass, its folded mask zeroes the filter of
+    the placeholder, and the next pass frees them (a Gemm whose outputs a mask all zeroes, in front of a
+    head that needs one channel: the conv before it went 5 -> 1 in a second slim)."""
+    for name, node in analysis.creators.items():
+        keep = plan.keep(name)
+        if keep.any() and not plan.only_fillers(analysis.info[name].ids[keep]):
+            continue
+        if any(keep is not None and keep.any() for keep in (plan.keep(name) for name in node.input if name)):
+            return True
+    return False
 
 
 # int8 ops of onnxruntime's QOperator format that no rule reads (rules/qoperator.py reads QLinearConv,
@@ -249,14 +268,15 @@ def _no_layer_notes(analysis: ChannelAnalysis) -> list[str]:
 
 def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
     """(masked channels, deleted ones, KeptChannels list, names of the mask nodes: per-channel constant
-    ``Mul`` nodes with a zero entry)."""
+    ``Mul`` nodes with a zero entry, and per masked tensor (mask node, its zero channels))."""
     total = deleted = 0
     kept: list[KeptChannels] = []
-    names = set()
+    names, masks = set(), {}
     for site in analysis.masks:
         if not len(site.zero_channels):
             continue  # a per-channel scale that zeroes nothing (an unfused BN's gamma) is no mask
         names.add(analysis.index.node_name(site.node))
+        masks[site.tensor] = (analysis.index.node_name(site.node), tuple(int(c) for c in site.zero_channels))
         ids = analysis.info[site.tensor].ids[site.zero_channels]
         removed = plan.removed[ids]
         total += len(ids)
@@ -267,7 +287,7 @@ def _mask_summary(analysis: ChannelAnalysis, plan: RemovalPlan):
             reason = analysis.reasons[rid]
             kept.append(KeptChannels(site.tensor, tuple(int(c) for c in channels[reasons == rid]), reason.text,
                                      reason.kind, module_path(site.node)))
-    return total, deleted, kept, names
+    return total, deleted, kept, names, masks
 
 
 def check_input(model: onnx.ModelProto) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from graphs import GraphBuilder, assert_equivalent, conv_channels, head, slim_checked
@@ -203,6 +205,16 @@ def test_grouped_conv_transpose():
     assert conv_channels(slimmed)[0] == 3
 
 
+def _ghost_behind_a_mask():
+    g = GraphBuilder(seed=1)
+    stem = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 8)])
+    a = g.op("Relu", [g.bn(g.conv(stem, 8, 6, k=1, pad=0, bias=False), 6)])
+    read = g.mask(a, 6, zeros=[1])  # the conv's input mask; channel 1 stays in the Concat
+    c = g.mask(g.op("Relu", [g.bn(g.conv(read, 6, 6, groups=6, bias=False), 6)]), 6, zeros=[1, 4])
+    g.output(g.conv(g.op("Concat", [a, c], axis=1), 12, 4, k=1, pad=0))
+    return g.model()
+
+
 def test_a_mask_that_hid_a_ghost_conv_is_slimmed_in_a_second_pass():
     """prune puts a mask between the tensor a Concat reads and a depthwise conv (Yolo-FastestV2's
     shuffle blocks): the conv reads Mul(a, mask), the Concat reads a. Until the mask folds into the
@@ -210,15 +222,21 @@ def test_a_mask_that_hid_a_ghost_conv_is_slimmed_in_a_second_pass():
     channels stay coupled to their inputs, which the Concat keeps: channel 4 (masked at the output) and
     channel 1 (masked at the input). slim's second pass, after the fold, gathers the conv's input and
     deletes both, so slimming the output again finds nothing (before: 2 more channels, a Gather added)."""
-    g = GraphBuilder(seed=1)
-    stem = g.op("Relu", [g.conv(g.input([1, 3, 8, 8]), 3, 8)])
-    a = g.op("Relu", [g.bn(g.conv(stem, 8, 6, k=1, pad=0, bias=False), 6)])
-    read = g.mask(a, 6, zeros=[1])  # the conv's input mask; channel 1 stays in the Concat
-    c = g.mask(g.op("Relu", [g.bn(g.conv(read, 6, 6, groups=6, bias=False), 6)]), 6, zeros=[1, 4])
-    g.output(g.conv(g.op("Concat", [a, c], axis=1), 12, 4, k=1, pad=0))
-    slimmed, report = slim_checked(g.model())
+    slimmed, report = slim_checked(_ghost_behind_a_mask())
     assert conv_channels(slimmed) == [8, 6, 4, 4]  # cheap channels 1 (input masked) and 4 (input live) gone
     assert [n.op_type for n in slimmed.graph.node].count("Gather") == 1
     assert any("second slim pass" in note and "2 more channel" in note for note in report.notes), report.notes
     again, more = slim(slimmed)
     assert again.SerializeToString() == slimmed.SerializeToString() and not more.deleted_any
+
+
+def test_the_report_of_two_passes_counts_the_masked_channels_the_second_deleted():
+    """The ghost conv's output mask (channels 1 and 4) stays unfolded in the first pass, which keeps both;
+    the second pass deletes them and folds the mask. The merged report says so (before: 'masked channels
+    deleted: 0 / 3', both still listed as kept, and the folded mask counted as kept in the output)."""
+    slimmed, report = slim_checked(_ghost_behind_a_mask())
+    assert (report.masked_channels, report.deleted_masked_channels) == (3, 2), report.format_table()
+    assert [(k.channels, k.kind) for k in report.kept] == [((1,), "live")]  # the Concat reads channel 1 of a
+    assert report.folded_masks == 2 and report.remaining_masks == []
+    assert "Mul" not in [n.op_type for n in slimmed.graph.node]
+    assert json.loads(json.dumps(report.to_dict()))["deleted_masked_channels"] == 2
