@@ -87,9 +87,10 @@ class OutputDiff:
                      "can flip: compare the tensors before it, e.g. cut with onnx.utils.extract_model]")
         if self.noise_floor is not None and self.noise_floor > atol:
             text += (f" [the reference alone moves by up to {self.noise_floor:.3g} on these inputs between onnxruntime's "
-                     "graph optimisation levels (all / none): the model amplifies float rounding here (a division "
-                     "by a near-zero difference, an exp of a large value ...), so differences of that order are "
-                     "rounding, not the slimming; compare on realistic inputs (--data) or the tensors before that op]")
+                     "graph optimisation levels (all / none): the model amplifies rounding here (a division by a "
+                     "near-zero difference, an exp of a large value, an int8 value one quantization step away ...), "
+                     "so differences of that order are rounding, not the slimming; compare on realistic inputs "
+                     "(--data) or the tensors before that op]")
         return text
 
 
