@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from onnxslim.cli import main
 from onnxslim.data import mnist_split
+from onnxslim.validate.equivalence import compare_models
 from onnxslim.validate.gate import CheckOptions, GateThresholds, run_check
 
 
@@ -184,3 +185,47 @@ def test_per_pixel_labels_may_be_negative_as_ignored_pixels(tmp_path):
     labels[0, 0, 0] = -1
     np.savez(tmp_path / "seg.npz", images=np.zeros((2, 4, 4), np.float32), labels=labels)
     assert load_npz(tmp_path / "seg.npz").labels.min() == -1
+
+
+def _amplifier(fused_by_us: bool) -> onnx.ModelProto:
+    """``y = eps / (a - b + eps)`` with ``b`` a conv with BatchNormalization folded into it (float64, then
+    float32) and ``a`` the same conv with the BN as a node (the reference: onnxruntime fuses it at full
+    optimisation, and rounds like ``b``) or as Mul + Add (the candidate: another rounding). ``a - b`` is
+    rounding noise that the division blows up, like a low-light enhancer's ``x / (x - f(x))``."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((8, 3, 3, 3)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    scale, beta = rng.uniform(0.5, 1.5, 8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    mean, var = rng.standard_normal(8).astype(np.float32), rng.uniform(0.5, 1.5, 8).astype(np.float32)
+    s = scale / np.sqrt(var + np.float32(1e-5))
+    arrays = {"w": w, "bias": bias, "scale": scale, "beta": beta, "mean": mean, "var": var, "eps": np.float32(1e-6),
+              "wf": (w.astype(np.float64) * s[:, None, None, None]).astype(np.float32),
+              "bf": ((bias - mean) * s + beta).astype(np.float32),
+              "s": s.reshape(8, 1, 1), "t": (beta - mean * s).reshape(8, 1, 1).astype(np.float32)}
+    conv = dict(pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "wf", "bf"], ["b"], **conv), helper.make_node("Conv", ["x", "w", "bias"], ["c"], **conv)]
+    nodes += [helper.make_node("Mul", ["c", "s"], ["cs"]), helper.make_node("Add", ["cs", "t"], ["a"])] if fused_by_us else \
+        [helper.make_node("BatchNormalization", ["c", "scale", "beta", "mean", "var"], ["a"])]
+    nodes += [helper.make_node("Sub", ["a", "b"], ["d"]), helper.make_node("Add", ["d", "eps"], ["e"]),
+              helper.make_node("Div", ["eps", "e"], ["y"])]
+    graph = helper.make_graph(nodes, "amplifier", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_failure_in_a_model_that_amplifies_rounding_gives_the_reference_own_noise(tmp_path):
+    """A real low-light net (AGLLNet) failed ``check`` by 130 after an exact slim: it divides by a
+    near-zero difference. The failed output now carries how far the reference moves between onnxruntime's
+    optimisation levels on the same inputs, and the message says what that means; a plain failure (a moved
+    weight, no amplification) gets no such note."""
+    onnx.save(_amplifier(False), tmp_path / "reference.onnx")
+    onnx.save(_amplifier(True), tmp_path / "candidate.onnx")
+    report = run_check(tmp_path / "reference.onnx", tmp_path / "candidate.onnx",
+                       options=CheckOptions(progress=False, random_samples=2))
+    output, = report.equivalence.outputs
+    assert not output.passed and output.noise_floor > output.max_abs / 100 > 1e-3, output
+    assert "moves by up to" in report.to_markdown() and "rounding, not the slimming" in report.to_markdown()
+    same = compare_models(tmp_path / "reference.onnx", tmp_path / "reference.onnx", samples=1, progress=False)
+    assert same.passed and same.outputs[0].noise_floor is None  # measured only for a failed output

@@ -50,6 +50,7 @@ from onnxslim.validate.equivalence import (
     make_meters,
     random_inputs,
     with_discrete_notes,
+    with_noise_floor,
 )
 from onnxslim.validate.runtime import (
     ModelSource,
@@ -273,15 +274,17 @@ def run_check(reference: ModelSource, candidate: ModelSource, thresholds: GateTh
     else:
         count = compared = options.limit or options.random_samples
         inputs = f"{count} seeded random inputs (seed {options.seed})"
-        feeds = random_inputs(input_specs(ref_session), count, options.seed, options.input_shapes, ref_label)
+        feeds = list(random_inputs(input_specs(ref_session), count, options.seed, options.input_shapes, ref_label))
         with _bar(count, "check", options.progress) as bar:
             for feed in feeds:
                 ref_out, cand_out = ref_session.run(None, feed), cand_session.run(None, feed)
                 for meter, (i, j) in zip(meters, pairs):
                     meter.update(cand_out[j], ref_out[i])
                 bar.update(1)
-    equivalence = EquivalenceResult(with_discrete_notes([m.result() for m in meters], reference), atol, rtol,
-                                    thresholds.error_stat, compared, inputs)
+    results = with_discrete_notes([m.result() for m in meters], reference)
+    if options.data is None:
+        results = with_noise_floor(results, reference, ref_session, feeds, pairs, session_options)
+    equivalence = EquivalenceResult(results, atol, rtol, thresholds.error_stat, compared, inputs)
     del ref_session, cand_session
 
     bench = None
