@@ -261,6 +261,26 @@ def test_megvii_channel_shuffle_of_a_batch_of_one_maps_its_pairs():
     assert conv_channels(slimmed)[:2] == [6, 8]
 
 
+@pytest.mark.parametrize("normalised", [False, True], ids=["gated", "instance-norm"])
+def test_groups_moved_into_the_batch_keep_the_channel_axis_when_groups_outnumber_their_channels(normalised):
+    """SA-Net (G = 64 groups of C/G = 8 and more) at G = 4 > C/G = 2: ``(1, 8, H, W) -> (4, 2, H, W)``, a
+    per-sample gate (or an InstanceNormalization of each sample, a GroupNorm export's), back to ``(1, 8, H,
+    W)``. Channel j of every group is one component on axis 1: the mask of channel 1 in every group
+    deletes 4 channels (before: the finest map put the 4 groups on the batch axis, the head conv saw its
+    channels on axis 0 and was a barrier, 0 of 4; torch's SA-Net at c=32, G=8, prune 0.5: 0 -> 17)."""
+    g = GraphBuilder()
+    y = g.mask(g.op("Relu", [g.conv(g.input([1, 3, 4, 4]), 3, 8)]), 8, zeros=[1, 3, 5, 7])
+    y = g.op("Reshape", [y, g.const(np.array([4, 2, 4, 4], np.int64))])
+    if normalised:
+        y = g.op("InstanceNormalization", [y, g.const(np.ones(2, np.float32)), g.const(np.zeros(2, np.float32))])
+    y = g.op("Mul", [y, g.op("Sigmoid", [g.op("Mul", [y, g.const(np.full((1, 2, 1, 1), 0.7, np.float32))])])])
+    head(g, g.op("Reshape", [y, g.const(np.array([1, 8, 4, 4], np.int64))]), 8)
+    slimmed, report = slim_checked(g.model())
+    assert report.masked_channels == report.deleted_masked_channels == 4, report.format_table()
+    assert conv_channels(slimmed) == [4, 4]
+    assert slim(slimmed)[0].SerializeToString() == slimmed.SerializeToString()
+
+
 @pytest.mark.parametrize("preprocessing", [[], ["Mul"], ["Mul", "Sub"], ["Mul", "Pad"]])
 def test_an_nhwc_input_normalised_before_its_transpose_feeds_a_prunable_conv(preprocessing):
     """tf2onnx's M-LSD: ``x / 127.5 - 1`` on the NHWC input, then ``Transpose(0, 3, 1, 2)`` and the first

@@ -48,7 +48,13 @@ from onnxslim.graph.rules.base import (
     register,
     write_int_operand,
 )
-from onnxslim.graph.rules.regroup import apply_map, depth_to_space_map, reshape_map, space_to_depth_map
+from onnxslim.graph.rules.regroup import (
+    apply_map,
+    components,
+    depth_to_space_map,
+    reshape_map,
+    space_to_depth_map,
+)
 from onnxslim.graph.shape_values import UNKNOWN, Dim, is_dim_of, reshape_target, shape_value, static_values
 
 
@@ -542,10 +548,24 @@ def _whole_map(in_shape: list, out_shape: list, x):
     ``(G, C/G, H, W) -> (1, C, H, W)``: one sample on either side. (output axis, IndexMap) or None."""
     if any(not isinstance(d, int) for d in [*in_shape, *out_shape]) or (x.axis > 0 and 1 not in (in_shape[0], out_shape[0])):
         return None
+    if _groups_into_batch(in_shape, out_shape, x):
+        # channel c is channel c % (C/G) of sample c // (C/G): the channel axis stays axis 1, channel j of
+        # every group in one component (the finest map put the G groups on axis 0 whenever G > C/G: the
+        # batch axis, a barrier to the per-sample ops after it; SA-Net's own G = 64 of C = 512 and up)
+        c = np.arange(in_shape[1], dtype=np.int64)
+        return 1, components(c, c % out_shape[1], in_shape[1], out_shape[1])
     if x.axis > 0 and in_shape[0] != 1:  # the output's batch of 1 holds no channel: map into the sample's dims
         found = reshape_map(in_shape, x.axis, out_shape[1:])
         return None if found is None else (found[0] + 1, found[1])
     return reshape_map(in_shape, x.axis, out_shape)
+
+
+def _groups_into_batch(in_shape: list, out_shape: list, x) -> bool:
+    """Whether a Reshape of one sample's channels ``(1, C, ...) -> (G, C/G, ...)`` (the same dims after
+    the channels, G > 1, C/G > 1) moves G groups of channels into the batch (SA-Net's ``view(b * G, -1, h,
+    w)``). With C/G = 1 every channel is a sample of its own, and the finest map (axis 0) keeps them apart."""
+    return x.axis == 1 and len(in_shape) == len(out_shape) >= 3 and in_shape[0] == 1 < out_shape[0] \
+        and out_shape[1] > 1 and out_shape[0] * out_shape[1] == in_shape[1] and in_shape[2:] == out_shape[2:]
 
 
 def _rows_map(in_shape: list, out_shape: list):
