@@ -10,8 +10,9 @@ GroupNorm, QDQ, negative and whole-layer masks) from a seeded numpy generator: e
     PYTHONPATH=. python tools/fuzz_slim.py --examples 500 --prune 0.5             # prune them as well
 
 Prints one line per failure (example, outcome, detail) and the totals: examples, ok, crashes, inexact,
-larger (more params or MACs than the input), over budget (``--prune``: a layer lost far more than the
-ratio), generator errors, masked channels deleted, time.
+larger (more params or MACs than the input), unsettled (slimming the output again changes it), over
+budget (``--prune``: a layer lost far more than the ratio), generator errors, masked channels deleted,
+time.
 Exit code 1 when anything but "ok" happened.
 """
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     total = sum(counts.values())
     print(f"examples: {total}  ok: {counts['ok']}  crashes: {counts['crash']}  inexact: {counts['inexact']}  "
-          f"larger: {counts['larger']}  over budget: {counts['budget']}  generator errors: {counts['generator']}  "
+          f"larger: {counts['larger']}  unsettled: {counts['unsettled']}  over budget: {counts['budget']}  generator errors: {counts['generator']}  "
           f"masked channels deleted: {deleted}/{masked}  "
           f"time: {elapsed:.1f} s ({1000 * elapsed / max(total, 1):.0f} ms per example)")
     return 0 if counts["ok"] == total else 1
