@@ -48,6 +48,18 @@ def test_slim_and_prune_take_the_output_as_second_argument(masked, tmp_path):
     assert neither.exit_code == 2 and "missing the output" in neither.stderr
 
 
+def test_a_file_option_followed_by_another_option_is_refused(masked, tmp_path, monkeypatch):
+    """``--json --no-verify-speed`` gave the JSON file the next option's name: the run wrote a file named
+    ``--no-verify-speed`` into the working folder and ran the speed check it was asked to skip."""
+    monkeypatch.chdir(tmp_path)
+    for flag in ("--no-verify-speed", "--all", "-o"):
+        result = invoke("slim", masked, tmp_path / "out.onnx", "--json", flag)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines()[-1].startswith("error: Invalid value for '--json'")
+        assert "an option of this command" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masked.onnx"]
+
+
 @pytest.fixture
 def pair(tmp_path):
     reference, changed = tmp_path / "ref.onnx", tmp_path / "changed.onnx"

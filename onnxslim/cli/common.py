@@ -25,6 +25,16 @@ class _RolePath(click.Path):
         self.writes = writes
         self.beside = beside
 
+    def convert(self, value, param, ctx):
+        """Refuse an option of the command where a file written was expected: click hands ``--json
+        --no-verify-speed`` the option's name as the file, and the run then wrote a file named
+        ``--no-verify-speed`` (``./--name`` still means such a file)."""
+        if self.role == "output" and isinstance(value, str) and ctx is not None \
+                and any(value in [*other.opts, *other.secondary_opts] for other in ctx.command.params):
+            self.fail(f"needs a file name, got {value!r}, an option of this command (its file name is missing)",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
 
 class _InputSpec(click.ParamType):
     name = "spec"
