@@ -281,21 +281,6 @@ def test_groups_moved_into_the_batch_keep_the_channel_axis_when_groups_outnumber
     assert slim(slimmed)[0].SerializeToString() == slimmed.SerializeToString()
 
 
-def test_a_static_batch_folded_into_channels_and_rows_is_pruned_to_a_fixed_point():
-    """``(2, 4, 4, 4) -> (1, 4, 8, 4)`` (a static batch of 2 folded into the channels and H) mapped onto the
-    8 axis, where the 1x1 head conv then slid along the channels; once prune deleted a component the
-    narrower Reshape mapped onto axis 1, finer, and a second slim deleted another channel. Only the way
-    back of groups moved into the batch (channels on axis 1) maps now: prune's output is a fixed point."""
-    from onnxslim.graph.prune import prune
-
-    g = GraphBuilder()
-    y = g.mask(g.op("Relu", [g.conv(g.input([2, 3, 4, 4]), 3, 4)]), 4, zeros=[1])
-    head(g, g.op("Reshape", [y, g.const(np.array([1, 4, 8, 4], np.int64))]), 4, k=1)
-    slimmed, _, masked = prune(g.model(), ratio=0.5)
-    assert_equivalent(masked, slimmed)
-    assert slim(slimmed)[0].SerializeToString() == slimmed.SerializeToString()
-
-
 @pytest.mark.parametrize("preprocessing", [[], ["Mul"], ["Mul", "Sub"], ["Mul", "Pad"]])
 def test_an_nhwc_input_normalised_before_its_transpose_feeds_a_prunable_conv(preprocessing):
     """tf2onnx's M-LSD: ``x / 127.5 - 1`` on the NHWC input, then ``Transpose(0, 3, 1, 2)`` and the first

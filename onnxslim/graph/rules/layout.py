@@ -555,11 +555,8 @@ def _whole_map(in_shape: list, out_shape: list, x):
         c = np.arange(in_shape[1], dtype=np.int64)
         return 1, components(c, c % out_shape[1], in_shape[1], out_shape[1])
     if x.axis > 0 and in_shape[0] != 1:  # the output's batch of 1 holds no channel: map into the sample's dims
-        # onto its axis 1 only (the way back of groups moved into the batch): a static batch folded into the
-        # channels and H, (2, 4, H, W) -> (1, 4, 2H, W), mapped onto the 2H axis, and once prune had
-        # deleted a component the narrower reshape mapped onto axis 1, finer: a second slim deleted more
         found = reshape_map(in_shape, x.axis, out_shape[1:])
-        return None if found is None or found[0] != 0 else (1, found[1])
+        return None if found is None else (found[0] + 1, found[1])
     return reshape_map(in_shape, x.axis, out_shape)
 
 
