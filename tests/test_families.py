@@ -423,6 +423,9 @@ FAMILIES = {
     "triplet_attention_prune": (TripletAttention, 8, "prune", ["dynamo", "legacy"]),
     "shuffle_attention": (ShuffleAttention, 8, "masks", ["dynamo", "legacy"]),
     "shuffle_attention_prune": (lambda: ShuffleAttention(masked=False), 8, "prune", ["dynamo", "legacy"]),
+    # more groups than channels per group, as SA-Net's own G = 64 (the groups went onto the batch axis: 0 deleted)
+    "shuffle_attention_g8_prune": (lambda: ShuffleAttention(c=32, groups=8, masked=False), 8, "prune",
+                                   ["dynamo", "legacy"]),
 }
 
 
