@@ -195,7 +195,8 @@ def fcn_opset9() -> onnx.ModelProto:
 
 
 def shufflenet_opset11() -> onnx.ModelProto:
-    """ShuffleNet style: channel shuffle (Reshape/Transpose/Reshape) is a barrier; Split on channels."""
+    """ShuffleNet style: channel shuffle (Reshape/Transpose/Reshape of a batch of 1: a permutation of the
+    channels, which slim turns into one Gather); Split on channels."""
     g = GraphBuilder(opset=11, seed=8)
     x = g.input([1, 3, 16, 16])
     y = _conv_bn_relu(g, x, 3, 16)
