@@ -234,7 +234,7 @@ def _layers_died(analysis: ChannelAnalysis, plan: RemovalPlan) -> bool:
         keep = plan.keep(name)
         if keep.any() and not plan.only_fillers(analysis.info[name].ids[keep]):
             continue
-        if any(keep is not None and keep.any() for keep in (plan.keep(name) for name in node.input if name)):
+        if any(read is not None and read.any() for read in (plan.keep(tensor) for tensor in node.input if tensor)):
             return True
     return False
 

@@ -358,18 +358,34 @@ def slice_channel_vectors(node: onnx.NodeProto, rewriter: Rewriter, slots: Itera
 def gather_input(node: onnx.NodeProto, rewriter: Rewriter, axis: int, positions: np.ndarray) -> None:
     """Feed ``node`` a new ``Gather`` of ``positions`` of its first input along ``axis`` (ONNX Gather-1+),
     for a node that reads only some channels of an input whose other readers keep them all."""
-    index = rewriter.index
-    source = node.input[0]
-    name = index.fresh_name(f"{source}_read")
+    name = rewriter.index.fresh_name(f"{node.input[0]}_read")
     indices = rewriter.weights.add(f"{name}_channels", np.asarray(positions, np.int64))
-    gather = onnx.helper.make_node("Gather", [source, indices], [name], name=name, axis=int(axis))
-    index.producer[name] = gather
-    index.consumers[source] = [Use(gather, 0) if use.node is node and use.slot == 0 else use
-                               for use in index.uses(source)]
+    insert_before(node, rewriter, "Gather", name, indices, axis=int(axis))
+
+
+def insert_before(node: onnx.NodeProto, rewriter: Rewriter, op_type: str, name: str, operand: str, **attrs) -> None:
+    """Feed ``node`` ``op_type(its input 0, operand)`` from a new node ``name`` (also its output's name)
+    inserted before it; only ``node`` reads the new output, the input's other readers are unchanged."""
+    index, source = rewriter.index, node.input[0]
+    new = onnx.helper.make_node(op_type, [source, operand], [name], name=name, **attrs)
+    index.producer[name] = new
+    index.consumers[source] = [Use(new, 0) if use.node is node and use.slot == 0 else use for use in index.uses(source)]
     index.consumers[name] = [Use(node, 0)]
     node.input[0] = name
-    graph = index.graph
-    graph.node.insert(next(i for i, n in enumerate(graph.node) if n is node), gather)
+    index.graph.node.insert(next(i for i, n in enumerate(index.graph.node) if n is node), new)
+
+
+def insert_after(node: onnx.NodeProto, rewriter: Rewriter, op_type: str, hidden: str, operand: str, name: str,
+                 **attrs) -> None:
+    """``node`` writes ``hidden`` instead of its first output; a new node ``name``, ``op_type(hidden,
+    operand)`` inserted after it, writes that output, so its readers (and a graph output) are unchanged."""
+    index, original = rewriter.index, node.output[0]
+    node.output[0] = hidden
+    index.producer[hidden] = node
+    new = onnx.helper.make_node(op_type, [hidden, operand], [original], name=name, **attrs)
+    index.producer[original] = new
+    index.consumers[hidden] = [Use(new, 0)]
+    index.graph.node.insert(next(i for i, n in enumerate(index.graph.node) if n is node) + 1, new)
 
 
 def filter_scores(filters: np.ndarray, criterion: str) -> np.ndarray:

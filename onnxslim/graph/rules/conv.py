@@ -36,13 +36,14 @@ overlap, so constants cannot be absorbed.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
-from onnxslim.graph.model import Use, get_attr, set_attr
+from onnxslim.graph.model import get_attr, set_attr
 from onnxslim.graph.rules.base import (
     Rule,
     block_reduced_channels,
     gather_input,
+    insert_after,
+    insert_before,
     keep_all,
     layer_keeps,
     normalize_axis,
@@ -124,28 +125,16 @@ def _rewrite_along_channels(node, rewriter) -> None:
 
 def _insert_before(node, rewriter, op_type: str, constant: np.ndarray) -> None:
     """Feed ``node`` ``op_type(its input 0, constant)`` from a new node inserted before it."""
-    index, source = rewriter.index, node.input[0]
-    name = index.fresh_name(f"{source}_{op_type.lower()}")
-    operand = rewriter.weights.add(f"{name}_operand", constant)
-    new = onnx.helper.make_node(op_type, [source, operand], [name], name=name)
-    index.producer[name] = new
-    index.consumers[source] = [Use(new, 0) if use.node is node and use.slot == 0 else use for use in index.uses(source)]
-    index.consumers[name] = [Use(node, 0)]
-    node.input[0] = name
-    index.graph.node.insert(next(i for i, n in enumerate(index.graph.node) if n is node), new)
+    name = rewriter.index.fresh_name(f"{node.input[0]}_{op_type.lower()}")
+    insert_before(node, rewriter, op_type, name, rewriter.weights.add(f"{name}_operand", constant))
 
 
 def _gather_output(node, rewriter, axis: int, positions: np.ndarray) -> None:
     """``node`` writes a new name; a ``Gather`` of ``positions`` along ``axis`` after it writes the old one."""
     index, original = rewriter.index, node.output[0]
-    node.output[0] = index.fresh_name(f"{original}_all")
-    index.producer[node.output[0]] = node
+    hidden = index.fresh_name(f"{original}_all")
     indices = rewriter.weights.add(f"{original}_kept", positions.astype(np.int64))
-    gather = onnx.helper.make_node("Gather", [node.output[0], indices], [original], name=index.fresh_name(original),
-                                   axis=int(axis))
-    index.producer[original] = gather
-    index.consumers[node.output[0]] = [Use(gather, 0)]
-    index.graph.node.insert(next(i for i, n in enumerate(index.graph.node) if n is node) + 1, gather)
+    insert_after(node, rewriter, "Gather", hidden, indices, index.fresh_name(original), axis=int(axis))
 
 
 def _unreadable(x, weight) -> str | None:

@@ -52,6 +52,7 @@ from onnxslim.graph.rules.base import (
     block_reduced_channels,
     feature_or_barrier,
     inputs_nonnegative,
+    insert_after,
     keep_all,
     normalize_axis,
     pass_through,
@@ -171,15 +172,10 @@ def _scale_output(node, rewriter, factor: float) -> None:
     after it writes the old one (so every reader, and a graph output, is unchanged)."""
     index = rewriter.index
     original = node.output[0]
-    node.output[0] = index.fresh_name(f"{original}_unscaled")
-    index.producer[node.output[0]] = node
+    hidden = index.fresh_name(f"{original}_unscaled")
     dtype = helper.tensor_dtype_to_np_dtype(_elem_type(index, original))
     scale = rewriter.weights.add(f"{original}_rescale", np.array(factor, dtype))
-    mul = helper.make_node("Mul", [node.output[0], scale], [original], name=index.fresh_name(f"{original}_rescale"))
-    index.producer[original] = mul
-    graph = index.graph
-    position = next(i for i, n in enumerate(graph.node) if n is node)
-    graph.node.insert(position + 1, mul)
+    insert_after(node, rewriter, "Mul", hidden, scale, index.fresh_name(f"{original}_rescale"))
 
 
 def _elem_type(index, name: str) -> int:
